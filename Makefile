@@ -1,0 +1,57 @@
+# Switchyard: what a person types. Every target installs what it needs first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+EXAMPLES ?= examples/
+
+.PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router train-router clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## Generate the project's protobuf/gRPC stubs from proto/ (committed; re-run after editing proto/).
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
+		proto/switchyard/api/v1/*.proto
+
+## Run the local gateway: Envoy + ext_proc + demo upstreams, policies from $(EXAMPLES).
+up: $(STAMP)
+	$(VENV)/bin/switchyard up -f $(EXAMPLES)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit -q
+
+test-integration: $(STAMP)
+	$(PY) -m pytest tests/integration -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy -p switchyard
+
+bench-gateway: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) tests/bench/bench_gateway.py
+
+clean:
+	rm -rf $(VENV) .switchyard build *.egg-info
+
+## Train the default router bundle from ../shared/data/routing/ (see docs/router-model.md).
+train-router: $(STAMP)
+	$(PY) -m switchyard.training.train
+
+bench-router: $(STAMP)
+	$(PY) tests/bench/bench_router.py

@@ -1,0 +1,1 @@
+"""The Envoy external processor: parses requests, scores prompts, decides the model."""

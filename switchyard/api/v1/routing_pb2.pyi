@@ -1,0 +1,162 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RoutingConfig(_message.Message):
+    __slots__ = ("version", "policies", "fail_open_backend")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    FAIL_OPEN_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    policies: _containers.RepeatedCompositeFieldContainer[Policy]
+    fail_open_backend: str
+    def __init__(self, version: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., fail_open_backend: _Optional[str] = ...) -> None: ...
+
+class Policy(_message.Message):
+    __slots__ = ("name", "namespace", "generation", "aliases", "match_headers", "models", "strategy")
+    class MatchHeadersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    MATCH_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    namespace: str
+    generation: int
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    match_headers: _containers.ScalarMap[str, str]
+    models: _containers.RepeatedCompositeFieldContainer[Model]
+    strategy: Strategy
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., generation: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., match_headers: _Optional[_Mapping[str, str]] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, _Mapping]] = ...) -> None: ...
+
+class Model(_message.Message):
+    __slots__ = ("name", "backend_key", "upstream_model", "input_per_1m", "output_per_1m", "context_window", "capabilities", "data_classes", "fallbacks", "tier", "weight", "backend", "region")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_KEY_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_PER_1M_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_PER_1M_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    DATA_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    backend_key: str
+    upstream_model: str
+    input_per_1m: float
+    output_per_1m: float
+    context_window: int
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    data_classes: _containers.RepeatedScalarFieldContainer[str]
+    fallbacks: _containers.RepeatedScalarFieldContainer[str]
+    tier: str
+    weight: float
+    backend: Backend
+    region: str
+    def __init__(self, name: _Optional[str] = ..., backend_key: _Optional[str] = ..., upstream_model: _Optional[str] = ..., input_per_1m: _Optional[float] = ..., output_per_1m: _Optional[float] = ..., context_window: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., data_classes: _Optional[_Iterable[str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., tier: _Optional[str] = ..., weight: _Optional[float] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ..., region: _Optional[str] = ...) -> None: ...
+
+class Backend(_message.Message):
+    __slots__ = ("url", "service", "api_key_env")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_ENV_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    service: ServiceRef
+    api_key_env: str
+    def __init__(self, url: _Optional[str] = ..., service: _Optional[_Union[ServiceRef, _Mapping]] = ..., api_key_env: _Optional[str] = ...) -> None: ...
+
+class ServiceRef(_message.Message):
+    __slots__ = ("name", "namespace", "port")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    namespace: str
+    port: int
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class Strategy(_message.Message):
+    __slots__ = ("type", "router_bundle", "tiers", "rules", "default_model")
+    class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        RULES: _ClassVar[Strategy.Type]
+        CLASSIFIER: _ClassVar[Strategy.Type]
+        WEIGHTED: _ClassVar[Strategy.Type]
+    RULES: Strategy.Type
+    CLASSIFIER: Strategy.Type
+    WEIGHTED: Strategy.Type
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    type: Strategy.Type
+    router_bundle: str
+    tiers: _containers.RepeatedCompositeFieldContainer[Tier]
+    rules: _containers.RepeatedCompositeFieldContainer[Rule]
+    default_model: str
+    def __init__(self, type: _Optional[_Union[Strategy.Type, str]] = ..., router_bundle: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[Tier, _Mapping]]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+
+class Tier(_message.Message):
+    __slots__ = ("model", "max_difficulty")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_DIFFICULTY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    max_difficulty: float
+    def __init__(self, model: _Optional[str] = ..., max_difficulty: _Optional[float] = ...) -> None: ...
+
+class Rule(_message.Message):
+    __slots__ = ("name", "when", "route")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WHEN_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    when: RuleMatch
+    route: str
+    def __init__(self, name: _Optional[str] = ..., when: _Optional[_Union[RuleMatch, _Mapping]] = ..., route: _Optional[str] = ...) -> None: ...
+
+class RuleMatch(_message.Message):
+    __slots__ = ("aliases", "headers", "min_prompt_tokens", "max_prompt_tokens", "keywords", "regex", "categories", "min_difficulty", "max_difficulty")
+    class HeadersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    MIN_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KEYWORDS_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    MIN_DIFFICULTY_FIELD_NUMBER: _ClassVar[int]
+    MAX_DIFFICULTY_FIELD_NUMBER: _ClassVar[int]
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    headers: _containers.ScalarMap[str, str]
+    min_prompt_tokens: int
+    max_prompt_tokens: int
+    keywords: _containers.RepeatedScalarFieldContainer[str]
+    regex: str
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    min_difficulty: float
+    max_difficulty: float
+    def __init__(self, aliases: _Optional[_Iterable[str]] = ..., headers: _Optional[_Mapping[str, str]] = ..., min_prompt_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., keywords: _Optional[_Iterable[str]] = ..., regex: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., min_difficulty: _Optional[float] = ..., max_difficulty: _Optional[float] = ...) -> None: ...

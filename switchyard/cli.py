@@ -1,0 +1,54 @@
+"""The `switchyard` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `switchyard` console script."""
+    parser = argparse.ArgumentParser(prog="switchyard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the local gateway (Envoy + ext_proc + demo upstreams)")
+    up.add_argument("-f", "--file", action="append", required=True, help="policy file or folder")
+    up.add_argument("--port", type=int, default=None, help="gateway listen port (overrides file)")
+    up.add_argument("--state-dir", default=".switchyard", help="where generated config lives")
+
+    extproc = sub.add_parser("extproc", help="run ext_proc worker processes")
+    extproc.add_argument("--config", required=True, help="compiled RoutingConfig file to watch")
+    extproc.add_argument("--listen", required=True, help="host:port of the first worker")
+    extproc.add_argument("--workers", type=int, default=1)
+
+    demo = sub.add_parser("demo-upstream", help="run one OpenAI-compatible demo model server")
+    demo.add_argument("--name", required=True)
+    demo.add_argument("--port", type=int, required=True)
+    demo.add_argument("--latency-ms", type=float, default=0.0)
+    demo.add_argument("--failure-rate", type=float, default=0.0)
+
+    router = sub.add_parser("router", help="router model tools (score, eval)", add_help=False)
+    router.add_argument("rest", nargs=argparse.REMAINDER)
+
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        from switchyard.local.runner import run_local
+
+        return run_local(args.file, port=args.port, state_dir=args.state_dir)
+    if args.command == "extproc":
+        from switchyard.extproc.server import run_workers
+
+        return run_workers(args.config, args.listen, args.workers)
+    if args.command == "demo-upstream":
+        from switchyard.demo.upstream import run_demo_upstream
+
+        return run_demo_upstream(args.name, args.port, args.latency_ms, args.failure_rate)
+    if args.command == "router":
+        from switchyard.extproc.router.cli import main as router_main
+
+        return router_main(args.rest)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
