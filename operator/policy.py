@@ -183,7 +183,9 @@ class RoutePolicySpec(_Spec):
             for j, fallback in enumerate(model.fallbacks):
                 check(fallback, f"models[{i}].fallbacks[{j}]")
                 if fallback == model.name:
-                    raise ValueError(f"models[{i}].fallbacks[{j}]: a model cannot fall back to itself")
+                    raise ValueError(
+                        f"models[{i}].fallbacks[{j}]: a model cannot fall back to itself"
+                    )
         strategy = self.strategy
         for i, rule in enumerate(strategy.rules):
             check(rule.route, f"strategy.rules[{i}].route")
@@ -216,14 +218,18 @@ class RoutePolicySpec(_Spec):
             known = [b for b in bounds if b is not None]
             if known != sorted(known):
                 raise ValueError("strategy.tiers: maxDifficulty must increase from tier to tier")
-        if strategy.type is StrategyType.RULES and strategy.default is None and not any(
-            not _rule_is_conditional(r) for r in strategy.rules
+        if (
+            strategy.type is StrategyType.RULES
+            and strategy.default is None
+            and not any(not _rule_is_conditional(r) for r in strategy.rules)
         ):
             raise ValueError(
                 "strategy.default: the rules strategy needs a default model or a catch-all rule"
             )
         if strategy.type is StrategyType.WEIGHTED and not any(m.weight > 0 for m in self.models):
-            raise ValueError("models: the weighted strategy needs at least one model with weight > 0")
+            raise ValueError(
+                "models: the weighted strategy needs at least one model with weight > 0"
+            )
         return self
 
 

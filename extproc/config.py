@@ -1,0 +1,175 @@
+"""The ext_proc's in-memory routing table, built once per RoutingConfig version.
+
+Everything the hot path needs is precomputed here: compiled regexes, lowered keywords,
+frozen sets for capability and data-class checks, model lookup tables and the /v1/models list.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+from switchyard.api.v1 import routing_pb2 as pb
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """One servable model of one policy."""
+
+    name: str
+    policy: str
+    backend_key: str
+    upstream_model: str
+    input_per_1m: float
+    output_per_1m: float
+    context_window: int
+    capabilities: frozenset[str]
+    data_classes: frozenset[str]
+    fallbacks: tuple[str, ...]
+    weight: float
+
+    def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD for a request of this size on this model."""
+        return (prompt_tokens * self.input_per_1m + completion_tokens * self.output_per_1m) / 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    name: str
+    route: str
+    aliases: frozenset[str]
+    headers: tuple[tuple[str, str], ...]
+    min_prompt_tokens: int
+    max_prompt_tokens: int  # 0: unbounded
+    keywords: tuple[str, ...]
+    regex: re.Pattern[str] | None
+    categories: frozenset[str]
+    min_difficulty: float | None
+    max_difficulty: float | None
+
+    @property
+    def needs_scores(self) -> bool:
+        return bool(self.categories) or (
+            self.min_difficulty is not None or self.max_difficulty is not None
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    name: str
+    key: str
+    aliases: frozenset[str]
+    match_headers: tuple[tuple[str, str], ...]
+    models: Mapping[str, ModelRoute]
+    strategy: int  # pb.Strategy.Type
+    router_bundle: str
+    tiers: tuple[tuple[ModelRoute, float], ...]
+    rules: tuple[CompiledRule, ...]
+    default_model: ModelRoute | None
+    weighted_models: tuple[ModelRoute, ...]
+    weighted_cumulative: tuple[float, ...]
+    needs_scores: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledConfig:
+    """Lookup tables for one config version."""
+
+    version: str
+    policies_by_alias: Mapping[str, tuple[CompiledPolicy, ...]]
+    models_by_name: Mapping[str, ModelRoute]
+    fail_open_backend: str
+    router_bundles: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def served_names(self) -> list[str]:
+        """Aliases and concrete model names a client may send, sorted."""
+        return sorted({*self.policies_by_alias, *self.models_by_name})
+
+
+def _model(policy_key: str, m: pb.Model) -> ModelRoute:
+    return ModelRoute(
+        name=m.name,
+        policy=policy_key,
+        backend_key=m.backend_key,
+        upstream_model=m.upstream_model,
+        input_per_1m=m.input_per_1m,
+        output_per_1m=m.output_per_1m,
+        context_window=m.context_window,
+        capabilities=frozenset(m.capabilities),
+        data_classes=frozenset(m.data_classes),
+        fallbacks=tuple(m.fallbacks),
+        weight=m.weight,
+    )
+
+
+def _rule(r: pb.Rule) -> CompiledRule:
+    w = r.when
+    return CompiledRule(
+        name=r.name,
+        route=r.route,
+        aliases=frozenset(w.aliases),
+        headers=tuple(sorted(w.headers.items())),
+        min_prompt_tokens=w.min_prompt_tokens,
+        max_prompt_tokens=w.max_prompt_tokens,
+        keywords=tuple(w.keywords),
+        regex=re.compile(w.regex) if w.regex else None,
+        categories=frozenset(w.categories),
+        min_difficulty=w.min_difficulty if w.HasField("min_difficulty") else None,
+        max_difficulty=w.max_difficulty if w.HasField("max_difficulty") else None,
+    )
+
+
+def _policy(p: pb.Policy) -> CompiledPolicy:
+    key = f"{p.namespace}/{p.name}"
+    models = {m.name: _model(key, m) for m in p.models}
+    rules = tuple(_rule(r) for r in p.strategy.rules)
+    weighted = tuple(m for m in models.values() if m.weight > 0)
+    kind = p.strategy.type
+    return CompiledPolicy(
+        name=p.name,
+        key=key,
+        aliases=frozenset(p.aliases),
+        match_headers=tuple(sorted(p.match_headers.items())),
+        models=models,
+        strategy=kind,
+        router_bundle=p.strategy.router_bundle,
+        tiers=tuple((models[t.model], t.max_difficulty) for t in p.strategy.tiers),
+        rules=rules,
+        default_model=models.get(p.strategy.default_model),
+        weighted_models=weighted,
+        weighted_cumulative=tuple(accumulate(m.weight for m in weighted)),
+        needs_scores=kind == pb.Strategy.CLASSIFIER or any(r.needs_scores for r in rules),
+    )
+
+
+def build_config(config: pb.RoutingConfig) -> CompiledConfig:
+    """RoutingConfig proto → lookup tables. Pure; safe to call off the event loop."""
+    policies = [_policy(p) for p in config.policies]
+    by_alias: dict[str, list[CompiledPolicy]] = {}
+    for policy in policies:
+        for alias in policy.aliases:
+            by_alias.setdefault(alias, []).append(policy)
+    # Policies with more header conditions are more specific and are tried first.
+    ordered = {
+        alias: tuple(sorted(group, key=lambda p: -len(p.match_headers)))
+        for alias, group in by_alias.items()
+    }
+    by_name: dict[str, ModelRoute] = {}
+    short_names: dict[str, list[ModelRoute]] = {}
+    for policy in policies:
+        for model in policy.models.values():
+            by_name[f"{policy.key}/{model.name}"] = model
+            short_names.setdefault(model.name, []).append(model)
+    for name, group in short_names.items():
+        if len(group) == 1 and name not in ordered:
+            by_name[name] = group[0]
+    return CompiledConfig(
+        version=config.version,
+        policies_by_alias=ordered,
+        models_by_name=by_name,
+        fail_open_backend=config.fail_open_backend,
+        router_bundles=frozenset(p.router_bundle for p in policies if p.needs_scores),
+    )

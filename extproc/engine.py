@@ -1,0 +1,236 @@
+"""The routing engine: a pure function from (config, request, headers, scores) to a decision.
+
+No I/O, no clocks, no randomness of its own (the weighted strategy takes a draw in [0, 1)).
+Hard constraints come first: the prompt must fit the model's context window, the model must
+support what the request uses (tools, JSON mode, images), and the request's data class must
+be allowed on the model. Strategies then choose among the models that pass.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from switchyard.api.v1.routing_pb2 import Strategy
+from switchyard.extproc.config import CompiledConfig, CompiledPolicy, CompiledRule, ModelRoute
+from switchyard.extproc.errors import GatewayError
+from switchyard.extproc.request import ParsedRequest
+from switchyard.extproc.scoring import RouterScores
+
+DATA_CLASS_HEADER = "x-switchyard-data-class"
+DEFAULT_DATA_CLASS = "public"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where one request goes and why."""
+
+    model: ModelRoute
+    reason: str
+    policy: str
+
+
+def select_target(
+    config: CompiledConfig, request: ParsedRequest, headers: Mapping[str, str]
+) -> CompiledPolicy | ModelRoute:
+    """The policy answering the requested alias, or the concrete model named; 404 otherwise."""
+    policies = config.policies_by_alias.get(request.model)
+    if policies:
+        for policy in policies:
+            if all(headers.get(k) == v for k, v in policy.match_headers):
+                return policy
+        raise GatewayError(
+            404,
+            f"no route policy for model '{request.model}' matches this request's headers",
+            code="model_not_found",
+            param="model",
+        )
+    model = config.models_by_name.get(request.model)
+    if model is None:
+        raise GatewayError(
+            404,
+            f"The model '{request.model}' does not exist or is not served by this gateway; "
+            "GET /v1/models lists what is",
+            code="model_not_found",
+            param="model",
+        )
+    return model
+
+
+class _Constraints:
+    """The hard constraints of one request, checked against candidate models."""
+
+    __slots__ = ("capabilities", "data_class", "needed_tokens")
+
+    def __init__(self, request: ParsedRequest, headers: Mapping[str, str]) -> None:
+        self.needed_tokens = request.prompt_tokens + request.max_output_tokens
+        self.capabilities = request.capabilities
+        self.data_class = headers.get(DATA_CLASS_HEADER) or DEFAULT_DATA_CLASS
+
+    def allows(self, model: ModelRoute) -> bool:
+        return (
+            model.context_window >= self.needed_tokens
+            and self.capabilities <= model.capabilities
+            and self.data_class in model.data_classes
+        )
+
+    def rejection(self, models: list[ModelRoute]) -> GatewayError:
+        """The clearest error explaining why none of ``models`` may take the request."""
+        if not any(self.data_class in m.data_classes for m in models):
+            return GatewayError(
+                403,
+                f"data class '{self.data_class}' is not allowed on any model this request may use",
+                code="data_class_not_allowed",
+                type_="permission_error",
+            )
+        missing = sorted(
+            self.capabilities - set().union(*(m.capabilities for m in models))
+            if models
+            else self.capabilities
+        )
+        if missing:
+            return GatewayError(
+                400,
+                f"no model this request may use supports: {', '.join(missing)}",
+                code="unsupported_capability",
+            )
+        largest = max((m.context_window for m in models), default=0)
+        return GatewayError(
+            400,
+            f"the request needs about {self.needed_tokens} tokens (prompt plus max tokens); "
+            f"the largest context window available is {largest}",
+            code="context_length_exceeded",
+            param="messages",
+        )
+
+
+def _first_allowed(
+    policy: CompiledPolicy, model: ModelRoute, constraints: _Constraints
+) -> tuple[ModelRoute, bool] | None:
+    """The model itself if allowed, else its first allowed fallback (flagged True)."""
+    if constraints.allows(model):
+        return model, False
+    for name in model.fallbacks:
+        fallback = policy.models[name]
+        if constraints.allows(fallback):
+            return fallback, True
+    return None
+
+
+def _rule_matches(
+    rule: CompiledRule,
+    request: ParsedRequest,
+    headers: Mapping[str, str],
+    scores: RouterScores | None,
+    lowered_prompt: str,
+) -> bool:
+    if rule.aliases and request.model not in rule.aliases:
+        return False
+    if any(headers.get(k) != v for k, v in rule.headers):
+        return False
+    if request.prompt_tokens < rule.min_prompt_tokens:
+        return False
+    if rule.max_prompt_tokens and request.prompt_tokens > rule.max_prompt_tokens:
+        return False
+    if rule.keywords and not any(k in lowered_prompt for k in rule.keywords):
+        return False
+    if rule.regex is not None and rule.regex.search(request.prompt) is None:
+        return False
+    if rule.needs_scores:
+        if scores is None:
+            return False
+        if rule.categories and scores.category not in rule.categories:
+            return False
+        if rule.min_difficulty is not None and scores.difficulty < rule.min_difficulty:
+            return False
+        if rule.max_difficulty is not None and scores.difficulty > rule.max_difficulty:
+            return False
+    return True
+
+
+def _classify(
+    policy: CompiledPolicy, scores: RouterScores, constraints: _Constraints
+) -> Decision | None:
+    difficulty = scores.difficulty
+    covering = next(
+        (i for i, (_, bound) in enumerate(policy.tiers) if difficulty <= bound),
+        len(policy.tiers) - 1,
+    )
+    # The cheapest allowed tier that covers the difficulty; failing that, the most capable
+    # allowed tier below it (a constrained request still gets the best model it may use).
+    order = [*range(covering, len(policy.tiers)), *range(covering - 1, -1, -1)]
+    for i in order:
+        model, bound = policy.tiers[i]
+        if constraints.allows(model):
+            how = "" if i == covering else ", constrained"
+            return Decision(
+                model,
+                f"classifier: difficulty {difficulty:.2f} <= {bound:.2f} ({scores.category}){how}"
+                if i == covering
+                else f"classifier: difficulty {difficulty:.2f} ({scores.category}){how}",
+                policy.key,
+            )
+    return None
+
+
+def _weighted(policy: CompiledPolicy, draw: float, constraints: _Constraints) -> Decision | None:
+    models = policy.weighted_models
+    total = policy.weighted_cumulative[-1]
+    start = min(bisect_right(policy.weighted_cumulative, draw * total), len(models) - 1)
+    for offset in range(len(models)):
+        model = models[(start + offset) % len(models)]
+        if constraints.allows(model):
+            return Decision(
+                model, "weighted" if offset == 0 else "weighted, constrained", policy.key
+            )
+    return None
+
+
+def decide(
+    target: CompiledPolicy | ModelRoute,
+    request: ParsedRequest,
+    headers: Mapping[str, str],
+    scores: RouterScores | None,
+    draw: float = 0.0,
+) -> Decision:
+    """Pick the model for one request; raise GatewayError when no model may take it.
+
+    ``scores`` is required when ``target.needs_scores``; ``draw`` in [0, 1) drives the
+    weighted strategy.
+    """
+    constraints = _Constraints(request, headers)
+    if isinstance(target, ModelRoute):
+        if not constraints.allows(target):
+            raise constraints.rejection([target])
+        return Decision(target, "direct: model named in request", target.policy)
+
+    policy = target
+    if policy.rules:
+        lowered = request.prompt.lower()
+        for rule in policy.rules:
+            if _rule_matches(rule, request, headers, scores, lowered):
+                picked = _first_allowed(policy, policy.models[rule.route], constraints)
+                if picked is not None:
+                    model, fell_back = picked
+                    suffix = f", fallback from {rule.route}" if fell_back else ""
+                    return Decision(model, f"rule: {rule.name}{suffix}", policy.key)
+
+    decision: Decision | None = None
+    if policy.strategy == Strategy.CLASSIFIER:
+        if scores is None:
+            raise ValueError("the classifier strategy needs router scores")
+        decision = _classify(policy, scores, constraints)
+    elif policy.strategy == Strategy.WEIGHTED:
+        decision = _weighted(policy, draw, constraints)
+    elif policy.default_model is not None:
+        picked = _first_allowed(policy, policy.default_model, constraints)
+        if picked is not None:
+            model, fell_back = picked
+            reason = "default" + (
+                f", fallback from {policy.default_model.name}" if fell_back else ""
+            )
+            decision = Decision(model, reason, policy.key)
+    if decision is None:
+        raise constraints.rejection(list(policy.models.values()))
+    return decision

@@ -1,0 +1,160 @@
+"""The ext_proc gRPC server: worker processes, each an asyncio grpc server on its own port.
+
+Python spends roughly a third of a millisecond of CPU per request, so one process per core is
+what lets the ext_proc keep up with Envoy; Envoy balances streams across the workers' ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.extproc.processor import Processor
+from switchyard.extproc.state import RuntimeState
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.1
+
+
+class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """envoy.service.ext_proc.v3.ExternalProcessor backed by a Processor."""
+
+    def __init__(self, processor: Processor) -> None:
+        self.processor = processor
+
+    def Process(
+        self,
+        request_iterator: AsyncIterator[ep.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        return self.processor.process(request_iterator)
+
+
+class ConfigFileWatcher:
+    """Loads a serialized RoutingConfig file and reloads it when it changes.
+
+    Reading, parsing and scorer loading run on a thread; the swap runs on the event loop.
+    A file that fails to parse is logged and ignored: the last good config keeps serving.
+    """
+
+    def __init__(self, path: Path, state: RuntimeState, loop: asyncio.AbstractEventLoop) -> None:
+        self.path = path
+        self.state = state
+        self.loop = loop
+        self._seen: tuple[int, int] | None = None
+        self._stop = threading.Event()
+
+    def load_once(self) -> bool:
+        """Apply the file if it changed since the last call; True when a new config went live."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return False
+        signature = (stat.st_mtime_ns, stat.st_size)
+        if signature == self._seen:
+            return False
+        self._seen = signature
+        try:
+            proto = pb.RoutingConfig.FromString(self.path.read_bytes())
+            prepared = self.state.prepare(proto)
+        except Exception:
+            log.exception("ignoring unreadable routing config %s", self.path)
+            return False
+        done = asyncio.run_coroutine_threadsafe(self._swap(prepared), self.loop)
+        done.result()
+        return True
+
+    async def _swap(self, prepared: tuple[object, ...]) -> None:
+        self.state.swap(prepared)  # type: ignore[arg-type]
+
+    def run(self) -> None:
+        while not self._stop.wait(POLL_SECONDS):
+            self.load_once()
+
+    def start(self) -> None:
+        threading.Thread(target=self.run, name="config-watcher", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _server_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+async def serve(config_path: Path, listen: str, ready: threading.Event | None = None) -> None:
+    """Run one worker until cancelled or signalled."""
+    loop = asyncio.get_running_loop()
+    state = RuntimeState()
+    watcher = ConfigFileWatcher(config_path, state, loop)
+    # The first load happens before the port opens, so no request sees an empty config.
+    await asyncio.to_thread(watcher.load_once)
+    watcher.start()
+    server = grpc.aio.server(options=_server_options())
+    ep_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessorService(Processor(state)), server
+    )
+    server.add_insecure_port(listen)
+    await server.start()
+    log.info("ext_proc worker %d serving on %s", os.getpid(), listen)
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    watcher.stop()
+    await server.stop(grace=1.0)
+
+
+def _worker(config_path: str, listen: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s extproc %(message)s")
+    asyncio.run(serve(Path(config_path), listen))
+
+
+def worker_addresses(listen: str, workers: int) -> list[str]:
+    """host:port of each worker: consecutive ports from the first one."""
+    host, _, port = listen.rpartition(":")
+    return [f"{host}:{int(port) + i}" for i in range(workers)]
+
+
+def run_workers(config_path: str, listen: str, workers: int) -> int:
+    """Start ``workers`` processes and wait; SIGINT/SIGTERM stop them all."""
+    if workers <= 1:
+        _worker(config_path, listen)
+        return 0
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(config_path, address), daemon=False)
+        for address in worker_addresses(listen, workers)
+    ]
+    for proc in procs:
+        proc.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.pid is not None:
+                os.kill(proc.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for proc in procs:
+        proc.join()
+    return max((p.exitcode or 0) for p in procs)

@@ -1,0 +1,76 @@
+"""What one ext_proc worker holds: the current routing table and the loaded router scorers.
+
+A config swap is one attribute assignment, so in-flight requests keep the table they started
+with and new ones see the new table; nothing is locked on the hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from prometheus_client import Counter
+
+from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.extproc.config import CompiledConfig, build_config
+from switchyard.extproc.engine import Decision
+from switchyard.extproc.request import ParsedRequest
+from switchyard.extproc.scoring import HeuristicScorer, Scorer
+
+log = logging.getLogger(__name__)
+
+HEURISTIC_BUNDLE = "builtin:heuristic"
+
+DECISIONS = Counter(
+    "switchyard_decisions",
+    "Routing decisions by policy and model.",
+    ["policy", "model"],
+)
+
+ScorerLoader = Callable[[str], Scorer]
+
+
+def default_scorer_loader(bundle: str) -> Scorer:
+    """Load a router bundle; the heuristic placeholder when asked for or when none loads."""
+    if bundle == HEURISTIC_BUNDLE:
+        return HeuristicScorer()
+    try:
+        from switchyard.extproc.router.runtime import load_scorer
+    except ImportError:
+        log.warning("router runtime unavailable; using the heuristic scorer for %s", bundle)
+        return HeuristicScorer()
+    return load_scorer(bundle)
+
+
+class RuntimeState:
+    """Current config and scorers of one worker."""
+
+    def __init__(
+        self,
+        config: CompiledConfig | None = None,
+        scorer_loader: ScorerLoader = default_scorer_loader,
+    ) -> None:
+        self.config = config or build_config(pb.RoutingConfig())
+        self._loader = scorer_loader
+        self._scorers: dict[str, Scorer] = {}
+        self._fallback: Scorer = HeuristicScorer()
+
+    def prepare(self, proto: pb.RoutingConfig) -> tuple[CompiledConfig, dict[str, Scorer]]:
+        """Build tables and load new bundles for ``proto``; slow, so call it off the loop."""
+        config = build_config(proto)
+        scorers = {b: s for b, s in self._scorers.items() if b in config.router_bundles}
+        for bundle in config.router_bundles - scorers.keys():
+            scorers[bundle] = self._loader(bundle)
+        return config, scorers
+
+    def swap(self, prepared: tuple[CompiledConfig, dict[str, Scorer]]) -> None:
+        """Make a prepared config current (call on the event loop)."""
+        self.config, self._scorers = prepared
+        log.info("routing config %s active", self.config.version)
+
+    def scorer_for(self, bundle: str) -> Scorer:
+        return self._scorers.get(bundle, self._fallback)
+
+    def record(self, decision: Decision, request: ParsedRequest) -> None:
+        """Account for one decision (metrics)."""
+        DECISIONS.labels(decision.policy, decision.model.name).inc()

@@ -1,0 +1,133 @@
+"""Compile validated RoutePolicies into one RoutingConfig (the proto every consumer reads).
+
+The compiler is shared: the operator feeds it from the Kubernetes API, local mode from files.
+Everything that can be decided once per change is decided here: backend keys, tier order,
+the fail-open model. The output is deterministic, and its version is a hash of its content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+
+from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.operator.policy import ModelSpec, RoutePolicy, Rule, StrategyType
+
+_STRATEGY = {
+    StrategyType.RULES: pb.Strategy.RULES,
+    StrategyType.CLASSIFIER: pb.Strategy.CLASSIFIER,
+    StrategyType.WEIGHTED: pb.Strategy.WEIGHTED,
+}
+
+
+class CompileError(ValueError):
+    """The set of policies cannot be served together (e.g. an unknown fail-open model)."""
+
+
+def backend_key(policy: RoutePolicy, model_name: str) -> str:
+    """Globally unique key of one model of one policy: routing header value and cluster name."""
+    raw = f"{policy.metadata.namespace}.{policy.metadata.name}.{model_name}"
+    return re.sub(r"[^a-z0-9.-]", "-", raw.lower())
+
+
+def _model(policy: RoutePolicy, spec: ModelSpec) -> pb.Model:
+    backend = pb.Backend(url=spec.backend.url or "", api_key_env=spec.backend.api_key_env or "")
+    if spec.backend.service is not None:
+        svc = spec.backend.service
+        backend.service.CopyFrom(
+            pb.ServiceRef(
+                name=svc.name,
+                namespace=svc.namespace or policy.metadata.namespace,
+                port=svc.port,
+            )
+        )
+    return pb.Model(
+        name=spec.name,
+        backend_key=backend_key(policy, spec.name),
+        upstream_model=spec.upstream_model,
+        input_per_1m=spec.pricing.input_per_1m,
+        output_per_1m=spec.pricing.output_per_1m,
+        context_window=spec.context_window,
+        capabilities=sorted(c.value for c in spec.capabilities),
+        data_classes=sorted(spec.data_classes),
+        fallbacks=spec.fallbacks,
+        tier=spec.tier or "",
+        weight=spec.weight,
+        backend=backend,
+        region=spec.region or "",
+    )
+
+
+def _rule(index: int, rule: Rule) -> pb.Rule:
+    when = rule.when
+    match = pb.RuleMatch(
+        aliases=when.models,
+        headers=when.headers,
+        min_prompt_tokens=when.min_prompt_tokens,
+        max_prompt_tokens=when.max_prompt_tokens or 0,
+        keywords=[k.lower() for k in when.keywords],
+        regex=when.regex or "",
+        categories=when.category,
+    )
+    if when.min_difficulty is not None:
+        match.min_difficulty = when.min_difficulty
+    if when.max_difficulty is not None:
+        match.max_difficulty = when.max_difficulty
+    return pb.Rule(name=rule.name or f"rule-{index}", when=match, route=rule.route)
+
+
+def compile_policy(policy: RoutePolicy) -> pb.Policy:
+    """One RoutePolicy → its compiled form."""
+    spec = policy.spec
+    strategy = pb.Strategy(
+        type=_STRATEGY[spec.strategy.type],
+        router_bundle=spec.strategy.router.bundle,
+        tiers=[
+            pb.Tier(
+                model=t.model, max_difficulty=1.0 if t.max_difficulty is None else t.max_difficulty
+            )
+            for t in spec.strategy.tiers
+        ],
+        rules=[_rule(i, r) for i, r in enumerate(spec.strategy.rules)],
+        default_model=spec.strategy.default or "",
+    )
+    return pb.Policy(
+        name=policy.metadata.name,
+        namespace=policy.metadata.namespace,
+        generation=policy.metadata.generation,
+        aliases=spec.match.models,
+        match_headers=spec.match.headers,
+        models=[_model(policy, m) for m in spec.models],
+        strategy=strategy,
+    )
+
+
+def compile_config(policies: Iterable[RoutePolicy], fail_open_model: str = "") -> pb.RoutingConfig:
+    """All policies → one RoutingConfig, sorted by namespace/name, versioned by content hash.
+
+    ``fail_open_model`` names the model served when the ext_proc is unreachable, as
+    ``model`` (unique across policies) or ``namespace/policy/model``; empty means fail closed.
+    """
+    ordered = sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
+    config = pb.RoutingConfig(policies=[compile_policy(p) for p in ordered])
+    if fail_open_model:
+        config.fail_open_backend = _resolve_model_key(config, fail_open_model)
+    digest = hashlib.sha256(config.SerializeToString(deterministic=True)).hexdigest()
+    config.version = digest[:16]
+    return config
+
+
+def _resolve_model_key(config: pb.RoutingConfig, ref: str) -> str:
+    matches = [
+        m.backend_key
+        for p in config.policies
+        for m in p.models
+        if ref in (m.name, f"{p.namespace}/{p.name}/{m.name}")
+    ]
+    if len(matches) != 1:
+        found = "no model" if not matches else f"{len(matches)} models"
+        raise CompileError(
+            f"failOpenModel: {ref!r} matches {found}; use a unique name or namespace/policy/model"
+        )
+    return str(matches[0])

@@ -1,0 +1,407 @@
+"""RoutingConfig → Envoy resources (listener, route configuration, clusters) as xDS JSON.
+
+The same resources are written to files for local mode (Envoy's path-based xDS) and served
+over ADS by the operator. Envoy does all byte moving: the ext_proc only sets the routing
+header, and everything else here is decided at compile time:
+
+- ``GET /v1/models`` is a direct response built from the config (no Python per request);
+- unknown paths and methods get OpenAI-style errors from Envoy itself;
+- one route per model backend keyed on ``x-switchyard-backend``; the model's name, policy and
+  the decision's reason come back as response headers from the ext_proc's dynamic metadata;
+- requests the ext_proc did not route (it is down or timed out) fall through to the
+  fail-open model or to a 503, as configured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from switchyard.api.v1 import routing_pb2 as pb
+
+LISTENER_NAME = "switchyard_http"
+ROUTE_CONFIG_NAME = "switchyard_routes"
+EXTPROC_CLUSTER = "switchyard_extproc"
+BACKEND_HEADER = "x-switchyard-backend"
+METADATA_NAMESPACE = "switchyard"
+
+_T = "type.googleapis.com/"
+HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+EXT_PROC = _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+EXT_PROC_PER_ROUTE = _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+HEADER_MUTATION = _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
+ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
+HTTP_OPTIONS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+LISTENER = _T + "envoy.config.listener.v3.Listener"
+ROUTE_CONFIG = _T + "envoy.config.route.v3.RouteConfiguration"
+CLUSTER = _T + "envoy.config.cluster.v3.Cluster"
+
+# Envoy-generated failures (no healthy upstream, connect failure, overflow, timeouts) are
+# reshaped into OpenAI-style bodies; replies the gateway writes itself are already JSON.
+_UPSTREAM_FLAGS = ["UH", "UF", "UO", "URX", "UT", "UC", "UR", "NR", "LR", "DC"]
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Data-plane settings that are not per policy."""
+
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 8080
+    extproc_endpoints: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 9002)])
+    max_request_bytes: int = 8 * 1024 * 1024
+    extproc_message_timeout_ms: int = 500
+    route_timeout_s: int = 300
+    upstream_retries: int = 1
+
+
+def _duration(ms: int) -> str:
+    return f"{ms / 1000:.3f}s"
+
+
+def _error_json(status: int, message: str, type_: str, code: str) -> dict[str, Any]:
+    body = json.dumps({"error": {"message": message, "type": type_, "code": code, "param": None}})
+    return {"status": status, "body": {"inline_string": body}}
+
+
+def _no_extproc() -> dict[str, Any]:
+    return {"envoy.filters.http.ext_proc": {"@type": EXT_PROC_PER_ROUTE, "disabled": True}}
+
+
+def _models_list(config: pb.RoutingConfig) -> str:
+    ids: dict[str, str] = {}
+    for policy in config.policies:
+        for alias in policy.aliases:
+            ids.setdefault(alias, "switchyard-alias")
+        for model in policy.models:
+            ids.setdefault(model.name, f"{policy.namespace}/{policy.name}")
+            ids.setdefault(f"{policy.namespace}/{policy.name}/{model.name}", "switchyard")
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": owner}
+        for name, owner in sorted(ids.items())
+    ]
+    return json.dumps({"object": "list", "data": data})
+
+
+def _backend_route(policy: pb.Policy, model: pb.Model, settings: GatewaySettings) -> dict[str, Any]:
+    action: dict[str, Any] = {
+        "cluster": model.backend_key,
+        "timeout": f"{settings.route_timeout_s}s",
+        "retry_policy": {
+            "retry_on": "connect-failure,reset,refused-stream",
+            "num_retries": settings.upstream_retries,
+        },
+    }
+    headers_to_add: list[dict[str, Any]] = []
+    if model.backend.url:
+        url = urlsplit(model.backend.url)
+        action["host_rewrite_literal"] = url.netloc
+        base = url.path.rstrip("/")
+        if base:
+            action["prefix_rewrite"] = base + "/v1/"
+        if model.backend.api_key_env:
+            key = os.environ.get(model.backend.api_key_env, "")
+            if key:
+                headers_to_add.append(
+                    {
+                        "header": {"key": "authorization", "value": f"Bearer {key}"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                )
+    return {
+        "name": model.backend_key,
+        "match": {
+            "prefix": "/v1/",
+            "headers": [{"name": BACKEND_HEADER, "string_match": {"exact": model.backend_key}}],
+        },
+        "route": action,
+        "request_headers_to_add": headers_to_add,
+        "request_headers_to_remove": [BACKEND_HEADER],
+        "response_headers_to_add": [
+            _response_header("x-switchyard-model", model.name),
+            _response_header("x-switchyard-upstream-model", model.upstream_model),
+            _response_header(
+                "x-switchyard-policy", f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:policy)%"
+            ),
+            _response_header(
+                "x-switchyard-reason", f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:reason)%"
+            ),
+        ],
+    }
+
+
+def _response_header(key: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def _unrouted(config: pb.RoutingConfig) -> dict[str, Any]:
+    """Inference requests the ext_proc did not route: fail open or answer 503."""
+    match = {"prefix": "/v1/"}
+    if config.fail_open_backend:
+        model = next(
+            m
+            for p in config.policies
+            for m in p.models
+            if m.backend_key == config.fail_open_backend
+        )
+        return {
+            "name": "fail_open",
+            "match": match,
+            "route": {"cluster": model.backend_key, "timeout": "300s"},
+            "response_headers_to_add": [
+                _response_header("x-switchyard-model", model.name),
+                _response_header("x-switchyard-reason", "fail-open: router unavailable"),
+            ],
+        }
+    return {
+        "name": "fail_closed",
+        "match": match,
+        "direct_response": _error_json(
+            503,
+            "the routing service is unavailable; retry shortly",
+            "server_error",
+            "router_unavailable",
+        ),
+        "response_headers_to_add": [_response_header("content-type", "application/json")],
+    }
+
+
+def build_route_config(config: pb.RoutingConfig, settings: GatewaySettings) -> dict[str, Any]:
+    """The one route configuration of the gateway listener."""
+    json_header = [_response_header("content-type", "application/json")]
+    inference = {"safe_regex": {"regex": "^/v1/(chat/)?completions(\\?.*)?$"}}
+    routes: list[dict[str, Any]] = [
+        {
+            "name": "models",
+            "match": {"path": "/v1/models", "headers": [_method("GET")]},
+            "direct_response": {"status": 200, "body": {"inline_string": _models_list(config)}},
+            "response_headers_to_add": json_header,
+            "typed_per_filter_config": _no_extproc(),
+        },
+        {
+            "name": "method_not_allowed",
+            "match": {
+                **inference,
+                "headers": [{**_method("POST"), "invert_match": True}],
+            },
+            "direct_response": _error_json(
+                405, "use POST on this path", "invalid_request_error", "method_not_allowed"
+            ),
+            "response_headers_to_add": json_header,
+            "typed_per_filter_config": _no_extproc(),
+        },
+    ]
+    for policy in config.policies:
+        routes.extend(_backend_route(policy, m, settings) for m in policy.models)
+    unrouted = _unrouted(config)
+    unrouted["match"] = dict(inference)
+    routes.append(unrouted)
+    routes.append(
+        {
+            "name": "not_found",
+            "match": {"prefix": "/"},
+            "direct_response": _error_json(
+                404,
+                "unknown path; this gateway serves /v1/chat/completions, "
+                "/v1/completions and /v1/models",
+                "invalid_request_error",
+                "unknown_url",
+            ),
+            "response_headers_to_add": json_header,
+            "typed_per_filter_config": _no_extproc(),
+        }
+    )
+    return {
+        "@type": ROUTE_CONFIG,
+        "name": ROUTE_CONFIG_NAME,
+        "virtual_hosts": [{"name": "gateway", "domains": ["*"], "routes": routes}],
+    }
+
+
+def _method(method: str) -> dict[str, Any]:
+    return {"name": ":method", "string_match": {"exact": method}}
+
+
+def _local_reply_config() -> dict[str, Any]:
+    def mapper(filter_: dict[str, Any], type_: str, code: str) -> dict[str, Any]:
+        return {
+            "filter": filter_,
+            "body_format_override": {
+                "json_format": {
+                    "error": {
+                        "message": "%LOCAL_REPLY_BODY%",
+                        "type": type_,
+                        "code": code,
+                        "param": None,
+                    }
+                },
+                "content_type": "application/json",
+            },
+        }
+
+    too_large = {
+        "status_code_filter": {
+            "comparison": {"op": "EQ", "value": {"default_value": 413, "runtime_key": "sy_413"}}
+        }
+    }
+    return {
+        "mappers": [
+            mapper(too_large, "invalid_request_error", "request_too_large"),
+            mapper(
+                {"response_flag_filter": {"flags": _UPSTREAM_FLAGS}},
+                "upstream_error",
+                "%RESPONSE_CODE_DETAILS%",
+            ),
+        ]
+    }
+
+
+def build_listener(settings: GatewaySettings, rds: dict[str, Any]) -> dict[str, Any]:
+    """The gateway listener; ``rds`` is the HCM's RDS block (file or ADS config source)."""
+    ext_proc = {
+        "@type": EXT_PROC,
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
+            "timeout": _duration(settings.extproc_message_timeout_ms),
+        },
+        # Unreachable ext_proc → continue unrouted → fail-open model or 503 (route table).
+        "failure_mode_allow": True,
+        "message_timeout": _duration(settings.extproc_message_timeout_ms),
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "response_header_mode": "SKIP",
+            "request_body_mode": "BUFFERED",
+            "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+        "send_body_without_waiting_for_header_response": True,
+        "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        "allow_mode_override": False,
+    }
+    strip_backend = {
+        "@type": HEADER_MUTATION,
+        "mutations": {"request_mutations": [{"remove": BACKEND_HEADER}]},
+    }
+    hcm = {
+        "@type": HCM,
+        "stat_prefix": "switchyard",
+        "codec_type": "AUTO",
+        "rds": rds,
+        "local_reply_config": _local_reply_config(),
+        "http_filters": [
+            {"name": "envoy.filters.http.header_mutation", "typed_config": strip_backend},
+            {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}},
+        ],
+    }
+    return {
+        "@type": LISTENER,
+        "name": LISTENER_NAME,
+        "address": {
+            "socket_address": {
+                "address": settings.listen_address,
+                "port_value": settings.listen_port,
+            }
+        },
+        "per_connection_buffer_limit_bytes": settings.max_request_bytes,
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
+    }
+
+
+def _endpoint(host: str, port: int) -> dict[str, Any]:
+    return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+
+
+def extproc_cluster(settings: GatewaySettings) -> dict[str, Any]:
+    """The ext_proc workers: HTTP/2, round-robin per stream."""
+    return {
+        "@type": CLUSTER,
+        "name": EXTPROC_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": EXTPROC_CLUSTER,
+            "endpoints": [
+                {"lb_endpoints": [_endpoint(h, p) for h, p in settings.extproc_endpoints]}
+            ],
+        },
+    }
+
+
+def model_cluster(model: pb.Model) -> dict[str, Any]:
+    """One cluster per model backend (external URL; in-cluster Services come from the operator)."""
+    url = urlsplit(model.backend.url)
+    tls = url.scheme == "https"
+    host = url.hostname or "localhost"
+    port = url.port or (443 if tls else 80)
+    cluster: dict[str, Any] = {
+        "@type": CLUSTER,
+        "name": model.backend_key,
+        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "5s",
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {
+            "cluster_name": model.backend_key,
+            "endpoints": [{"lb_endpoints": [_endpoint(host, port)]}],
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000}
+            ]
+        },
+        "outlier_detection": {
+            "consecutive_5xx": 5,
+            "base_ejection_time": "10s",
+            "max_ejection_percent": 50,
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": HTTP_OPTIONS,
+                **(
+                    {"auto_config": {"http2_protocol_options": {}}}
+                    if tls
+                    else {"explicit_http_config": {"http_protocol_options": {}}}
+                ),
+            }
+        },
+    }
+    if tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": TLS,
+                "sni": host,
+                "common_tls_context": {"alpn_protocols": ["h2", "http/1.1"]},
+            },
+        }
+    return cluster
+
+
+def _is_ip(host: str) -> bool:
+    parts = host.split(".")
+    return len(parts) == 4 and all(p.isdigit() for p in parts)
+
+
+def build_clusters(config: pb.RoutingConfig, settings: GatewaySettings) -> list[dict[str, Any]]:
+    """The ext_proc cluster plus one cluster per model with an external URL."""
+    clusters = [extproc_cluster(settings)]
+    clusters.extend(model_cluster(m) for p in config.policies for m in p.models if m.backend.url)
+    return clusters

@@ -1,0 +1,99 @@
+"""Local mode's inputs: RoutePolicy documents plus one optional LocalGateway document.
+
+``switchyard up -f PATH`` reads every ``*.yaml``/``*.yml`` file under each PATH. A
+``LocalGateway`` document sets ports, the fail mode and the demo upstreams to start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from switchyard.operator.policy import PolicyError, RoutePolicy, load_documents, parse_policy
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class DemoUpstream(_Doc):
+    name: str
+    port: int = Field(ge=1, le=65535)
+    latency_ms: float = Field(default=0, ge=0)
+    failure_rate: float = Field(default=0, ge=0, le=1)
+
+
+class LocalGatewaySpec(_Doc):
+    listen_address: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    admin_port: int = Field(default=9901, ge=1, le=65535)
+    extproc_port: int = Field(default=9002, ge=1, le=65535)
+    extproc_workers: int = Field(default=0, ge=0, description="0: one per CPU core")
+    envoy_concurrency: int = Field(default=0, ge=0, description="0: one per CPU core")
+    fail_open_model: str = Field(
+        default="", description="Model served when the ext_proc is down; empty answers 503."
+    )
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    extproc_timeout_ms: int = Field(default=500, ge=10)
+    demo_upstreams: list[DemoUpstream] = Field(default_factory=list)
+
+
+class LocalGateway(_Doc):
+    api_version: Literal["switchyard.dev/v1alpha1"]
+    kind: Literal["LocalGateway"]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: LocalGatewaySpec = Field(default_factory=LocalGatewaySpec)
+
+
+@dataclass(frozen=True)
+class LocalInputs:
+    policies: list[RoutePolicy]
+    gateway: LocalGatewaySpec
+    files: list[Path]
+
+
+def policy_files(paths: list[str]) -> list[Path]:
+    """Every YAML file named or found under ``paths``, sorted."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise PolicyError(f"{raw}: no such file or directory")
+    return sorted(files)
+
+
+def load_inputs(paths: list[str]) -> LocalInputs:
+    """Read and validate everything; raise PolicyError naming the file and field."""
+    files = policy_files(paths)
+    policies: list[RoutePolicy] = []
+    gateway: LocalGatewaySpec | None = None
+    seen: dict[str, Path] = {}
+    for file in files:
+        for doc in load_documents(file.read_text(encoding="utf-8"), str(file)):
+            kind = doc.get("kind")
+            if kind == "LocalGateway":
+                if gateway is not None:
+                    raise PolicyError(f"{file}: only one LocalGateway document is allowed")
+                try:
+                    gateway = LocalGateway.model_validate(doc).spec
+                except ValidationError as exc:
+                    raise PolicyError(f"{file}: invalid LocalGateway\n{exc}") from None
+            elif kind == "RoutePolicy":
+                policy = parse_policy(doc, str(file))
+                if policy.key in seen:
+                    raise PolicyError(
+                        f"{file}: RoutePolicy {policy.key} is also defined in {seen[policy.key]}"
+                    )
+                seen[policy.key] = file
+                policies.append(policy)
+            else:
+                raise PolicyError(f"{file}: unsupported kind {kind!r} (RoutePolicy, LocalGateway)")
+    return LocalInputs(policies=policies, gateway=gateway or LocalGatewaySpec(), files=files)

