@@ -72,9 +72,9 @@ class Processor:
         self.state = state
 
     async def process(
-        self, requests: AsyncIterator[ep.ProcessingRequest]
+        self, requests: AsyncIterator[ep.ProcessingRequest], context: object = None
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        """The bidirectional stream of one HTTP request."""
+        """The bidirectional stream of one HTTP request (``context``: the gRPC context)."""
         headers: dict[str, str] = {}
         endpoint: Endpoint | None = None
         async for message in requests:

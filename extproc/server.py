@@ -12,11 +12,9 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from switchyard.api.v1 import routing_pb2 as pb
@@ -32,14 +30,9 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: igno
     """envoy.service.ext_proc.v3.ExternalProcessor backed by a Processor."""
 
     def __init__(self, processor: Processor) -> None:
-        self.processor = processor
-
-    def Process(
-        self,
-        request_iterator: AsyncIterator[ep.ProcessingRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[ep.ProcessingResponse]:
-        return self.processor.process(request_iterator)
+        # grpc.aio recognises streaming handlers by being async generator functions, so the
+        # processor's generator is the handler itself (no wrapper generator per message).
+        self.Process = processor.process
 
 
 class ConfigFileWatcher:

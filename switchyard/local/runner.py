@@ -82,22 +82,23 @@ class EnvoyAdmin:
             return False
 
     def versions(self) -> tuple[str, str]:
-        """(clusters version, routes version) currently active."""
-        dump = json.loads(self._get("/config_dump?resource=dynamic_route_configs"))
-        routes = [c.get("version_info", "") for c in dump.get("configs", [])]
-        cds = json.loads(self._get("/config_dump?resource=dynamic_active_clusters"))
-        clusters = {c.get("version_info", "") for c in cds.get("configs", [])}
-        return (
-            max(clusters) if len(clusters) == 1 else ",".join(sorted(clusters)),
-            routes[0] if routes else "",
-        )
+        """(clusters version, routes version) Envoy has applied."""
+        dump = json.loads(self._get("/config_dump"))
+        clusters = routes = ""
+        for section in dump.get("configs", []):
+            kind = section.get("@type", "")
+            if kind.endswith("ClustersConfigDump"):
+                clusters = section.get("version_info", "")
+            elif kind.endswith("RoutesConfigDump"):
+                dynamic = section.get("dynamic_route_configs", [])
+                routes = dynamic[0].get("version_info", "") if dynamic else ""
+        return clusters, routes
 
     def has_version(self, kind: int, version: str) -> bool:
         try:
-            current = self.versions()[kind]
+            return self.versions()[kind] == version
         except OSError:
             return False
-        return version in current.split(",")
 
 
 class LocalGateway:
@@ -223,15 +224,25 @@ class LocalGateway:
             return False
         if config.version == self.config.version:
             return False
-        self.apply(config)
+        try:
+            self.apply(config)
+        except TimeoutError as exc:
+            print(
+                f"switchyard: config {config.version} not confirmed by envoy: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return False
         return True
 
     def apply(self, config: pb.RoutingConfig) -> None:
         """Clusters first, then routes, then the ext_proc, so no decision names a missing route."""
-        self.xds.write_clusters(config)
-        wait_until(lambda: self.admin.has_version(0, config.version), 10, "envoy clusters")
-        self.xds.write_routes(config)
-        wait_until(lambda: self.admin.has_version(1, config.version), 10, "envoy routes")
+        clusters = self.xds.write_clusters(config)
+        if clusters is not None:
+            wait_until(lambda: self.admin.has_version(0, clusters), 10, "envoy clusters")
+        routes = self.xds.write_routes(config)
+        if routes is not None:
+            wait_until(lambda: self.admin.has_version(1, routes), 10, "envoy routes")
         self.xds.write_routing(config)
         self.config = config
         print(f"switchyard: config {config.version} applied", flush=True)

@@ -6,6 +6,7 @@ policy edit reaches Envoy without a restart or a control-plane process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -14,6 +15,7 @@ from typing import Any
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.envoy_config import (
+    ROUTE_CONFIG_NAME,
     GatewaySettings,
     build_clusters,
     build_listener,
@@ -76,6 +78,7 @@ class XdsFiles:
     def __init__(self, directory: Path, settings: GatewaySettings) -> None:
         self.directory = directory
         self.settings = settings
+        self._versions: dict[str, str] = {}
         directory.mkdir(parents=True, exist_ok=True)
 
     def write_bootstrap(self, admin_port: int) -> Path:
@@ -89,7 +92,7 @@ class XdsFiles:
                     build_listener(
                         self.settings,
                         {
-                            "route_config_name": "switchyard_routes",
+                            "route_config_name": ROUTE_CONFIG_NAME,
                             "config_source": _source(self.directory, RDS),
                         },
                     )
@@ -98,16 +101,24 @@ class XdsFiles:
         )
         return path
 
-    def write_clusters(self, config: pb.RoutingConfig) -> None:
-        atomic_write(
-            self.directory / CDS, _discovery(config.version, build_clusters(config, self.settings))
-        )
+    def write_clusters(self, config: pb.RoutingConfig) -> str | None:
+        """Write CDS; return its version, or None when the clusters did not change."""
+        return self._write_if_changed(CDS, build_clusters(config, self.settings))
 
-    def write_routes(self, config: pb.RoutingConfig) -> None:
-        atomic_write(
-            self.directory / RDS,
-            _discovery(config.version, [build_route_config(config, self.settings)]),
-        )
+    def write_routes(self, config: pb.RoutingConfig) -> str | None:
+        """Write RDS; return its version, or None when the routes did not change."""
+        return self._write_if_changed(RDS, [build_route_config(config, self.settings)])
+
+    def _write_if_changed(self, name: str, resources: list[dict[str, Any]]) -> str | None:
+        # Versions hash the resources themselves: Envoy ignores identical updates, so a
+        # version is only meaningful (and only awaited) when the content changed.
+        content = json.dumps(resources, sort_keys=True).encode()
+        version = hashlib.sha256(content).hexdigest()[:16]
+        if self._versions.get(name) == version:
+            return None
+        atomic_write(self.directory / name, _discovery(version, resources))
+        self._versions[name] = version
+        return version
 
     def write_routing(self, config: pb.RoutingConfig) -> None:
         atomic_write(self.directory / ROUTING, config.SerializeToString(deterministic=True))
