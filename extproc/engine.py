@@ -17,9 +17,7 @@ from switchyard.extproc.config import CompiledConfig, CompiledPolicy, CompiledRu
 from switchyard.extproc.errors import GatewayError
 from switchyard.extproc.request import ParsedRequest
 from switchyard.extproc.scoring import RouterScores
-
-DATA_CLASS_HEADER = "x-switchyard-data-class"
-DEFAULT_DATA_CLASS = "public"
+from switchyard.headers import DATA_CLASS_HEADER, DEFAULT_DATA_CLASS
 
 
 @dataclass(frozen=True, slots=True)

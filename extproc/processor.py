@@ -1,10 +1,11 @@
-"""One ext_proc stream (one HTTP request): headers → buffered body → routing decision.
+"""One ext_proc stream (one HTTP request): buffered body (+ header attributes) → decision.
 
-Envoy sends the request headers, then the buffered body. The headers are answered at once
-(or with an immediate error for a method or path the gateway does not serve); the body is
-parsed, scored when the policy needs it, routed by the engine, and answered with the routing
-header, the rewritten body and the decision as dynamic metadata that Envoy turns into
-``x-switchyard-*`` response headers.
+The gateway's Envoy config sends one message per request: the buffered body, with the path
+and the request headers routing reads as attributes. The body is parsed, scored when the
+policy needs it, routed by the engine, and answered with the routing header, the rewritten
+body and the decision as dynamic metadata that Envoy turns into ``x-switchyard-*`` response
+headers. A processor configured to also send the headers phase works too: headers are then
+read from that message.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Mapping
 
+import grpc
 import orjson
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -21,15 +23,13 @@ from switchyard.extproc.engine import decide, select_target
 from switchyard.extproc.errors import GatewayError
 from switchyard.extproc.request import Endpoint, parse_request
 from switchyard.extproc.state import RuntimeState
+from switchyard.headers import EXTPROC_FILTER, METADATA_NAMESPACE
 
 log = logging.getLogger(__name__)
 
-BACKEND_HEADER = "x-switchyard-backend"
-METADATA_NAMESPACE = "switchyard"
 _ENDPOINTS = {e.value: e for e in Endpoint}
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _HEADERS_CONTINUE = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
-_BODY_CONTINUE = ep.ProcessingResponse(request_body=ep.BodyResponse())
 _JSON = HeaderValueOption(header=HeaderValue(key="content-type", raw_value=b"application/json"))
 
 
@@ -51,6 +51,24 @@ def _headers(message: ep.HttpHeaders) -> dict[str, str]:
     }
 
 
+_HEADER_ATTRIBUTE = "request.headers['"
+
+
+def _attribute_headers(message: ep.ProcessingRequest) -> dict[str, str]:
+    """Headers Envoy sent as attributes (``request.headers['name']``, ``request.path``)."""
+    attributes = message.attributes.get(EXTPROC_FILTER)
+    if attributes is None:
+        return {}
+    headers = {}
+    for key, value in attributes.fields.items():
+        if key.startswith(_HEADER_ATTRIBUTE):
+            headers[key[len(_HEADER_ATTRIBUTE) : -2]] = value.string_value
+        elif key == "request.path":
+            headers[":path"] = value.string_value
+            headers[":method"] = "POST"  # only POSTs reach the ext_proc (route table)
+    return headers
+
+
 def _endpoint(headers: Mapping[str, str]) -> Endpoint:
     path = headers.get(":path", "").split("?", 1)[0]
     endpoint = _ENDPOINTS.get(path)
@@ -65,6 +83,16 @@ def _endpoint(headers: Mapping[str, str]) -> Endpoint:
     return endpoint
 
 
+class StreamState:
+    """What one stream has learned so far (headers arrive before or with the body)."""
+
+    __slots__ = ("endpoint", "headers")
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.endpoint: Endpoint | None = None
+
+
 class Processor:
     """Handles ext_proc streams against the current RuntimeState."""
 
@@ -74,33 +102,55 @@ class Processor:
     async def process(
         self, requests: AsyncIterator[ep.ProcessingRequest], context: object = None
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        """The bidirectional stream of one HTTP request (``context``: the gRPC context)."""
-        headers: dict[str, str] = {}
-        endpoint: Endpoint | None = None
+        """The bidirectional stream of one HTTP request, as an async generator."""
+        stream = StreamState()
         async for message in requests:
-            kind = message.WhichOneof("request")
-            if kind == "request_headers":
-                headers = _headers(message.request_headers)
+            response, done = await self.handle(stream, message)
+            yield response
+            if done:
+                return
+
+    async def serve_stream(self, context: grpc.aio.ServicerContext) -> None:
+        """The same stream driven by explicit read/write: cheaper per message in grpc.aio."""
+        stream = StreamState()
+        while True:
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                return
+            response, done = await self.handle(stream, message)
+            await context.write(response)
+            if done:
+                return
+
+    async def handle(
+        self, stream: StreamState, message: ep.ProcessingRequest
+    ) -> tuple[ep.ProcessingResponse, bool]:
+        """Answer one message; True when the stream is finished (an immediate response)."""
+        kind = message.WhichOneof("request")
+        if kind == "request_body":
+            if stream.endpoint is None:
+                stream.headers = _attribute_headers(message)
                 try:
-                    endpoint = _endpoint(headers)
-                    if message.request_headers.end_of_stream:
-                        raise GatewayError(
-                            400, "the request body is empty; send a JSON object", code="empty_body"
-                        )
+                    stream.endpoint = _endpoint(stream.headers)
                 except GatewayError as error:
-                    yield immediate(error)
-                    return
-                yield _HEADERS_CONTINUE
-            elif kind == "request_body":
-                if endpoint is None:
-                    yield _BODY_CONTINUE
-                    continue
-                yield await self.route(endpoint, headers, message.request_body.body)
-            else:
-                # Phases this filter is not configured to send; answer so Envoy never waits.
-                response = ep.ProcessingResponse()
-                getattr(response, kind).SetInParent()
-                yield response
+                    return immediate(error), True
+            response = await self.route(stream.endpoint, stream.headers, message.request_body.body)
+            return response, response.HasField("immediate_response")
+        if kind == "request_headers":
+            stream.headers = _headers(message.request_headers)
+            try:
+                stream.endpoint = _endpoint(stream.headers)
+                if message.request_headers.end_of_stream:
+                    raise GatewayError(
+                        400, "the request body is empty; send a JSON object", code="empty_body"
+                    )
+            except GatewayError as error:
+                return immediate(error), True
+            return _HEADERS_CONTINUE, False
+        # A phase this filter is not configured to send; answer so Envoy never waits.
+        response = ep.ProcessingResponse()
+        getattr(response, str(kind)).SetInParent()
+        return response, False
 
     async def route(
         self, endpoint: Endpoint, headers: Mapping[str, str], body: bytes
@@ -130,28 +180,19 @@ class Processor:
                 )
             )
 
+        # Envoy routes on the "backend" metadata key. It re-matches the route only for a
+        # response that carries a header mutation, hence the empty one. The buffer filter
+        # behind the ext_proc sets the content-length of the rewritten body.
         model = decision.model
         response = ep.ProcessingResponse()
         common = response.request_body.response
         common.clear_route_cache = True
-        mutation = common.header_mutation
-        mutation.set_headers.append(
-            HeaderValueOption(
-                header=HeaderValue(key=BACKEND_HEADER, raw_value=model.backend_key.encode()),
-                append_action=_OVERWRITE,
-            )
-        )
+        common.header_mutation.SetInParent()
         if request.model != model.upstream_model:
             request.payload["model"] = model.upstream_model
-            new_body = orjson.dumps(request.payload)
-            common.body_mutation.body = new_body
-            mutation.set_headers.append(
-                HeaderValueOption(
-                    header=HeaderValue(key="content-length", raw_value=str(len(new_body)).encode()),
-                    append_action=_OVERWRITE,
-                )
-            )
+            common.body_mutation.body = orjson.dumps(request.payload)
         meta = {
+            "backend": model.backend_key,
             "model": model.name,
             "policy": decision.policy,
             "reason": decision.reason,

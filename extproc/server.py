@@ -30,9 +30,14 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: igno
     """envoy.service.ext_proc.v3.ExternalProcessor backed by a Processor."""
 
     def __init__(self, processor: Processor) -> None:
-        # grpc.aio recognises streaming handlers by being async generator functions, so the
-        # processor's generator is the handler itself (no wrapper generator per message).
-        self.Process = processor.process
+        self.processor = processor
+
+    async def Process(
+        self,
+        request_iterator: object,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> None:
+        await self.processor.serve_stream(context)
 
 
 class ConfigFileWatcher:
@@ -119,7 +124,9 @@ async def serve(config_path: Path, listen: str, ready: threading.Event | None = 
 
 def _worker(config_path: str, listen: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s extproc %(message)s")
-    asyncio.run(serve(Path(config_path), listen))
+    import uvloop
+
+    uvloop.run(serve(Path(config_path), listen))
 
 
 def worker_addresses(listen: str, workers: int) -> list[str]:

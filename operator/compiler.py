@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 
 from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.headers import DATA_CLASS_HEADER
 from switchyard.operator.policy import ModelSpec, RoutePolicy, Rule, StrategyType
 
 _STRATEGY = {
@@ -111,6 +112,12 @@ def compile_config(policies: Iterable[RoutePolicy], fail_open_model: str = "") -
     """
     ordered = sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
     config = pb.RoutingConfig(policies=[compile_policy(p) for p in ordered])
+    headers = {DATA_CLASS_HEADER}
+    for policy in config.policies:
+        headers.update(policy.match_headers)
+        for rule in policy.strategy.rules:
+            headers.update(rule.when.headers)
+    config.request_headers.extend(sorted(headers))
     if fail_open_model:
         config.fail_open_backend = _resolve_model_key(config, fail_open_model)
     digest = hashlib.sha256(config.SerializeToString(deterministic=True)).hexdigest()

@@ -8,8 +8,11 @@ header, and everything else here is decided at compile time:
 - unknown paths and methods get OpenAI-style errors from Envoy itself;
 - one route per model backend keyed on ``x-switchyard-backend``; the model's name, policy and
   the decision's reason come back as response headers from the ext_proc's dynamic metadata;
-- requests the ext_proc did not route (it is down or timed out) fall through to the
-  fail-open model or to a 503, as configured.
+- the ext_proc gets ONE message per request: the buffered body plus, as attributes, exactly
+  the request headers routing reads (the config lists them). Skipping the headers phase
+  halves the gRPC messages Python handles per request;
+- when the ext_proc is down or times out, Envoy either answers 503 (fail closed) or lets the
+  request through unrouted to the fail-open model.
 """
 
 from __future__ import annotations
@@ -21,12 +24,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.headers import BACKEND_HEADER, EXTPROC_FILTER, METADATA_NAMESPACE
 
 LISTENER_NAME = "switchyard_http"
 ROUTE_CONFIG_NAME = "switchyard_routes"
 EXTPROC_CLUSTER = "switchyard_extproc"
-BACKEND_HEADER = "x-switchyard-backend"
-METADATA_NAMESPACE = "switchyard"
 
 _T = "type.googleapis.com/"
 HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -34,6 +36,7 @@ EXT_PROC = _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 EXT_PROC_PER_ROUTE = _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 HEADER_MUTATION = _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
 ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
+BUFFER = _T + "envoy.extensions.filters.http.buffer.v3.Buffer"
 HTTP_OPTIONS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 LISTENER = _T + "envoy.config.listener.v3.Listener"
@@ -68,7 +71,7 @@ def _error_json(status: int, message: str, type_: str, code: str) -> dict[str, A
 
 
 def _no_extproc() -> dict[str, Any]:
-    return {"envoy.filters.http.ext_proc": {"@type": EXT_PROC_PER_ROUTE, "disabled": True}}
+    return {EXTPROC_FILTER: {"@type": EXT_PROC_PER_ROUTE, "disabled": True}}
 
 
 def _models_list(config: pb.RoutingConfig) -> str:
@@ -115,7 +118,13 @@ def _backend_route(policy: pb.Policy, model: pb.Model, settings: GatewaySettings
         "name": model.backend_key,
         "match": {
             "prefix": "/v1/",
-            "headers": [{"name": BACKEND_HEADER, "string_match": {"exact": model.backend_key}}],
+            "dynamic_metadata": [
+                {
+                    "filter": METADATA_NAMESPACE,
+                    "path": [{"key": "backend"}],
+                    "value": {"string_match": {"exact": model.backend_key}},
+                }
+            ],
         },
         "route": action,
         "request_headers_to_add": headers_to_add,
@@ -137,8 +146,17 @@ def _response_header(key: str, value: str) -> dict[str, Any]:
     return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 
 
+def request_attributes(config: pb.RoutingConfig) -> list[str]:
+    """What Envoy sends the ext_proc with the body: path plus the headers routing reads."""
+    return ["request.path", *(f"request.headers['{h}']" for h in config.request_headers)]
+
+
 def _unrouted(config: pb.RoutingConfig) -> dict[str, Any]:
-    """Inference requests the ext_proc did not route: fail open or answer 503."""
+    """The inference route before the ext_proc decides, and for requests it did not route.
+
+    The ext_proc runs here with the attributes this config needs. Requests reach the route's
+    own action only when the ext_proc was skipped (no body) or, failing open, unreachable.
+    """
     match = {"prefix": "/v1/"}
     if config.fail_open_backend:
         model = next(
@@ -157,13 +175,13 @@ def _unrouted(config: pb.RoutingConfig) -> dict[str, Any]:
             ],
         }
     return {
-        "name": "fail_closed",
+        "name": "unrouted",
         "match": match,
         "direct_response": _error_json(
-            503,
-            "the routing service is unavailable; retry shortly",
-            "server_error",
-            "router_unavailable",
+            400,
+            "the request body is empty; send a JSON object",
+            "invalid_request_error",
+            "empty_body",
         ),
         "response_headers_to_add": [_response_header("content-type", "application/json")],
     }
@@ -242,6 +260,11 @@ def _local_reply_config() -> dict[str, Any]:
             },
         }
 
+    unavailable = {
+        "status_code_filter": {
+            "comparison": {"op": "EQ", "value": {"default_value": 503, "runtime_key": "sy_503"}}
+        }
+    }
     too_large = {
         "status_code_filter": {
             "comparison": {"op": "EQ", "value": {"default_value": 413, "runtime_key": "sy_413"}}
@@ -255,36 +278,50 @@ def _local_reply_config() -> dict[str, Any]:
                 "upstream_error",
                 "%RESPONSE_CODE_DETAILS%",
             ),
+            # Left after the upstream flags: a local 503 is the ext_proc failing closed.
+            {
+                **mapper(unavailable, "server_error", "router_unavailable"),
+                "body": {"inline_string": "the routing service is unavailable; retry shortly"},
+            },
         ]
     }
 
 
-def build_listener(settings: GatewaySettings, rds: dict[str, Any]) -> dict[str, Any]:
-    """The gateway listener; ``rds`` is the HCM's RDS block (file or ADS config source)."""
+def build_listener(
+    config: pb.RoutingConfig, settings: GatewaySettings, rds: dict[str, Any]
+) -> dict[str, Any]:
+    """The gateway listener; ``rds`` is the HCM's RDS block (file or ADS config source).
+
+    It depends on the config only through the fail mode and the header attributes, so it
+    changes (and Envoy drains connections gracefully) only when those do.
+    """
     ext_proc = {
         "@type": EXT_PROC,
         "grpc_service": {
             "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
             "timeout": _duration(settings.extproc_message_timeout_ms),
         },
-        # Unreachable ext_proc → continue unrouted → fail-open model or 503 (route table).
-        "failure_mode_allow": True,
+        # Unreachable ext_proc: continue unrouted to the fail-open model, or answer 503.
+        "failure_mode_allow": bool(config.fail_open_backend),
+        "status_on_error": {"code": 503},
         "message_timeout": _duration(settings.extproc_message_timeout_ms),
         "processing_mode": {
-            "request_header_mode": "SEND",
+            "request_header_mode": "SKIP",
             "response_header_mode": "SKIP",
             "request_body_mode": "BUFFERED",
             "response_body_mode": "NONE",
             "request_trailer_mode": "SKIP",
             "response_trailer_mode": "SKIP",
         },
-        "send_body_without_waiting_for_header_response": True,
         "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        "request_attributes": request_attributes(config),
         "allow_mode_override": False,
     }
     strip_backend = {
         "@type": HEADER_MUTATION,
-        "mutations": {"request_mutations": [{"remove": BACKEND_HEADER}]},
+        "mutations": {
+            "request_mutations": [{"remove": BACKEND_HEADER}, {"remove": "content-length"}]
+        },
     }
     hcm = {
         "@type": HCM,
@@ -294,7 +331,13 @@ def build_listener(settings: GatewaySettings, rds: dict[str, Any]) -> dict[str, 
         "local_reply_config": _local_reply_config(),
         "http_filters": [
             {"name": "envoy.filters.http.header_mutation", "typed_config": strip_backend},
-            {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
+            {"name": EXTPROC_FILTER, "typed_config": ext_proc},
+            # Holds the request headers until the whole body has passed the ext_proc, so the
+            # router sees the routing header the ext_proc set from the body.
+            {
+                "name": "envoy.filters.http.buffer",
+                "typed_config": {"@type": BUFFER, "max_request_bytes": settings.max_request_bytes},
+            },
             {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}},
         ],
     }

@@ -81,18 +81,20 @@ class EnvoyAdmin:
         except OSError:
             return False
 
-    def versions(self) -> tuple[str, str]:
-        """(clusters version, routes version) Envoy has applied."""
+    def versions(self) -> tuple[str, str, str]:
+        """(clusters, routes, listeners) versions Envoy has applied."""
         dump = json.loads(self._get("/config_dump"))
-        clusters = routes = ""
+        clusters = routes = listeners = ""
         for section in dump.get("configs", []):
             kind = section.get("@type", "")
             if kind.endswith("ClustersConfigDump"):
                 clusters = section.get("version_info", "")
+            elif kind.endswith("ListenersConfigDump"):
+                listeners = section.get("version_info", "")
             elif kind.endswith("RoutesConfigDump"):
                 dynamic = section.get("dynamic_route_configs", [])
                 routes = dynamic[0].get("version_info", "") if dynamic else ""
-        return clusters, routes
+        return clusters, routes, listeners
 
     def has_version(self, kind: int, version: str) -> bool:
         try:
@@ -164,6 +166,7 @@ class LocalGateway:
         )
         self.xds.write_clusters(self.config)
         self.xds.write_routes(self.config)
+        self.xds.write_listeners(self.config)
         bootstrap = self.xds.write_bootstrap(self.spec.admin_port)
         concurrency = self.spec.envoy_concurrency or os.cpu_count() or 1
         self._spawn(
@@ -243,6 +246,9 @@ class LocalGateway:
         routes = self.xds.write_routes(config)
         if routes is not None:
             wait_until(lambda: self.admin.has_version(1, routes), 10, "envoy routes")
+        listeners = self.xds.write_listeners(config)
+        if listeners is not None:
+            wait_until(lambda: self.admin.has_version(2, listeners), 10, "envoy listener")
         self.xds.write_routing(config)
         self.config = config
         print(f"switchyard: config {config.version} applied", flush=True)

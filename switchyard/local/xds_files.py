@@ -84,22 +84,15 @@ class XdsFiles:
     def write_bootstrap(self, admin_port: int) -> Path:
         path = self.directory / "bootstrap.json"
         atomic_write(path, json.dumps(bootstrap(self.directory, admin_port), indent=1).encode())
-        atomic_write(
-            self.directory / LDS,
-            _discovery(
-                "1",
-                [
-                    build_listener(
-                        self.settings,
-                        {
-                            "route_config_name": ROUTE_CONFIG_NAME,
-                            "config_source": _source(self.directory, RDS),
-                        },
-                    )
-                ],
-            ),
-        )
         return path
+
+    def write_listeners(self, config: pb.RoutingConfig) -> str | None:
+        """Write LDS; return its version, or None when the listener did not change."""
+        rds = {
+            "route_config_name": ROUTE_CONFIG_NAME,
+            "config_source": _source(self.directory, RDS),
+        }
+        return self._write_if_changed(LDS, [build_listener(config, self.settings, rds)])
 
     def write_clusters(self, config: pb.RoutingConfig) -> str | None:
         """Write CDS; return its version, or None when the clusters did not change."""

@@ -60,13 +60,11 @@ async def test_routes_and_rewrites_body(policy_doc: dict[str, Any]) -> None:
     assert [r.WhichOneof("response") for r in responses] == ["request_headers", "request_body"]
     common = responses[1].request_body.response
     assert common.clear_route_cache
-    set_headers = {h.header.key: h.header.raw_value for h in common.header_mutation.set_headers}
-    assert set_headers["x-switchyard-backend"] == b"default.default.light"
     new_body = orjson.loads(common.body_mutation.body)
     assert new_body["model"] == "demo-light-8b"
     assert new_body["messages"] == [{"role": "user", "content": "hi"}]
-    assert set_headers["content-length"] == str(len(common.body_mutation.body)).encode()
     meta = responses[1].dynamic_metadata.fields["switchyard"].struct_value.fields
+    assert meta["backend"].string_value == "default.default.light"
     assert meta["model"].string_value == "light"
     assert meta["policy"].string_value == "default/default"
     assert meta["reason"].string_value.startswith("classifier")
@@ -79,11 +77,8 @@ async def test_hard_prompt_goes_to_a_stronger_model(policy_doc: dict[str, Any]) 
     )
     body = orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": prompt}]})
     responses = await run(state_for(policy_doc), headers_msg(), body_msg(body))
-    set_headers = {
-        h.header.key: h.header.raw_value
-        for h in responses[1].request_body.response.header_mutation.set_headers
-    }
-    assert set_headers["x-switchyard-backend"] == b"default.default.capable"
+    meta = responses[1].dynamic_metadata.fields["switchyard"].struct_value.fields
+    assert meta["backend"].string_value == "default.default.capable"
 
 
 async def test_bad_json_is_an_immediate_400(policy_doc: dict[str, Any]) -> None:
@@ -117,3 +112,28 @@ async def test_engine_crash_becomes_500_not_a_dead_stream(policy_doc: dict[str, 
     body = orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": "x"}]})
     status, error = error_of((await run(state, headers_msg(), body_msg(body)))[1])
     assert (status, error["type"]) == (500, "server_error")
+
+
+def body_with_attributes(body: bytes, path: str, **headers: str) -> ep.ProcessingRequest:
+    message = body_msg(body)
+    fields = message.attributes["envoy.filters.http.ext_proc"]
+    fields.update({"request.path": path})
+    fields.update({f"request.headers['{k.replace('_', '-')}']": v for k, v in headers.items()})
+    return message
+
+
+async def test_single_message_with_header_attributes(policy_doc: dict[str, Any]) -> None:
+    body = orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+    message = body_with_attributes(body, "/v1/chat/completions", x_priority="low")
+    [response] = await run(state_for(policy_doc), message)
+    meta = response.dynamic_metadata.fields["switchyard"].struct_value.fields
+    assert meta["reason"].string_value == "rule: low-priority"
+    message = body_with_attributes(body, "/v1/chat/completions", x_switchyard_data_class="secret")
+    status, error = error_of((await run(state_for(policy_doc), message))[0])
+    assert (status, error["code"]) == (403, "data_class_not_allowed")
+
+
+async def test_completions_endpoint_from_path_attribute(policy_doc: dict[str, Any]) -> None:
+    body = orjson.dumps({"model": "auto", "prompt": "Once upon a time"})
+    [response] = await run(state_for(policy_doc), body_with_attributes(body, "/v1/completions"))
+    assert orjson.loads(response.request_body.response.body_mutation.body)["prompt"] == "Once upon a time"

@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RoutingConfig(_message.Message):
-    __slots__ = ("version", "policies", "fail_open_backend")
+    __slots__ = ("version", "policies", "fail_open_backend", "request_headers")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     FAIL_OPEN_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_HEADERS_FIELD_NUMBER: _ClassVar[int]
     version: str
     policies: _containers.RepeatedCompositeFieldContainer[Policy]
     fail_open_backend: str
-    def __init__(self, version: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., fail_open_backend: _Optional[str] = ...) -> None: ...
+    request_headers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., fail_open_backend: _Optional[str] = ..., request_headers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Policy(_message.Message):
     __slots__ = ("name", "namespace", "generation", "aliases", "match_headers", "models", "strategy")
