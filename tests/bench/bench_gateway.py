@@ -68,7 +68,11 @@ def _listener(name: str, port: int, route: dict[str, object]) -> dict[str, objec
         "name": name,
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
         "filter_chains": [
-            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
         ],
     }
 
@@ -78,8 +82,16 @@ def envoy(config: dict[str, object], concurrency: int, port: int) -> Iterator[No
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(config, handle)
     proc = subprocess.Popen(
-        [envoy_binary(), "-c", handle.name, "--use-dynamic-base-id", "-l", "error",
-         "--concurrency", str(concurrency)],
+        [
+            envoy_binary(),
+            "-c",
+            handle.name,
+            "--use-dynamic-base-id",
+            "-l",
+            "error",
+            "--concurrency",
+            str(concurrency),
+        ],
     )
     try:
         wait_until(lambda: port_open("127.0.0.1", port), 30, "envoy")
@@ -183,8 +195,16 @@ def gateway(directory: Path, port: int, upstream_port: int, workers: int) -> Ite
     (directory / "policy.yaml").write_text(yaml.safe_dump(policy))
     (directory / "gateway.yaml").write_text(yaml.safe_dump(local))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "switchyard.cli", "up", "-f", str(directory),
-         "--state-dir", str(directory / "state")],
+        [
+            sys.executable,
+            "-m",
+            "switchyard.cli",
+            "up",
+            "-f",
+            str(directory),
+            "--state-dir",
+            str(directory / "state"),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -206,11 +226,16 @@ def run_wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT % body)
     # Warm up (connections, ext_proc streams, Python caches), then measure.
-    subprocess.run(["wrk", "-t1", f"-c{connections}", "-d2s", "-s", script.name, url],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", "-d2s", "-s", script.name, url],
+        check=True,
+        capture_output=True,
+    )
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     os.unlink(script.name)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -234,30 +259,41 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    upstream_port, direct_port, gateway_port = free_port_block(), free_port_block(), free_port_block()
+    upstream_port, direct_port, gateway_port = (
+        free_port_block(),
+        free_port_block(),
+        free_port_block(),
+    )
     results: dict[str, dict[str, float]] = {}
     with envoy(instant_upstream(upstream_port), 1, upstream_port):
         with envoy(direct_proxy(direct_port, upstream_port), 1, direct_port):
             results["envoy direct"] = run_wrk(
-                f"http://127.0.0.1:{direct_port}/v1/chat/completions", args.seconds, args.connections
+                f"http://127.0.0.1:{direct_port}/v1/chat/completions",
+                args.seconds,
+                args.connections,
             )
-        with tempfile.TemporaryDirectory() as tmp, gateway(
-            Path(tmp), gateway_port, upstream_port, args.workers
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            gateway(Path(tmp), gateway_port, upstream_port, args.workers),
         ):
             results["envoy + ext_proc"] = run_wrk(
                 f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
                 args.seconds,
                 args.connections,
             )
-    print(f"\nwrk: {args.connections} connections, {args.seconds}s, {os.cpu_count()} cores, "
-          f"ext_proc workers {args.workers}, Envoy concurrency 1 (both)")
+    print(
+        f"\nwrk: {args.connections} connections, {args.seconds}s, {os.cpu_count()} cores, "
+        f"ext_proc workers {args.workers}, Envoy concurrency 1 (both)"
+    )
     print(f"{'setup':<18}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
     for name, r in results.items():
         print(f"{name:<18}{r['rps']:>10.0f}{r['p50']:>10.2f}{r['p99']:>10.2f}")
     direct, routed = results["envoy direct"], results["envoy + ext_proc"]
     print(f"throughput ratio (ext_proc / direct): {routed['rps'] / direct['rps']:.2f}")
-    print(f"added p50: {routed['p50'] - direct['p50']:.2f} ms; added p99: "
-          f"{routed['p99'] - direct['p99']:.2f} ms")
+    print(
+        f"added p50: {routed['p50'] - direct['p50']:.2f} ms; added p99: "
+        f"{routed['p99'] - direct['p99']:.2f} ms"
+    )
     return 0
 
 

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gateway_harness import Gateway, start_gateway  # noqa: E402
+from gateway_harness import Gateway, start_gateway
 
 
 @pytest.fixture(scope="module")

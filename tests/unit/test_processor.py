@@ -136,4 +136,7 @@ async def test_single_message_with_header_attributes(policy_doc: dict[str, Any])
 async def test_completions_endpoint_from_path_attribute(policy_doc: dict[str, Any]) -> None:
     body = orjson.dumps({"model": "auto", "prompt": "Once upon a time"})
     [response] = await run(state_for(policy_doc), body_with_attributes(body, "/v1/completions"))
-    assert orjson.loads(response.request_body.response.body_mutation.body)["prompt"] == "Once upon a time"
+    assert (
+        orjson.loads(response.request_body.response.body_mutation.body)["prompt"]
+        == "Once upon a time"
+    )
