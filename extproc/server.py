@@ -35,7 +35,7 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: igno
     async def Process(
         self,
         request_iterator: object,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        context: grpc.aio.ServicerContext,
     ) -> None:
         await self.processor.serve_stream(context)
 

@@ -1,0 +1,227 @@
+"""A demo OpenAI-compatible model server: stands in for a real provider in local mode and tests.
+
+It answers chat and text completions with a short, deterministic reply that names the demo
+model. It reports token usage, streams server-sent events chunk by chunk, and can be slowed
+down or made to fail at a configurable rate. It remembers the last request it received
+(``GET /_demo/last_request``), so tests can check what the gateway forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+LAST_REQUEST: web.AppKey[dict[str, Any]] = web.AppKey("last_request", dict)
+CHUNK_WORDS = 3
+
+
+def _tokens(text: str) -> int:
+    return max(1, math.ceil(len(text) / 4))
+
+
+def _error(status: int, message: str, type_: str, code: str) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "code": code, "param": None}}
+    return web.json_response(body, status=status, dumps=lambda o: orjson.dumps(o).decode())
+
+
+def _prompt_text(payload: dict[str, Any], chat: bool) -> tuple[str, str]:
+    """(all input text, the text to answer)."""
+    if not chat:
+        prompt = payload.get("prompt", "")
+        text = "\n".join(prompt) if isinstance(prompt, list) else str(prompt)
+        return text, text
+    texts, last_user = [], ""
+    for message in payload["messages"]:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        content = content or ""
+        texts.append(content)
+        if message.get("role") == "user":
+            last_user = content
+    return "\n".join(texts), last_user
+
+
+def _reply(name: str, question: str, max_tokens: int | None) -> str:
+    words = question.split()
+    summary = " ".join(words[:12]) + (" ..." if len(words) > 12 else "")
+    reply = f"[demo:{name}] You asked: {summary}"
+    if max_tokens is not None:
+        reply = reply[: max(1, max_tokens * 4)]
+    return reply
+
+
+def _chunks(text: str) -> Iterator[str]:
+    words = text.split(" ")
+    for i in range(0, len(words), CHUNK_WORDS):
+        piece = " ".join(words[i : i + CHUNK_WORDS])
+        yield piece if i == 0 else " " + piece
+
+
+class DemoModel:
+    """Request handlers of one demo model."""
+
+    def __init__(self, name: str, latency_ms: float, failure_rate: float, seed: int | None):
+        self.name = name
+        self.latency_s = latency_ms / 1000
+        self.failure_rate = failure_rate
+        self.random = random.Random(seed)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, chat=False)
+
+    async def models(self, _request: web.Request) -> web.Response:
+        data = [{"id": self.name, "object": "model", "created": 0, "owned_by": "switchyard-demo"}]
+        return web.json_response({"object": "list", "data": data})
+
+    async def last_request(self, request: web.Request) -> web.Response:
+        return web.json_response(request.app[LAST_REQUEST])
+
+    async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return _error(
+                400, "the request body is not valid JSON", "invalid_request_error", "invalid_json"
+            )
+        if not isinstance(payload, dict):
+            return _error(
+                400,
+                "the request body must be a JSON object",
+                "invalid_request_error",
+                "invalid_json",
+            )
+        request.app[LAST_REQUEST].clear()
+        request.app[LAST_REQUEST].update({"body": payload, "headers": dict(request.headers)})
+        if chat and not isinstance(payload.get("messages"), list):
+            return _error(400, "'messages' is required", "invalid_request_error", "invalid_request")
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if self.failure_rate and self.random.random() < self.failure_rate:
+            return _error(
+                503, f"demo model {self.name} is failing on purpose", "server_error", "demo_failure"
+            )
+        text, question = _prompt_text(payload, chat)
+        limit = payload.get("max_completion_tokens") or payload.get("max_tokens")
+        reply = _reply(self.name, question, limit if isinstance(limit, int) else None)
+        usage = {
+            "prompt_tokens": _tokens(text),
+            "completion_tokens": _tokens(reply),
+            "total_tokens": _tokens(text) + _tokens(reply),
+        }
+        model = str(payload.get("model", self.name))
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if payload.get("stream") is True:
+            return await self._stream(request, chat, ident, model, reply, usage, payload)
+        if chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply},
+                "finish_reason": "stop",
+            }
+        else:
+            choice = {"index": 0, "text": reply, "finish_reason": "stop"}
+        body = {
+            "id": ident,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
+        return web.json_response(
+            body, headers={"x-demo-upstream": self.name}, dumps=lambda o: orjson.dumps(o).decode()
+        )
+
+    async def _stream(
+        self,
+        request: web.Request,
+        chat: bool,
+        ident: str,
+        model: str,
+        reply: str,
+        usage: dict[str, int],
+        payload: dict[str, Any],
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={
+                "content-type": "text/event-stream",
+                "cache-control": "no-cache",
+                "x-demo-upstream": self.name,
+            }
+        )
+        await response.prepare(request)
+        created = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
+            event = {
+                "id": ident,
+                "object": kind,
+                "created": created,
+                "model": model,
+                "choices": choices,
+                **extra,
+            }
+            await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+
+        if chat:
+            await send(
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            )
+        for piece in _chunks(reply):
+            delta: dict[str, Any] = {"delta": {"content": piece}} if chat else {"text": piece}
+            await send([{"index": 0, **delta, "finish_reason": None}])
+        final: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
+        await send([{"index": 0, **final, "finish_reason": "stop"}])
+        options = payload.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            await send([], usage=usage)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def build_app(
+    name: str, latency_ms: float = 0.0, failure_rate: float = 0.0, seed: int | None = None
+) -> web.Application:
+    """The aiohttp application of one demo model."""
+    model = DemoModel(name, latency_ms, failure_rate, seed)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[LAST_REQUEST] = {}
+    app.router.add_post("/v1/chat/completions", model.chat)
+    app.router.add_post("/v1/completions", model.completions)
+    app.router.add_get("/v1/models", model.models)
+    app.router.add_get("/_demo/last_request", model.last_request)
+    return app
+
+
+def run_demo_upstream(name: str, port: int, latency_ms: float, failure_rate: float) -> int:
+    """Serve on 127.0.0.1:``port`` until SIGINT or SIGTERM; 0 on a clean stop."""
+
+    async def serve() -> None:
+        runner = web.AppRunner(build_app(name, latency_ms, failure_rate), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(serve())
+    return 0
