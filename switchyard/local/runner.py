@@ -183,17 +183,29 @@ class LocalGateway:
         )
         endpoints = [("127.0.0.1", d.port, d.name) for d in self.spec.demo_upstreams]
         endpoints += [(h, p, "ext_proc") for h, p in self.settings.extproc_endpoints]
+        endpoints.append((self.spec.listen_address, self.spec.port, "envoy listener"))
         for host, port, name in endpoints:
-            wait_until(partial(port_open, host, port), START_TIMEOUT_S, name)
-        wait_until(self.admin.ready, START_TIMEOUT_S, "envoy")
-        wait_until(
-            lambda: port_open(self.spec.listen_address, self.spec.port), START_TIMEOUT_S, "listener"
-        )
+            wait_until(
+                partial(self._alive_and, partial(port_open, host, port)), START_TIMEOUT_S, name
+            )
+        wait_until(partial(self._alive_and, self.admin.ready), START_TIMEOUT_S, "envoy")
         print(
             f"switchyard: gateway on http://{self.spec.listen_address}:{self.spec.port} "
             f"(config {self.config.version}, {self.workers} ext_proc workers); Ctrl-C stops it",
             flush=True,
         )
+
+    def _alive_and(self, condition: Callable[[], bool]) -> bool:
+        """``condition()``, but fail at once if a child died (a crash must not look like a hang)."""
+        self.check_children()
+        return condition()
+
+    def check_children(self) -> None:
+        for child in self.children:
+            if child.poll() is not None:
+                raise RuntimeError(
+                    f"{' '.join(map(str, child.args))} exited with {child.returncode}"
+                )
 
     def _file_signatures(self) -> dict[Path, tuple[int, int]]:
         try:
@@ -255,9 +267,7 @@ class LocalGateway:
 
     def watch(self) -> None:
         while not self._stop.wait(WATCH_SECONDS):
-            for child in self.children:
-                if child.poll() is not None:
-                    raise RuntimeError(f"{child.args!r} exited with {child.returncode}")
+            self.check_children()
             self.reload_if_changed()
 
     def stop(self) -> None:

@@ -20,6 +20,7 @@ from switchyard.local.ports import free_port_block
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_POLICY = REPO / "examples" / "policy.yaml"
 DEMO_NAMES = ("demo-light", "demo-standard", "demo-capable")
+_EOF = "\0eof"
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Gateway:
                 line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
+            if line == _EOF:
+                break
             if text in line:
                 return line
         raise AssertionError(f"no output line with {text!r}; got:\n{''.join(self.output)}")
@@ -65,6 +68,7 @@ def _pump(gateway: Gateway) -> None:
     for line in gateway.process.stdout:
         gateway.output.append(line)
         gateway._lines.put(line)
+    gateway._lines.put(_EOF)
 
 
 def policy_for_ports(demo_ports: dict[str, int]) -> dict[str, Any]:
