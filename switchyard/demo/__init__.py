@@ -1,1 +1,1 @@
-"""Package."""
+"""Demo OpenAI-compatible upstreams for local mode and tests (see ``upstream``)."""

@@ -28,23 +28,32 @@ def _tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / 4))
 
 
-def _error(status: int, message: str, type_: str, code: str) -> web.Response:
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def _error(name: str, status: int, message: str, type_: str, code: str) -> web.Response:
+    """An OpenAI-style error body."""
     body = {"error": {"message": message, "type": type_, "code": code, "param": None}}
-    return web.json_response(body, status=status, dumps=lambda o: orjson.dumps(o).decode())
+    return web.json_response(body, status=status, headers={"x-demo-upstream": name}, dumps=_dumps)
+
+
+def _text(content: Any) -> str:
+    """The text of a message content: a string or a list of content parts."""
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
 
 
 def _prompt_text(payload: dict[str, Any], chat: bool) -> tuple[str, str]:
     """(all input text, the text to answer)."""
     if not chat:
-        prompt = payload.get("prompt", "")
-        text = "\n".join(prompt) if isinstance(prompt, list) else str(prompt)
+        prompt = payload["prompt"]
+        text = "\n".join(map(str, prompt)) if isinstance(prompt, list) else str(prompt)
         return text, text
     texts, last_user = [], ""
     for message in payload["messages"]:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-        content = content or ""
+        content = _text(message.get("content"))
         texts.append(content)
         if message.get("role") == "user":
             last_user = content
@@ -94,26 +103,27 @@ class DemoModel:
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return _error(
-                400, "the request body is not valid JSON", "invalid_request_error", "invalid_json"
-            )
+            return self._invalid("the request body is not valid JSON", "invalid_json")
         if not isinstance(payload, dict):
-            return _error(
-                400,
-                "the request body must be a JSON object",
-                "invalid_request_error",
-                "invalid_json",
-            )
-        request.app[LAST_REQUEST].clear()
-        request.app[LAST_REQUEST].update({"body": payload, "headers": dict(request.headers)})
-        if chat and not isinstance(payload.get("messages"), list):
-            return _error(400, "'messages' is required", "invalid_request_error", "invalid_request")
+            return self._invalid("the request body must be a JSON object", "invalid_json")
+        last = request.app[LAST_REQUEST]
+        last.clear()
+        last.update(
+            {"body": payload, "headers": {k.lower(): v for k, v in request.headers.items()}}
+        )
+        if chat:
+            messages = payload.get("messages")
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                return self._invalid(
+                    "'messages' must be a list of message objects", "invalid_request"
+                )
+        elif not isinstance(payload.get("prompt"), str | list):
+            return self._invalid("'prompt' is required", "invalid_request")
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         if self.failure_rate and self.random.random() < self.failure_rate:
-            return _error(
-                503, f"demo model {self.name} is failing on purpose", "server_error", "demo_failure"
-            )
+            message = f"demo model {self.name} is failing on purpose"
+            return _error(self.name, 503, message, "server_error", "demo_failure")
         text, question = _prompt_text(payload, chat)
         limit = payload.get("max_completion_tokens") or payload.get("max_tokens")
         reply = _reply(self.name, question, limit if isinstance(limit, int) else None)
@@ -142,9 +152,10 @@ class DemoModel:
             "choices": [choice],
             "usage": usage,
         }
-        return web.json_response(
-            body, headers={"x-demo-upstream": self.name}, dumps=lambda o: orjson.dumps(o).decode()
-        )
+        return web.json_response(body, headers={"x-demo-upstream": self.name}, dumps=_dumps)
+
+    def _invalid(self, message: str, code: str) -> web.Response:
+        return _error(self.name, 400, message, "invalid_request_error", code)
 
     async def _stream(
         self,
