@@ -18,6 +18,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.extproc.config_client import ConfigStreamClient
 from switchyard.extproc.processor import Processor
 from switchyard.extproc.state import RuntimeState
 
@@ -97,14 +98,22 @@ def _server_options() -> list[tuple[str, int]]:
     ]
 
 
-async def serve(config_path: Path, listen: str, ready: threading.Event | None = None) -> None:
-    """Run one worker until cancelled or signalled."""
+async def serve(config_source: str, listen: str, ready: threading.Event | None = None) -> None:
+    """Run one worker until signalled. ``config_source``: a routing.pb file, or
+    ``grpc://host:port`` of the control plane's config stream."""
     loop = asyncio.get_running_loop()
     state = RuntimeState()
-    watcher = ConfigFileWatcher(config_path, state, loop)
-    # The first load happens before the port opens, so no request sees an empty config.
-    await asyncio.to_thread(watcher.load_once)
-    watcher.start()
+    background: list[asyncio.Task[None]] = []
+    watcher: ConfigFileWatcher | None = None
+    if config_source.startswith("grpc://"):
+        client = ConfigStreamClient(config_source.removeprefix("grpc://"), f"{os.getpid()}", state)
+        background.append(asyncio.create_task(client.run()))
+        # Serve only once a config is loaded, so no request meets an empty table.
+        await client.first_config.wait()
+    else:
+        watcher = ConfigFileWatcher(Path(config_source), state, loop)
+        await asyncio.to_thread(watcher.load_once)
+        watcher.start()
     server = grpc.aio.server(options=_server_options())
     ep_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorService(Processor(state)), server
@@ -118,7 +127,10 @@ async def serve(config_path: Path, listen: str, ready: threading.Event | None = 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    watcher.stop()
+    if watcher is not None:
+        watcher.stop()
+    for task in background:
+        task.cancel()
     await server.stop(grace=1.0)
 
 
@@ -126,7 +138,7 @@ def _worker(config_path: str, listen: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s extproc %(message)s")
     import uvloop
 
-    uvloop.run(serve(Path(config_path), listen))
+    uvloop.run(serve(config_path, listen))
 
 
 def worker_addresses(listen: str, workers: int) -> list[str]:

@@ -17,7 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--state-dir", default=".switchyard", help="where generated config lives")
 
     extproc = sub.add_parser("extproc", help="run ext_proc worker processes")
-    extproc.add_argument("--config", required=True, help="compiled RoutingConfig file to watch")
+    extproc.add_argument(
+        "--config",
+        required=True,
+        help="routing.pb file to watch, or grpc://host:port of the config stream",
+    )
     extproc.add_argument("--listen", required=True, help="host:port of the first worker")
     extproc.add_argument("--workers", type=int, default=1)
 

@@ -204,7 +204,7 @@ class LocalGateway:
         for child in self.children:
             if child.poll() is not None:
                 raise RuntimeError(
-                    f"{' '.join(map(str, child.args))} exited with {child.returncode}"
+                    f"{child.args!s} exited with {child.returncode}"
                 )
 
     def _file_signatures(self) -> dict[Path, tuple[int, int]]:

@@ -1,0 +1,69 @@
+"""Subscribes an ext_proc worker to the control plane's config stream.
+
+Each RoutingConfig received is prepared off the event loop, swapped in, and acknowledged; a
+config that fails to load is NACKed with the reason and the last good one keeps serving.
+The stream reconnects with capped exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from switchyard.api.v1 import config_stream_pb2 as cs
+from switchyard.api.v1 import config_stream_pb2_grpc as cs_grpc
+from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.extproc.state import RuntimeState
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 5.0
+
+
+class ConfigStreamClient:
+    """Keeps ``state`` in step with the config stream at ``target`` (host:port)."""
+
+    def __init__(self, target: str, node: str, state: RuntimeState) -> None:
+        self.target = target
+        self.node = node
+        self.state = state
+        self.first_config = asyncio.Event()
+
+    async def run(self) -> None:
+        """Subscribe until cancelled, reconnecting after failures."""
+        backoff = 0.1
+        while True:
+            try:
+                await self._subscribe()
+                backoff = 0.1
+            except grpc.aio.AioRpcError as error:
+                log.warning("config stream %s: %s", self.target, error.code().name)
+            await asyncio.sleep(backoff)
+            backoff = min(MAX_BACKOFF_S, backoff * 2)
+
+    async def _subscribe(self) -> None:
+        acks: asyncio.Queue[cs.ConfigAck] = asyncio.Queue()
+        await acks.put(cs.ConfigAck(node=self.node))
+
+        async def outgoing() -> AsyncIterator[cs.ConfigAck]:
+            while True:
+                yield await acks.get()
+
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            stub = cs_grpc.ConfigStreamStub(channel)
+            async for config in stub.Subscribe(outgoing()):
+                await acks.put(await self.apply(config))
+
+    async def apply(self, config: pb.RoutingConfig) -> cs.ConfigAck:
+        """Load one version; the ACK or NACK to send back."""
+        try:
+            prepared = await asyncio.to_thread(self.state.prepare, config)
+        except Exception as error:  # a bad config must never take the worker down
+            log.exception("rejecting routing config %s", config.version)
+            return cs.ConfigAck(node=self.node, version=config.version, error=str(error))
+        self.state.swap(prepared)
+        self.first_config.set()
+        return cs.ConfigAck(node=self.node, version=config.version)

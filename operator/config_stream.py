@@ -1,0 +1,86 @@
+"""The config stream: pushes RoutingConfig versions to every ext_proc replica, records ACK/NACK."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from switchyard.api.v1 import config_stream_pb2 as cs
+from switchyard.api.v1 import config_stream_pb2_grpc as cs_grpc
+from switchyard.api.v1 import routing_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+NackCallback = Callable[[str, str, str], None]
+"""(replica, rejected version, error)."""
+
+
+class ConfigStreamServer(cs_grpc.ConfigStreamServicer):  # type: ignore[misc]
+    """Holds the current RoutingConfig and streams every new version to subscribers."""
+
+    def __init__(self, on_nack: NackCallback | None = None) -> None:
+        self._config = pb.RoutingConfig()
+        self._changed = asyncio.Event()
+        self.acked: dict[str, str] = {}
+        self.nacked: dict[str, tuple[str, str]] = {}
+        self._on_nack = on_nack
+
+    @property
+    def config(self) -> pb.RoutingConfig:
+        return self._config
+
+    async def publish(self, config: pb.RoutingConfig) -> None:
+        self._config = config
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def acked_everywhere(self, version: str) -> bool:
+        return bool(self.acked) and all(v == version for v in self.acked.values())
+
+    async def Subscribe(
+        self, request_iterator: AsyncIterator[cs.ConfigAck], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RoutingConfig]:
+        node = ""
+        acks: asyncio.Queue[cs.ConfigAck | None] = asyncio.Queue()
+
+        async def read() -> None:
+            async for ack in request_iterator:
+                await acks.put(ack)
+            await acks.put(None)
+
+        reader = asyncio.create_task(read())
+        sent = ""
+        try:
+            while True:
+                if self._config.version and self._config.version != sent:
+                    sent = self._config.version
+                    yield self._config
+                changed = self._changed
+                getter = asyncio.ensure_future(acks.get())
+                waiter = asyncio.ensure_future(changed.wait())
+                done, pending = await asyncio.wait(
+                    {getter, waiter}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in pending:
+                    task.cancel()
+                if getter not in done:
+                    continue
+                ack = getter.result()
+                if ack is None:
+                    return
+                node = ack.node or node
+                if not ack.version:
+                    continue
+                if ack.error:
+                    self.nacked[node] = (ack.version, ack.error)
+                    log.warning("%s rejected routing config %s: %s", node, ack.version, ack.error)
+                    if self._on_nack is not None:
+                        self._on_nack(node, ack.version, ack.error)
+                else:
+                    self.acked[node] = ack.version
+        finally:
+            reader.cancel()
+            self.acked.pop(node, None)

@@ -1,0 +1,111 @@
+"""The control plane's delivery side: one gRPC server with ADS (for Envoy) and the config
+stream (for ext_proc replicas), fed with compiled RoutingConfigs.
+
+Applying a config is ordered so that no request ever meets a half-applied change:
+1. clusters the new config adds are pushed together with every cluster still in use
+   (make before break), with the new routes and listener;
+2. once every Envoy has ACKed that, the ext_proc replicas get the new RoutingConfig, so no
+   decision names a route Envoy does not know yet;
+3. once they have ACKed, clusters nothing uses any more are removed.
+Waiting is bounded: a node that never answers delays a change by at most ``ack_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
+
+from switchyard.api.v1 import config_stream_pb2_grpc as cs_grpc
+from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.operator.config_stream import ConfigStreamServer
+from switchyard.operator.envoy_config import GatewaySettings
+from switchyard.operator.xds_server import (
+    CLUSTER,
+    LISTENER,
+    ROUTE,
+    AdsServer,
+    Resources,
+    build_snapshot,
+    merge_clusters,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApplyResult:
+    """How one apply went; ``seconds`` runs from the call until the ext_proc ACKs."""
+
+    version: str
+    envoy_acked: bool
+    extproc_acked: bool
+    seconds: float
+
+
+class ControlPlane:
+    """Serves ADS and the config stream on one port."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        ack_timeout_s: float = 5.0,
+        on_envoy_nack: Callable[[str, str, str, str], None] | None = None,
+        on_extproc_nack: Callable[[str, str, str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ack_timeout_s = ack_timeout_s
+        self.ads = AdsServer(on_envoy_nack)
+        self.stream = ConfigStreamServer(on_extproc_nack)
+        self._server: grpc.aio.Server | None = None
+        self._lock = asyncio.Lock()
+        self.port = 0
+
+    async def start(self, address: str = "127.0.0.1:0") -> int:
+        """Listen on ``address``; returns the bound port."""
+        server = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, server)
+        cs_grpc.add_ConfigStreamServicer_to_server(self.stream, server)
+        self.port = server.add_insecure_port(address)
+        await server.start()
+        self._server = server
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+
+    async def apply(self, config: pb.RoutingConfig) -> ApplyResult:
+        """Deliver ``config`` to every Envoy and ext_proc, in the order described above."""
+        async with self._lock:
+            started = time.monotonic()
+            final = build_snapshot(config, self.settings)
+            bridge = merge_clusters(self.ads.snapshot, final)
+            await self.ads.publish(bridge)
+            envoy_ok = await self._wait(lambda: self._envoy_has(bridge))
+            await self.stream.publish(config)
+            extproc_ok = await self._wait(lambda: self.stream.acked_everywhere(config.version))
+            seconds = time.monotonic() - started
+            if bridge is not final:
+                await self.ads.publish(final)
+                envoy_ok = await self._wait(lambda: self._envoy_has(final)) and envoy_ok
+            return ApplyResult(config.version, envoy_ok, extproc_ok, seconds)
+
+    def _envoy_has(self, snapshot: dict[str, Resources]) -> bool:
+        return all(
+            self.ads.acked_everywhere(t, snapshot[t].version) for t in (CLUSTER, LISTENER, ROUTE)
+        )
+
+    async def _wait(self, condition: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + self.ack_timeout_s
+        while not condition():
+            if time.monotonic() > deadline:
+                log.warning("gave up waiting for ACKs after %.1fs", self.ack_timeout_s)
+                return False
+            await asyncio.sleep(0.005)
+        return True
