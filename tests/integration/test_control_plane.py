@@ -228,7 +228,7 @@ def test_rejected_configs_are_reported_and_the_last_good_one_serves(harness: Har
     config.version = "bad-regex"
     harness.run(harness.plane.stream.publish(config))
     wait_until(lambda: any(n[0] == "extproc" for n in harness.nacks), 10, "ext_proc nack")
-    kind, _node, version, error = next(n for n in harness.nacks if n[0] == "extproc")
+    _kind, _node, version, error = next(n for n in harness.nacks if n[0] == "extproc")
     assert version == "bad-regex" and "missing )" in error
     response = harness.post({**SHORT, "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 200
