@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.headers import DATA_CLASS_HEADER
-from switchyard.operator.policy import ModelSpec, RoutePolicy, Rule, StrategyType
+from switchyard.operator.policy import ModelSpec, Retries, RoutePolicy, Rule, StrategyType
 
 _STRATEGY = {
     StrategyType.RULES: pb.Strategy.RULES,
@@ -78,6 +78,37 @@ def _rule(index: int, rule: Rule) -> pb.Rule:
     return pb.Rule(name=rule.name or f"rule-{index}", when=match, route=rule.route)
 
 
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+
+
+def duration_ms(text: str) -> int:
+    """'1m30s' → 90000 (the policy's duration syntax, already validated)."""
+    return round(
+        sum(
+            float(n) * _UNITS_MS[u]
+            for n, _, u in re.findall(r"([0-9]+(\.[0-9]+)?)(ms|s|m|h)", text)
+        )
+    )
+
+
+def _retries(retries: Retries) -> pb.Retries:
+    conditions = {"connect-failure": "connect-failure", "reset": "reset,refused-stream"}
+    retry_on = [conditions[c.value] for c in retries.on if c.value in conditions]
+    codes = []
+    if any(c.value == "429" for c in retries.on):
+        codes.append(429)
+    if any(c.value == "5xx" for c in retries.on):
+        retry_on.append("5xx")
+    if codes:
+        retry_on.append("retriable-status-codes")
+    return pb.Retries(
+        attempts=retries.attempts,
+        per_try_timeout_ms=duration_ms(retries.per_try_timeout) if retries.per_try_timeout else 0,
+        retry_on=",".join(retry_on),
+        retriable_status_codes=codes,
+    )
+
+
 def compile_policy(policy: RoutePolicy) -> pb.Policy:
     """One RoutePolicy → its compiled form."""
     spec = policy.spec
@@ -101,6 +132,8 @@ def compile_policy(policy: RoutePolicy) -> pb.Policy:
         match_headers=spec.match.headers,
         models=[_model(policy, m) for m in spec.models],
         strategy=strategy,
+        retries=_retries(spec.retries),
+        timeout_ms=duration_ms(spec.timeout),
     )
 
 

@@ -58,7 +58,6 @@ class GatewaySettings:
     max_request_bytes: int = 8 * 1024 * 1024
     extproc_message_timeout_ms: int = 500
     route_timeout_s: int = 300
-    upstream_retries: int = 1
 
 
 def _duration(ms: int) -> str:
@@ -90,14 +89,18 @@ def _models_list(config: pb.RoutingConfig) -> str:
 
 
 def _backend_route(policy: pb.Policy, model: pb.Model, settings: GatewaySettings) -> dict[str, Any]:
+    retries = policy.retries
+    retry_policy: dict[str, Any] = {"retry_on": retries.retry_on, "num_retries": retries.attempts}
+    if retries.per_try_timeout_ms:
+        retry_policy["per_try_timeout"] = _duration(retries.per_try_timeout_ms)
+    if retries.retriable_status_codes:
+        retry_policy["retriable_status_codes"] = list(retries.retriable_status_codes)
     action: dict[str, Any] = {
         "cluster": model.backend_key,
-        "timeout": f"{settings.route_timeout_s}s",
-        "retry_policy": {
-            "retry_on": "connect-failure,reset,refused-stream",
-            "num_retries": settings.upstream_retries,
-        },
+        "timeout": _duration(policy.timeout_ms or settings.route_timeout_s * 1000),
     }
+    if retries.attempts and retries.retry_on:
+        action["retry_policy"] = retry_policy
     headers_to_add: list[dict[str, Any]] = []
     if model.backend.url:
         url = urlsplit(model.backend.url)

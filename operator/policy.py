@@ -55,6 +55,11 @@ class ServiceRef(_Spec):
     port: int = Field(ge=1, le=65535)
 
 
+class SecretKeyRef(_Spec):
+    name: Name
+    key: str = Field(min_length=1)
+
+
 class Backend(_Spec):
     """Where a model is served: an external URL or an in-cluster Service."""
 
@@ -62,6 +67,9 @@ class Backend(_Spec):
     service: ServiceRef | None = None
     api_key_env: str | None = Field(
         default=None, description="Local mode: environment variable holding the API key."
+    )
+    api_key_secret: SecretKeyRef | None = Field(
+        default=None, description="Kubernetes: Secret key holding the provider API key."
     )
 
     @field_validator("url")
@@ -97,6 +105,9 @@ class ModelSpec(_Spec):
     fallbacks: list[str] = Field(default_factory=list)
     weight: float = Field(default=1.0, ge=0)
     region: str | None = None
+    cluster: str | None = Field(
+        default=None, description="Cluster the backend Service lives in (multi-cluster)."
+    )
 
 
 class Match(_Spec):
@@ -161,10 +172,48 @@ class Strategy(_Spec):
     )
 
 
+_DURATION = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+
+
+class SessionAffinity(_Spec):
+    header: str = Field(min_length=1)
+    ttl: str = Field(default="30m", pattern=_DURATION)
+
+
+class RetryOn(StrEnum):
+    CONNECT_FAILURE = "connect-failure"
+    RESET = "reset"
+    STATUS_429 = "429"
+    STATUS_5XX = "5xx"
+
+
+class Retries(_Spec):
+    attempts: int = Field(default=1, ge=0, le=10)
+    per_try_timeout: str | None = Field(default=None, pattern=_DURATION)
+    on: list[RetryOn] = Field(default_factory=lambda: [RetryOn.CONNECT_FAILURE, RetryOn.RESET])
+
+
+class Autoscaling(_Spec):
+    min_replicas: int = Field(default=2, ge=1)
+    max_replicas: int = Field(default=10, ge=1)
+    target_cpu_utilization: int = Field(default=70, ge=1, le=100)
+    target_requests_per_second: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must not exceed maxReplicas")
+        return self
+
+
 class RoutePolicySpec(_Spec):
     match: Match
     models: list[ModelSpec] = Field(min_length=1)
     strategy: Strategy
+    session_affinity: SessionAffinity | None = None
+    retries: Retries = Field(default_factory=Retries)
+    timeout: str = Field(default="300s", pattern=_DURATION)
+    autoscaling: Autoscaling | None = None
 
     @model_validator(mode="after")
     def _references(self) -> RoutePolicySpec:

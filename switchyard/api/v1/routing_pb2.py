@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fswitchyard/api/v1/routing.proto\x12\x11switchyard.api.v1\"\x81\x01\n\rRoutingConfig\x12\x0f\n\x07version\x18\x01 \x01(\t\x12+\n\x08policies\x18\x02 \x03(\x0b\x32\x19.switchyard.api.v1.Policy\x12\x19\n\x11\x66\x61il_open_backend\x18\x03 \x01(\t\x12\x17\n\x0frequest_headers\x18\x04 \x03(\t\"\xa0\x02\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x0f\n\x07\x61liases\x18\x04 \x03(\t\x12\x42\n\rmatch_headers\x18\x05 \x03(\x0b\x32+.switchyard.api.v1.Policy.MatchHeadersEntry\x12(\n\x06models\x18\x06 \x03(\x0b\x32\x18.switchyard.api.v1.Model\x12-\n\x08strategy\x18\x07 \x01(\x0b\x32\x1b.switchyard.api.v1.Strategy\x1a\x33\n\x11MatchHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa1\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61\x63kend_key\x18\x02 \x01(\t\x12\x16\n\x0eupstream_model\x18\x03 \x01(\t\x12\x14\n\x0cinput_per_1m\x18\x04 \x01(\x01\x12\x15\n\routput_per_1m\x18\x05 \x01(\x01\x12\x16\n\x0e\x63ontext_window\x18\x06 \x01(\x03\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x14\n\x0c\x64\x61ta_classes\x18\x08 \x03(\t\x12\x11\n\tfallbacks\x18\t \x03(\t\x12\x0c\n\x04tier\x18\n \x01(\t\x12\x0e\n\x06weight\x18\x0b \x01(\x01\x12+\n\x07\x62\x61\x63kend\x18\x0c \x01(\x0b\x32\x1a.switchyard.api.v1.Backend\x12\x0e\n\x06region\x18\r \x01(\t\"[\n\x07\x42\x61\x63kend\x12\x0b\n\x03url\x18\x01 \x01(\t\x12.\n\x07service\x18\x02 \x01(\x0b\x32\x1d.switchyard.api.v1.ServiceRef\x12\x13\n\x0b\x61pi_key_env\x18\x03 \x01(\t\";\n\nServiceRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\"\xe9\x01\n\x08Strategy\x12.\n\x04type\x18\x01 \x01(\x0e\x32 .switchyard.api.v1.Strategy.Type\x12\x15\n\rrouter_bundle\x18\x02 \x01(\t\x12&\n\x05tiers\x18\x03 \x03(\x0b\x32\x17.switchyard.api.v1.Tier\x12&\n\x05rules\x18\x04 \x03(\x0b\x32\x17.switchyard.api.v1.Rule\x12\x15\n\rdefault_model\x18\x05 \x01(\t\"/\n\x04Type\x12\t\n\x05RULES\x10\x00\x12\x0e\n\nCLASSIFIER\x10\x01\x12\x0c\n\x08WEIGHTED\x10\x02\"-\n\x04Tier\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0emax_difficulty\x18\x02 \x01(\x01\"O\n\x04Rule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x04when\x18\x02 \x01(\x0b\x32\x1c.switchyard.api.v1.RuleMatch\x12\r\n\x05route\x18\x03 \x01(\t\"\xd3\x02\n\tRuleMatch\x12\x0f\n\x07\x61liases\x18\x01 \x03(\t\x12:\n\x07headers\x18\x02 \x03(\x0b\x32).switchyard.api.v1.RuleMatch.HeadersEntry\x12\x19\n\x11min_prompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\x03\x12\x10\n\x08keywords\x18\x05 \x03(\t\x12\r\n\x05regex\x18\x06 \x01(\t\x12\x12\n\ncategories\x18\x07 \x03(\t\x12\x1b\n\x0emin_difficulty\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0emax_difficulty\x18\t \x01(\x01H\x01\x88\x01\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x11\n\x0f_min_difficultyB\x11\n\x0f_max_difficultyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fswitchyard/api/v1/routing.proto\x12\x11switchyard.api.v1\"\x81\x01\n\rRoutingConfig\x12\x0f\n\x07version\x18\x01 \x01(\t\x12+\n\x08policies\x18\x02 \x03(\x0b\x32\x19.switchyard.api.v1.Policy\x12\x19\n\x11\x66\x61il_open_backend\x18\x03 \x01(\t\x12\x17\n\x0frequest_headers\x18\x04 \x03(\t\"\xe1\x02\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x0f\n\x07\x61liases\x18\x04 \x03(\t\x12\x42\n\rmatch_headers\x18\x05 \x03(\x0b\x32+.switchyard.api.v1.Policy.MatchHeadersEntry\x12(\n\x06models\x18\x06 \x03(\x0b\x32\x18.switchyard.api.v1.Model\x12-\n\x08strategy\x18\x07 \x01(\x0b\x32\x1b.switchyard.api.v1.Strategy\x12+\n\x07retries\x18\x08 \x01(\x0b\x32\x1a.switchyard.api.v1.Retries\x12\x12\n\ntimeout_ms\x18\t \x01(\x03\x1a\x33\n\x11MatchHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x07Retries\x12\x10\n\x08\x61ttempts\x18\x01 \x01(\r\x12\x1a\n\x12per_try_timeout_ms\x18\x02 \x01(\x03\x12\x10\n\x08retry_on\x18\x03 \x01(\t\x12\x1e\n\x16retriable_status_codes\x18\x04 \x03(\r\"\xa1\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61\x63kend_key\x18\x02 \x01(\t\x12\x16\n\x0eupstream_model\x18\x03 \x01(\t\x12\x14\n\x0cinput_per_1m\x18\x04 \x01(\x01\x12\x15\n\routput_per_1m\x18\x05 \x01(\x01\x12\x16\n\x0e\x63ontext_window\x18\x06 \x01(\x03\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x14\n\x0c\x64\x61ta_classes\x18\x08 \x03(\t\x12\x11\n\tfallbacks\x18\t \x03(\t\x12\x0c\n\x04tier\x18\n \x01(\t\x12\x0e\n\x06weight\x18\x0b \x01(\x01\x12+\n\x07\x62\x61\x63kend\x18\x0c \x01(\x0b\x32\x1a.switchyard.api.v1.Backend\x12\x0e\n\x06region\x18\r \x01(\t\"[\n\x07\x42\x61\x63kend\x12\x0b\n\x03url\x18\x01 \x01(\t\x12.\n\x07service\x18\x02 \x01(\x0b\x32\x1d.switchyard.api.v1.ServiceRef\x12\x13\n\x0b\x61pi_key_env\x18\x03 \x01(\t\";\n\nServiceRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\"\xe9\x01\n\x08Strategy\x12.\n\x04type\x18\x01 \x01(\x0e\x32 .switchyard.api.v1.Strategy.Type\x12\x15\n\rrouter_bundle\x18\x02 \x01(\t\x12&\n\x05tiers\x18\x03 \x03(\x0b\x32\x17.switchyard.api.v1.Tier\x12&\n\x05rules\x18\x04 \x03(\x0b\x32\x17.switchyard.api.v1.Rule\x12\x15\n\rdefault_model\x18\x05 \x01(\t\"/\n\x04Type\x12\t\n\x05RULES\x10\x00\x12\x0e\n\nCLASSIFIER\x10\x01\x12\x0c\n\x08WEIGHTED\x10\x02\"-\n\x04Tier\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0emax_difficulty\x18\x02 \x01(\x01\"O\n\x04Rule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x04when\x18\x02 \x01(\x0b\x32\x1c.switchyard.api.v1.RuleMatch\x12\r\n\x05route\x18\x03 \x01(\t\"\xd3\x02\n\tRuleMatch\x12\x0f\n\x07\x61liases\x18\x01 \x03(\t\x12:\n\x07headers\x18\x02 \x03(\x0b\x32).switchyard.api.v1.RuleMatch.HeadersEntry\x12\x19\n\x11min_prompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\x03\x12\x10\n\x08keywords\x18\x05 \x03(\t\x12\r\n\x05regex\x18\x06 \x01(\t\x12\x12\n\ncategories\x18\x07 \x03(\t\x12\x1b\n\x0emin_difficulty\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0emax_difficulty\x18\t \x01(\x01H\x01\x88\x01\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x11\n\x0f_min_difficultyB\x11\n\x0f_max_difficultyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,25 +38,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTINGCONFIG']._serialized_start=55
   _globals['_ROUTINGCONFIG']._serialized_end=184
   _globals['_POLICY']._serialized_start=187
-  _globals['_POLICY']._serialized_end=475
-  _globals['_POLICY_MATCHHEADERSENTRY']._serialized_start=424
-  _globals['_POLICY_MATCHHEADERSENTRY']._serialized_end=475
-  _globals['_MODEL']._serialized_start=478
-  _globals['_MODEL']._serialized_end=767
-  _globals['_BACKEND']._serialized_start=769
-  _globals['_BACKEND']._serialized_end=860
-  _globals['_SERVICEREF']._serialized_start=862
-  _globals['_SERVICEREF']._serialized_end=921
-  _globals['_STRATEGY']._serialized_start=924
-  _globals['_STRATEGY']._serialized_end=1157
-  _globals['_STRATEGY_TYPE']._serialized_start=1110
-  _globals['_STRATEGY_TYPE']._serialized_end=1157
-  _globals['_TIER']._serialized_start=1159
-  _globals['_TIER']._serialized_end=1204
-  _globals['_RULE']._serialized_start=1206
-  _globals['_RULE']._serialized_end=1285
-  _globals['_RULEMATCH']._serialized_start=1288
-  _globals['_RULEMATCH']._serialized_end=1627
-  _globals['_RULEMATCH_HEADERSENTRY']._serialized_start=1543
-  _globals['_RULEMATCH_HEADERSENTRY']._serialized_end=1589
+  _globals['_POLICY']._serialized_end=540
+  _globals['_POLICY_MATCHHEADERSENTRY']._serialized_start=489
+  _globals['_POLICY_MATCHHEADERSENTRY']._serialized_end=540
+  _globals['_RETRIES']._serialized_start=542
+  _globals['_RETRIES']._serialized_end=647
+  _globals['_MODEL']._serialized_start=650
+  _globals['_MODEL']._serialized_end=939
+  _globals['_BACKEND']._serialized_start=941
+  _globals['_BACKEND']._serialized_end=1032
+  _globals['_SERVICEREF']._serialized_start=1034
+  _globals['_SERVICEREF']._serialized_end=1093
+  _globals['_STRATEGY']._serialized_start=1096
+  _globals['_STRATEGY']._serialized_end=1329
+  _globals['_STRATEGY_TYPE']._serialized_start=1282
+  _globals['_STRATEGY_TYPE']._serialized_end=1329
+  _globals['_TIER']._serialized_start=1331
+  _globals['_TIER']._serialized_end=1376
+  _globals['_RULE']._serialized_start=1378
+  _globals['_RULE']._serialized_end=1457
+  _globals['_RULEMATCH']._serialized_start=1460
+  _globals['_RULEMATCH']._serialized_end=1799
+  _globals['_RULEMATCH_HEADERSENTRY']._serialized_start=1715
+  _globals['_RULEMATCH_HEADERSENTRY']._serialized_end=1761
 # @@protoc_insertion_point(module_scope)

@@ -20,7 +20,7 @@ class RoutingConfig(_message.Message):
     def __init__(self, version: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., fail_open_backend: _Optional[str] = ..., request_headers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("name", "namespace", "generation", "aliases", "match_headers", "models", "strategy")
+    __slots__ = ("name", "namespace", "generation", "aliases", "match_headers", "models", "strategy", "retries", "timeout_ms")
     class MatchHeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class Policy(_message.Message):
     MATCH_HEADERS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     generation: int
@@ -42,7 +44,21 @@ class Policy(_message.Message):
     match_headers: _containers.ScalarMap[str, str]
     models: _containers.RepeatedCompositeFieldContainer[Model]
     strategy: Strategy
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., generation: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., match_headers: _Optional[_Mapping[str, str]] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, _Mapping]] = ...) -> None: ...
+    retries: Retries
+    timeout_ms: int
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., generation: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., match_headers: _Optional[_Mapping[str, str]] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, _Mapping]] = ..., retries: _Optional[_Union[Retries, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class Retries(_message.Message):
+    __slots__ = ("attempts", "per_try_timeout_ms", "retry_on", "retriable_status_codes")
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    PER_TRY_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_ON_FIELD_NUMBER: _ClassVar[int]
+    RETRIABLE_STATUS_CODES_FIELD_NUMBER: _ClassVar[int]
+    attempts: int
+    per_try_timeout_ms: int
+    retry_on: str
+    retriable_status_codes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, attempts: _Optional[int] = ..., per_try_timeout_ms: _Optional[int] = ..., retry_on: _Optional[str] = ..., retriable_status_codes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("name", "backend_key", "upstream_model", "input_per_1m", "output_per_1m", "context_window", "capabilities", "data_classes", "fallbacks", "tier", "weight", "backend", "region")
