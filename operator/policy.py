@@ -196,7 +196,7 @@ class Retries(_Spec):
 class Autoscaling(_Spec):
     min_replicas: int = Field(default=2, ge=1)
     max_replicas: int = Field(default=10, ge=1)
-    target_cpu_utilization: int = Field(default=70, ge=1, le=100)
+    target_cpu_utilization: int = Field(default=70, ge=1, le=100, alias="targetCPUUtilization")
     target_requests_per_second: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
