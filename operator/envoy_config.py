@@ -36,6 +36,9 @@ EXT_PROC = _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 EXT_PROC_PER_ROUTE = _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 HEADER_MUTATION = _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
 ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
+LUA = _T + "envoy.extensions.filters.http.lua.v3.Lua"
+LUA_PER_ROUTE = _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute"
+LUA_FILTER = "envoy.filters.http.lua"
 BUFFER = _T + "envoy.extensions.filters.http.buffer.v3.Buffer"
 HTTP_OPTIONS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -149,6 +152,28 @@ def _response_header(key: str, value: str) -> dict[str, Any]:
     return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 
 
+# Without the ext_proc nothing parses the body, so the fail-open route swaps the top-level
+# "model" string with a pattern: JSON escapes quotes inside strings, so the pattern cannot
+# match inside message text; it takes the first "model": "<string>" key in the document.
+_REWRITE_MODEL = """
+function envoy_on_request(handle)
+  local body = handle:body()
+  if body == nil then return end
+  local raw = body:getBytes(0, body:length())
+  local rewritten, count = string.gsub(raw, '"model"%%s*:%%s*"[^"]*"', '"model":"%s"', 1)
+  if count > 0 then
+    body:setBytes(rewritten)
+    handle:headers():replace("content-length", tostring(#rewritten))
+  end
+end
+"""
+
+
+def _rewrite_model_lua(upstream_model: str) -> dict[str, Any]:
+    safe = json.dumps(upstream_model)[1:-1].replace("%", "%%")
+    return {"@type": LUA_PER_ROUTE, "source_code": {"inline_string": _REWRITE_MODEL % safe}}
+
+
 def request_attributes(config: pb.RoutingConfig) -> list[str]:
     """What Envoy sends the ext_proc with the body: path plus the headers routing reads."""
     return ["request.path", *(f"request.headers['{h}']" for h in config.request_headers)]
@@ -172,6 +197,7 @@ def _unrouted(config: pb.RoutingConfig) -> dict[str, Any]:
             "name": "fail_open",
             "match": match,
             "route": {"cluster": model.backend_key, "timeout": "300s"},
+            "typed_per_filter_config": {LUA_FILTER: _rewrite_model_lua(model.upstream_model)},
             "response_headers_to_add": [
                 _response_header("x-switchyard-model", model.name),
                 _response_header("x-switchyard-reason", "fail-open: router unavailable"),
@@ -341,6 +367,8 @@ def build_listener(
                 "name": "envoy.filters.http.buffer",
                 "typed_config": {"@type": BUFFER, "max_request_bytes": settings.max_request_bytes},
             },
+            # Runs only on the fail-open route (per-route code), to rewrite "model" there.
+            {"name": LUA_FILTER, "typed_config": {"@type": LUA}},
             {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}},
         ],
     }

@@ -102,6 +102,7 @@ def test_fails_open_to_the_configured_model(fail_open: tuple[int, int]) -> None:
     assert response.json()["choices"][0]["message"]["content"].startswith("[demo:demo-light]")
     seen = httpx.get(f"http://127.0.0.1:{demo_port}/_demo/last_request").json()
     assert seen["body"]["messages"] == BODY["messages"]
+    assert seen["body"]["model"] == "demo-light-8b"  # rewritten by the fail-open route
 
 
 def test_invalid_local_config_is_rejected_with_the_field(tmp_path: Path) -> None:
