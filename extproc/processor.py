@@ -191,16 +191,15 @@ class Processor:
         if request.model != model.upstream_model:
             request.payload["model"] = model.upstream_model
             common.body_mutation.body = orjson.dumps(request.payload)
-        meta = {
-            "backend": model.backend_key,
-            "model": model.name,
-            "policy": decision.policy,
-            "reason": decision.reason,
-            "config_version": config.version,
-        }
+        # Direct field writes: Struct.update() costs several times more per request.
+        meta = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
+        meta["backend"].string_value = model.backend_key
+        meta["model"].string_value = model.name
+        meta["policy"].string_value = decision.policy
+        meta["reason"].string_value = decision.reason
+        meta["config_version"].string_value = config.version
         if scores is not None:
-            meta["difficulty"] = f"{scores.difficulty:.3f}"
-            meta["category"] = scores.category
-        response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(meta)
+            meta["difficulty"].number_value = round(scores.difficulty, 3)
+            meta["category"].string_value = scores.category
         state.record(decision, request)
         return response

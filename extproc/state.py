@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import Counter
 
@@ -54,6 +55,7 @@ class RuntimeState:
         self._loader = scorer_loader
         self._scorers: dict[str, Scorer] = {}
         self._fallback: Scorer = HeuristicScorer()
+        self._decision_counters: dict[tuple[str, str], Any] = {}
 
     def prepare(self, proto: pb.RoutingConfig) -> tuple[CompiledConfig, dict[str, Scorer]]:
         """Build tables and load new bundles for ``proto``; slow, so call it off the loop."""
@@ -73,4 +75,8 @@ class RuntimeState:
 
     def record(self, decision: Decision, request: ParsedRequest) -> None:
         """Account for one decision (metrics)."""
-        DECISIONS.labels(decision.policy, decision.model.name).inc()
+        key = (decision.policy, decision.model.name)
+        counter = self._decision_counters.get(key)
+        if counter is None:
+            counter = self._decision_counters[key] = DECISIONS.labels(*key)
+        counter.inc()
