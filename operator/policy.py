@@ -267,23 +267,13 @@ class RoutePolicySpec(_Spec):
             known = [b for b in bounds if b is not None]
             if known != sorted(known):
                 raise ValueError("strategy.tiers: maxDifficulty must increase from tier to tier")
-        if (
-            strategy.type is StrategyType.RULES
-            and strategy.default is None
-            and not any(not _rule_is_conditional(r) for r in strategy.rules)
-        ):
-            raise ValueError(
-                "strategy.default: the rules strategy needs a default model or a catch-all rule"
-            )
+        if strategy.type is StrategyType.RULES and strategy.default is None:
+            raise ValueError("strategy.default: the rules strategy needs a default model")
         if strategy.type is StrategyType.WEIGHTED and not any(m.weight > 0 for m in self.models):
             raise ValueError(
                 "models: the weighted strategy needs at least one model with weight > 0"
             )
         return self
-
-
-def _rule_is_conditional(rule: Rule) -> bool:
-    return rule.when != RuleWhen()
 
 
 class ObjectMeta(BaseModel):

@@ -1,0 +1,321 @@
+"""Generate the RoutePolicy CustomResourceDefinition from the pydantic schema.
+
+One schema, two validators: the structural OpenAPI schema (types, enums, bounds, patterns,
+descriptions, defaults) is derived from ``switchyard.operator.policy``, so `kubectl apply` and
+local mode accept the same documents. Cross-field rules that OpenAPI cannot express are added
+as CEL ``x-kubernetes-validations``; list and string bounds keep their cost within the API
+server's budget. `python -m switchyard.operator.crd > deploy/crds/routepolicy.yaml` writes it;
+a unit test keeps the committed file in step.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import yaml
+
+from switchyard.operator.policy import RoutePolicySpec
+
+GROUP = "switchyard.dev"
+VERSION = "v1alpha1"
+PLURAL = "routepolicies"
+
+# Bounds that keep CEL cost estimates finite (and configs sane).
+MAX_ITEMS = {
+    "models": 64,
+    "fallbacks": 16,
+    "rules": 128,
+    "tiers": 16,
+    "capabilities": 8,
+    "dataClasses": 16,
+    "keywords": 64,
+    "category": 16,
+    "on": 8,
+}
+MAX_STRING = 253
+
+# Descriptions for `kubectl explain`, by property name, where the pydantic field has none.
+DESCRIPTIONS = {
+    "attempts": "Retries per request on the same model (0 disables retries).",
+    "autoscaling": "Replica bounds and targets for the gateway and ext_proc Deployments.",
+    "bundle": "Router bundle: builtin:default, builtin:minilm, builtin:heuristic or a path.",
+    "capabilities": "Request features the model supports: tools, json, images.",
+    "category": "Router categories that match (math, code, reasoning, knowledge, writing, "
+    "extraction, chat).",
+    "contextWindow": "Tokens the model accepts (prompt plus completion).",
+    "dataClasses": "Data classes (x-switchyard-data-class) this model may see; default public.",
+    "fallbacks": "Models tried, in order, when this one may not take a request.",
+    "header": "Request header whose value pins a session to one model.",
+    "headers": "Exact request header values that must all match (names are case-insensitive).",
+    "key": "Key inside the Secret.",
+    "keywords": "Case-insensitive substrings of the prompt; any one matches.",
+    "match": "Which requests this policy answers.",
+    "maxDifficulty": "Highest router difficulty (0-1) routed here.",
+    "maxPromptTokens": "Match only prompts of at most this many estimated tokens.",
+    "maxReplicas": "Most replicas.",
+    "minDifficulty": "Lowest router difficulty (0-1) that matches.",
+    "minPromptTokens": "Match only prompts of at least this many estimated tokens.",
+    "minReplicas": "Fewest replicas.",
+    "model": "Name of a model of this policy.",
+    "models": "Models this policy may route to (names unique), or aliases clients send.",
+    "name": "Name (a DNS label).",
+    "namespace": "Namespace; defaults to the policy's.",
+    "on": "Conditions to retry on: connect-failure, reset, 429, 5xx.",
+    "perTryTimeout": "Timeout of each attempt, e.g. 30s.",
+    "port": "Service port.",
+    "pricing": "List price in USD per 1M tokens.",
+    "regex": "Regular expression searched in the prompt.",
+    "region": "Region the backend runs in, for region constraints.",
+    "retries": "Upstream retry policy for this policy's routes.",
+    "route": "Model a matching request goes to.",
+    "router": "The prompt router the classifier strategy and score-based rules use.",
+    "rules": "Ordered conditions evaluated before the strategy; the first match routes.",
+    "service": "In-cluster Service serving the model.",
+    "sessionAffinity": "Keep a session on one model.",
+    "strategy": "How a model is chosen: rules, classifier or weighted.",
+    "targetCPUUtilization": "Target average CPU utilisation, percent.",
+    "targetRequestsPerSecond": "Target requests per second per pod.",
+    "tier": "Free-form tier label, for reporting.",
+    "tiers": "Classifier tiers, cheapest first: the cost/quality knob.",
+    "timeout": "Whole-request upstream timeout, e.g. 300s.",
+    "ttl": "How long a session stays pinned, e.g. 30m.",
+    "type": "Strategy: rules, classifier or weighted.",
+    "url": "External OpenAI-compatible base URL (http or https).",
+    "weight": "Share of traffic under the weighted strategy.",
+    "when": "Conditions; all must hold.",
+}
+
+SPEC_RULES = [
+    {
+        "rule": "self.models.all(m, !has(m.fallbacks) || "
+        "m.fallbacks.all(f, f != m.name && self.models.exists(n, n.name == f)))",
+        "message": "models[].fallbacks must name other models of this policy",
+        "fieldPath": ".models",
+    },
+    {
+        "rule": "!has(self.strategy.tiers) || "
+        "self.strategy.tiers.all(t, self.models.exists(n, n.name == t.model))",
+        "message": "strategy.tiers[].model must name a model of this policy",
+        "fieldPath": ".strategy.tiers",
+    },
+    {
+        "rule": "!has(self.strategy.rules) || "
+        "self.strategy.rules.all(r, self.models.exists(n, n.name == r.route))",
+        "message": "strategy.rules[].route must name a model of this policy",
+        "fieldPath": ".strategy.rules",
+    },
+    {
+        "rule": "!has(self.strategy.default) || "
+        "self.models.exists(n, n.name == self.strategy.default)",
+        "message": "strategy.default must name a model of this policy",
+        "fieldPath": ".strategy.default",
+    },
+]
+STRATEGY_RULES = [
+    {
+        "rule": "self.type != 'classifier' || (has(self.tiers) && size(self.tiers) > 0)",
+        "message": "the classifier strategy needs at least one tier",
+        "fieldPath": ".tiers",
+    },
+    {
+        "rule": "!has(self.tiers) || size(self.tiers) == 0 || "
+        "!has(self.tiers[size(self.tiers) - 1].maxDifficulty) || "
+        "self.tiers[size(self.tiers) - 1].maxDifficulty == 1.0",
+        "message": "the last tier must be unbounded (omit maxDifficulty) or 1.0",
+        "fieldPath": ".tiers",
+    },
+    {
+        "rule": "!has(self.tiers) || size(self.tiers.filter(t, !has(t.maxDifficulty))) == 0 || "
+        "(size(self.tiers.filter(t, !has(t.maxDifficulty))) == 1 && "
+        "!has(self.tiers[size(self.tiers) - 1].maxDifficulty))",
+        "message": "maxDifficulty is required on every tier but the last",
+        "fieldPath": ".tiers",
+    },
+    {
+        "rule": "self.type != 'rules' || has(self.default)",
+        "message": "the rules strategy needs a default model",
+        "fieldPath": ".default",
+    },
+]
+BACKEND_RULES = [
+    {"rule": "has(self.url) != has(self.service)", "message": "set exactly one of url or service"}
+]
+WHEN_RULES = [
+    {
+        "rule": "!has(self.minDifficulty) || !has(self.maxDifficulty) || "
+        "self.minDifficulty <= self.maxDifficulty",
+        "message": "minDifficulty must not exceed maxDifficulty",
+    }
+]
+AUTOSCALING_RULES = [
+    {
+        "rule": "self.minReplicas <= self.maxReplicas",
+        "message": "minReplicas must not exceed maxReplicas",
+    }
+]
+RULES_BY_DEF = {
+    "Strategy": STRATEGY_RULES,
+    "Backend": BACKEND_RULES,
+    "RuleWhen": WHEN_RULES,
+    "Autoscaling": AUTOSCALING_RULES,
+}
+
+
+def _structural(node: Any, defs: dict[str, Any], name: str = "", def_name: str = "") -> Any:
+    """JSON Schema from pydantic → a Kubernetes structural schema."""
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        ref = node["$ref"].rsplit("/", 1)[-1]
+        resolved = _structural(defs[ref], defs, name, ref)
+        if "description" in node:
+            resolved = {**resolved, "description": node["description"]}
+        return resolved
+    if "anyOf" in node:
+        options = [o for o in node["anyOf"] if o.get("type") != "null"]
+        merged = {k: v for k, v in node.items() if k != "anyOf"}
+        if len(options) == 1:
+            return _structural({**options[0], **merged}, defs, name, def_name)
+        return _structural({**options[0], **merged}, defs, name, def_name)
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("title", "$defs", "additionalProperties", "exclusiveMinimum"):
+            continue
+        if key == "properties":
+            out[key] = {k: _structural(v, defs, k) for k, v in value.items()}
+        elif key == "items":
+            out[key] = _structural(value, defs, name)
+        elif key == "const":
+            out["enum"] = [value]
+        elif key == "default" and value is None:
+            continue
+        else:
+            out[key] = value
+    if node.get("type") == "object" and isinstance(node.get("additionalProperties"), dict):
+        out["additionalProperties"] = _structural(node["additionalProperties"], defs, name)
+    if "enum" in out and "type" not in out:
+        out["type"] = "string"
+    if out.get("type") == "array" and name in MAX_ITEMS:
+        out["maxItems"] = MAX_ITEMS[name]
+    if out.get("type") == "string" and "maxLength" not in out and "enum" not in out:
+        out["maxLength"] = MAX_STRING
+    if "description" not in out and name in DESCRIPTIONS:
+        out["description"] = DESCRIPTIONS[name]
+    if def_name in RULES_BY_DEF:
+        out["x-kubernetes-validations"] = RULES_BY_DEF[def_name]
+    return out
+
+
+def spec_schema() -> dict[str, Any]:
+    """The structural schema of ``spec``."""
+    raw = RoutePolicySpec.model_json_schema(by_alias=True, mode="validation")
+    schema = _structural(raw, raw.get("$defs", {}))
+    schema["description"] = "Which aliases this policy answers, its models, and how it routes."
+    schema["x-kubernetes-validations"] = SPEC_RULES
+    models = schema["properties"]["models"]
+    # Unique model names, enforced by the API server itself.
+    models["x-kubernetes-list-type"] = "map"
+    models["x-kubernetes-list-map-keys"] = ["name"]
+    return schema
+
+
+def status_schema() -> dict[str, Any]:
+    condition = {
+        "type": "object",
+        "required": ["type", "status"],
+        "properties": {
+            "type": {"type": "string", "maxLength": 64},
+            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+            "reason": {"type": "string", "maxLength": 128},
+            "message": {"type": "string", "maxLength": 4096},
+            "lastTransitionTime": {"type": "string", "format": "date-time"},
+            "observedGeneration": {"type": "integer", "format": "int64"},
+        },
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "observedGeneration": {"type": "integer", "format": "int64"},
+            "modelCount": {"type": "integer"},
+            "configVersion": {"type": "string"},
+            "conditions": {
+                "type": "array",
+                "items": condition,
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["type"],
+            },
+            "models": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "endpoints": {"type": "integer"},
+                    },
+                },
+            },
+        },
+    }
+
+
+def crd() -> dict[str, Any]:
+    """The whole CustomResourceDefinition."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": "RoutePolicy",
+                "listKind": "RoutePolicyList",
+                "plural": PLURAL,
+                "singular": "routepolicy",
+                "shortNames": ["rp"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {
+                            "name": "Ready",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+                        },
+                        {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.type"},
+                        {"name": "Models", "type": "integer", "jsonPath": ".status.modelCount"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "RoutePolicy routes OpenAI-style requests to the "
+                            "cheapest model that can answer them well.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": status_schema(),
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render() -> str:
+    header = "# Generated by `python -m switchyard.operator.crd`; do not edit.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=100)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())
