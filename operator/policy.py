@@ -63,7 +63,11 @@ class SecretKeyRef(_Spec):
 class Backend(_Spec):
     """Where a model is served: an external URL or an in-cluster Service."""
 
-    url: str | None = None
+    url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/\s:]+(:[0-9]{1,5})?(/\S*)?$",
+        description="External OpenAI-compatible base URL (http or https).",
+    )
     service: ServiceRef | None = None
     api_key_env: str | None = Field(
         default=None, description="Local mode: environment variable holding the API key."
@@ -71,13 +75,6 @@ class Backend(_Spec):
     api_key_secret: SecretKeyRef | None = Field(
         default=None, description="Kubernetes: Secret key holding the provider API key."
     )
-
-    @field_validator("url")
-    @classmethod
-    def _url_shape(cls, url: str | None) -> str | None:
-        if url is not None and not re.match(r"^https?://[^/\s:]+(:\d{1,5})?(/\S*)?$", url):
-            raise ValueError("must be an http:// or https:// URL such as https://api.example.com")
-        return url
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Backend:

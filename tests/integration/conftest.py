@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import openai
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "infra"))
 
-from gateway_harness import Gateway, start_gateway
+from gateway_harness import REPO, Gateway, start_gateway
+from kube import KubeControlPlane, k8s_bin_dir
 
 
 @pytest.fixture(scope="module")
@@ -27,3 +30,30 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 def client(gateway: Gateway) -> openai.OpenAI:
     """The official OpenAI client pointed at the gateway."""
     return openai.OpenAI(base_url=gateway.base_url, api_key="not-needed", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def kube() -> Iterator[KubeControlPlane]:
+    """A real kube-apiserver + etcd (built from the Go module proxy on first use, then cached)."""
+    plane = KubeControlPlane(k8s_bin_dir(), "local").start()
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture(scope="session")
+def routepolicy_crd(kube: KubeControlPlane) -> KubeControlPlane:
+    """The cluster with the RoutePolicy CRD installed and established."""
+    kube.kubectl("apply", "-f", str(REPO / "deploy" / "crds" / "routepolicy.yaml"))
+    kube.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s",
+        "crd/routepolicies.switchyard.dev",
+    )  # fmt: skip
+    return kube
+
+
+@pytest.fixture
+def namespace(kube: KubeControlPlane, request: pytest.FixtureRequest) -> str:
+    """A fresh namespace per test (namespaces never finish deleting without a controller)."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    kube.kubectl("create", "namespace", name)
+    return name
