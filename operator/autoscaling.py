@@ -31,11 +31,15 @@ def effective_autoscaling(policies: Iterable[RoutePolicy], default: Autoscaling)
     if not wanted:
         return default
     rps = [a.target_requests_per_second for a in wanted if a.target_requests_per_second]
-    return Autoscaling(
-        min_replicas=max(a.min_replicas for a in wanted),
-        max_replicas=max(max(a.max_replicas for a in wanted), max(a.min_replicas for a in wanted)),
-        target_cpu_utilization=min(a.target_cpu_utilization for a in wanted),
-        target_requests_per_second=min(rps) if rps else default.target_requests_per_second,
+    return Autoscaling.model_validate(
+        {
+            "minReplicas": max(a.min_replicas for a in wanted),
+            "maxReplicas": max(
+                max(a.max_replicas for a in wanted), *(a.min_replicas for a in wanted)
+            ),
+            "targetCPUUtilization": min(a.target_cpu_utilization for a in wanted),
+            "targetRequestsPerSecond": min(rps) if rps else default.target_requests_per_second,
+        }
     )
 
 

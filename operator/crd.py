@@ -210,7 +210,7 @@ def _structural(node: Any, defs: dict[str, Any], name: str = "", def_name: str =
 def spec_schema() -> dict[str, Any]:
     """The structural schema of ``spec``."""
     raw = RoutePolicySpec.model_json_schema(by_alias=True, mode="validation")
-    schema = _structural(raw, raw.get("$defs", {}))
+    schema: dict[str, Any] = _structural(raw, raw.get("$defs", {}))
     schema["description"] = "Which aliases this policy answers, its models, and how it routes."
     schema["x-kubernetes-validations"] = SPEC_RULES
     models = schema["properties"]["models"]

@@ -31,6 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--latency-ms", type=float, default=0.0)
     demo.add_argument("--failure-rate", type=float, default=0.0)
 
+    op = sub.add_parser("operator", help="run the Kubernetes operator (kopf) and its xDS server")
+    op.add_argument("--xds-listen", default="0.0.0.0:18000", help="ADS + config stream address")
+    op.add_argument("--gateway-port", type=int, default=8080, help="port Envoy listens on")
+    op.add_argument(
+        "--extproc", action="append", default=[], help="ext_proc host:port (repeatable)"
+    )
+    op.add_argument("--namespace", action="append", default=[], help="watch only these")
+    op.add_argument("--fail-open-model", default="", help="model served when ext_proc is down")
+
     router = sub.add_parser("router", help="router model tools (score, eval)", add_help=False)
     router.add_argument("rest", nargs=argparse.REMAINDER)
 
@@ -47,6 +56,21 @@ def main(argv: list[str] | None = None) -> int:
         from switchyard.demo.upstream import run_demo_upstream
 
         return run_demo_upstream(args.name, args.port, args.latency_ms, args.failure_rate)
+    if args.command == "operator":
+        from switchyard.operator.k8s import OperatorSettings, run_operator
+
+        endpoints = [
+            (host, int(port)) for host, _, port in (e.rpartition(":") for e in args.extproc)
+        ]
+        return run_operator(
+            OperatorSettings(
+                xds_listen=args.xds_listen,
+                gateway_port=args.gateway_port,
+                extproc_endpoints=endpoints or [("127.0.0.1", 9002)],
+                namespaces=args.namespace,
+                fail_open_model=args.fail_open_model,
+            )
+        )
     if args.command == "router":
         from switchyard.extproc.router.cli import main as router_main
 
