@@ -299,3 +299,37 @@ def load_all(root: Path | None = None, sources: Iterable[str] | None = None) -> 
     for name in sources or LOADERS:
         out.extend(LOADERS[name](root))
     return [e for e in out if e.text.strip()]
+
+
+# --- prices (USD per 1M input tokens) ----------------------------------------------------------
+# LLMRouter models: the data set's own list prices (llmrouter_models.json). Others: a size
+# ladder matching those prices (7-9B 0.20, 49-72B 0.90, Mixtral 8x7B 0.60), Gemini 1.5 and
+# GPT-4-1106 public list prices at release. open7b models are all 7-8B: no cost difference.
+_PRICE_BY_SIZE = {
+    "Meta-Llama-3_1-8B-Instruct": 0.20,
+    "Meta-Llama-3-8B": 0.20,
+    "Mistral-7B-Instruct-v0.2": 0.20,
+    "Qwen1.5-7B-Chat": 0.20,
+    "Llama-2-7b-hf": 0.20,
+    "Meta-Llama-3_1-70B-Instruct": 0.90,
+    "Meta-Llama-3-70B": 0.90,
+    "Llama-2-70b-hf": 0.90,
+    "Qwen1.5-72B-Chat": 0.90,
+    "Mixtral-8x7B-Instruct-v0.1": 0.60,
+    "mixtral_8x7b": 0.60,
+    "gemini-1.5-flash-002": 0.075,
+    "gemini-1.5-pro-002": 1.25,
+    "gpt4_1106": 10.0,
+}
+
+
+def price(model: str, root: Path | None = None) -> float:
+    """USD per 1M input tokens of ``model`` (0.20 for the 7-8B open models by default)."""
+    if model in _PRICE_BY_SIZE:
+        return _PRICE_BY_SIZE[model]
+    path = (root or data_dir()) / "llmrouter_models.json"
+    if path.is_file():
+        models = json.loads(path.read_text(encoding="utf-8"))
+        if model in models:
+            return float(models[model]["input_price"])
+    return 0.20

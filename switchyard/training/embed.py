@@ -18,7 +18,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 ENCODER_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
-TOKENIZER_SHA256 = "be50c3628f2bf5bb5e7a2d6d7f1d99c44e36de1f8a9d1cecc9b27ab8ee1d6427"
+TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
 
 F32 = npt.NDArray[np.float32]
 
@@ -65,7 +65,9 @@ def encoder_session(threads: int = 2) -> ort.InferenceSession:
     )
 
 
-def _run(sess: ort.InferenceSession, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]) -> F32:
+def _run(
+    sess: ort.InferenceSession, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]
+) -> F32:
     out = sess.run(
         None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
     )[0]
@@ -108,3 +110,34 @@ def sentence_embeddings(
             mask[r, : len(e.ids)] = 1
         out[idx] = _run(sess, ids, mask)
     return out
+
+
+def encode_ids(sess: ort.InferenceSession, ids: list[list[int]], batch: int = 32) -> F32:
+    """Mean-pooled MiniLM embeddings of already tokenised prompts (length-sorted batches)."""
+    order = np.argsort([len(i) for i in ids])
+    out = np.zeros((len(ids), 384), dtype=np.float32)
+    for start in range(0, len(ids), batch):
+        idx = order[start : start + batch]
+        width = max(len(ids[i]) for i in idx)
+        arr = np.zeros((len(idx), width), dtype=np.int64)
+        mask = np.zeros_like(arr)
+        for r, i in enumerate(idx):
+            arr[r, : len(ids[i])] = ids[i]
+            mask[r, : len(ids[i])] = 1
+        out[idx] = _run(sess, arr, mask)
+    return out
+
+
+def cached_vocab_embeddings(threads: int, vocab_size: int) -> F32:
+    """``vocab_embeddings`` cached under ``$XDG_CACHE_HOME/switchyard`` by encoder hash."""
+    import os
+
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "switchyard"
+    path = base / f"vocab-{ENCODER_SHA256[:16]}-{vocab_size}.npy"
+    if path.is_file():
+        cached: F32 = np.load(path)
+        return cached
+    table = vocab_embeddings(encoder_session(threads), vocab_size)
+    base.mkdir(parents=True, exist_ok=True)
+    np.save(path, table)
+    return table

@@ -1,0 +1,210 @@
+"""``switchyard router score|eval``: score prompts with a bundle; evaluate it on the dev split."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import orjson
+
+DEFAULT_BUNDLE = "builtin:default"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="switchyard router", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    score = sub.add_parser("score", help='JSON lines {"id","prompt"} on stdin -> scores on stdout')
+    score.add_argument("--bundle", default=DEFAULT_BUNDLE)
+    score.add_argument("--providers", default=None, help="comma list, e.g. cuda,cpu")
+    score.add_argument("--batch", type=int, default=64)
+    ev = sub.add_parser("eval", help="cost/quality curves and APGR on the dev split")
+    ev.add_argument("--bundle", default=DEFAULT_BUNDLE)
+    ev.add_argument("--providers", default=None)
+    ev.add_argument("--plot", type=Path, default=None, help="write a PNG of the curves")
+    ev.add_argument("--limit", type=int, default=0, help="at most N dev prompts per data set")
+    ev.add_argument("--data", type=Path, default=None, help="data/routing folder")
+    ev.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def _providers(value: str | None) -> list[str] | None:
+    return [p.strip() for p in value.split(",") if p.strip()] if value else None
+
+
+def _read_prompts(stream: IO[str]) -> list[tuple[Any, str]]:
+    rows: list[tuple[Any, str]] = []
+    for lineno, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue
+        try:
+            doc = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"line {lineno}: not valid JSON ({exc})") from exc
+        if not isinstance(doc, dict) or "id" not in doc or "prompt" not in doc:
+            raise ValueError(f'line {lineno}: expected an object with "id" and "prompt"')
+        if not isinstance(doc["prompt"], str):
+            raise ValueError(f'line {lineno}: "prompt" must be a string')
+        rows.append((doc["id"], doc["prompt"]))
+    return rows
+
+
+def cmd_score(args: argparse.Namespace, stdin: IO[str], stdout: IO[str]) -> int:
+    from switchyard.extproc.router.bundle import load_bundle
+    from switchyard.extproc.router.runtime import OnnxRouter
+
+    rows = _read_prompts(stdin)
+    router = OnnxRouter(
+        load_bundle(args.bundle), providers=_providers(args.providers), max_batch=args.batch
+    )
+    try:
+        scores = router.score_batch([p for _, p in rows])
+    finally:
+        router.close()
+    for (rid, _), s in zip(rows, scores, strict=True):
+        out = {
+            "id": rid,
+            "difficulty": round(s.difficulty, 6),
+            "category": s.category,
+            "categories": {k: round(v, 6) for k, v in s.categories.items()},
+        }
+        stdout.write(orjson.dumps(out).decode() + "\n")
+    return 0
+
+
+def evaluate_bundle(
+    bundle: str,
+    providers: list[str] | None = None,
+    limit: int = 0,
+    data_root: Path | None = None,
+) -> dict[str, Any]:
+    """APGR, strong calls for 95% quality and cost saving per evaluation pair on the dev split."""
+    from switchyard.extproc.router import metrics
+    from switchyard.extproc.router.bundle import load_bundle
+    from switchyard.extproc.router.runtime import OnnxRouter
+    from switchyard.training import data
+
+    examples = [e for e in data.load_all(data_root) if e.split == "dev"]
+    if limit:
+        per: dict[str, int] = {}
+        kept = []
+        for e in examples:
+            if per.get(e.source, 0) < limit:
+                per[e.source] = per.get(e.source, 0) + 1
+                kept.append(e)
+        examples = kept
+    router = OnnxRouter(load_bundle(bundle), providers=providers)
+    try:
+        diff = np.array([s.difficulty for s in router.score_batch([e.text for e in examples])])
+    finally:
+        router.close()
+    length = np.array([len(e.text) for e in examples], dtype=np.float64)
+    report: dict[str, Any] = {"bundle": bundle, "n_prompts": len(examples), "pairs": {}}
+    for source, pairs in data.EVAL_PAIRS.items():
+        for weak, strong in pairs:
+            idx = [
+                i
+                for i, e in enumerate(examples)
+                if e.source == source and (weak, strong) in e.outcomes
+            ]
+            if len(idx) < 2:
+                continue
+            o = np.array([examples[i].outcomes[(weak, strong)] for i in idx])
+            ratio = data.price(weak) / data.price(strong)
+            entry: dict[str, Any] = {
+                "n": len(idx),
+                "quality_weak": float(o[:, 0].mean()),
+                "quality_strong": float(o[:, 1].mean()),
+                "price_ratio": round(ratio, 4),
+            }
+            for name, score in (
+                ("router", diff[idx]),
+                ("length", length[idx]),
+                ("random", np.zeros(len(idx))),
+            ):
+                r = metrics.evaluate(score, o[:, 0], o[:, 1], cost_ratio=ratio)
+                entry[name] = {
+                    "apgr": round(r.apgr, 4),
+                    "strong_calls_at_95": round(r.calls_at_95, 4),
+                    "cost_saving_at_95": round(r.saving_at_95, 4),
+                    "curve": {"calls": r.curve.calls.tolist(), "quality": r.curve.quality.tolist()},
+                }
+            report["pairs"][f"{source}: {weak} -> {strong}"] = entry
+    return report
+
+
+def _print_report(report: dict[str, Any], out: IO[str]) -> None:
+    out.write(f"bundle {report['bundle']}: {report['n_prompts']} dev prompts\n")
+    head = (
+        f"{'pair':78} {'router':>7} {'length':>7} {'random':>7}  {'calls@95':>8} {'saving@95':>9}\n"
+    )
+    out.write(head)
+    for key, e in report["pairs"].items():
+        r, ln, rnd = e["router"], e["length"], e["random"]
+        out.write(
+            f"{key[:78]:78} {r['apgr']:7.3f} {ln['apgr']:7.3f} {rnd['apgr']:7.3f}  "
+            f"{r['strong_calls_at_95']:8.2f} {r['cost_saving_at_95']:9.2f}\n"
+        )
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib  # optional: pip install -r requirements-train.txt
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = list(report["pairs"].items())
+    cols = min(3, len(pairs))
+    rows = (len(pairs) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax, (key, e) in zip(axes.ravel(), pairs, strict=False):
+        for name in ("router", "length", "random"):
+            c = e[name]["curve"]
+            ax.plot(c["calls"], c["quality"], label=f"{name} (APGR {e[name]['apgr']:.3f})")
+        ax.axhline(0.95 * e["quality_strong"], color="grey", ls=":", lw=1)
+        ax.set_title(key if len(key) < 60 else key[:57] + "...", fontsize=8)
+        ax.set_xlabel("share of strong-model calls")
+        ax.set_ylabel("quality")
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(pairs) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_eval(args: argparse.Namespace, stdout: IO[str]) -> int:
+    report = evaluate_bundle(args.bundle, _providers(args.providers), args.limit, args.data)
+    if args.json:
+        slim = {k: v for k, v in report.items() if k != "pairs"}
+        slim["pairs"] = {
+            k: {
+                n: ({m: x for m, x in v.items() if m != "curve"} if isinstance(v, dict) else v)
+                for n, v in e.items()
+            }
+            for k, e in report["pairs"].items()
+        }
+        stdout.write(orjson.dumps(slim, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        _print_report(report, stdout)
+    if args.plot is not None:
+        _plot(report, args.plot)
+    return 0
+
+
+def main(argv: list[str], stdin: IO[str] | None = None, stdout: IO[str] | None = None) -> int:
+    """``switchyard router ...``; returns the exit status."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    args = _parser().parse_args(argv)
+    from switchyard.extproc.router.bundle import BundleError
+
+    try:
+        if args.command == "score":
+            return cmd_score(args, stdin, stdout)
+        return cmd_eval(args, stdout)
+    except (ValueError, BundleError, FileNotFoundError, ImportError) as exc:
+        print(f"switchyard router {args.command}: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,217 @@
+"""``OnnxRouter``: the trained router behind the ``Scorer`` protocol.
+
+* Execution providers come from config: ``cpu`` (default), ``cuda``, ``tensorrt`` or full
+  onnxruntime names. Providers this onnxruntime build lacks are dropped with one warning line
+  and CPU is always last, so asking for CUDA without ``onnxruntime-gpu`` runs on CPU.
+* Thread counts are explicit (``intra_op_threads``, ``inter_op_threads``; one each by default:
+  the ext_proc scales by worker processes, not by threads inside one).
+* ``score()`` calls are micro-batched: a call joins the pending batch, which is flushed when it
+  holds ``max_batch`` prompts or ``max_wait_ms`` after its first prompt arrived (0 = on the next
+  loop iteration, which still groups calls made in the same tick). Tokenisation and inference run
+  on a dedicated executor thread, never on the event loop.
+* ``score_batch(texts)`` is the synchronous path (CLI, benchmark, evaluation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from switchyard.extproc.router.bundle import Bundle, load_bundle
+from switchyard.extproc.router.tokens import FastTokenizer
+from switchyard.extproc.scoring import RouterScores, Scorer
+
+log = logging.getLogger(__name__)
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "gpu": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+CPU = "CPUExecutionProvider"
+
+
+def select_providers(
+    requested: Sequence[str] | None, available: Sequence[str] | None = None
+) -> list[str]:
+    """The providers to use, in order: the requested ones this build has, then CPU.
+
+    Unknown or unavailable providers are dropped with exactly one warning log line.
+    """
+    have = list(available) if available is not None else ort.get_available_providers()
+    wanted = [PROVIDER_ALIASES.get(p.lower(), p) for p in (requested or ["cpu"])]
+    chosen: list[str] = []
+    missing: list[str] = []
+    for name in wanted:
+        if name in chosen:
+            continue
+        (chosen if name in have else missing).append(name)
+    if missing:
+        log.warning(
+            "router: execution provider(s) %s not available in this onnxruntime build "
+            "(available: %s); using %s",
+            ", ".join(missing),
+            ", ".join(have),
+            ", ".join([p for p in chosen if p != CPU] + [CPU]),
+        )
+    return [p for p in chosen if p != CPU] + [CPU]
+
+
+def _session(path: str, providers: list[str], intra: int, inter: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = intra
+    opts.inter_op_num_threads = inter
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, sess_options=opts, providers=providers)
+
+
+class OnnxRouter:
+    """A router bundle loaded into onnxruntime; implements ``Scorer``."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+        max_batch: int = 32,
+        max_wait_ms: float = 0.5,
+    ) -> None:
+        if not 0.0 <= max_wait_ms <= 1000.0:
+            raise ValueError("max_wait_ms must be between 0 and 1000")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.bundle = bundle
+        self.name = f"{bundle.name}@{bundle.version}"
+        self.providers = select_providers(providers)
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        t = bundle.truncation
+        self.tokenizer = FastTokenizer(
+            bundle.tokenizer_path, t.max_tokens, t.head, t.tail, bundle.special_tokens
+        )
+        self._session = _session(
+            str(bundle.model_path), self.providers, intra_op_threads, inter_op_threads
+        )
+        self._encoder = (
+            _session(str(bundle.encoder.path), self.providers, intra_op_threads, inter_op_threads)
+            if bundle.encoder is not None
+            else None
+        )
+        self._out = [bundle.outputs["difficulty"], bundle.outputs["categories"]]
+        self._cats = bundle.categories
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router")
+        self._pending: list[tuple[str, asyncio.Future[RouterScores]]] = []
+        self._flush_handle: asyncio.Handle | None = None
+
+    # -- synchronous path --------------------------------------------------------------------
+    def _pad(self, texts: Sequence[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        encoded = [self.tokenizer.encode(t) for t in texts]
+        width = max(len(e) for e in encoded)
+        ids = np.zeros((len(encoded), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, e in enumerate(encoded):
+            ids[row, : len(e)] = e
+            mask[row, : len(e)] = 1
+        return ids, mask
+
+    def infer(
+        self, texts: Sequence[str]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Raw outputs: difficulty [n] and category probabilities [n, 7] (bundle label order)."""
+        ids, mask = self._pad(texts)
+        if self._encoder is None:
+            feeds = {
+                self.bundle.inputs["input_ids"]: ids,
+                self.bundle.inputs["attention_mask"]: mask,
+            }
+        else:
+            hidden = self._encoder.run(
+                [self.bundle.encoder.output],  # type: ignore[union-attr]
+                {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)},
+            )[0]
+            m = mask[..., None].astype(np.float32)
+            pooled = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
+            n_tokens = mask.sum(axis=1, keepdims=True).astype(np.float32) - 2.0
+            feeds = {
+                self.bundle.inputs["embedding"]: pooled.astype(np.float32),
+                self.bundle.inputs.get("n_tokens", "n_tokens"): n_tokens,
+            }
+        difficulty, categories = self._session.run(self._out, feeds)
+        return np.asarray(difficulty, np.float32), np.asarray(categories, np.float32)
+
+    def score_batch(self, texts: Sequence[str]) -> list[RouterScores]:
+        """Score prompts synchronously, ``max_batch`` at a time."""
+        out: list[RouterScores] = []
+        for start in range(0, len(texts), self.max_batch):
+            chunk = texts[start : start + self.max_batch]
+            difficulty, categories = self.infer(chunk)
+            for d, probs in zip(difficulty, categories, strict=True):
+                cats = {c: float(p) for c, p in zip(self._cats, probs, strict=True)}
+                d = float(d)
+                out.append(
+                    RouterScores(
+                        difficulty=min(1.0, max(0.0, d)) if math.isfinite(d) else 0.5,
+                        category=max(cats, key=cats.__getitem__),
+                        categories=cats,
+                    )
+                )
+        return out
+
+    # -- asynchronous, micro-batched path ------------------------------------------------------
+    async def score(self, text: str) -> RouterScores:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[RouterScores] = loop.create_future()
+        self._pending.append((text, fut))
+        if len(self._pending) >= self.max_batch:
+            self._flush()
+        elif self._flush_handle is None:
+            if self.max_wait_s > 0:
+                self._flush_handle = loop.call_later(self.max_wait_s, self._flush)
+            else:
+                self._flush_handle = loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._executor, self.score_batch, [t for t, _ in batch])
+        job.add_done_callback(lambda done: self._deliver(done, batch))
+
+    @staticmethod
+    def _deliver(
+        done: asyncio.Future[list[RouterScores]],
+        batch: list[tuple[str, asyncio.Future[RouterScores]]],
+    ) -> None:
+        exc = done.exception()
+        if exc is not None:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, fut), result in zip(batch, done.result(), strict=True):
+            if not fut.done():
+                fut.set_result(result)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def load_scorer(bundle: str, providers: list[str] | None = None) -> Scorer:
+    """Load a router bundle (``builtin:default``, ``builtin:minilm`` or a directory)."""
+    return OnnxRouter(load_bundle(bundle), providers=providers)

