@@ -117,6 +117,9 @@ class OnnxRouter:
     # -- synchronous path --------------------------------------------------------------------
     def _pad(self, texts: Sequence[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         encoded = [self.tokenizer.encode(t) for t in texts]
+        if len(encoded) == 1:  # the common gateway case: no padding work
+            one = np.asarray(encoded[0], dtype=np.int64)[None, :]
+            return one, np.ones_like(one)
         width = max(len(e) for e in encoded)
         ids = np.zeros((len(encoded), width), dtype=np.int64)
         mask = np.zeros_like(ids)

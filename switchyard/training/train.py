@@ -207,6 +207,7 @@ def train_heads(
     c_diff: float,
     c_cat: float,
     fit_mask: npt.NDArray[np.bool_] | None = None,
+    balance: bool = True,
 ) -> dict[str, Any]:
     lab = np.array([np.nan if e.label is None else e.label for e in examples])
     has = ~np.isnan(lab)
@@ -214,7 +215,14 @@ def train_heads(
     mean = x[tr].mean(axis=0)
     scale = x[tr].std(axis=0) + 1e-6
     xs = (x - mean) / scale
-    lr = fit_soft_lr(xs[tr & has], lab[tr & has], c_diff)
+    fit = tr & has
+    weight = None
+    if balance:
+        # every source gets the same total weight, so the largest (exam MCQ) ones don't dominate
+        src = np.array([e.source for e in examples])
+        counts_ = {s: int((fit & (src == s)).sum()) for s in set(src[fit])}
+        weight = np.array([fit.sum() / (len(counts_) * counts_[s]) for s in src[fit]])
+    lr = fit_soft_lr(xs[fit], lab[fit], c_diff, weight)
     z = xs @ lr.coef_[0] + lr.intercept_[0]
     cal = (split == "cal") & has
     a, b = platt(z[cal], lab[cal])
@@ -249,7 +257,7 @@ def build_default(
     t0 = time.time()
     feats = Features(tok, examples, args.dim, split == "train", vocab_emb)
     log.info("static features: %.1fs", time.time() - t0)
-    heads = train_heads(feats.x, examples, split, args.c, args.c_cat)
+    heads = train_heads(feats.x, examples, split, args.c, args.c_cat, balance=args.balance)
     dev = split == "dev"
     has = ~np.isnan(heads["lab"])
     table = pair_table(examples, heads["prob"], dev)
@@ -258,7 +266,13 @@ def build_default(
         src = np.array([e.source for e in examples])
         for s in data.LOADERS:
             h = train_heads(
-                feats.x, examples, split, args.c, args.c_cat, (split == "train") & (src != s)
+                feats.x,
+                examples,
+                split,
+                args.c,
+                args.c_cat,
+                (split == "train") & (src != s),
+                balance=args.balance,
             )
             loso.update(pair_table(examples, h["prob"], dev & (src == s)))
     out.mkdir(parents=True, exist_ok=True)
@@ -453,10 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--c-cat", type=float, default=1.0, help="inverse L2 strength, categories")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--minilm-tokens", type=int, default=128)
-    parser.add_argument("--minilm-train", type=int, default=8000)
-    parser.add_argument("--minilm-cal", type=int, default=2000)
-    parser.add_argument("--minilm-dev", type=int, default=7000)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--minilm-train", type=int, default=6000)
+    parser.add_argument("--minilm-cal", type=int, default=1500)
+    parser.add_argument("--minilm-dev", type=int, default=3000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--no-balance", dest="balance", action="store_false", help="don't weight sources equally"
+    )
     parser.add_argument("--skip-loso", action="store_true", help="skip leave-one-source-out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
