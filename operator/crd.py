@@ -23,9 +23,9 @@ PLURAL = "routepolicies"
 
 # Bounds that keep CEL cost estimates finite (and configs sane).
 MAX_ITEMS = {
-    "models": 64,
-    "fallbacks": 16,
-    "rules": 128,
+    "models": 32,
+    "fallbacks": 8,
+    "rules": 64,
     "tiers": 16,
     "capabilities": 8,
     "dataClasses": 16,
@@ -34,6 +34,7 @@ MAX_ITEMS = {
     "on": 8,
 }
 MAX_STRING = 253
+MODEL_REFERENCES = {"fallbacks", "model", "route", "default"}
 
 # Descriptions for `kubectl explain`, by property name, where the pydantic field has none.
 DESCRIPTIONS = {
@@ -186,6 +187,7 @@ def _structural(node: Any, defs: dict[str, Any], name: str = "", def_name: str =
             out[key] = {k: _structural(v, defs, k) for k, v in value.items()}
         elif key == "items":
             out[key] = _structural(value, defs, name)
+            out[key].pop("description", None)
         elif key == "const":
             out["enum"] = [value]
         elif key == "default" and value is None:
@@ -199,7 +201,8 @@ def _structural(node: Any, defs: dict[str, Any], name: str = "", def_name: str =
     if out.get("type") == "array" and name in MAX_ITEMS:
         out["maxItems"] = MAX_ITEMS[name]
     if out.get("type") == "string" and "maxLength" not in out and "enum" not in out:
-        out["maxLength"] = MAX_STRING
+        # Strings that name models are DNS labels; bounding them keeps CEL costs low.
+        out["maxLength"] = 63 if name in MODEL_REFERENCES else MAX_STRING
     if "description" not in out and name in DESCRIPTIONS:
         out["description"] = DESCRIPTIONS[name]
     if def_name in RULES_BY_DEF:
