@@ -264,6 +264,8 @@ def build_route_config(config: pb.RoutingConfig, settings: GatewaySettings) -> d
     return {
         "@type": ROUTE_CONFIG,
         "name": ROUTE_CONFIG_NAME,
+        # /v1/models is a direct response; with thousands of models it outgrows the 4 KiB default.
+        "max_direct_response_body_size_bytes": 16 * 1024 * 1024,
         "virtual_hosts": [{"name": "gateway", "domains": ["*"], "routes": routes}],
     }
 
