@@ -203,9 +203,7 @@ class LocalGateway:
     def check_children(self) -> None:
         for child in self.children:
             if child.poll() is not None:
-                raise RuntimeError(
-                    f"{child.args!s} exited with {child.returncode}"
-                )
+                raise RuntimeError(f"{child.args!s} exited with {child.returncode}")
 
     def _file_signatures(self) -> dict[Path, tuple[int, int]]:
         try:
