@@ -51,6 +51,7 @@ clean:
 
 ## Train the default router bundle from ../shared/data/routing/ (see docs/router-model.md).
 train-router: $(STAMP)
+	$(PIP) install --quiet --no-deps --require-hashes -r requirements-train.txt
 	$(PY) -m switchyard.training.train
 
 bench-router: $(STAMP)
