@@ -132,7 +132,7 @@ def test_edit_reroutes(cluster: Cluster) -> None:
 def test_invalid_edit_is_reported_and_last_good_keeps_serving(cluster: Cluster) -> None:
     broken = copy.deepcopy(cluster.policy)
     # Passes the CRD (CEL cannot compare neighbouring tiers) but not the operator's validation.
-    broken["spec"]["strategy"]["tiers"][1]["maxDifficulty"] = 0.2
+    broken["spec"]["strategy"]["tiers"][1]["maxDifficulty"] = 0.1
     cluster.apply(broken)
     wait_until(lambda: cluster.condition("assistant").get("reason") == "InvalidSpec", 30, "report")
     assert "maxDifficulty must increase" in cluster.condition("assistant")["message"]

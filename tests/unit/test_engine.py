@@ -26,6 +26,8 @@ def scores(difficulty: float, category: str = "chat") -> RouterScores:
 
 @pytest.fixture
 def config(policy_doc: dict[str, Any]) -> CompiledConfig:
+    tiers = policy_doc["spec"]["strategy"]["tiers"]
+    tiers[0]["maxDifficulty"], tiers[1]["maxDifficulty"] = 0.35, 0.7
     return compile_docs(policy_doc)
 
 

@@ -43,7 +43,7 @@ INVALID = [
     ("spec.models.0.name", "Light_Model", "spec.models[0].name"),
     ("spec.strategy.type", "magic", "spec.strategy.type"),
     ("spec.strategy.tiers.0.maxDifficulty", 1.5, "spec.strategy.tiers[0].maxDifficulty"),
-    ("spec.strategy.tiers.1.maxDifficulty", 0.2, "maxDifficulty must increase"),
+    ("spec.strategy.tiers.1.maxDifficulty", 0.1, "maxDifficulty must increase"),
     ("spec.strategy.tiers.2", {"model": "capable", "maxDifficulty": 0.9}, "last tier"),
     ("spec.strategy.tiers", [], "needs at least one tier"),
     ("spec.strategy.rules.0.route", "ghost", "strategy.rules[0].route: unknown model 'ghost'"),
