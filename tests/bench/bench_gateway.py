@@ -156,7 +156,9 @@ def direct_proxy(port: int, upstream_port: int) -> dict[str, object]:
 
 
 @contextmanager
-def gateway(directory: Path, port: int, upstream_port: int, workers: int) -> Iterator[None]:
+def gateway(
+    directory: Path, port: int, upstream_port: int, workers: int, bundle: str
+) -> Iterator[None]:
     admin, extproc = free_port_block(), free_port_block(workers)
     models = []
     tiers = []
@@ -178,7 +180,7 @@ def gateway(directory: Path, port: int, upstream_port: int, workers: int) -> Ite
         "spec": {
             "match": {"models": ["auto"]},
             "models": models,
-            "strategy": {"type": "classifier", "tiers": tiers},
+            "strategy": {"type": "classifier", "tiers": tiers, "router": {"bundle": bundle}},
         },
     }
     local = {
@@ -258,6 +260,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--bundle", default="builtin:default", help="router bundle to score with")
     args = parser.parse_args()
     upstream_port, direct_port, gateway_port = (
         free_port_block(),
@@ -274,7 +277,7 @@ def main() -> int:
             )
         with (
             tempfile.TemporaryDirectory() as tmp,
-            gateway(Path(tmp), gateway_port, upstream_port, args.workers),
+            gateway(Path(tmp), gateway_port, upstream_port, args.workers, args.bundle),
         ):
             results["envoy + ext_proc"] = run_wrk(
                 f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
@@ -283,7 +286,7 @@ def main() -> int:
             )
     print(
         f"\nwrk: {args.connections} connections, {args.seconds}s, {os.cpu_count()} cores, "
-        f"ext_proc workers {args.workers}, Envoy concurrency 1 (both)"
+        f"ext_proc workers {args.workers}, Envoy concurrency 1 (both), router {args.bundle}"
     )
     print(f"{'setup':<18}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
     for name, r in results.items():

@@ -154,3 +154,12 @@ def test_head_tail_truncation() -> None:
     special = FastTokenizer(b.tokenizer_path, max_tokens=8, head=6, tail=2, special_tokens=True)
     sids = special.encode("one two three four five six seven eight nine ten")
     assert len(sids) == 8 and sids[0] == 101 and sids[-1] == 102
+
+
+async def test_static_bundle_on_cpu_scores_inline_with_the_same_result() -> None:
+    scorer = load_scorer("builtin:default")
+    assert isinstance(scorer, OnnxRouter) and scorer.inline
+    prompt = "Prove that the square root of two is irrational."
+    inline = await scorer.score(prompt)
+    assert inline == scorer.score_batch([prompt])[0]
+    assert scorer._flush_handle is None and not scorer._pending
