@@ -32,7 +32,7 @@ class LocalGatewaySpec(_Doc):
     port: int = Field(default=8080, ge=1, le=65535)
     admin_port: int = Field(default=9901, ge=1, le=65535)
     extproc_port: int = Field(default=9002, ge=1, le=65535)
-    extproc_workers: int = Field(default=0, ge=0, description="0: one per CPU core")
+    extproc_workers: int = Field(default=0, ge=0, description="0: one per CPU core but one")
     envoy_concurrency: int = Field(default=0, ge=0, description="0: one per CPU core")
     fail_open_model: str = Field(
         default="", description="Model served when the ext_proc is down; empty answers 503."
