@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 EXAMPLES ?= examples/
 
-.PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router bench-control-plane train-router k8s-tools clean
+.PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router bench-control-plane train-router k8s-tools crd clean
 
 install: $(STAMP)
 
@@ -64,3 +64,8 @@ bench-control-plane: $(STAMP)
 ## Build kube-apiserver, etcd, kubectl and helm from the Go module proxy (cached outside the repo).
 k8s-tools:
 	bash tests/infra/build_k8s.sh
+
+## Regenerate the RoutePolicy CRD (deploy/ and the Helm chart) from the policy schema.
+crd: $(STAMP)
+	$(PY) -m switchyard.operator.crd > deploy/crds/routepolicy.yaml
+	cp deploy/crds/routepolicy.yaml helm/switchyard/crds/routepolicy.yaml

@@ -4,7 +4,7 @@ One schema, two validators: the structural OpenAPI schema (types, enums, bounds,
 descriptions, defaults) is derived from ``switchyard.operator.policy``, so `kubectl apply` and
 local mode accept the same documents. Cross-field rules that OpenAPI cannot express are added
 as CEL ``x-kubernetes-validations``; list and string bounds keep their cost within the API
-server's budget. `python -m switchyard.operator.crd > deploy/crds/routepolicy.yaml` writes it;
+server's budget. `make crd` writes it (and its copy in the Helm chart);
 a unit test keeps the committed file in step.
 """
 
