@@ -9,14 +9,23 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
+import kubernetes
 
+from switchyard.operator.autoscaling import (
+    ScaleTarget,
+    effective_autoscaling,
+    horizontal_pod_autoscaler,
+    pod_disruption_budget,
+)
 from switchyard.operator.control_plane import ControlPlane
 from switchyard.operator.crd import GROUP, PLURAL, VERSION
 from switchyard.operator.envoy_config import GatewaySettings
+from switchyard.operator.policy import Autoscaling, RoutePolicy
 from switchyard.operator.reconciler import Outcome, Reconciler
 
 log = logging.getLogger(__name__)
@@ -29,6 +38,11 @@ class OperatorSettings:
     extproc_endpoints: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 9002)])
     namespaces: list[str] = field(default_factory=list)
     fail_open_model: str = ""
+    # Where the gateway and ext_proc Deployments run (HPA and PDB go there); "" skips them.
+    data_plane_namespace: str = ""
+    gateway_deployment: str = "switchyard-gateway"
+    extproc_deployment: str = "switchyard-extproc"
+    default_autoscaling: Autoscaling = field(default_factory=Autoscaling)
 
 
 SETTINGS = OperatorSettings()
@@ -99,6 +113,7 @@ async def reconcile(
     }
     outcome = await _reconciler().upsert(document)
     patch.status.update(_status(outcome, meta.get("generation", 0)))
+    await asyncio.to_thread(apply_scaling, _reconciler().policies.values())
     ready = outcome.conditions[0]
     if ready.status != "True":
         kopf.warn(body, reason=ready.reason, message=ready.message[:1000])
@@ -108,6 +123,61 @@ async def reconcile(
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 async def forget(meta: kopf.Meta, **_: Any) -> None:
     await _reconciler().delete(meta["namespace"], meta["name"])
+    await asyncio.to_thread(apply_scaling, _reconciler().policies.values())
+
+
+def apply_scaling(policies: Iterable[RoutePolicy]) -> None:
+    """Create or update the data plane's HPAs and PDBs to match the policies."""
+    namespace = SETTINGS.data_plane_namespace
+    if not namespace:
+        return
+    scaling = effective_autoscaling(policies, SETTINGS.default_autoscaling)
+    api = kubernetes.client.ApiClient(_client_config())
+    hpas = kubernetes.client.AutoscalingV2Api(api)
+    pdbs = kubernetes.client.PolicyV1Api(api)
+    for target in (
+        ScaleTarget(SETTINGS.gateway_deployment, "gateway"),
+        ScaleTarget(SETTINGS.extproc_deployment, "extproc"),
+    ):
+        _upsert(
+            horizontal_pod_autoscaler(target, namespace, scaling),
+            hpas.read_namespaced_horizontal_pod_autoscaler,
+            hpas.create_namespaced_horizontal_pod_autoscaler,
+            hpas.replace_namespaced_horizontal_pod_autoscaler,
+        )
+        _upsert(
+            pod_disruption_budget(target, namespace, scaling),
+            pdbs.read_namespaced_pod_disruption_budget,
+            pdbs.create_namespaced_pod_disruption_budget,
+            pdbs.replace_namespaced_pod_disruption_budget,
+        )
+
+
+def _upsert(
+    manifest: dict[str, Any],
+    read: Callable[..., Any],
+    create: Callable[..., Any],
+    replace: Callable[..., Any],
+) -> None:
+    name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
+    try:
+        current = read(name, namespace)
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise
+        create(namespace, manifest)
+        return
+    manifest["metadata"]["resourceVersion"] = current.metadata.resource_version
+    replace(name, namespace, manifest)
+
+
+def _client_config() -> kubernetes.client.Configuration:
+    config = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=config)  # type: ignore[no-untyped-call]
+    return config
 
 
 def run_operator(settings: OperatorSettings) -> int:

@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     op.add_argument("--namespace", action="append", default=[], help="watch only these")
     op.add_argument("--fail-open-model", default="", help="model served when ext_proc is down")
+    op.add_argument(
+        "--data-plane-namespace", default="", help="namespace of the gateway/ext_proc (HPA, PDB)"
+    )
+    op.add_argument("--gateway-deployment", default="switchyard-gateway")
+    op.add_argument("--extproc-deployment", default="switchyard-extproc")
 
     router = sub.add_parser("router", help="router model tools (score, eval)", add_help=False)
     router.add_argument("rest", nargs=argparse.REMAINDER)
@@ -69,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                 extproc_endpoints=endpoints or [("127.0.0.1", 9002)],
                 namespaces=args.namespace,
                 fail_open_model=args.fail_open_model,
+                data_plane_namespace=args.data_plane_namespace,
+                gateway_deployment=args.gateway_deployment,
+                extproc_deployment=args.extproc_deployment,
             )
         )
     if args.command == "router":

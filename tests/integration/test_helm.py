@@ -42,6 +42,8 @@ def test_helm_install_creates_the_data_and_control_plane(kube: KubeControlPlane)
     args = names["sy-operator"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert "--extproc=sy-extproc.switchyard.svc:9002" in args
+    assert "--data-plane-namespace=switchyard" in args
+    assert "--gateway-deployment=sy-gateway" in args
     extproc_args = names["sy-extproc"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--config=grpc://sy-xds.switchyard.svc:18000" in extproc_args
     services = kube.kubectl("get", "svc", "-n", "switchyard", "-o", "name").split()
