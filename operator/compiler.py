@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.headers import DATA_CLASS_HEADER
@@ -137,14 +137,29 @@ def compile_policy(policy: RoutePolicy) -> pb.Policy:
     )
 
 
-def compile_config(policies: Iterable[RoutePolicy], fail_open_model: str = "") -> pb.RoutingConfig:
+ServiceEndpoints = Callable[[str, str, int], list[pb.Endpoint]]
+"""(namespace, service, port) → ready endpoints, as the operator reads them from EndpointSlices."""
+
+
+def compile_config(
+    policies: Iterable[RoutePolicy],
+    fail_open_model: str = "",
+    endpoints: ServiceEndpoints | None = None,
+) -> pb.RoutingConfig:
     """All policies → one RoutingConfig, sorted by namespace/name, versioned by content hash.
 
     ``fail_open_model`` names the model served when the ext_proc is unreachable, as
     ``model`` (unique across policies) or ``namespace/policy/model``; empty means fail closed.
+    ``endpoints`` resolves Service backends; unresolved ones fall back to cluster DNS.
     """
     ordered = sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
     config = pb.RoutingConfig(policies=[compile_policy(p) for p in ordered])
+    for policy in config.policies:
+        for model in policy.models:
+            svc = model.backend.service
+            if svc.name and endpoints:
+                found = endpoints(svc.namespace, svc.name, svc.port)
+                model.backend.endpoints.extend(sorted(found, key=lambda e: (e.address, e.port)))
     headers = {DATA_CLASS_HEADER}
     for policy in config.policies:
         headers.update(policy.match_headers)

@@ -421,22 +421,36 @@ def extproc_cluster(settings: GatewaySettings) -> dict[str, Any]:
     }
 
 
+def _service_endpoints(model: pb.Model) -> tuple[str, list[dict[str, Any]]]:
+    """(cluster type, lb endpoints) of a Service backend: its resolved endpoints, else DNS."""
+    svc = model.backend.service
+    if model.backend.endpoints:
+        return "STATIC", [_endpoint(e.address, e.port) for e in model.backend.endpoints]
+    return "STRICT_DNS", [_endpoint(f"{svc.name}.{svc.namespace}.svc.cluster.local", svc.port)]
+
+
 def model_cluster(model: pb.Model) -> dict[str, Any]:
-    """One cluster per model backend (external URL; in-cluster Services come from the operator)."""
-    url = urlsplit(model.backend.url)
-    tls = url.scheme == "https"
-    host = url.hostname or "localhost"
-    port = url.port or (443 if tls else 80)
+    """One cluster per model backend: an external URL or an in-cluster Service."""
+    if model.backend.service.name:
+        kind, endpoints = _service_endpoints(model)
+        tls, host = False, ""
+    else:
+        url = urlsplit(model.backend.url)
+        tls = url.scheme == "https"
+        host = url.hostname or "localhost"
+        port = url.port or (443 if tls else 80)
+        kind = "STATIC" if _is_ip(host) else "STRICT_DNS"
+        endpoints = [_endpoint(host, port)]
     cluster: dict[str, Any] = {
         "@type": CLUSTER,
         "name": model.backend_key,
-        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "type": kind,
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": "5s",
         "lb_policy": "ROUND_ROBIN",
         "load_assignment": {
             "cluster_name": model.backend_key,
-            "endpoints": [{"lb_endpoints": [_endpoint(host, port)]}],
+            "endpoints": [{"lb_endpoints": endpoints}],
         },
         "circuit_breakers": {
             "thresholds": [
@@ -477,7 +491,7 @@ def _is_ip(host: str) -> bool:
 
 
 def build_clusters(config: pb.RoutingConfig, settings: GatewaySettings) -> list[dict[str, Any]]:
-    """The ext_proc cluster plus one cluster per model with an external URL."""
+    """The ext_proc cluster plus one cluster per model backend."""
     clusters = [extproc_cluster(settings)]
-    clusters.extend(model_cluster(m) for p in config.policies for m in p.models if m.backend.url)
+    clusters.extend(model_cluster(m) for p in config.policies for m in p.models)
     return clusters

@@ -16,6 +16,7 @@ from typing import Any
 import kopf
 import kubernetes
 
+from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.autoscaling import (
     ScaleTarget,
     effective_autoscaling,
@@ -66,7 +67,7 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     port = await plane.start(SETTINGS.xds_listen)
     log.info("xDS and config stream on port %d", port)
-    _state["reconciler"] = Reconciler(plane, SETTINGS.fail_open_model)
+    _state["reconciler"] = Reconciler(plane, SETTINGS.fail_open_model, service_endpoints)
 
 
 @kopf.on.cleanup()
@@ -80,6 +81,7 @@ def _status(outcome: Outcome, generation: int) -> dict[str, Any]:
         "observedGeneration": generation,
         "modelCount": outcome.model_count,
         "configVersion": outcome.config_version,
+        "models": [{"name": n, "endpoints": c} for n, c in (outcome.endpoints or {}).items()],
         "conditions": [
             {
                 "type": c.type,
@@ -118,6 +120,47 @@ async def reconcile(
     if ready.status != "True":
         kopf.warn(body, reason=ready.reason, message=ready.message[:1000])
         logger.warning("%s/%s: %s", meta["namespace"], meta["name"], ready.message)
+
+
+_slices: dict[tuple[str, str], tuple[str, list[tuple[str, int]]]] = {}
+SERVICE_LABEL = "kubernetes.io/service-name"
+
+
+@kopf.on.event("discovery.k8s.io", "v1", "endpointslices")
+async def endpoint_slice(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """Track ready endpoints per Service; programmed as STATIC cluster members."""
+    meta = body.get("metadata", {})
+    service = meta.get("labels", {}).get(SERVICE_LABEL)
+    if not service:
+        return
+    key = (meta["namespace"], meta["name"])
+    if event["type"] == "DELETED":
+        _slices.pop(key, None)
+    else:
+        ports = [int(p["port"]) for p in body.get("ports") or [] if p.get("port")]
+        ready = [
+            address
+            for endpoint in body.get("endpoints") or []
+            if endpoint.get("conditions", {}).get("ready", True) is not False
+            for address in endpoint.get("addresses", [])
+        ]
+        _slices[key] = (service, [(a, p) for a in ready for p in ports])
+    await _reconciler().refresh_endpoints()
+
+
+def service_endpoints(namespace: str, service: str, port: int) -> list[pb.Endpoint]:
+    """Ready endpoints of a Service port, from every slice seen.
+
+    Slices carry target ports, not Service ports: endpoints on ``port`` itself are used, and
+    otherwise a Service whose slices expose a single port answers with that port.
+    """
+    members = [
+        m for (ns, _), (svc, ms) in _slices.items() if (ns, svc) == (namespace, service) for m in ms
+    ]
+    exact = [pb.Endpoint(address=a, port=p) for a, p in members if p == port]
+    if exact or len({p for _, p in members}) != 1:
+        return exact
+    return [pb.Endpoint(address=a, port=p) for a, p in members]
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from switchyard.api.v1 import routing_pb2 as pb
-from switchyard.operator.compiler import CompileError, compile_config
+from switchyard.operator.compiler import CompileError, ServiceEndpoints, compile_config
 from switchyard.operator.control_plane import ApplyResult, ControlPlane
 from switchyard.operator.policy import PolicyError, RoutePolicy, parse_policy
 
@@ -35,15 +35,23 @@ class Outcome:
     conditions: list[Condition]
     model_count: int
     config_version: str
+    endpoints: dict[str, int] | None = None
+    """Per model: resolved Service endpoints (URL backends count as 1)."""
 
 
 class Reconciler:
     """Holds valid policies and publishes the compiled whole."""
 
-    def __init__(self, plane: ControlPlane, fail_open_model: str = "") -> None:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        fail_open_model: str = "",
+        endpoints: ServiceEndpoints | None = None,
+    ) -> None:
         self.plane = plane
         self.fail_open_model = fail_open_model
         self.policies: dict[str, RoutePolicy] = {}
+        self.endpoints = endpoints
         self.config = pb.RoutingConfig()
 
     async def upsert(self, document: dict[str, Any]) -> Outcome:
@@ -72,7 +80,7 @@ class Reconciler:
         previous = self.policies.get(key)
         self.policies[key] = policy
         try:
-            config = compile_config(self.policies.values(), self.fail_open_model)
+            config = self._compile()
         except CompileError as error:
             if previous is None:
                 del self.policies[key]
@@ -82,12 +90,32 @@ class Reconciler:
                 [Condition("Ready", "False", "CompileError", str(error))], 0, self.config.version
             )
         result = await self._publish(config)
-        return Outcome(self._conditions(result, policy), len(policy.spec.models), config.version)
+        compiled = next(
+            p
+            for p in config.policies
+            if (p.namespace, p.name) == (policy.metadata.namespace, policy.metadata.name)
+        )
+        counts = {
+            m.name: len(m.backend.endpoints) if m.backend.service.name else 1
+            for m in compiled.models
+        }
+        return Outcome(
+            self._conditions(result, policy), len(policy.spec.models), config.version, counts
+        )
+
+    async def refresh_endpoints(self) -> None:
+        """Service endpoints changed (EndpointSlices); republish if the config changed."""
+        config = self._compile()
+        if config.version != self.config.version:
+            await self._publish(config)
+
+    def _compile(self) -> pb.RoutingConfig:
+        return compile_config(self.policies.values(), self.fail_open_model, self.endpoints)
 
     async def delete(self, namespace: str, name: str) -> None:
         """Forget a policy and publish the rest."""
         if self.policies.pop(f"{namespace}/{name}", None) is not None:
-            await self._publish(compile_config(self.policies.values(), self.fail_open_model))
+            await self._publish(self._compile())
 
     async def _publish(self, config: pb.RoutingConfig) -> ApplyResult:
         self.config = config

@@ -180,6 +180,58 @@ def test_invalid_edit_is_reported_and_last_good_keeps_serving(cluster: Cluster) 
     wait_until(lambda: cluster.condition("assistant").get("status") == "True", 30, "recovered")
 
 
+def _slice(name: str, addresses: list[str]) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": name, "labels": {"kubernetes.io/service-name": "vllm"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
+        }
+    )
+
+
+def test_service_backend_follows_its_endpoint_slices(cluster: Cluster) -> None:
+    # Documentation addresses (TEST-NET-1): programmed into Envoy, never contacted.
+    ns = ["-n", cluster.namespace]
+    cluster.kube.kubectl(
+        "apply", *ns, "-f", "-", stdin=_slice("vllm-a", ["192.0.2.10", "192.0.2.11"])
+    )
+    in_house = copy.deepcopy(cluster.policy)
+    in_house["spec"]["models"].append(
+        {
+            "name": "in-house",
+            "backend": {"service": {"name": "vllm", "port": 8000}},
+            "upstreamModel": "meta-llama/Llama-3.1-8B-Instruct",
+            "pricing": {"inputPer1M": 0.02, "outputPer1M": 0.02},
+        }
+    )
+    cluster.apply(in_house)
+
+    def members() -> set[str]:
+        clusters = httpx.get(f"http://127.0.0.1:{cluster.admin}/clusters").text
+        prefix = f"{cluster.namespace}.assistant.in-house::"
+        return {
+            line.split("::")[1]
+            for line in clusters.splitlines()
+            if line.startswith(prefix) and line.endswith("::cx_active::0")
+        }
+
+    wait_until(lambda: members() == {"192.0.2.10:8000", "192.0.2.11:8000"}, 30, "slice endpoints")
+    wait_until(
+        lambda: {"name": "in-house", "endpoints": 2} in cluster.status().get("models", []),
+        30,
+        "status",
+    )
+    cluster.kube.kubectl("apply", *ns, "-f", "-", stdin=_slice("vllm-a", ["192.0.2.12"]))
+    wait_until(lambda: members() == {"192.0.2.12:8000"}, 30, "slice change")
+    cluster.kube.kubectl("delete", "endpointslice", "vllm-a", *ns)
+    cluster.apply(cluster.policy)
+    wait_until(lambda: cluster.model() == "light", 30, "back to the plain policy")
+
+
 def test_delete_removes_routes(cluster: Cluster) -> None:
     cluster.kube.kubectl("delete", "rp", "assistant", "-n", cluster.namespace, "--wait=true")
     wait_until(lambda: cluster.post().status_code == 404, 30, "routes removed")
