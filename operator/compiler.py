@@ -34,6 +34,9 @@ def backend_key(policy: RoutePolicy, model_name: str) -> str:
 
 def _model(policy: RoutePolicy, spec: ModelSpec) -> pb.Model:
     backend = pb.Backend(url=spec.backend.url or "", api_key_env=spec.backend.api_key_env or "")
+    if spec.backend.api_key_secret is not None:
+        secret = spec.backend.api_key_secret
+        backend.api_key_secret.CopyFrom(pb.SecretKeyRef(name=secret.name, key=secret.key))
     if spec.backend.service is not None:
         svc = spec.backend.service
         backend.service.CopyFrom(

@@ -24,7 +24,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from switchyard.api.v1 import config_stream_pb2_grpc as cs_grpc
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.config_stream import ConfigStreamServer
-from switchyard.operator.envoy_config import GatewaySettings
+from switchyard.operator.envoy_config import ApiKeys, GatewaySettings
 from switchyard.operator.xds_server import (
     CLUSTER,
     LISTENER,
@@ -57,8 +57,10 @@ class ControlPlane:
         ack_timeout_s: float = 5.0,
         on_envoy_nack: Callable[[str, str, str, str], None] | None = None,
         on_extproc_nack: Callable[[str, str, str], None] | None = None,
+        api_keys: ApiKeys | None = None,
     ) -> None:
         self.settings = settings
+        self.api_keys = api_keys
         self.ack_timeout_s = ack_timeout_s
         self.ads = AdsServer(on_envoy_nack)
         self.stream = ConfigStreamServer(on_extproc_nack)
@@ -84,7 +86,7 @@ class ControlPlane:
         """Deliver ``config`` to every Envoy and ext_proc, in the order described above."""
         async with self._lock:
             started = time.monotonic()
-            final = build_snapshot(config, self.settings)
+            final = build_snapshot(config, self.settings, self.api_keys)
             bridge = merge_clusters(self.ads.snapshot, final)
             await self.ads.publish(bridge)
             envoy_ok = await self._wait(lambda: self._envoy_has(bridge))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -91,7 +92,22 @@ def _models_list(config: pb.RoutingConfig) -> str:
     return json.dumps({"object": "list", "data": data})
 
 
-def _backend_route(policy: pb.Policy, model: pb.Model, settings: GatewaySettings) -> dict[str, Any]:
+ApiKeys = Callable[[str, str, str], str | None]
+"""(namespace, secret name, key) → the API key, or None when it cannot be read."""
+
+
+def _api_key(policy: pb.Policy, model: pb.Model, api_keys: ApiKeys | None) -> str:
+    secret = model.backend.api_key_secret
+    if secret.name and api_keys is not None:
+        return api_keys(policy.namespace, secret.name, secret.key) or ""
+    if model.backend.api_key_env:
+        return os.environ.get(model.backend.api_key_env, "")
+    return ""
+
+
+def _backend_route(
+    policy: pb.Policy, model: pb.Model, settings: GatewaySettings, api_keys: ApiKeys | None
+) -> dict[str, Any]:
     retries = policy.retries
     retry_policy: dict[str, Any] = {"retry_on": retries.retry_on, "num_retries": retries.attempts}
     if retries.per_try_timeout_ms:
@@ -111,15 +127,14 @@ def _backend_route(policy: pb.Policy, model: pb.Model, settings: GatewaySettings
         base = url.path.rstrip("/")
         if base:
             action["prefix_rewrite"] = base + "/v1/"
-        if model.backend.api_key_env:
-            key = os.environ.get(model.backend.api_key_env, "")
-            if key:
-                headers_to_add.append(
-                    {
-                        "header": {"key": "authorization", "value": f"Bearer {key}"},
-                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                    }
-                )
+    key = _api_key(policy, model, api_keys)
+    if key:
+        headers_to_add.append(
+            {
+                "header": {"key": "authorization", "value": f"Bearer {key}"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        )
     return {
         "name": model.backend_key,
         "match": {
@@ -216,7 +231,9 @@ def _unrouted(config: pb.RoutingConfig) -> dict[str, Any]:
     }
 
 
-def build_route_config(config: pb.RoutingConfig, settings: GatewaySettings) -> dict[str, Any]:
+def build_route_config(
+    config: pb.RoutingConfig, settings: GatewaySettings, api_keys: ApiKeys | None = None
+) -> dict[str, Any]:
     """The one route configuration of the gateway listener."""
     json_header = [_response_header("content-type", "application/json")]
     inference = {"safe_regex": {"regex": "^/v1/(chat/)?completions(\\?.*)?$"}}
@@ -242,7 +259,7 @@ def build_route_config(config: pb.RoutingConfig, settings: GatewaySettings) -> d
         },
     ]
     for policy in config.policies:
-        routes.extend(_backend_route(policy, m, settings) for m in policy.models)
+        routes.extend(_backend_route(policy, m, settings, api_keys) for m in policy.models)
     unrouted = _unrouted(config)
     unrouted["match"] = dict(inference)
     routes.append(unrouted)

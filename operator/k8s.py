@@ -7,6 +7,7 @@ Run with `switchyard operator`. One process serves ADS and the config stream on
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import logging
 from collections.abc import Callable, Iterable
@@ -59,11 +60,12 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     plane = ControlPlane(
-        GatewaySettings(
+        api_keys=cached_api_key,
+        settings=GatewaySettings(
             listen_address="0.0.0.0",
             listen_port=SETTINGS.gateway_port,
             extproc_endpoints=SETTINGS.extproc_endpoints,
-        )
+        ),
     )
     port = await plane.start(SETTINGS.xds_listen)
     log.info("xDS and config stream on port %d", port)
@@ -113,6 +115,7 @@ async def reconcile(
         },
         "spec": dict(body.get("spec", {})),
     }
+    await asyncio.to_thread(load_api_keys, meta["namespace"], document["spec"])
     outcome = await _reconciler().upsert(document)
     patch.status.update(_status(outcome, meta.get("generation", 0)))
     await asyncio.to_thread(apply_scaling, _reconciler().policies.values())
@@ -167,6 +170,31 @@ def service_endpoints(namespace: str, service: str, port: int) -> list[pb.Endpoi
 async def forget(meta: kopf.Meta, **_: Any) -> None:
     await _reconciler().delete(meta["namespace"], meta["name"])
     await asyncio.to_thread(apply_scaling, _reconciler().policies.values())
+
+
+_api_keys: dict[tuple[str, str, str], str] = {}
+
+
+def cached_api_key(namespace: str, secret: str, key: str) -> str | None:
+    """The API key read for (namespace, Secret, key); it only ever goes into Envoy's routes."""
+    return _api_keys.get((namespace, secret, key))
+
+
+def load_api_keys(namespace: str, spec: dict[str, Any]) -> None:
+    """Read the Secrets a policy's models reference (never logged, never in status)."""
+    api = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(_client_config()))
+    for model in spec.get("models") or []:
+        ref = (model.get("backend") or {}).get("apiKeySecret")
+        if not ref:
+            continue
+        try:
+            secret = api.read_namespaced_secret(ref["name"], namespace)
+        except kubernetes.client.ApiException as error:
+            log.warning("cannot read Secret %s/%s: %s", namespace, ref["name"], error.reason)
+            continue
+        value = (secret.data or {}).get(ref["key"])
+        if value is not None:
+            _api_keys[(namespace, ref["name"], ref["key"])] = base64.b64decode(value).decode()
 
 
 def apply_scaling(policies: Iterable[RoutePolicy]) -> None:

@@ -38,6 +38,7 @@ from google.protobuf import any_pb2, json_format
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.envoy_config import (
     ROUTE_CONFIG_NAME,
+    ApiKeys,
     GatewaySettings,
     build_clusters,
     build_listener,
@@ -259,7 +260,9 @@ def ads_bootstrap(node_id: str, admin_port: int, xds_host: str, xds_port: int) -
     }
 
 
-def build_snapshot(config: pb.RoutingConfig, settings: GatewaySettings) -> dict[str, Resources]:
+def build_snapshot(
+    config: pb.RoutingConfig, settings: GatewaySettings, api_keys: ApiKeys | None = None
+) -> dict[str, Resources]:
     """Every Envoy resource of ``config``, for ADS (routes also come over ADS)."""
     rds = {
         "route_config_name": ROUTE_CONFIG_NAME,
@@ -268,7 +271,7 @@ def build_snapshot(config: pb.RoutingConfig, settings: GatewaySettings) -> dict[
     return {
         CLUSTER: pack(build_clusters(config, settings)),
         LISTENER: pack([build_listener(config, settings, rds)]),
-        ROUTE: pack([build_route_config(config, settings)]),
+        ROUTE: pack([build_route_config(config, settings, api_keys)]),
     }
 
 

@@ -232,6 +232,31 @@ def test_service_backend_follows_its_endpoint_slices(cluster: Cluster) -> None:
     wait_until(lambda: cluster.model() == "light", 30, "back to the plain policy")
 
 
+def test_api_key_from_a_secret_reaches_only_the_upstream(cluster: Cluster) -> None:
+    key = "sk-test-" + os.urandom(8).hex()
+    ns = ["-n", cluster.namespace]
+    cluster.kube.kubectl(
+        "create", "secret", "generic", "provider", f"--from-literal=token={key}", *ns
+    )
+    keyed = copy.deepcopy(cluster.policy)
+    keyed["spec"]["models"][0]["backend"]["apiKeySecret"] = {"name": "provider", "key": "token"}
+    cluster.apply(keyed)
+
+    def upstream_auth() -> str:
+        cluster.post()
+        port = cluster.demo_ports["demo-light"]
+        seen = httpx.get(f"http://127.0.0.1:{port}/_demo/last_request").json()
+        return str({k.lower(): v for k, v in seen["headers"].items()}.get("authorization", ""))
+
+    wait_until(lambda: upstream_auth() == f"Bearer {key}", 30, "key injected upstream")
+    assert key not in cluster.kube.kubectl("get", "rp", "assistant", *ns, "-o", "yaml")
+    assert key not in cluster.kube.kubectl("get", "events", *ns, "-o", "yaml")
+    cluster.log.flush()
+    assert key not in Path(cluster.log.name).read_text()
+    cluster.apply(cluster.policy)
+    wait_until(lambda: upstream_auth() == "", 30, "key removed with the reference")
+
+
 def test_delete_removes_routes(cluster: Cluster) -> None:
     cluster.kube.kubectl("delete", "rp", "assistant", "-n", cluster.namespace, "--wait=true")
     wait_until(lambda: cluster.post().status_code == 404, 30, "routes removed")
