@@ -46,6 +46,8 @@ class ApplyResult:
     envoy_acked: bool
     extproc_acked: bool
     seconds: float
+    rejected: str = ""
+    """Why Envoy rejected the config (then nothing changed anywhere); empty when it did not."""
 
 
 class ControlPlane:
@@ -88,8 +90,18 @@ class ControlPlane:
             started = time.monotonic()
             final = build_snapshot(config, self.settings, self.api_keys)
             bridge = merge_clusters(self.ads.snapshot, final)
+            previous = self.ads.snapshot
             await self.ads.publish(bridge)
-            envoy_ok = await self._wait(lambda: self._envoy_has(bridge))
+            envoy_ok = await self._wait(
+                lambda: self._envoy_has(bridge) or bool(self._rejection(bridge))
+            )
+            rejection = self._rejection(bridge)
+            if rejection:
+                # Envoy keeps its last good config; so must everything else, or the ext_procs
+                # would choose routes Envoy does not have.
+                await self.ads.publish(previous)
+                seconds = time.monotonic() - started
+                return ApplyResult(config.version, False, False, seconds, rejection)
             await self.stream.publish(config)
             extproc_ok = await self._wait(lambda: self.stream.acked_everywhere(config.version))
             seconds = time.monotonic() - started
@@ -97,6 +109,14 @@ class ControlPlane:
                 await self.ads.publish(final)
                 envoy_ok = await self._wait(lambda: self._envoy_has(final)) and envoy_ok
             return ApplyResult(config.version, envoy_ok, extproc_ok, seconds)
+
+    def _rejection(self, snapshot: dict[str, Resources]) -> str:
+        """The first NACK message any Envoy sent for this snapshot's versions."""
+        for node, status in self.ads.nodes.items():
+            for type_url, (version, message) in status.nacked.items():
+                if type_url in snapshot and snapshot[type_url].version == version:
+                    return f"{node} rejected {type_url.rsplit('.', 1)[-1]}: {message}"
+        return ""
 
     def _envoy_has(self, snapshot: dict[str, Resources]) -> bool:
         return all(

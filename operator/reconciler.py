@@ -89,7 +89,15 @@ class Reconciler:
             return Outcome(
                 [Condition("Ready", "False", "CompileError", str(error))], 0, self.config.version
             )
+        last_good = self.config
         result = await self._publish(config)
+        if result.rejected:
+            self.config = last_good
+            if previous is None:
+                del self.policies[key]
+            else:
+                self.policies[key] = previous
+            return Outcome(self._conditions(result, policy), 0, last_good.version)
         compiled = next(
             p
             for p in config.policies
@@ -123,6 +131,16 @@ class Reconciler:
 
     @staticmethod
     def _conditions(result: ApplyResult, policy: RoutePolicy) -> list[Condition]:
+        if result.rejected:
+            return [
+                Condition("Ready", "False", "EnvoyRejected", result.rejected),
+                Condition(
+                    "Degraded",
+                    "True",
+                    "ServingLastGood",
+                    "the previous configuration keeps serving",
+                ),
+            ]
         programmed = result.envoy_acked and result.extproc_acked
         waiting = [
             part

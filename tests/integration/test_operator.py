@@ -257,6 +257,20 @@ def test_api_key_from_a_secret_reaches_only_the_upstream(cluster: Cluster) -> No
     wait_until(lambda: upstream_auth() == "", 30, "key removed with the reference")
 
 
+def test_config_envoy_rejects_is_reported_and_nothing_changes(cluster: Cluster) -> None:
+    # Valid to the schema, but not an IP address Envoy accepts for a STATIC cluster.
+    rejected = copy.deepcopy(cluster.policy)
+    rejected["spec"]["models"][1]["backend"] = {"url": "http://999.1.1.1:8000"}
+    rejected["spec"]["strategy"] = {"type": "rules", "default": "standard"}
+    cluster.apply(rejected)
+    wait_until(lambda: cluster.condition("assistant").get("reason") == "EnvoyRejected", 30, "nack")
+    assert "malformed IP address" in cluster.condition("assistant")["message"]
+    assert cluster.condition("assistant", "Degraded")["reason"] == "ServingLastGood"
+    assert cluster.model() == "light"  # the last good config, in Envoy and ext_proc alike
+    cluster.apply(cluster.policy)
+    wait_until(lambda: cluster.condition("assistant").get("status") == "True", 30, "recovered")
+
+
 def test_delete_removes_routes(cluster: Cluster) -> None:
     cluster.kube.kubectl("delete", "rp", "assistant", "-n", cluster.namespace, "--wait=true")
     wait_until(lambda: cluster.post().status_code == 404, 30, "routes removed")
