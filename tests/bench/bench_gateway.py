@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+
+from gateway_harness import Gateway, start_gateway
 
 from switchyard.local.ports import free_port_block
 from switchyard.local.runner import envoy_binary, port_open, wait_until
@@ -156,10 +157,8 @@ def direct_proxy(port: int, upstream_port: int) -> dict[str, object]:
 
 
 @contextmanager
-def gateway(
-    directory: Path, port: int, upstream_port: int, workers: int, bundle: str
-) -> Iterator[None]:
-    admin, extproc = free_port_block(), free_port_block(workers)
+def gateway(directory: Path, upstream_port: int, workers: int, bundle: str) -> Iterator[Gateway]:
+    """`switchyard up` with a classifier policy whose three models share the instant upstream."""
     models = []
     tiers = []
     for i, (name, price) in enumerate([("light", 0.1), ("standard", 1.0), ("capable", 10.0)]):
@@ -183,44 +182,11 @@ def gateway(
             "strategy": {"type": "classifier", "tiers": tiers, "router": {"bundle": bundle}},
         },
     }
-    local = {
-        "apiVersion": "switchyard.dev/v1alpha1",
-        "kind": "LocalGateway",
-        "spec": {
-            "port": port,
-            "adminPort": admin,
-            "extprocPort": extproc,
-            "extprocWorkers": workers,
-            "envoyConcurrency": 1,
-        },
-    }
-    (directory / "policy.yaml").write_text(yaml.safe_dump(policy))
-    (directory / "gateway.yaml").write_text(yaml.safe_dump(local))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "switchyard.cli",
-            "up",
-            "-f",
-            str(directory),
-            "--state-dir",
-            str(directory / "state"),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    running = start_gateway(directory, policy, extprocWorkers=workers, envoyConcurrency=1)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "gateway on" in line:
-                break
-        else:
-            raise RuntimeError("switchyard up exited before serving")
-        yield
+        yield running
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        running.stop()
 
 
 def run_wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
@@ -262,11 +228,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1))
     parser.add_argument("--bundle", default="builtin:default", help="router bundle to score with")
     args = parser.parse_args()
-    upstream_port, direct_port, gateway_port = (
-        free_port_block(),
-        free_port_block(),
-        free_port_block(),
-    )
+    upstream_port, direct_port = free_port_block(), free_port_block()
     results: dict[str, dict[str, float]] = {}
     with envoy(instant_upstream(upstream_port), 1, upstream_port):
         with envoy(direct_proxy(direct_port, upstream_port), 1, direct_port):
@@ -277,10 +239,10 @@ def main() -> int:
             )
         with (
             tempfile.TemporaryDirectory() as tmp,
-            gateway(Path(tmp), gateway_port, upstream_port, args.workers, args.bundle),
+            gateway(Path(tmp), upstream_port, args.workers, args.bundle) as running,
         ):
             results["envoy + ext_proc"] = run_wrk(
-                f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+                f"{running.base_url}/chat/completions",
                 args.seconds,
                 args.connections,
             )

@@ -79,8 +79,13 @@ def policy_for_ports(demo_ports: dict[str, int]) -> dict[str, Any]:
     return policy
 
 
-def start_gateway(directory: Path, **gateway_spec: Any) -> Gateway:
-    """Write a LocalGateway + the example policy into ``directory`` and run `switchyard up`."""
+def start_gateway(
+    directory: Path, policy: dict[str, Any] | None = None, **gateway_spec: Any
+) -> Gateway:
+    """Write a LocalGateway and a policy into ``directory`` and run `switchyard up`.
+
+    Without ``policy``: the example policy, served by three demo upstreams.
+    """
     first_demo = free_port_block(len(DEMO_NAMES))
     demo_ports = {name: first_demo + i for i, name in enumerate(DEMO_NAMES)}
     port, admin, extproc = free_port_block(), free_port_block(), free_port_block(2)
@@ -90,12 +95,14 @@ def start_gateway(directory: Path, **gateway_spec: Any) -> Gateway:
         "extprocPort": extproc,
         "extprocWorkers": 2,
         "envoyConcurrency": 1,
-        "demoUpstreams": [{"name": n, "port": p} for n, p in demo_ports.items()],
+        "demoUpstreams": []
+        if policy is not None
+        else [{"name": n, "port": p} for n, p in demo_ports.items()],
         **gateway_spec,
     }
     local = {"apiVersion": "switchyard.dev/v1alpha1", "kind": "LocalGateway", "spec": spec}
     (directory / "gateway.yaml").write_text(yaml.safe_dump(local))
-    (directory / "policy.yaml").write_text(yaml.safe_dump(policy_for_ports(demo_ports)))
+    (directory / "policy.yaml").write_text(yaml.safe_dump(policy or policy_for_ports(demo_ports)))
     process = subprocess.Popen(
         [
             sys.executable,
