@@ -386,8 +386,12 @@ def build_listener(
                 "name": "envoy.filters.http.buffer",
                 "typed_config": {"@type": BUFFER, "max_request_bytes": settings.max_request_bytes},
             },
-            # Runs only on the fail-open route (per-route code), to rewrite "model" there.
-            {"name": LUA_FILTER, "typed_config": {"@type": LUA}},
+            # Only when failing open: rewrites "model" on the fail-open route (per-route code).
+            *(
+                [{"name": LUA_FILTER, "typed_config": {"@type": LUA}}]
+                if config.fail_open_backend
+                else []
+            ),
             {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}},
         ],
     }
