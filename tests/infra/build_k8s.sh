@@ -1,50 +1,144 @@
 #!/usr/bin/env bash
 # Build the real control-plane binaries the operator tests run against, from the Go module
-# proxy: kube-apiserver and kubectl (k8s.io/kubernetes), etcd, and helm. Cached by version
-# under ${SWITCHYARD_CACHE:-~/.cache/switchyard}/k8s/<k8s version>/bin, so only the first run is
-# slow. Idempotent; prints the bin directory on its last line.
+# proxy only (no release downloads, no Docker): kube-apiserver and kubectl (k8s.io/kubernetes),
+# etcd (go.etcd.io/etcd/server/v3) and helm (helm.sh/helm/v3).
+#
+# Binaries are cached by version OUTSIDE the repository, under
+#   ${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}/k8s/<K8S_VERSION>/bin
+# so only the first run is slow. Each binary carries a stamp of the version it was built from
+# (bin/.<name>.version); a binary whose stamp matches is never rebuilt. Safe to run
+# concurrently (a lock serialises builders). Progress goes to stderr and to build.log in the
+# cache; the LAST line on stdout is the bin directory.
+#
+# Knobs: K8S_VERSION, ETCD_VERSION, HELM_VERSION, SWITCHYARD_CACHE, SWITCHYARD_BUILD_JOBS
+# (go build -p; default: number of CPUs), GO (the go command).
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.34.4}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 HELM_VERSION="${HELM_VERSION:-v3.19.5}"
-CACHE="${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}/k8s/${K8S_VERSION}"
-BIN="$CACHE/bin"
+ROOT="${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}/k8s/${K8S_VERSION}"
+BIN="$ROOT/bin"
+JOBS="${SWITCHYARD_BUILD_JOBS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}"
+
+GO="${GO:-$(command -v go || true)}"
+[[ -n "$GO" ]] || GO=/usr/local/go/bin/go
+
+# Reproducible, static, module-mode builds with the local toolchain only.
+export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local GO111MODULE=on
+
+probe() {  # the version a binary reports about itself
+  case $1 in
+    kube-apiserver) "$BIN/$1" --version ;;
+    kubectl) "$BIN/$1" version --client -o yaml | grep -m1 gitVersion ;;
+    etcd) "$BIN/$1" --version | sed -n 's/^etcd Version: /v/p' ;;
+    helm) "$BIN/$1" version --short ;;
+  esac 2>/dev/null | grep -oE 'v[0-9]+\.[0-9]+\.[0-9]+' | head -1
+}
+
+fresh() {  # fresh NAME VERSION: the binary exists and was built from VERSION
+  [[ -x "$BIN/$1" ]] || return 1
+  [[ "$(cat "$BIN/.$1.version" 2>/dev/null)" == "$2" ]] && return 0
+  # No stamp (older cache layout): trust the binary's own version, then stamp it.
+  [[ "$(probe "$1")" == "$2" ]] && echo "$2" > "$BIN/.$1.version"
+}
+
+if fresh kube-apiserver "$K8S_VERSION" && fresh kubectl "$K8S_VERSION" \
+   && fresh etcd "$ETCD_VERSION" && fresh helm "$HELM_VERSION"; then
+  echo "$BIN"
+  exit 0
+fi
+
 mkdir -p "$BIN"
-export GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local
+LOG="$ROOT/build.log"
+exec 9>"$ROOT/.lock"
+if ! flock -n 9; then
+  echo "build_k8s: another build holds $ROOT/.lock; waiting" >&2
+  flock 9
+fi
+# Everything below reports to stderr (and build.log); stdout carries only the bin directory.
+exec 3>&1 1> >(tee -a "$LOG" >&2) 2>&1
 
-minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
-patch="${K8S_VERSION##*.}"
+log() { printf '%s build_k8s: %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+command -v "$GO" >/dev/null || { log "no go toolchain (set GO=/path/to/go)"; exit 1; }
+log "$("$GO" version); jobs=$JOBS; cache=$ROOT"
+started=$SECONDS
 
-if [[ ! -x "$BIN/kube-apiserver" || ! -x "$BIN/kubectl" ]]; then
-  work="$CACHE/src-kubernetes"
-  mkdir -p "$work" && cd "$work"
-  [[ -f go.mod ]] || go mod init switchyard.local/k8s-tools >/dev/null 2>&1
-  go mod download -json "k8s.io/kubernetes@${K8S_VERSION}" > mod.json
-  gomod=$(python3 -c 'import json,sys; print(json.load(open("mod.json"))["GoMod"])')
-  # k8s.io/kubernetes requires its staging modules at v0.0.0: pin each to the matching release.
-  for staging in $(awk '$1 ~ /^k8s.io\// && $2 == "v0.0.0" {print $1}' "$gomod" | sort -u); do
-    go mod edit -replace "${staging}=${staging}@v0.${minor}.${patch}"
+# build_to NAME VERSION PACKAGE [go build args...]: build atomically, then stamp the version.
+build_to() {
+  local name=$1 version=$2 pkg=$3
+  shift 3
+  local t0=$SECONDS
+  log "building $name $version ($pkg)"
+  "$GO" build -p "$JOBS" -trimpath "$@" -o "$BIN/.$name.tmp" "$pkg"
+  mv -f "$BIN/.$name.tmp" "$BIN/$name"
+  echo "$version" > "$BIN/.$name.version"
+  log "built $name in $((SECONDS - t0))s"
+}
+
+if ! fresh kube-apiserver "$K8S_VERSION" || ! fresh kubectl "$K8S_VERSION"; then
+  work="$ROOT/src-kubernetes"
+  rm -rf "$work" && mkdir -p "$work" && cd "$work"
+  "$GO" mod init switchyard.local/k8s-tools 2>/dev/null
+  gomod=$("$GO" mod download -json "k8s.io/kubernetes@${K8S_VERSION}" \
+    | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
+  [[ -f "$gomod" ]] || { log "could not download k8s.io/kubernetes@${K8S_VERSION}"; exit 1; }
+  minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+  patch="${K8S_VERSION##*.}"
+  # k8s.io/kubernetes requires its staging modules at v0.0.0 (replaced by ./staging/... in its
+  # own go.mod, which a dependent module ignores): pin every one to the matching v0.<minor>.<patch>.
+  staging=$(awk '
+    $1 == "require" && $2 == "(" { block = 1; next }
+    block && $1 == ")" { block = 0; next }
+    $1 == "require" && $2 ~ /^k8s\.io\// && $3 == "v0.0.0" { print $2 }
+    block && $1 ~ /^k8s\.io\// && $2 == "v0.0.0" { print $1 }
+  ' "$gomod" | sort -u)
+  [[ -n "$staging" ]] || { log "no v0.0.0 staging requirements found in $gomod"; exit 1; }
+  for module in $staging; do
+    "$GO" mod edit -replace "${module}=${module}@v0.${minor}.${patch}"
   done
-  go mod edit -require "k8s.io/kubernetes@${K8S_VERSION}"
-  # Carry the godebug settings kubernetes builds with.
-  grep -E '^godebug' "$gomod" | while read -r _ setting; do go mod edit -godebug "$setting"; done || true
-  go get "k8s.io/kubernetes/cmd/kube-apiserver@${K8S_VERSION}" "k8s.io/kubernetes/cmd/kubectl@${K8S_VERSION}" >/dev/null 2>&1 || true
-  ldflags="-s -w -X k8s.io/component-base/version.gitVersion=${K8S_VERSION} -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${minor} -X k8s.io/client-go/pkg/version.gitVersion=${K8S_VERSION}"
-  go build -trimpath -ldflags "$ldflags" -o "$BIN/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
-  go build -trimpath -ldflags "$ldflags" -o "$BIN/kubectl" k8s.io/kubernetes/cmd/kubectl
+  log "pinned $(wc -w <<<"$staging") staging modules to v0.${minor}.${patch}"
+  # Carry kubernetes' godebug settings (single-line or block form).
+  awk '
+    $1 == "godebug" && $2 == "(" { block = 1; next }
+    block && $1 == ")" { block = 0; next }
+    $1 == "godebug" { print $2; next }
+    block && NF { print $1 }
+  ' "$gomod" | while read -r setting; do "$GO" mod edit -godebug "$setting"; done
+  "$GO" mod edit -require "k8s.io/kubernetes@${K8S_VERSION}"
+  "$GO" get "k8s.io/kubernetes/cmd/kube-apiserver@${K8S_VERSION}" \
+    "k8s.io/kubernetes/cmd/kubectl@${K8S_VERSION}"
+  v=k8s.io/component-base/version
+  cv=k8s.io/client-go/pkg/version
+  ldflags="-s -w -X $v.gitVersion=${K8S_VERSION} -X $v.gitMajor=1 -X $v.gitMinor=${minor}"
+  ldflags+=" -X $v.gitTreeState=clean -X $cv.gitVersion=${K8S_VERSION}"
+  ldflags+=" -X $cv.gitMajor=1 -X $cv.gitMinor=${minor}"
+  fresh kube-apiserver "$K8S_VERSION" \
+    || build_to kube-apiserver "$K8S_VERSION" k8s.io/kubernetes/cmd/kube-apiserver -ldflags "$ldflags"
+  fresh kubectl "$K8S_VERSION" \
+    || build_to kubectl "$K8S_VERSION" k8s.io/kubernetes/cmd/kubectl -ldflags "$ldflags"
 fi
 
-if [[ ! -x "$BIN/etcd" ]]; then
-  work="$CACHE/src-etcd"
-  mkdir -p "$work" && cd "$work"
-  [[ -f go.mod ]] || go mod init switchyard.local/etcd >/dev/null 2>&1
-  go get "go.etcd.io/etcd/server/v3@${ETCD_VERSION}" >/dev/null
-  go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
+if ! fresh etcd "$ETCD_VERSION"; then
+  work="$ROOT/src-etcd"
+  rm -rf "$work" && mkdir -p "$work" && cd "$work"
+  "$GO" mod init switchyard.local/etcd 2>/dev/null
+  # The server module's main package is at its root.
+  "$GO" get -tool "go.etcd.io/etcd/server/v3@${ETCD_VERSION}"
+  build_to etcd "$ETCD_VERSION" go.etcd.io/etcd/server/v3 -ldflags "-s -w"
 fi
 
-if [[ ! -x "$BIN/helm" ]]; then
-  GOBIN="$BIN" go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@${HELM_VERSION}"
+if ! fresh helm "$HELM_VERSION"; then
+  t0=$SECONDS
+  log "installing helm $HELM_VERSION"
+  hv=helm.sh/helm/v3/internal/version
+  GOBIN="$BIN" "$GO" install -p "$JOBS" -trimpath \
+    -ldflags "-s -w -X $hv.version=${HELM_VERSION} -X $hv.gitTreeState=clean" \
+    "helm.sh/helm/v3/cmd/helm@${HELM_VERSION}"
+  echo "$HELM_VERSION" > "$BIN/.helm.version"
+  log "built helm in $((SECONDS - t0))s"
 fi
 
-echo "$BIN"
+"$BIN/kube-apiserver" --version >&2
+log "done in $((SECONDS - started))s"
+echo "$BIN" >&3

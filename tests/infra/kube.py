@@ -1,53 +1,97 @@
-"""A real Kubernetes control plane for tests: etcd + kube-apiserver on loopback, as envtest runs
-them, with generated certificates and a kubeconfig for a `system:masters` client.
+"""A real Kubernetes control plane for tests: etcd + kube-apiserver on loopback, started the way
+controller-runtime's envtest starts them, with generated certificates and a kubeconfig for a
+`system:masters` client.
 
-No controller-manager runs: there is no garbage collection, namespaces never finish deleting
-and Services get no EndpointSlices; tests create what they need in a fresh namespace.
+No controller-manager runs: there is no garbage collection, namespaces never finish deleting,
+Deployments make no pods and Services get no EndpointSlices; tests create what they need in a
+fresh namespace. Several control planes may run at once (each has its own etcd, ports, certs and
+temporary directory), e.g. a second one playing a remote cluster.
+
+No pytest in here: the fixtures live in tests/integration/kube_fixtures.py; benches use it too.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import datetime
+import functools
 import ipaddress
+import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
 
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
-
-from switchyard.local.ports import free_port_block
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 BUILD_SCRIPT = Path(__file__).with_name("build_k8s.sh")
 
 
+class BuildError(RuntimeError):
+    """build_k8s.sh failed; the message carries the end of its log."""
+
+
+@functools.cache
 def k8s_bin_dir() -> Path:
-    """Build (first time only, cached by version) and return the bin directory."""
-    out = subprocess.run(
-        ["bash", str(BUILD_SCRIPT)], check=True, capture_output=True, text=True
-    ).stdout
-    return Path(out.strip().splitlines()[-1])
+    """Build kube-apiserver, kubectl, etcd and helm (first time only: cached by version outside
+    the repository) and return their directory. Build progress is echoed to stderr as it
+    happens (the first build takes many minutes)."""
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    with subprocess.Popen(
+        ["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        for line in proc.stderr:
+            tail.append(line)
+            sys.stderr.write(line)
+        stdout = proc.stdout.read()
+    if proc.returncode != 0 or not stdout.strip():
+        raise BuildError(f"{BUILD_SCRIPT} failed ({proc.returncode}):\n{''.join(tail)}")
+    bin_dir = Path(stdout.strip().splitlines()[-1])
+    for tool in ("kube-apiserver", "kubectl", "etcd", "helm"):
+        if not os.access(bin_dir / tool, os.X_OK):
+            raise BuildError(f"{BUILD_SCRIPT} printed {bin_dir}, which has no {tool}")
+    return bin_dir
+
+
+# --- certificates ------------------------------------------------------------------------------
 
 
 def _key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-def _pem(key: rsa.RSAPrivateKey) -> bytes:
+def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
     )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _name(common: str, org: str | None = None) -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common)]
+    if org:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    return x509.Name(attributes)
 
 
 def _cert(
@@ -58,6 +102,7 @@ def _cert(
     *,
     ca: bool = False,
     server: bool = False,
+    client: bool = False,
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     builder = (
@@ -67,63 +112,253 @@ def _cert(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
     if server:
         builder = builder.add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
             ),
             critical=False,
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    if client:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _name(common: str, org: str | None = None) -> x509.Name:
-    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common)]
-    if org:
-        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
-    return x509.Name(attributes)
+# --- ports -------------------------------------------------------------------------------------
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports the kernel reports free right now (still a race: start()
+    retries on 'address already in use')."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+class ControlPlaneError(RuntimeError):
+    """etcd or kube-apiserver failed to start; the message carries the end of their log."""
 
 
 class KubeControlPlane:
-    """etcd + kube-apiserver; ``kubeconfig_path`` reaches it as cluster-admin."""
+    """etcd + kube-apiserver on loopback; ``kubeconfig_path`` reaches it as cluster-admin
+    (a client certificate in group ``system:masters``).
 
-    def __init__(self, bin_dir: Path, name: str = "test") -> None:
-        self.bin_dir = bin_dir
+    >>> plane = KubeControlPlane(k8s_bin_dir(), "local").start()
+    >>> plane.kubectl("get", "namespaces")
+    >>> plane.stop()
+    """
+
+    def __init__(
+        self,
+        bin_dir: Path,
+        name: str = "test",
+        *,
+        service_cluster_ip_range: str = "10.0.0.0/24",
+        extra_apiserver_flags: tuple[str, ...] = (),
+    ) -> None:
+        self.bin_dir = Path(bin_dir)
         self.name = name
+        self.service_cluster_ip_range = service_cluster_ip_range
+        self.extra_apiserver_flags = extra_apiserver_flags
         self.dir = Path(tempfile.mkdtemp(prefix=f"kube-{name}-"))
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.port = 0
         self.kubeconfig_path = self.dir / "kubeconfig"
+        self.log_path = self.dir / "control-plane.log"
+        self.ca_path = self.dir / "ca.crt"
+        self.client_cert_path = self.dir / "client.crt"
+        self.client_key_path = self.dir / "client.key"
+        self.port = 0
+        self.etcd_port = 0
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self._log: IO[bytes] | None = None
+        self._ssl: ssl.SSLContext | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def server(self) -> str:
+        """The API server's URL."""
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180, attempts: int = 3) -> KubeControlPlane:
+        """Start etcd and kube-apiserver and wait until ``/readyz`` answers 200."""
+        self._write_certs()
+        self._log = self.log_path.open("ab")
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start_once(timeout)
+                return self
+            except ControlPlaneError as exc:
+                self._terminate()
+                # Free ports are picked before the processes bind them: another process may
+                # have taken one meanwhile. Retry with fresh ports; anything else is fatal.
+                if "address already in use" not in str(exc) or attempt == attempts:
+                    self.stop(keep_dir=True)
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> None:
+        assert self._log is not None
+        self.etcd_port, peer_port, self.port = _free_ports(3)
+        shutil.rmtree(self.dir / "etcd", ignore_errors=True)
+        self._log.write(f"--- starting {self.name}: etcd :{self.etcd_port}, "
+                        f"kube-apiserver :{self.port}\n".encode())  # fmt: skip
+        self._log.flush()
+        etcd_url = f"http://127.0.0.1:{self.etcd_port}"
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        etcd = [
+            str(self.bin_dir / "etcd"),
+            f"--name={self.name}",
+            f"--data-dir={self.dir / 'etcd'}",
+            f"--listen-client-urls={etcd_url}",
+            f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster={self.name}={peer_url}",
+            "--unsafe-no-fsync",
+            "--log-level=warn",
+        ]
+        self.processes.append(subprocess.Popen(etcd, stdout=self._log, stderr=self._log))
+        d = self.dir
+        apiserver = [
+            str(self.bin_dir / "kube-apiserver"),
+            f"--etcd-servers={etcd_url}",
+            f"--cert-dir={d}",
+            f"--tls-cert-file={d / 'server.crt'}",
+            f"--tls-private-key-file={d / 'server.key'}",
+            f"--client-ca-file={self.ca_path}",
+            f"--secure-port={self.port}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--service-cluster-ip-range={self.service_cluster_ip_range}",
+            "--authorization-mode=RBAC",
+            "--disable-admission-plugins=ServiceAccount",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            f"--service-account-key-file={d / 'sa.pub'}",
+            f"--service-account-signing-key-file={d / 'sa.key'}",
+            "--allow-privileged=true",
+            "-v=0",
+            *self.extra_apiserver_flags,
+        ]
+        self.processes.append(subprocess.Popen(apiserver, stdout=self._log, stderr=self._log))
+        self._write_kubeconfig()
+        deadline = time.monotonic() + timeout
+        while True:
+            for proc, binary in zip(self.processes, ("etcd", "kube-apiserver"), strict=True):
+                if proc.poll() is not None:
+                    raise ControlPlaneError(
+                        f"{self.name}: {binary} exited with {proc.returncode}:\n{self.log_tail()}"
+                    )
+            try:
+                status, _ = self.get("/readyz", timeout=2)
+                if status == 200:
+                    return
+            except (OSError, ssl.SSLError):
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(
+                    f"{self.name}: kube-apiserver not ready after {timeout}s:\n{self.log_tail()}"
+                )
+            time.sleep(0.1)  # poll interval, bounded by the deadline above
+
+    def _terminate(self) -> None:
+        # One at a time, apiserver first: on SIGTERM it still writes to etcd (its endpoint
+        # lease), so stopping etcd at the same time makes its shutdown hang on etcd timeouts.
+        for proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
+
+    def stop(self, *, keep_dir: bool = False) -> None:
+        """Terminate kube-apiserver, then etcd; remove the temporary directory. Idempotent."""
+        self._terminate()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if not keep_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def running(self) -> bool:
+        return bool(self.processes) and all(p.poll() is None for p in self.processes)
+
+    def __enter__(self) -> KubeControlPlane:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    # -- files ------------------------------------------------------------------------------
 
     def _write_certs(self) -> None:
         ca_key = _key()
-        ca_name = _name("switchyard-test-ca")
+        ca_name = _name(f"switchyard-test-ca-{self.name}")
         ca = _cert(ca_name, ca_key, ca_name, ca_key, ca=True)
         server_key = _key()
         server = _cert(_name("kube-apiserver"), server_key, ca_name, ca_key, server=True)
         client_key = _key()
-        client = _cert(_name("admin", "system:masters"), client_key, ca_name, ca_key)
+        client = _cert(
+            _name("switchyard-admin", "system:masters"), client_key, ca_name, ca_key, client=True
+        )
         sa_key = _key()
         files = {
-            "ca.crt": ca.public_bytes(serialization.Encoding.PEM),
-            "server.crt": server.public_bytes(serialization.Encoding.PEM),
-            "server.key": _pem(server_key),
-            "client.crt": client.public_bytes(serialization.Encoding.PEM),
-            "client.key": _pem(client_key),
-            "sa.key": _pem(sa_key),
+            "ca.crt": _cert_pem(ca),
+            "server.crt": _cert_pem(server),
+            "server.key": _key_pem(server_key),
+            "client.crt": _cert_pem(client),
+            "client.key": _key_pem(client_key),
+            "sa.key": _key_pem(sa_key),
             "sa.pub": sa_key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             ),
         }
         for name, data in files.items():
-            (self.dir / name).write_bytes(data)
+            path = self.dir / name
+            path.write_bytes(data)
+            path.chmod(0o600)
 
-    def _kubeconfig(self) -> None:
-        def b64(name: str) -> str:
-            return base64.b64encode((self.dir / name).read_bytes()).decode()
+    def _write_kubeconfig(self) -> None:
+        def b64(path: Path) -> str:
+            return base64.b64encode(path.read_bytes()).decode()
 
         config = {
             "apiVersion": "v1",
@@ -133,7 +368,7 @@ class KubeControlPlane:
                     "name": self.name,
                     "cluster": {
                         "server": self.server,
-                        "certificate-authority-data": b64("ca.crt"),
+                        "certificate-authority-data": b64(self.ca_path),
                     },
                 }
             ],
@@ -141,8 +376,8 @@ class KubeControlPlane:
                 {
                     "name": "admin",
                     "user": {
-                        "client-certificate-data": b64("client.crt"),
-                        "client-key-data": b64("client.key"),
+                        "client-certificate-data": b64(self.client_cert_path),
+                        "client-key-data": b64(self.client_key_path),
                     },
                 }
             ],
@@ -150,89 +385,58 @@ class KubeControlPlane:
             "current-context": self.name,
         }
         self.kubeconfig_path.write_text(yaml.safe_dump(config))
+        self.kubeconfig_path.chmod(0o600)
 
-    @property
-    def server(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+    # -- clients ----------------------------------------------------------------------------
 
-    def start(self, timeout: float = 120) -> KubeControlPlane:
-        self._write_certs()
-        etcd_port = free_port_block(2)
-        self.port = free_port_block()
-        log = (self.dir / "control-plane.log").open("wb")
-        etcd = [
-            str(self.bin_dir / "etcd"),
-            "--data-dir", str(self.dir / "etcd"),
-            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
-            "--listen-peer-urls", f"http://127.0.0.1:{etcd_port + 1}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_port + 1}",
-            "--initial-cluster", f"default=http://127.0.0.1:{etcd_port + 1}",
-            "--unsafe-no-fsync", "--log-level", "error",
-        ]  # fmt: skip
-        self.processes.append(subprocess.Popen(etcd, stdout=log, stderr=log))
-        apiserver = [
-            str(self.bin_dir / "kube-apiserver"),
-            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            f"--cert-dir={self.dir}",
-            f"--tls-cert-file={self.dir / 'server.crt'}",
-            f"--tls-private-key-file={self.dir / 'server.key'}",
-            f"--client-ca-file={self.dir / 'ca.crt'}",
-            f"--secure-port={self.port}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            "--authorization-mode=RBAC",
-            "--disable-admission-plugins=ServiceAccount",
-            "--service-account-issuer=https://kubernetes.default.svc",
-            f"--service-account-key-file={self.dir / 'sa.pub'}",
-            f"--service-account-signing-key-file={self.dir / 'sa.key'}",
-            "--allow-privileged=true",
-            "-v=0",
-        ]
-        self.processes.append(subprocess.Popen(apiserver, stdout=log, stderr=log))
-        self._kubeconfig()
-        context = ssl.create_default_context(cafile=str(self.dir / "ca.crt"))
-        context.load_cert_chain(self.dir / "client.crt", self.dir / "client.key")
-        deadline = time.monotonic() + timeout
-        while True:
-            for proc in self.processes:
-                if proc.poll() is not None:
-                    log_tail = (self.dir / "control-plane.log").read_text()[-3000:]
-                    raise RuntimeError(f"{proc.args[0]} exited: {log_tail}")
-            try:
-                with urllib.request.urlopen(
-                    f"{self.server}/readyz", context=context, timeout=2
-                ) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("kube-apiserver did not become ready")
-            time.sleep(0.1)
+    def ssl_context(self) -> ssl.SSLContext:
+        """TLS context trusting this plane's CA and presenting the admin client certificate."""
+        if self._ssl is None:
+            context = ssl.create_default_context(cafile=str(self.ca_path))
+            context.load_cert_chain(self.client_cert_path, self.client_key_path)
+            self._ssl = context
+        return self._ssl
 
-    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
-        """Run the built kubectl against this control plane; stdout (stderr on failure)."""
-        result = subprocess.run(
-            [str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig_path), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "KUBECONFIG": str(self.kubeconfig_path)},
-        )
+    def get(self, path: str, timeout: float = 10) -> tuple[int, bytes]:
+        """GET ``path`` on the API server as admin: (status, body); HTTP errors are returned."""
+        request = urllib.request.Request(f"{self.server}{path}")
+        try:
+            with urllib.request.urlopen(request, context=self.ssl_context(), timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    def version(self) -> dict[str, Any]:
+        """The API server's ``/version`` document."""
+        status, body = self.get("/version")
+        if status != 200:
+            raise ControlPlaneError(f"/version answered {status}: {body[:500]!r}")
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def kubectl(
+        self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120
+    ) -> str:
+        """Run the built kubectl against this control plane. Returns stdout; with
+        ``check=False`` a failing command returns its stderr instead of raising."""
+        result = self.kubectl_result(*args, stdin=stdin, timeout=timeout)
         if check and result.returncode != 0:
             raise subprocess.CalledProcessError(
                 result.returncode, result.args, result.stdout, result.stderr
             )
         return result.stdout if result.returncode == 0 else result.stderr
 
-    def stop(self) -> None:
-        for proc in reversed(self.processes):
-            proc.terminate()
-        for proc in self.processes:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def kubectl_result(
+        self, *args: str, stdin: str | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kubectl; the whole CompletedProcess (returncode, stdout, stderr)."""
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig_path)}
+        env.pop("KUBECTL_EXPLAIN_OPENAPIV3", None)
+        return subprocess.run(
+            [str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig_path), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
