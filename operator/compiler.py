@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.headers import DATA_CLASS_HEADER
+from switchyard.operator.multicluster import Topology, place_endpoints
 from switchyard.operator.policy import ModelSpec, Retries, RoutePolicy, Rule, StrategyType
 
 _STRATEGY = {
@@ -60,6 +61,7 @@ def _model(policy: RoutePolicy, spec: ModelSpec) -> pb.Model:
         weight=spec.weight,
         backend=backend,
         region=spec.region or "",
+        cluster=spec.cluster or "",
     )
 
 
@@ -141,28 +143,38 @@ def compile_policy(policy: RoutePolicy) -> pb.Policy:
 
 
 ServiceEndpoints = Callable[[str, str, int], list[pb.Endpoint]]
-"""(namespace, service, port) → ready endpoints, as the operator reads them from EndpointSlices."""
+"""(namespace, service, port) → ready endpoints in every known cluster, as the operator reads
+them from EndpointSlices (each tagged with its cluster and that cluster's region)."""
 
 
 def compile_config(
     policies: Iterable[RoutePolicy],
     fail_open_model: str = "",
     endpoints: ServiceEndpoints | None = None,
+    topology: Topology | None = None,
 ) -> pb.RoutingConfig:
     """All policies → one RoutingConfig, sorted by namespace/name, versioned by content hash.
 
     ``fail_open_model`` names the model served when the ext_proc is unreachable, as
     ``model`` (unique across policies) or ``namespace/policy/model``; empty means fail closed.
-    ``endpoints`` resolves Service backends; unresolved ones fall back to cluster DNS.
+    ``endpoints`` resolves Service backends across clusters; ``topology`` says which cluster
+    is this one and where each runs. A model's endpoints are filtered by its ``region`` and
+    prioritised: its ``cluster`` (default: this one) first, then its region, then the rest.
+    Without ``endpoints`` (local mode) Service backends are reached by cluster DNS.
     """
+    topology = topology or Topology()
     ordered = sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
     config = pb.RoutingConfig(policies=[compile_policy(p) for p in ordered])
     for policy in config.policies:
         for model in policy.models:
             svc = model.backend.service
             if svc.name and endpoints:
+                model.backend.resolved = True
                 found = endpoints(svc.namespace, svc.name, svc.port)
-                model.backend.endpoints.extend(sorted(found, key=lambda e: (e.address, e.port)))
+                preferred = model.cluster or topology.local
+                model.backend.endpoints.extend(
+                    place_endpoints(found, preferred, topology, model.region)
+                )
     headers = {DATA_CLASS_HEADER}
     for policy in config.policies:
         headers.update(policy.match_headers)

@@ -254,7 +254,15 @@ def status_schema() -> dict[str, Any]:
                     "type": "object",
                     "properties": {
                         "name": {"type": "string"},
-                        "endpoints": {"type": "integer"},
+                        "endpoints": {
+                            "type": "integer",
+                            "description": "Usable endpoints (a URL backend counts as 1).",
+                        },
+                        "clusters": {
+                            "type": "object",
+                            "description": "Service backends: usable endpoints per cluster.",
+                            "additionalProperties": {"type": "integer"},
+                        },
                     },
                 },
             },

@@ -105,6 +105,22 @@ def _api_key(policy: pb.Policy, model: pb.Model, api_keys: ApiKeys | None) -> st
     return ""
 
 
+_PREVIOUS_HOSTS = {
+    "name": "envoy.retry_host_predicates.previous_hosts",
+    "typed_config": {
+        "@type": _T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+    },
+}
+_PREVIOUS_PRIORITIES = {
+    "name": "envoy.retry_priorities.previous_priorities",
+    "typed_config": {
+        "@type": _T + "envoy.extensions.retry.priority.previous_priorities.v3"
+        ".PreviousPrioritiesConfig",
+        "update_frequency": 1,
+    },
+}
+
+
 def _backend_route(
     policy: pb.Policy, model: pb.Model, settings: GatewaySettings, api_keys: ApiKeys | None
 ) -> dict[str, Any]:
@@ -114,6 +130,11 @@ def _backend_route(
         retry_policy["per_try_timeout"] = _duration(retries.per_try_timeout_ms)
     if retries.retriable_status_codes:
         retry_policy["retriable_status_codes"] = list(retries.retriable_status_codes)
+    if model.backend.resolved:
+        # A retry goes to another host, and to the next priority (cluster) once this one failed.
+        retry_policy["retry_host_predicate"] = [_PREVIOUS_HOSTS]
+        retry_policy["host_selection_retry_max_attempts"] = 3
+        retry_policy["retry_priority"] = _PREVIOUS_PRIORITIES
     action: dict[str, Any] = {
         "cluster": model.backend_key,
         "timeout": _duration(policy.timeout_ms or settings.route_timeout_s * 1000),
@@ -442,26 +463,58 @@ def extproc_cluster(settings: GatewaySettings) -> dict[str, Any]:
     }
 
 
-def _service_endpoints(model: pb.Model) -> tuple[str, list[dict[str, Any]]]:
-    """(cluster type, lb endpoints) of a Service backend: its resolved endpoints, else DNS."""
+def _service_localities(model: pb.Model) -> tuple[str, list[dict[str, Any]]]:
+    """(cluster type, locality groups) of a Service backend.
+
+    Resolved endpoints (operator) become one locality per (priority, cluster, zone), so Envoy
+    keeps traffic on priority 0 (the preferred cluster) and spills to the next priority as its
+    hosts fail health checks. Unresolved (local mode) means the Service's cluster DNS name.
+    """
     svc = model.backend.service
-    if model.backend.endpoints:
-        return "STATIC", [_endpoint(e.address, e.port) for e in model.backend.endpoints]
-    return "STRICT_DNS", [_endpoint(f"{svc.name}.{svc.namespace}.svc.cluster.local", svc.port)]
+    if not model.backend.resolved:
+        dns = f"{svc.name}.{svc.namespace}.svc.cluster.local"
+        return "STRICT_DNS", [{"lb_endpoints": [_endpoint(dns, svc.port)]}]
+    groups: dict[tuple[int, str, str, str], list[dict[str, Any]]] = {}
+    for e in model.backend.endpoints:
+        key = (e.priority, e.region, e.zone, e.cluster)
+        groups.setdefault(key, []).append(_endpoint(e.address, e.port))
+    return "STATIC", [
+        {
+            "locality": {"region": region, "zone": zone, "sub_zone": cluster},
+            "priority": priority,
+            "lb_endpoints": members,
+        }
+        for (priority, region, zone, cluster), members in sorted(groups.items())
+    ]
+
+
+# Service backends are our own pods: probe them (TCP connect) so dead ones leave the pool before
+# a request finds them. External providers only get passive outlier detection.
+_SERVICE_HEALTH_CHECK = {
+    "timeout": "1s",
+    "interval": "2s",
+    "no_traffic_interval": "2s",
+    "unhealthy_threshold": 2,
+    "healthy_threshold": 1,
+    "tcp_health_check": {},
+}
 
 
 def model_cluster(model: pb.Model) -> dict[str, Any]:
     """One cluster per model backend: an external URL or an in-cluster Service."""
+    health_checks: list[dict[str, Any]] = []
     if model.backend.service.name:
-        kind, endpoints = _service_endpoints(model)
+        kind, localities = _service_localities(model)
         tls, host = False, ""
+        if model.backend.resolved:
+            health_checks.append(_SERVICE_HEALTH_CHECK)
     else:
         url = urlsplit(model.backend.url)
         tls = url.scheme == "https"
         host = url.hostname or "localhost"
         port = url.port or (443 if tls else 80)
         kind = "STATIC" if _is_ip(host) else "STRICT_DNS"
-        endpoints = [_endpoint(host, port)]
+        localities = [{"lb_endpoints": [_endpoint(host, port)]}]
     cluster: dict[str, Any] = {
         "@type": CLUSTER,
         "name": model.backend_key,
@@ -469,10 +522,8 @@ def model_cluster(model: pb.Model) -> dict[str, Any]:
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": "5s",
         "lb_policy": "ROUND_ROBIN",
-        "load_assignment": {
-            "cluster_name": model.backend_key,
-            "endpoints": [{"lb_endpoints": endpoints}],
-        },
+        "load_assignment": {"cluster_name": model.backend_key, "endpoints": localities},
+        "health_checks": health_checks,
         "circuit_breakers": {
             "thresholds": [
                 {"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000}

@@ -16,8 +16,8 @@ from typing import Any
 
 import kopf
 import kubernetes
+import yaml
 
-from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.autoscaling import (
     ScaleTarget,
     effective_autoscaling,
@@ -27,8 +27,16 @@ from switchyard.operator.autoscaling import (
 from switchyard.operator.control_plane import ControlPlane
 from switchyard.operator.crd import GROUP, PLURAL, VERSION
 from switchyard.operator.envoy_config import GatewaySettings
+from switchyard.operator.multicluster import (
+    CLUSTER_LABEL,
+    KUBECONFIG_KEY,
+    REGION_LABEL,
+    EndpointDirectory,
+    RemoteCluster,
+    RemoteClusterWatch,
+)
 from switchyard.operator.policy import Autoscaling, RoutePolicy
-from switchyard.operator.reconciler import Outcome, Reconciler
+from switchyard.operator.reconciler import ModelEndpoints, Outcome, Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,9 @@ class OperatorSettings:
     gateway_deployment: str = "switchyard-gateway"
     extproc_deployment: str = "switchyard-extproc"
     default_autoscaling: Autoscaling = field(default_factory=Autoscaling)
+    # This cluster, for multi-cluster placement: models prefer it unless they name another.
+    cluster_name: str = "local"
+    region: str = ""
 
 
 SETTINGS = OperatorSettings()
@@ -69,12 +80,50 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     port = await plane.start(SETTINGS.xds_listen)
     log.info("xDS and config stream on port %d", port)
-    _state["reconciler"] = Reconciler(plane, SETTINGS.fail_open_model, service_endpoints)
+    directory = EndpointDirectory(SETTINGS.cluster_name, SETTINGS.region)
+    _state["directory"] = directory
+    _state["remotes"] = {}
+    _state["reported"] = {}
+    _state["refresh"] = Coalesced(_refresh_endpoints)
+    _state["reconciler"] = Reconciler(
+        plane, SETTINGS.fail_open_model, directory.endpoints, lambda: directory.topology
+    )
 
 
 @kopf.on.cleanup()
 async def _stop(**_: Any) -> None:
+    for watch in _state["remotes"].values():
+        watch.stop()
     await _reconciler().plane.stop()
+
+
+class Coalesced:
+    """Runs an async function after ``trigger()``; triggers during a run cause one more run."""
+
+    def __init__(self, run: Callable[[], Any]) -> None:
+        self._run = run
+        self._dirty = False
+        self._task: asyncio.Task[None] | None = None
+
+    def trigger(self) -> None:
+        self._dirty = True
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        try:
+            while self._dirty:
+                self._dirty = False
+                await self._run()
+        finally:
+            self._task = None
+
+
+def _models_status(counts: dict[str, ModelEndpoints]) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "endpoints": c.total, **({"clusters": c.clusters} if c.clusters else {})}
+        for name, c in counts.items()
+    ]
 
 
 def _status(outcome: Outcome, generation: int) -> dict[str, Any]:
@@ -83,7 +132,7 @@ def _status(outcome: Outcome, generation: int) -> dict[str, Any]:
         "observedGeneration": generation,
         "modelCount": outcome.model_count,
         "configVersion": outcome.config_version,
-        "models": [{"name": n, "endpoints": c} for n, c in (outcome.endpoints or {}).items()],
+        "models": _models_status(outcome.endpoints or {}),
         "conditions": [
             {
                 "type": c.type,
@@ -118,6 +167,8 @@ async def reconcile(
     await asyncio.to_thread(load_api_keys, meta["namespace"], document["spec"])
     outcome = await _reconciler().upsert(document)
     patch.status.update(_status(outcome, meta.get("generation", 0)))
+    if outcome.endpoints is not None:
+        _state["reported"][(meta["namespace"], meta["name"])] = outcome.endpoints
     await asyncio.to_thread(apply_scaling, _reconciler().policies.values())
     ready = outcome.conditions[0]
     if ready.status != "True":
@@ -125,45 +176,73 @@ async def reconcile(
         logger.warning("%s/%s: %s", meta["namespace"], meta["name"], ready.message)
 
 
-_slices: dict[tuple[str, str], tuple[str, list[tuple[str, int]]]] = {}
-SERVICE_LABEL = "kubernetes.io/service-name"
-
-
 @kopf.on.event("discovery.k8s.io", "v1", "endpointslices")
 async def endpoint_slice(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-    """Track ready endpoints per Service; programmed as STATIC cluster members."""
+    """Track this cluster's ready endpoints per Service."""
+    directory: EndpointDirectory = _state["directory"]
+    if directory.apply(directory.local_cluster, event["type"] or "", body):
+        _state["refresh"].trigger()
+
+
+@kopf.on.event("", "v1", "secrets", labels={CLUSTER_LABEL: kopf.PRESENT})
+async def remote_cluster(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """A kubeconfig Secret labelled ``switchyard.dev/cluster=<name>``: watch that cluster's
+    EndpointSlices (its contents never reach logs, events or status)."""
     meta = body.get("metadata", {})
-    service = meta.get("labels", {}).get(SERVICE_LABEL)
-    if not service:
+    labels = meta.get("labels") or {}
+    key = (meta.get("namespace", ""), meta.get("name", ""))
+    remotes: dict[tuple[str, str], RemoteClusterWatch] = _state["remotes"]
+    directory: EndpointDirectory = _state["directory"]
+    current = remotes.get(key)
+    remote = None
+    if event["type"] != "DELETED":
+        raw = (body.get("data") or {}).get(KUBECONFIG_KEY)
+        try:
+            kubeconfig = yaml.safe_load(base64.b64decode(raw)) if raw else None
+        except (ValueError, yaml.YAMLError):
+            kubeconfig = None
+        if not isinstance(kubeconfig, dict):
+            log.warning("Secret %s/%s: no usable %r key", *key, KUBECONFIG_KEY)
+        else:
+            remote = RemoteCluster(labels[CLUSTER_LABEL], labels.get(REGION_LABEL, ""), kubeconfig)
+    if current is not None and remote == current.remote:
         return
-    key = (meta["namespace"], meta["name"])
-    if event["type"] == "DELETED":
-        _slices.pop(key, None)
-    else:
-        ports = [int(p["port"]) for p in body.get("ports") or [] if p.get("port")]
-        ready = [
-            address
-            for endpoint in body.get("endpoints") or []
-            if endpoint.get("conditions", {}).get("ready", True) is not False
-            for address in endpoint.get("addresses", [])
-        ]
-        _slices[key] = (service, [(a, p) for a in ready for p in ports])
-    await _reconciler().refresh_endpoints()
+    if current is not None:
+        current.stop()
+        del remotes[key]
+        directory.drop_cluster(current.remote.name)
+        _state["refresh"].trigger()
+    if remote is not None:
+        watch = RemoteClusterWatch(
+            remote, directory, _state["refresh"].trigger, asyncio.get_running_loop()
+        )
+        remotes[key] = watch
+        watch.start()
+        log.info(
+            "remote cluster %s (region %r) from Secret %s/%s", remote.name, remote.region, *key
+        )
 
 
-def service_endpoints(namespace: str, service: str, port: int) -> list[pb.Endpoint]:
-    """Ready endpoints of a Service port, from every slice seen.
+async def _refresh_endpoints() -> None:
+    """Republish after endpoint changes, then update the endpoint counts in changed statuses."""
+    reconciler = _reconciler()
+    if not await reconciler.refresh_endpoints():
+        return
+    reported: dict[tuple[str, str], dict[str, ModelEndpoints]] = _state["reported"]
+    for key, counts in reconciler.endpoint_counts().items():
+        if reported.get(key) != counts:
+            reported[key] = counts
+            await asyncio.to_thread(_patch_models_status, *key, _models_status(counts))
 
-    Slices carry target ports, not Service ports: endpoints on ``port`` itself are used, and
-    otherwise a Service whose slices expose a single port answers with that port.
-    """
-    members = [
-        m for (ns, _), (svc, ms) in _slices.items() if (ns, svc) == (namespace, service) for m in ms
-    ]
-    exact = [pb.Endpoint(address=a, port=p) for a, p in members if p == port]
-    if exact or len({p for _, p in members}) != 1:
-        return exact
-    return [pb.Endpoint(address=a, port=p) for a, p in members]
+
+def _patch_models_status(namespace: str, name: str, models: list[dict[str, Any]]) -> None:
+    api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(_client_config()))
+    try:
+        api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": {"models": models}}
+        )
+    except kubernetes.client.ApiException as error:
+        log.warning("cannot update status of %s/%s: %s", namespace, name, error.reason)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

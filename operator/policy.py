@@ -101,9 +101,21 @@ class ModelSpec(_Spec):
     )
     fallbacks: list[str] = Field(default_factory=list)
     weight: float = Field(default=1.0, ge=0)
-    region: str | None = None
+    region: str | None = Field(
+        default=None,
+        description=(
+            "Data residency: only endpoints in clusters of this region serve the model (the "
+            "operator's --region, or a remote cluster Secret's switchyard.dev/region label). "
+            "Clusters with no region never qualify."
+        ),
+    )
     cluster: str | None = Field(
-        default=None, description="Cluster the backend Service lives in (multi-cluster)."
+        default=None,
+        description=(
+            "Service backends: the cluster whose endpoints are preferred (default: the "
+            "operator's own). The same Service (namespace and name) in other connected clusters "
+            "is the failover: first those in the preferred cluster's region, then the rest."
+        ),
     )
 
 

@@ -9,12 +9,14 @@ that work: it is reported, and its last good version (if any) keeps serving.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.compiler import CompileError, ServiceEndpoints, compile_config
 from switchyard.operator.control_plane import ApplyResult, ControlPlane
+from switchyard.operator.multicluster import Topology
 from switchyard.operator.policy import PolicyError, RoutePolicy, parse_policy
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,30 @@ class Outcome:
     conditions: list[Condition]
     model_count: int
     config_version: str
-    endpoints: dict[str, int] | None = None
-    """Per model: resolved Service endpoints (URL backends count as 1)."""
+    endpoints: dict[str, ModelEndpoints] | None = None
+    """Per model: where it can be served."""
+
+
+@dataclass(frozen=True)
+class ModelEndpoints:
+    """Usable endpoints of one model (a URL backend counts as 1), in total and per cluster."""
+
+    total: int
+    clusters: dict[str, int]
+
+
+def endpoint_counts(policy: pb.Policy) -> dict[str, ModelEndpoints]:
+    """Per model of a compiled policy: its usable endpoints, in total and per cluster."""
+    counts = {}
+    for model in policy.models:
+        if not model.backend.service.name:
+            counts[model.name] = ModelEndpoints(1, {})
+            continue
+        clusters: dict[str, int] = {}
+        for endpoint in model.backend.endpoints:
+            clusters[endpoint.cluster] = clusters.get(endpoint.cluster, 0) + 1
+        counts[model.name] = ModelEndpoints(len(model.backend.endpoints), clusters)
+    return counts
 
 
 class Reconciler:
@@ -47,11 +71,13 @@ class Reconciler:
         plane: ControlPlane,
         fail_open_model: str = "",
         endpoints: ServiceEndpoints | None = None,
+        topology: Callable[[], Topology] = Topology,
     ) -> None:
         self.plane = plane
         self.fail_open_model = fail_open_model
         self.policies: dict[str, RoutePolicy] = {}
         self.endpoints = endpoints
+        self.topology = topology
         self.config = pb.RoutingConfig()
 
     async def upsert(self, document: dict[str, Any]) -> Outcome:
@@ -103,22 +129,29 @@ class Reconciler:
             for p in config.policies
             if (p.namespace, p.name) == (policy.metadata.namespace, policy.metadata.name)
         )
-        counts = {
-            m.name: len(m.backend.endpoints) if m.backend.service.name else 1
-            for m in compiled.models
-        }
         return Outcome(
-            self._conditions(result, policy), len(policy.spec.models), config.version, counts
+            self._conditions(result, policy),
+            len(policy.spec.models),
+            config.version,
+            endpoint_counts(compiled),
         )
 
-    async def refresh_endpoints(self) -> None:
+    async def refresh_endpoints(self) -> bool:
         """Service endpoints changed (EndpointSlices); republish if the config changed."""
         config = self._compile()
-        if config.version != self.config.version:
-            await self._publish(config)
+        if config.version == self.config.version:
+            return False
+        await self._publish(config)
+        return True
+
+    def endpoint_counts(self) -> dict[tuple[str, str], dict[str, ModelEndpoints]]:
+        """(namespace, name) → per-model endpoint counts, for every published policy."""
+        return {(p.namespace, p.name): endpoint_counts(p) for p in self.config.policies}
 
     def _compile(self) -> pb.RoutingConfig:
-        return compile_config(self.policies.values(), self.fail_open_model, self.endpoints)
+        return compile_config(
+            self.policies.values(), self.fail_open_model, self.endpoints, self.topology()
+        )
 
     async def delete(self, namespace: str, name: str) -> None:
         """Forget a policy and publish the rest."""

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, required=True)
     demo.add_argument("--latency-ms", type=float, default=0.0)
     demo.add_argument("--failure-rate", type=float, default=0.0)
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on")
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (kopf) and its xDS server")
     op.add_argument("--xds-listen", default="0.0.0.0:18000", help="ADS + config stream address")
@@ -44,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     op.add_argument("--gateway-deployment", default="switchyard-gateway")
     op.add_argument("--extproc-deployment", default="switchyard-extproc")
+    op.add_argument(
+        "--cluster-name", default="local", help="this cluster's name (multi-cluster status)"
+    )
+    op.add_argument(
+        "--region", default="", help="this cluster's region (for models' region constraints)"
+    )
 
     router = sub.add_parser("router", help="router model tools (score, eval)", add_help=False)
     router.add_argument("rest", nargs=argparse.REMAINDER)
@@ -60,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo-upstream":
         from switchyard.demo.upstream import run_demo_upstream
 
-        return run_demo_upstream(args.name, args.port, args.latency_ms, args.failure_rate)
+        return run_demo_upstream(
+            args.name, args.port, args.latency_ms, args.failure_rate, args.host
+        )
     if args.command == "operator":
         from switchyard.operator.k8s import OperatorSettings, run_operator
 
@@ -77,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 data_plane_namespace=args.data_plane_namespace,
                 gateway_deployment=args.gateway_deployment,
                 extproc_deployment=args.extproc_deployment,
+                cluster_name=args.cluster_name,
+                region=args.region,
             )
         )
     if args.command == "router":

@@ -220,13 +220,15 @@ def build_app(
     return app
 
 
-def run_demo_upstream(name: str, port: int, latency_ms: float, failure_rate: float) -> int:
-    """Serve on 127.0.0.1:``port`` until SIGINT or SIGTERM; 0 on a clean stop."""
+def run_demo_upstream(
+    name: str, port: int, latency_ms: float, failure_rate: float, host: str = "127.0.0.1"
+) -> int:
+    """Serve on ``host``:``port`` until SIGINT or SIGTERM; 0 on a clean stop."""
 
     async def serve() -> None:
         runner = web.AppRunner(build_app(name, latency_ms, failure_rate), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await web.TCPSite(runner, host, port).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

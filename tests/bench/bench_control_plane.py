@@ -25,8 +25,8 @@ sys.path.insert(0, str(HERE.parent / "infra"))
 
 from gateway_harness import policy_for_ports  # noqa: E402
 from kube import KubeControlPlane, k8s_bin_dir  # noqa: E402
+from operator_harness import Cluster  # noqa: E402
 from test_control_plane import Harness  # noqa: E402
-from test_operator import Cluster  # noqa: E402
 
 from switchyard.local.runner import port_open, wait_until  # noqa: E402
 from switchyard.operator.compiler import compile_config  # noqa: E402

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "infra"))
 
 from gateway_harness import REPO, Gateway, start_gateway
-from kube import KubeControlPlane, k8s_bin_dir
+from kube import KubeControlPlane
+from kube_fixtures import kube, namespace, remote_kube  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +33,7 @@ def client(gateway: Gateway) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="session")
-def kube() -> Iterator[KubeControlPlane]:
-    """A real kube-apiserver + etcd (built from the Go module proxy on first use, then cached)."""
-    plane = KubeControlPlane(k8s_bin_dir(), "local").start()
-    yield plane
-    plane.stop()
-
-
-@pytest.fixture(scope="session")
-def routepolicy_crd(kube: KubeControlPlane) -> KubeControlPlane:
+def routepolicy_crd(kube: KubeControlPlane) -> KubeControlPlane:  # noqa: F811
     """The cluster with the RoutePolicy CRD installed and established."""
     kube.kubectl("apply", "-f", str(REPO / "deploy" / "crds" / "routepolicy.yaml"))
     kube.kubectl(
@@ -49,11 +41,3 @@ def routepolicy_crd(kube: KubeControlPlane) -> KubeControlPlane:
         "crd/routepolicies.switchyard.dev",
     )  # fmt: skip
     return kube
-
-
-@pytest.fixture
-def namespace(kube: KubeControlPlane, request: pytest.FixtureRequest) -> str:
-    """A fresh namespace per test (namespaces never finish deleting without a controller)."""
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    kube.kubectl("create", "namespace", name)
-    return name

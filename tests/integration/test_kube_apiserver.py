@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from kube import BUILD_SCRIPT, KubeControlPlane, k8s_bin_dir
 
-pytest_plugins = ["kube_fixtures"]
-
 
 def _expected_version() -> str:
     if os.environ.get("K8S_VERSION"):

@@ -6,9 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,86 +13,10 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from gateway_harness import DEMO_NAMES, REPO, policy_for_ports
 from kube import KubeControlPlane
+from operator_harness import Cluster
 
-from switchyard.local.ports import free_port_block
-from switchyard.local.runner import envoy_binary, port_open, wait_until
-from switchyard.operator.xds_server import ads_bootstrap
-
-SHORT = {"model": "auto", "messages": [{"role": "user", "content": "Say hello to my friend."}]}
-
-
-class Cluster:
-    """Operator + Envoy + ext_proc + demo models around one namespace of the test apiserver."""
-
-    def __init__(self, kube: KubeControlPlane) -> None:
-        self.kube = kube
-        self.namespace = f"op-{os.getpid()}"
-        kube.kubectl("create", "namespace", self.namespace)
-        first = free_port_block(3)
-        self.demo_ports = {name: first + i for i, name in enumerate(DEMO_NAMES)}
-        self.port, self.admin, self.extproc, xds = (free_port_block() for _ in range(4))
-        env = {**os.environ, "KUBECONFIG": str(kube.kubeconfig_path)}
-        cli = [sys.executable, "-m", "switchyard.cli"]
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
-        self.children = [
-            subprocess.Popen([*cli, "demo-upstream", "--name", name, "--port", str(port)], cwd=REPO)
-            for name, port in self.demo_ports.items()
-        ]
-        self.children.append(
-            subprocess.Popen(
-                [*cli, "operator", "--xds-listen", f"127.0.0.1:{xds}",
-                 "--gateway-port", str(self.port), "--extproc", f"127.0.0.1:{self.extproc}",
-                 "--namespace", self.namespace, "--data-plane-namespace", self.namespace],
-                cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-            )
-        )  # fmt: skip
-        wait_until(lambda: port_open("127.0.0.1", xds), 60, "operator xDS port")
-        self.children.append(
-            subprocess.Popen(
-                [*cli, "extproc", "--config", f"grpc://127.0.0.1:{xds}",
-                 "--listen", f"127.0.0.1:{self.extproc}"],
-                cwd=REPO,
-            )
-        )  # fmt: skip
-        bootstrap = Path(self.log.name).with_suffix(".envoy.json")
-        bootstrap.write_text(json.dumps(ads_bootstrap("gateway-0", self.admin, "127.0.0.1", xds)))
-        self.children.append(
-            subprocess.Popen(
-                [envoy_binary(), "-c", str(bootstrap), "--use-dynamic-base-id",
-                 "--concurrency", "1", "-l", "error"]
-            )
-        )  # fmt: skip
-        self.policy = policy_for_ports(self.demo_ports)
-        self.policy["metadata"] = {"name": "assistant", "namespace": self.namespace}
-
-    def apply(self, policy: dict[str, Any]) -> None:
-        self.kube.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(policy))
-
-    def status(self, name: str = "assistant") -> dict[str, Any]:
-        out = self.kube.kubectl("get", "rp", name, "-n", self.namespace, "-o", "json")
-        return dict(json.loads(out).get("status", {}))
-
-    def condition(self, name: str, kind: str = "Ready") -> dict[str, Any]:
-        for condition in self.status(name).get("conditions", []):
-            if condition["type"] == kind:
-                return dict(condition)
-        return {}
-
-    def post(self) -> httpx.Response:
-        url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
-        return httpx.post(url, json=SHORT, timeout=10)
-
-    def model(self) -> str:
-        response = self.post()
-        return response.headers.get("x-switchyard-model", str(response.status_code))
-
-    def close(self) -> None:
-        for child in self.children:
-            child.terminate()
-        for child in self.children:
-            child.wait(timeout=20)
+from switchyard.local.runner import port_open, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -220,13 +141,17 @@ def test_service_backend_follows_its_endpoint_slices(cluster: Cluster) -> None:
         }
 
     wait_until(lambda: members() == {"192.0.2.10:8000", "192.0.2.11:8000"}, 30, "slice endpoints")
-    wait_until(
-        lambda: {"name": "in-house", "endpoints": 2} in cluster.status().get("models", []),
-        30,
-        "status",
-    )
+
+    def counted() -> dict[str, Any]:
+        models = cluster.status().get("models", [])
+        return next((m for m in models if m["name"] == "in-house"), {})
+
+    wait_until(lambda: counted().get("endpoints") == 2, 30, "status")
+    assert counted()["clusters"] == {"local": 2}
     cluster.kube.kubectl("apply", *ns, "-f", "-", stdin=_slice("vllm-a", ["192.0.2.12"]))
     wait_until(lambda: members() == {"192.0.2.12:8000"}, 30, "slice change")
+    # The status follows the slices without any edit of the policy.
+    wait_until(lambda: counted().get("endpoints") == 1, 30, "status follows the slice")
     cluster.kube.kubectl("delete", "endpointslice", "vllm-a", *ns)
     cluster.apply(cluster.policy)
     wait_until(lambda: cluster.model() == "light", 30, "back to the plain policy")

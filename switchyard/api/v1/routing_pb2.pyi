@@ -61,7 +61,7 @@ class Retries(_message.Message):
     def __init__(self, attempts: _Optional[int] = ..., per_try_timeout_ms: _Optional[int] = ..., retry_on: _Optional[str] = ..., retriable_status_codes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "backend_key", "upstream_model", "input_per_1m", "output_per_1m", "context_window", "capabilities", "data_classes", "fallbacks", "tier", "weight", "backend", "region")
+    __slots__ = ("name", "backend_key", "upstream_model", "input_per_1m", "output_per_1m", "context_window", "capabilities", "data_classes", "fallbacks", "tier", "weight", "backend", "region", "cluster")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_KEY_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class Model(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend_key: str
     upstream_model: str
@@ -88,21 +89,24 @@ class Model(_message.Message):
     weight: float
     backend: Backend
     region: str
-    def __init__(self, name: _Optional[str] = ..., backend_key: _Optional[str] = ..., upstream_model: _Optional[str] = ..., input_per_1m: _Optional[float] = ..., output_per_1m: _Optional[float] = ..., context_window: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., data_classes: _Optional[_Iterable[str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., tier: _Optional[str] = ..., weight: _Optional[float] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ..., region: _Optional[str] = ...) -> None: ...
+    cluster: str
+    def __init__(self, name: _Optional[str] = ..., backend_key: _Optional[str] = ..., upstream_model: _Optional[str] = ..., input_per_1m: _Optional[float] = ..., output_per_1m: _Optional[float] = ..., context_window: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., data_classes: _Optional[_Iterable[str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., tier: _Optional[str] = ..., weight: _Optional[float] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ..., region: _Optional[str] = ..., cluster: _Optional[str] = ...) -> None: ...
 
 class Backend(_message.Message):
-    __slots__ = ("url", "service", "api_key_env", "endpoints", "api_key_secret")
+    __slots__ = ("url", "service", "api_key_env", "endpoints", "api_key_secret", "resolved")
     URL_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     API_KEY_ENV_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     API_KEY_SECRET_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_FIELD_NUMBER: _ClassVar[int]
     url: str
     service: ServiceRef
     api_key_env: str
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
     api_key_secret: SecretKeyRef
-    def __init__(self, url: _Optional[str] = ..., service: _Optional[_Union[ServiceRef, _Mapping]] = ..., api_key_env: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., api_key_secret: _Optional[_Union[SecretKeyRef, _Mapping]] = ...) -> None: ...
+    resolved: bool
+    def __init__(self, url: _Optional[str] = ..., service: _Optional[_Union[ServiceRef, _Mapping]] = ..., api_key_env: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., api_key_secret: _Optional[_Union[SecretKeyRef, _Mapping]] = ..., resolved: _Optional[bool] = ...) -> None: ...
 
 class SecretKeyRef(_message.Message):
     __slots__ = ("name", "key")
@@ -113,14 +117,20 @@ class SecretKeyRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
 
 class Endpoint(_message.Message):
-    __slots__ = ("address", "port", "zone")
+    __slots__ = ("address", "port", "zone", "cluster", "region", "priority")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     ZONE_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     address: str
     port: int
     zone: str
-    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., zone: _Optional[str] = ...) -> None: ...
+    cluster: str
+    region: str
+    priority: int
+    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., zone: _Optional[str] = ..., cluster: _Optional[str] = ..., region: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class ServiceRef(_message.Message):
     __slots__ = ("name", "namespace", "port")
