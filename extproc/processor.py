@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
-import grpc
 import orjson
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -99,28 +98,19 @@ class Processor:
     def __init__(self, state: RuntimeState) -> None:
         self.state = state
 
-    async def process(
-        self, requests: AsyncIterator[ep.ProcessingRequest], context: object = None
-    ) -> AsyncIterator[ep.ProcessingResponse]:
-        """The bidirectional stream of one HTTP request, as an async generator."""
-        stream = StreamState()
-        async for message in requests:
-            response, done = await self.handle(stream, message)
-            yield response
-            if done:
-                return
+    def open(self) -> StreamState:
+        """State for a new ext_proc stream (``StreamHandler``)."""
+        return StreamState()
 
-    async def serve_stream(self, context: grpc.aio.ServicerContext) -> None:
-        """The same stream driven by explicit read/write: cheaper per message in grpc.aio."""
-        stream = StreamState()
-        while True:
-            message = await context.read()
-            if message is grpc.aio.EOF:
-                return
-            response, done = await self.handle(stream, message)
-            await context.write(response)
-            if done:
-                return
+    async def message(self, stream: StreamState, payload: bytes) -> tuple[bytes, bool]:
+        """Answer one serialized ProcessingRequest (``StreamHandler``).
+
+        The call ends after the body: the filter sends no later phase, so closing the stream
+        saves Envoy's half-close round trip.
+        """
+        request = ep.ProcessingRequest.FromString(payload)
+        response, done = await self.handle(stream, request)
+        return response.SerializeToString(), done or request.HasField("request_body")
 
     async def handle(
         self, stream: StreamState, message: ep.ProcessingRequest

@@ -1,7 +1,7 @@
-"""The ext_proc gRPC server: worker processes, each an asyncio grpc server on its own port.
+"""The ext_proc server: worker processes, each serving ext_proc on its own port.
 
-Python spends roughly a third of a millisecond of CPU per request, so one process per core is
-what lets the ext_proc keep up with Envoy; Envoy balances streams across the workers' ports.
+Each worker runs the minimal HTTP/2 gRPC server of ``h2grpc`` on uvloop; Envoy balances
+streams across the workers' ports.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ import multiprocessing
 import os
 import signal
 import threading
+import weakref
 from pathlib import Path
-
-import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.config_client import ConfigStreamClient
+from switchyard.extproc.h2grpc import GrpcConnection
 from switchyard.extproc.processor import Processor
 from switchyard.extproc.state import RuntimeState
 
@@ -27,18 +26,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.1
 
 
-class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    """envoy.service.ext_proc.v3.ExternalProcessor backed by a Processor."""
-
-    def __init__(self, processor: Processor) -> None:
-        self.processor = processor
-
-    async def Process(
-        self,
-        request_iterator: object,
-        context: grpc.aio.ServicerContext,
-    ) -> None:
-        await self.processor.serve_stream(context)
+PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 
 
 class ConfigFileWatcher:
@@ -89,15 +77,6 @@ class ConfigFileWatcher:
         self._stop.set()
 
 
-def _server_options() -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-        ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
-
-
 async def serve(config_source: str, listen: str, ready: threading.Event | None = None) -> None:
     """Run one worker until signalled. ``config_source``: a routing.pb file, or
     ``grpc://host:port`` of the control plane's config stream."""
@@ -114,12 +93,16 @@ async def serve(config_source: str, listen: str, ready: threading.Event | None =
         watcher = ConfigFileWatcher(Path(config_source), state, loop)
         await asyncio.to_thread(watcher.load_once)
         watcher.start()
-    server = grpc.aio.server(options=_server_options())
-    ep_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorService(Processor(state)), server
-    )
-    server.add_insecure_port(listen)
-    await server.start()
+    processor = Processor(state)
+    connections: weakref.WeakSet[GrpcConnection] = weakref.WeakSet()
+
+    def connection() -> GrpcConnection:
+        conn = GrpcConnection(PROCESS_METHOD, processor)
+        connections.add(conn)
+        return conn
+
+    host, _, port = listen.rpartition(":")
+    server = await loop.create_server(connection, host.strip("[]"), int(port))
     log.info("ext_proc worker %d serving on %s", os.getpid(), listen)
     if ready is not None:
         ready.set()
@@ -131,7 +114,10 @@ async def serve(config_source: str, listen: str, ready: threading.Event | None =
         watcher.stop()
     for task in background:
         task.cancel()
-    await server.stop(grace=1.0)
+    server.close()
+    for conn in connections:
+        conn.goaway()
+    await asyncio.sleep(0.2)  # let in-flight streams answer
 
 
 def _worker(config_path: str, listen: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -34,11 +33,16 @@ def body_msg(body: bytes) -> ep.ProcessingRequest:
 
 
 async def run(state: RuntimeState, *messages: ep.ProcessingRequest) -> list[ep.ProcessingResponse]:
-    async def stream() -> AsyncIterator[ep.ProcessingRequest]:
-        for message in messages:
-            yield message
-
-    return [r async for r in Processor(state).process(stream())]
+    """One ext_proc stream through the wire-level handler, until it ends the call."""
+    processor = Processor(state)
+    stream = processor.open()
+    responses = []
+    for message in messages:
+        raw, done = await processor.message(stream, message.SerializeToString())
+        responses.append(ep.ProcessingResponse.FromString(raw))
+        if done:
+            break
+    return responses
 
 
 def state_for(policy_doc: dict[str, Any]) -> RuntimeState:
