@@ -1,11 +1,13 @@
 """Benchmark: Envoy direct vs Envoy + ext_proc routing, same instant upstream, same run.
 
-Run with `make bench-gateway`. Starts an instant upstream (an Envoy answering every request
-with a fixed chat completion), then measures with wrk:
-  1. "envoy direct": an Envoy proxy with no ext_proc in front of that upstream;
-  2. "gateway": `switchyard up` (Envoy + ext_proc workers + classifier routing) in front of
-     the same upstream.
-Prints requests/s and p50/p99 latency for both and their ratios. Not a test.
+Run with `make bench-gateway`. Starts an instant upstream (an Envoy that reads each request
+and answers with a fixed chat completion), an Envoy proxy with no ext_proc in front of it
+("envoy direct"), and `switchyard up` (Envoy + ext_proc workers + classifier routing with the
+trained router) in front of the same upstream. wrk then runs against both, alternating, with
+the same settings and a warm-up before each run. Prints per run requests/s, p50/p99, the CPU
+steal and the CPU other processes used meanwhile (from /proc/stat), and the CPU per request of
+each component; then the throughput ratio and the added p50 at 16 and at 1 connection.
+Not a test.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -46,7 +49,18 @@ wrk.headers["Content-Type"] = "application/json"
 """
 
 
-def _listener(name: str, port: int, route: dict[str, object]) -> dict[str, object]:
+_BUFFER = {
+    "name": "envoy.filters.http.buffer",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+        "max_request_bytes": 1 << 20,
+    },
+}
+
+
+def _listener(
+    name: str, port: int, route: dict[str, object], read_body: bool = False
+) -> dict[str, object]:
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network."
         "http_connection_manager.v3.HttpConnectionManager",
@@ -57,12 +71,13 @@ def _listener(name: str, port: int, route: dict[str, object]) -> dict[str, objec
             ]
         },
         "http_filters": [
+            *([_BUFFER] if read_body else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
                 },
-            }
+            },
         ],
     }
     return {
@@ -79,7 +94,9 @@ def _listener(name: str, port: int, route: dict[str, object]) -> dict[str, objec
 
 
 @contextmanager
-def envoy(config: dict[str, object], concurrency: int, port: int) -> Iterator[None]:
+def envoy(
+    config: dict[str, object], concurrency: int, port: int
+) -> Iterator[subprocess.Popen[bytes]]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(config, handle)
     proc = subprocess.Popen(
@@ -96,7 +113,7 @@ def envoy(config: dict[str, object], concurrency: int, port: int) -> Iterator[No
     )
     try:
         wait_until(lambda: port_open("127.0.0.1", port), 30, "envoy")
-        yield
+        yield proc
     finally:
         proc.terminate()
         proc.wait()
@@ -117,6 +134,9 @@ def instant_upstream(port: int) -> dict[str, object]:
                             {"header": {"key": "content-type", "value": "application/json"}}
                         ],
                     },
+                    # Answer after reading the whole request, as a model server does: a reply
+                    # sent while a chunked body is still arriving closes the connection.
+                    read_body=True,
                 )
             ]
         }
@@ -157,7 +177,9 @@ def direct_proxy(port: int, upstream_port: int) -> dict[str, object]:
 
 
 @contextmanager
-def gateway(directory: Path, upstream_port: int, workers: int, bundle: str) -> Iterator[Gateway]:
+def gateway(
+    directory: Path, upstream_port: int, workers: int, bundle: str, concurrency: int
+) -> Iterator[Gateway]:
     """`switchyard up` with a classifier policy whose three models share the instant upstream."""
     models = []
     tiers = []
@@ -182,14 +204,59 @@ def gateway(directory: Path, upstream_port: int, workers: int, bundle: str) -> I
             "strategy": {"type": "classifier", "tiers": tiers, "router": {"bundle": bundle}},
         },
     }
-    running = start_gateway(directory, policy, extprocWorkers=workers, envoyConcurrency=1)
+    running = start_gateway(directory, policy, extprocWorkers=workers, envoyConcurrency=concurrency)
     try:
         yield running
     finally:
         running.stop()
 
 
-def run_wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _cpu_jiffies() -> tuple[int, int, int]:
+    """(busy, steal, total) jiffies of all CPUs so far."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = values[3] + values[4]
+    return sum(values) - idle - values[7], values[7], sum(values)
+
+
+def gateway_components(running: Gateway) -> dict[str, list[int]]:
+    """The gateway's processes by role: its Envoy and its ext_proc workers."""
+    roles: dict[str, list[int]] = {"gateway envoy": [], "ext_proc": []}
+    for pid in _descendants(running.process.pid):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if Path(cmdline[0].decode()).name == "envoy":
+            roles["gateway envoy"].append(pid)
+        elif b"extproc" in cmdline or b"multiprocessing" in b" ".join(cmdline):
+            roles["ext_proc"].append(pid)
+    return roles
+
+
+def run_wrk(
+    url: str, seconds: int, connections: int, components: dict[str, list[int]]
+) -> dict[str, float]:
+    """One wrk run: req/s, p50/p99 ms, steal %, and CPU ms per request of each component."""
     body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": PROMPT}]})
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT % body)
@@ -199,12 +266,18 @@ def run_wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
         check=True,
         capture_output=True,
     )
+    cpu0 = {name: sum(map(_cpu_seconds, pids)) for name, pids in components.items()}
+    wrk0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    jiffies0 = _cpu_jiffies()
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
+    jiffies1 = _cpu_jiffies()
+    wrk1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu1 = {name: sum(map(_cpu_seconds, pids)) for name, pids in components.items()}
     os.unlink(script.name)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non_2xx:
@@ -216,49 +289,94 @@ def run_wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
         value, unit = float(match.group(1)), match.group(2)
         return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
+    total = re.search(r"(\d+) requests in", out)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    assert rps, out
-    return {"rps": float(rps.group(1)), "p50": ms("50"), "p99": ms("99")}
+    assert total and rps, out
+    requests = int(total.group(1))
+    busy, steal, total = (b - a for a, b in zip(jiffies0, jiffies1, strict=True))
+    wrk_cpu = wrk1.ru_utime + wrk1.ru_stime - wrk0.ru_utime - wrk0.ru_stime
+    ours = sum(cpu1.values()) - sum(cpu0.values()) + wrk_cpu
+    tick = os.sysconf("SC_CLK_TCK")
+    result = {
+        "rps": float(rps.group(1)),
+        "p50": ms("50"),
+        "p99": ms("99"),
+        "steal": 100 * steal / max(1, total),
+        # CPU used by processes outside this benchmark (other work on the machine).
+        "others": max(0.0, 100 * (busy / tick - ours) / max(1, total / tick)),
+    }
+    for name, seconds_used in [*((n, cpu1[n] - cpu0[n]) for n in cpu0), ("wrk", wrk_cpu)]:
+        result[f"cpu {name}"] = 1000 * seconds_used / requests
+    return result
+
+
+def _row(name: str, r: dict[str, float]) -> str:
+    cpu = ", ".join(f"{k[4:]} {v:.3f}" for k, v in r.items() if k.startswith("cpu "))
+    return (
+        f"{name:<18}{r['rps']:>8.0f}{r['p50']:>8.2f}{r['p99']:>8.2f}{r['steal']:>7.1f}"
+        f"{r['others']:>8.1f}  "
+        f"CPU ms/req: {cpu}"
+    )
+
+
+def _span(values: list[float], fmt: str) -> str:
+    low, high = min(values), max(values)
+    return format(low, fmt) if f"{low:{fmt}}" == f"{high:{fmt}}" else f"{low:{fmt}}-{high:{fmt}}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1))
+    parser.add_argument("--rounds", type=int, default=3, help="direct/gateway pairs to run")
+    parser.add_argument("--workers", type=int, default=0, help="ext_proc workers; 0: default")
+    parser.add_argument("--concurrency", type=int, default=1, help="Envoy --concurrency (both)")
     parser.add_argument("--bundle", default="builtin:default", help="router bundle to score with")
     args = parser.parse_args()
     upstream_port, direct_port = free_port_block(), free_port_block()
-    results: dict[str, dict[str, float]] = {}
-    with envoy(instant_upstream(upstream_port), 1, upstream_port):
-        with envoy(direct_proxy(direct_port, upstream_port), 1, direct_port):
-            results["envoy direct"] = run_wrk(
-                f"http://127.0.0.1:{direct_port}/v1/chat/completions",
-                args.seconds,
-                args.connections,
-            )
-        with (
-            tempfile.TemporaryDirectory() as tmp,
-            gateway(Path(tmp), upstream_port, args.workers, args.bundle) as running,
-        ):
-            results["envoy + ext_proc"] = run_wrk(
-                f"{running.base_url}/chat/completions",
-                args.seconds,
-                args.connections,
-            )
+    pairs: list[tuple[dict[str, float], dict[str, float]]] = []
+    single: list[tuple[dict[str, float], dict[str, float]]] = []
+    with (
+        envoy(instant_upstream(upstream_port), 1, upstream_port) as upstream,
+        envoy(direct_proxy(direct_port, upstream_port), args.concurrency, direct_port) as direct,
+        tempfile.TemporaryDirectory() as tmp,
+        gateway(Path(tmp), upstream_port, args.workers, args.bundle, args.concurrency) as running,
+    ):
+        direct_url = f"http://127.0.0.1:{direct_port}/v1/chat/completions"
+        gateway_url = f"{running.base_url}/chat/completions"
+        upstream_cpu = {"upstream": [upstream.pid]}
+        direct_parts = {"proxy envoy": [direct.pid], **upstream_cpu}
+        gateway_parts = {**gateway_components(running), **upstream_cpu}
+        workers = len(gateway_parts["ext_proc"])
+        # Alternating pairs, so drift in steal or load hits both setups alike.
+        for connections, seconds, rounds, into in [
+            (args.connections, args.seconds, args.rounds, pairs),
+            (1, max(3, args.seconds // 2), 1, single),
+        ]:
+            for _ in range(rounds):
+                into.append(
+                    (
+                        run_wrk(direct_url, seconds, connections, direct_parts),
+                        run_wrk(gateway_url, seconds, connections, gateway_parts),
+                    )
+                )
     print(
-        f"\nwrk: {args.connections} connections, {args.seconds}s, {os.cpu_count()} cores, "
-        f"ext_proc workers {args.workers}, Envoy concurrency 1 (both), router {args.bundle}"
+        f"\nwrk 1 thread, {args.seconds}s per run after a 2s warm-up, {os.cpu_count()} cores; "
+        f"Envoy --concurrency {args.concurrency} (both), {workers} ext_proc worker process(es) "
+        f"(CPU counted over all), router {args.bundle}"
     )
-    print(f"{'setup':<18}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
-    for name, r in results.items():
-        print(f"{name:<18}{r['rps']:>10.0f}{r['p50']:>10.2f}{r['p99']:>10.2f}")
-    direct, routed = results["envoy direct"], results["envoy + ext_proc"]
-    print(f"throughput ratio (ext_proc / direct): {routed['rps'] / direct['rps']:.2f}")
-    print(
-        f"added p50: {routed['p50'] - direct['p50']:.2f} ms; added p99: "
-        f"{routed['p99'] - direct['p99']:.2f} ms"
-    )
+    print(f"{'setup':<18}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'steal%':>7}{'others%':>8}")
+    for label, runs in [(f"{args.connections} connections", pairs), ("1 connection", single)]:
+        print(f"-- {label}")
+        for direct_run, routed in runs:
+            print(_row("envoy direct", direct_run))
+            print(_row("envoy + ext_proc", routed))
+    ratios = [routed["rps"] / direct_run["rps"] for direct_run, routed in pairs]
+    added = [routed["p50"] - direct_run["p50"] for direct_run, routed in pairs]
+    added_1 = [routed["p50"] - direct_run["p50"] for direct_run, routed in single]
+    print(f"throughput ratio (ext_proc / direct): {_span(ratios, '.2f')} over {len(pairs)} pairs")
+    print(f"added p50 at {args.connections} connections: {_span(added, '.2f')} ms")
+    print(f"added p50 at 1 connection: {_span(added_1, '.2f')} ms")
     return 0
 
 
