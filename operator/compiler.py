@@ -34,7 +34,11 @@ def backend_key(policy: RoutePolicy, model_name: str) -> str:
 
 
 def _model(policy: RoutePolicy, spec: ModelSpec) -> pb.Model:
-    backend = pb.Backend(url=spec.backend.url or "", api_key_env=spec.backend.api_key_env or "")
+    backend = pb.Backend(
+        url=spec.backend.url or "",
+        api_key_env=spec.backend.api_key_env or "",
+        ca_bundle=spec.backend.ca_bundle or "",
+    )
     if spec.backend.api_key_secret is not None:
         secret = spec.backend.api_key_secret
         backend.api_key_secret.CopyFrom(pb.SecretKeyRef(name=secret.name, key=secret.key))

@@ -140,7 +140,11 @@ STRATEGY_RULES = [
     },
 ]
 BACKEND_RULES = [
-    {"rule": "has(self.url) != has(self.service)", "message": "set exactly one of url or service"}
+    {"rule": "has(self.url) != has(self.service)", "message": "set exactly one of url or service"},
+    {
+        "rule": "!has(self.caBundle) || (has(self.url) && self.url.startsWith('https://'))",
+        "message": "caBundle needs an https url",
+    },
 ]
 WHEN_RULES = [
     {

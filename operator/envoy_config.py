@@ -62,6 +62,20 @@ class GatewaySettings:
     max_request_bytes: int = 8 * 1024 * 1024
     extproc_message_timeout_ms: int = 500
     route_timeout_s: int = 300
+    # CA bundle (a path on Envoy's filesystem) that verifies https backends without caBundle.
+    system_ca_file: str = field(default_factory=lambda: system_ca_file())
+
+
+_CA_FILES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu (Envoy's images), Alpine
+    "/etc/pki/tls/certs/ca-bundle.crt",  # RHEL, Fedora
+    "/etc/ssl/cert.pem",  # macOS, BSD
+)
+
+
+def system_ca_file() -> str:
+    """The first system CA bundle present here (Debian's path when none is)."""
+    return next((f for f in _CA_FILES if os.path.exists(f)), _CA_FILES[0])
 
 
 def _duration(ms: int) -> str:
@@ -440,6 +454,13 @@ def _endpoint(host: str, port: int) -> dict[str, Any]:
     return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
 
 
+def _extproc_endpoint(host: str, port: int) -> dict[str, Any]:
+    """A worker at host:port, or at a Unix socket given as ("unix:/path", 0)."""
+    if host.startswith("unix:"):
+        return {"endpoint": {"address": {"pipe": {"path": host.removeprefix("unix:")}}}}
+    return _endpoint(host, port)
+
+
 def extproc_cluster(settings: GatewaySettings) -> dict[str, Any]:
     """The ext_proc workers: HTTP/2, round-robin per stream."""
     return {
@@ -457,7 +478,7 @@ def extproc_cluster(settings: GatewaySettings) -> dict[str, Any]:
         "load_assignment": {
             "cluster_name": EXTPROC_CLUSTER,
             "endpoints": [
-                {"lb_endpoints": [_endpoint(h, p) for h, p in settings.extproc_endpoints]}
+                {"lb_endpoints": [_extproc_endpoint(h, p) for h, p in settings.extproc_endpoints]}
             ],
         },
     }
@@ -500,7 +521,32 @@ _SERVICE_HEALTH_CHECK = {
 }
 
 
-def model_cluster(model: pb.Model) -> dict[str, Any]:
+def _upstream_tls(host: str, ca_pem: str, system_ca_file: str) -> dict[str, Any]:
+    """TLS to an https backend: SNI, and the certificate verified for ``host`` against the
+    backend's own CA bundle or else the system's."""
+    trusted = {"inline_string": ca_pem} if ca_pem else {"filename": system_ca_file}
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": TLS,
+            "sni": host,
+            "common_tls_context": {
+                "alpn_protocols": ["h2", "http/1.1"],
+                "validation_context": {
+                    "trusted_ca": trusted,
+                    "match_typed_subject_alt_names": [
+                        {
+                            "san_type": "IP_ADDRESS" if _is_ip(host) else "DNS",
+                            "matcher": {"exact": host},
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def model_cluster(model: pb.Model, system_ca: str = "") -> dict[str, Any]:
     """One cluster per model backend: an external URL or an in-cluster Service."""
     health_checks: list[dict[str, Any]] = []
     if model.backend.service.name:
@@ -546,14 +592,8 @@ def model_cluster(model: pb.Model) -> dict[str, Any]:
         },
     }
     if tls:
-        cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": TLS,
-                "sni": host,
-                "common_tls_context": {"alpn_protocols": ["h2", "http/1.1"]},
-            },
-        }
+        ca_file = system_ca or system_ca_file()
+        cluster["transport_socket"] = _upstream_tls(host, model.backend.ca_bundle, ca_file)
     return cluster
 
 
@@ -565,5 +605,7 @@ def _is_ip(host: str) -> bool:
 def build_clusters(config: pb.RoutingConfig, settings: GatewaySettings) -> list[dict[str, Any]]:
     """The ext_proc cluster plus one cluster per model backend."""
     clusters = [extproc_cluster(settings)]
-    clusters.extend(model_cluster(m) for p in config.policies for m in p.models)
+    clusters.extend(
+        model_cluster(m, settings.system_ca_file) for p in config.policies for m in p.models
+    )
     return clusters

@@ -26,7 +26,7 @@ from switchyard.operator.autoscaling import (
 )
 from switchyard.operator.control_plane import ControlPlane
 from switchyard.operator.crd import GROUP, PLURAL, VERSION
-from switchyard.operator.envoy_config import GatewaySettings
+from switchyard.operator.envoy_config import GatewaySettings, system_ca_file
 from switchyard.operator.multicluster import (
     CLUSTER_LABEL,
     KUBECONFIG_KEY,
@@ -56,6 +56,8 @@ class OperatorSettings:
     # This cluster, for multi-cluster placement: models prefer it unless they name another.
     cluster_name: str = "local"
     region: str = ""
+    # System CA bundle on the gateway Envoy's filesystem ("" = the path found here).
+    upstream_ca_file: str = ""
 
 
 SETTINGS = OperatorSettings()
@@ -76,6 +78,7 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
             listen_address="0.0.0.0",
             listen_port=SETTINGS.gateway_port,
             extproc_endpoints=SETTINGS.extproc_endpoints,
+            system_ca_file=SETTINGS.upstream_ca_file or system_ca_file(),
         ),
     )
     port = await plane.start(SETTINGS.xds_listen)
@@ -257,6 +260,43 @@ _api_keys: dict[tuple[str, str, str], str] = {}
 def cached_api_key(namespace: str, secret: str, key: str) -> str | None:
     """The API key read for (namespace, Secret, key); it only ever goes into Envoy's routes."""
     return _api_keys.get((namespace, secret, key))
+
+
+def _secret_refs(namespace: str, name: str) -> set[tuple[str, str, str]]:
+    """(namespace, Secret, key) of every API key the policies read from this Secret."""
+    return {
+        (namespace, name, model.backend.api_key_secret.key)
+        for policy in _reconciler().policies.values()
+        if policy.metadata.namespace == namespace
+        for model in policy.spec.models
+        if model.backend.api_key_secret is not None and model.backend.api_key_secret.name == name
+    }
+
+
+def _referenced_secret(body: kopf.Body, **_: Any) -> bool:
+    meta = body.get("metadata", {})
+    return bool(_secret_refs(meta.get("namespace", ""), meta.get("name", "")))
+
+
+@kopf.on.event("", "v1", "secrets", when=_referenced_secret)
+async def api_key_secret(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """A Secret holding a provider API key changed (rotation) or went: re-push the routes."""
+    meta = body.get("metadata", {})
+    namespace, name = meta.get("namespace", ""), meta.get("name", "")
+    data = {} if event["type"] == "DELETED" else (body.get("data") or {})
+    changed = False
+    for ref in _secret_refs(namespace, name):
+        value = data.get(ref[2])
+        new = base64.b64decode(value).decode() if value is not None else None
+        if _api_keys.get(ref) != new:
+            changed = True
+            if new is None:
+                _api_keys.pop(ref, None)
+            else:
+                _api_keys[ref] = new
+    if changed:
+        log.info("Secret %s/%s changed; re-pushing routes", namespace, name)
+        await _reconciler().republish()
 
 
 def load_api_keys(namespace: str, spec: dict[str, Any]) -> None:

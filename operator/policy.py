@@ -75,11 +75,22 @@ class Backend(_Spec):
     api_key_secret: SecretKeyRef | None = Field(
         default=None, description="Kubernetes: Secret key holding the provider API key."
     )
+    ca_bundle: str | None = Field(
+        default=None,
+        pattern=r"^\s*-----BEGIN CERTIFICATE-----",
+        max_length=65536,
+        description=(
+            "https URLs: PEM CA certificate(s) that verify the backend (default: the system "
+            "CAs). The certificate must name the URL's host."
+        ),
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Backend:
         if (self.url is None) == (self.service is None):
             raise ValueError("set exactly one of url or service")
+        if self.ca_bundle is not None and not (self.url or "").startswith("https://"):
+            raise ValueError("caBundle needs an https url")
         return self
 
 

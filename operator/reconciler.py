@@ -144,6 +144,11 @@ class Reconciler:
         await self._publish(config)
         return True
 
+    async def republish(self) -> None:
+        """Push the current config again (e.g. an API key it references was rotated)."""
+        if self.policies:
+            await self.plane.apply(self.config)
+
     def endpoint_counts(self) -> dict[tuple[str, str], dict[str, ModelEndpoints]]:
         """(namespace, name) → per-model endpoint counts, for every published policy."""
         return {(p.namespace, p.name): endpoint_counts(p) for p in self.config.policies}

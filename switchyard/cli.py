@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--latency-ms", type=float, default=0.0)
     demo.add_argument("--failure-rate", type=float, default=0.0)
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    demo.add_argument("--tls-cert", help="serve https with this certificate chain (PEM)")
+    demo.add_argument("--tls-key", help="... and this private key (PEM)")
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (kopf) and its xDS server")
     op.add_argument("--xds-listen", default="0.0.0.0:18000", help="ADS + config stream address")
@@ -51,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument(
         "--region", default="", help="this cluster's region (for models' region constraints)"
     )
+    op.add_argument(
+        "--upstream-ca-file",
+        default="",
+        help="system CA bundle path inside the gateway Envoy (verifies https backends)",
+    )
 
     router = sub.add_parser("router", help="router model tools (score, eval)", add_help=False)
     router.add_argument("rest", nargs=argparse.REMAINDER)
@@ -68,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         from switchyard.demo.upstream import run_demo_upstream
 
         return run_demo_upstream(
-            args.name, args.port, args.latency_ms, args.failure_rate, args.host
+            args.name,
+            args.port,
+            args.latency_ms,
+            args.failure_rate,
+            args.host,
+            (args.tls_cert, args.tls_key) if args.tls_cert else None,
         )
     if args.command == "operator":
         from switchyard.operator.k8s import OperatorSettings, run_operator
@@ -88,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 extproc_deployment=args.extproc_deployment,
                 cluster_name=args.cluster_name,
                 region=args.region,
+                upstream_ca_file=args.upstream_ca_file,
             )
         )
     if args.command == "router":

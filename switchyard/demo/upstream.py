@@ -12,6 +12,7 @@ import asyncio
 import math
 import random
 import signal
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
@@ -221,14 +222,26 @@ def build_app(
 
 
 def run_demo_upstream(
-    name: str, port: int, latency_ms: float, failure_rate: float, host: str = "127.0.0.1"
+    name: str,
+    port: int,
+    latency_ms: float,
+    failure_rate: float,
+    host: str = "127.0.0.1",
+    tls: tuple[str, str] | None = None,
 ) -> int:
-    """Serve on ``host``:``port`` until SIGINT or SIGTERM; 0 on a clean stop."""
+    """Serve on ``host``:``port`` until SIGINT or SIGTERM; 0 on a clean stop.
+
+    ``tls`` = (certificate chain file, key file) serves https instead of http.
+    """
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
 
     async def serve() -> None:
         runner = web.AppRunner(build_app(name, latency_ms, failure_rate), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=context).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

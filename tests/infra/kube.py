@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import base64
 import collections
-import datetime
 import functools
-import ipaddress
 import json
 import os
 import shutil
@@ -33,10 +31,8 @@ from types import TracebackType
 from typing import IO, Any
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from certs import cert_pem, issue_cert, key_pem, new_key, x509_name
+from cryptography.hazmat.primitives import serialization
 
 BUILD_SCRIPT = Path(__file__).with_name("build_k8s.sh")
 
@@ -66,79 +62,6 @@ def k8s_bin_dir() -> Path:
         if not os.access(bin_dir / tool, os.X_OK):
             raise BuildError(f"{BUILD_SCRIPT} printed {bin_dir}, which has no {tool}")
     return bin_dir
-
-
-# --- certificates ------------------------------------------------------------------------------
-
-
-def _key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _name(common: str, org: str | None = None) -> x509.Name:
-    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common)]
-    if org:
-        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
-    return x509.Name(attributes)
-
-
-def _cert(
-    subject: x509.Name,
-    key: rsa.RSAPrivateKey,
-    issuer: x509.Name,
-    issuer_key: rsa.RSAPrivateKey,
-    *,
-    ca: bool = False,
-    server: bool = False,
-    client: bool = False,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )  # fmt: skip
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    if client:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
 
 
 # --- ports -------------------------------------------------------------------------------------
@@ -330,23 +253,27 @@ class KubeControlPlane:
     # -- files ------------------------------------------------------------------------------
 
     def _write_certs(self) -> None:
-        ca_key = _key()
-        ca_name = _name(f"switchyard-test-ca-{self.name}")
-        ca = _cert(ca_name, ca_key, ca_name, ca_key, ca=True)
-        server_key = _key()
-        server = _cert(_name("kube-apiserver"), server_key, ca_name, ca_key, server=True)
-        client_key = _key()
-        client = _cert(
-            _name("switchyard-admin", "system:masters"), client_key, ca_name, ca_key, client=True
+        ca_key = new_key()
+        ca_name = x509_name(f"switchyard-test-ca-{self.name}")
+        ca = issue_cert(ca_name, ca_key, ca_name, ca_key, ca=True)
+        server_key = new_key()
+        server = issue_cert(x509_name("kube-apiserver"), server_key, ca_name, ca_key, server=True)
+        client_key = new_key()
+        client = issue_cert(
+            x509_name("switchyard-admin", "system:masters"),
+            client_key,
+            ca_name,
+            ca_key,
+            client=True,
         )
-        sa_key = _key()
+        sa_key = new_key()
         files = {
-            "ca.crt": _cert_pem(ca),
-            "server.crt": _cert_pem(server),
-            "server.key": _key_pem(server_key),
-            "client.crt": _cert_pem(client),
-            "client.key": _key_pem(client_key),
-            "sa.key": _key_pem(sa_key),
+            "ca.crt": cert_pem(ca),
+            "server.crt": cert_pem(server),
+            "server.key": key_pem(server_key),
+            "client.crt": cert_pem(client),
+            "client.key": key_pem(client_key),
+            "sa.key": key_pem(sa_key),
             "sa.pub": sa_key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             ),

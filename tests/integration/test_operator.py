@@ -178,6 +178,16 @@ def test_api_key_from_a_secret_reaches_only_the_upstream(cluster: Cluster) -> No
     assert key not in cluster.kube.kubectl("get", "events", *ns, "-o", "yaml")
     cluster.log.flush()
     assert key not in Path(cluster.log.name).read_text()
+    # Rotating the Secret reaches the upstream with no edit of the policy.
+    rotated = "sk-rotated-" + os.urandom(8).hex()
+    secret = cluster.kube.kubectl(
+        "create", "secret", "generic", "provider", f"--from-literal=token={rotated}",
+        "--dry-run=client", "-o", "yaml", *ns,
+    )  # fmt: skip
+    cluster.kube.kubectl("apply", *ns, "-f", "-", stdin=secret)
+    wait_until(lambda: upstream_auth() == f"Bearer {rotated}", 30, "rotated key upstream")
+    cluster.log.flush()
+    assert rotated not in Path(cluster.log.name).read_text()
     cluster.apply(cluster.policy)
     wait_until(lambda: upstream_auth() == "", 30, "key removed with the reference")
 

@@ -93,20 +93,22 @@ class Model(_message.Message):
     def __init__(self, name: _Optional[str] = ..., backend_key: _Optional[str] = ..., upstream_model: _Optional[str] = ..., input_per_1m: _Optional[float] = ..., output_per_1m: _Optional[float] = ..., context_window: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., data_classes: _Optional[_Iterable[str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., tier: _Optional[str] = ..., weight: _Optional[float] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ..., region: _Optional[str] = ..., cluster: _Optional[str] = ...) -> None: ...
 
 class Backend(_message.Message):
-    __slots__ = ("url", "service", "api_key_env", "endpoints", "api_key_secret", "resolved")
+    __slots__ = ("url", "service", "api_key_env", "endpoints", "api_key_secret", "resolved", "ca_bundle")
     URL_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     API_KEY_ENV_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     API_KEY_SECRET_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_FIELD_NUMBER: _ClassVar[int]
+    CA_BUNDLE_FIELD_NUMBER: _ClassVar[int]
     url: str
     service: ServiceRef
     api_key_env: str
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
     api_key_secret: SecretKeyRef
     resolved: bool
-    def __init__(self, url: _Optional[str] = ..., service: _Optional[_Union[ServiceRef, _Mapping]] = ..., api_key_env: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., api_key_secret: _Optional[_Union[SecretKeyRef, _Mapping]] = ..., resolved: _Optional[bool] = ...) -> None: ...
+    ca_bundle: str
+    def __init__(self, url: _Optional[str] = ..., service: _Optional[_Union[ServiceRef, _Mapping]] = ..., api_key_env: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., api_key_secret: _Optional[_Union[SecretKeyRef, _Mapping]] = ..., resolved: _Optional[bool] = ..., ca_bundle: _Optional[str] = ...) -> None: ...
 
 class SecretKeyRef(_message.Message):
     __slots__ = ("name", "key")
