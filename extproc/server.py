@@ -101,8 +101,13 @@ async def serve(config_source: str, listen: str, ready: threading.Event | None =
         connections.add(conn)
         return conn
 
-    host, _, port = listen.rpartition(":")
-    server = await loop.create_server(connection, host.strip("[]"), int(port))
+    if listen.startswith("unix:"):
+        path = Path(listen.removeprefix("unix:"))
+        path.unlink(missing_ok=True)  # left by a worker that was killed
+        server = await loop.create_unix_server(connection, str(path))
+    else:
+        host, _, port = listen.rpartition(":")
+        server = await loop.create_server(connection, host.strip("[]"), int(port))
     log.info("ext_proc worker %d serving on %s", os.getpid(), listen)
     if ready is not None:
         ready.set()
@@ -128,7 +133,9 @@ def _worker(config_path: str, listen: str) -> None:
 
 
 def worker_addresses(listen: str, workers: int) -> list[str]:
-    """host:port of each worker: consecutive ports from the first one."""
+    """Each worker's address: consecutive ports from host:port, or ``unix:PATH.<i>``."""
+    if listen.startswith("unix:"):
+        return [f"{listen}.{i}" for i in range(workers)]
     host, _, port = listen.rpartition(":")
     return [f"{host}:{int(port) + i}" for i in range(workers)]
 
@@ -136,7 +143,7 @@ def worker_addresses(listen: str, workers: int) -> list[str]:
 def run_workers(config_path: str, listen: str, workers: int) -> int:
     """Start ``workers`` processes and wait; SIGINT/SIGTERM stop them all."""
     if workers <= 1:
-        _worker(config_path, listen)
+        _worker(config_path, worker_addresses(listen, 1)[0])
         return 0
     ctx = multiprocessing.get_context("spawn")
     procs = [

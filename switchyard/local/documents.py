@@ -32,6 +32,11 @@ class LocalGatewaySpec(_Doc):
     port: int = Field(default=8080, ge=1, le=65535)
     admin_port: int = Field(default=9901, ge=1, le=65535)
     extproc_port: int = Field(default=9002, ge=1, le=65535)
+    extproc_transport: Literal["unix", "tcp"] = Field(
+        default="unix",
+        description="unix: Envoy reaches the workers on Unix sockets in the state directory "
+        "(less CPU per request than loopback TCP); tcp: on extprocPort and up",
+    )
     extproc_workers: int = Field(default=0, ge=0, description="0: one per CPU core but one")
     envoy_concurrency: int = Field(default=0, ge=0, description="0: one per CPU core")
     fail_open_model: str = Field(

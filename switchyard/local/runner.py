@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 
 from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.extproc.server import worker_addresses
 from switchyard.local.documents import LocalGatewaySpec, LocalInputs, load_inputs, policy_files
 from switchyard.local.xds_files import XdsFiles
 from switchyard.operator.compiler import CompileError, compile_config
@@ -34,6 +35,7 @@ from switchyard.operator.policy import PolicyError
 log = logging.getLogger("switchyard.up")
 
 WATCH_SECONDS = 0.2
+_MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 START_TIMEOUT_S = 60.0
 
 
@@ -55,6 +57,25 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def socket_open(address: str) -> bool:
+    """Whether something accepts connections on the Unix socket ``unix:PATH``."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(0.2)
+        try:
+            sock.connect(address.removeprefix("unix:"))
+            return True
+        except OSError:
+            return False
+
+
+def _endpoint(address: str) -> tuple[str, int]:
+    """A worker address as GatewaySettings wants it: (host, port), or ("unix:PATH", 0)."""
+    if address.startswith("unix:"):
+        return address, 0
+    host, _, port = address.rpartition(":")
+    return host, int(port)
 
 
 def port_open(host: str, port: int) -> bool:
@@ -115,12 +136,16 @@ class LocalGateway:
         # One core is left to Envoy: on 2 cores, 1 worker served 1,377 req/s and 2 workers ~900
         # (bench-gateway), because workers and Envoy then fight for the same cores.
         self.workers = self.spec.extproc_workers or max(1, cores - 1)
+        socket_path = state_dir.resolve() / "extproc.sock"
+        if self.spec.extproc_transport == "unix" and len(str(socket_path)) < _MAX_SOCKET_PATH:
+            self.extproc_listen = f"unix:{socket_path}"
+        else:
+            self.extproc_listen = f"127.0.0.1:{self.spec.extproc_port}"
+        self.extproc_addresses = worker_addresses(self.extproc_listen, self.workers)
         self.settings = GatewaySettings(
             listen_address=self.spec.listen_address,
             listen_port=self.spec.port,
-            extproc_endpoints=[
-                ("127.0.0.1", self.spec.extproc_port + i) for i in range(self.workers)
-            ],
+            extproc_endpoints=[_endpoint(a) for a in self.extproc_addresses],
             max_request_bytes=self.spec.max_request_bytes,
             extproc_message_timeout_ms=self.spec.extproc_timeout_ms,
         )
@@ -161,7 +186,7 @@ class LocalGateway:
                 "--config",
                 str(self.xds.directory / "routing.pb"),
                 "--listen",
-                f"127.0.0.1:{self.spec.extproc_port}",
+                self.extproc_listen,
                 "--workers",
                 str(self.workers),
             ]
@@ -187,9 +212,8 @@ class LocalGateway:
         endpoints += [(h, p, "ext_proc") for h, p in self.settings.extproc_endpoints]
         endpoints.append((self.spec.listen_address, self.spec.port, "envoy listener"))
         for host, port, name in endpoints:
-            wait_until(
-                partial(self._alive_and, partial(port_open, host, port)), START_TIMEOUT_S, name
-            )
+            check = partial(socket_open, host) if port == 0 else partial(port_open, host, port)
+            wait_until(partial(self._alive_and, check), START_TIMEOUT_S, name)
         wait_until(partial(self._alive_and, self.admin.ready), START_TIMEOUT_S, "envoy")
         print(
             f"switchyard: gateway on http://{self.spec.listen_address}:{self.spec.port} "
