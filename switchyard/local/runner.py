@@ -133,8 +133,8 @@ class LocalGateway:
         if port is not None:
             self.spec = self.spec.model_copy(update={"port": port})
         cores = os.cpu_count() or 1
-        # One core is left to Envoy: on 2 cores, 1 worker served 1,377 req/s and 2 workers ~900
-        # (bench-gateway), because workers and Envoy then fight for the same cores.
+        # One core is left to Envoy: on 2 cores, 1 worker served 4,376 req/s and 2 workers 3,967
+        # (bench-gateway A/B), because workers and Envoy then fight for the same cores.
         self.workers = self.spec.extproc_workers or max(1, cores - 1)
         socket_path = state_dir.resolve() / "extproc.sock"
         if self.spec.extproc_transport == "unix" and len(str(socket_path)) < _MAX_SOCKET_PATH:
