@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.headers import BACKEND_HEADER, EXTPROC_FILTER, METADATA_NAMESPACE
+from switchyard.operator import fallback
 
 LISTENER_NAME = "switchyard_http"
 ROUTE_CONFIG_NAME = "switchyard_routes"
@@ -155,7 +156,15 @@ def _backend_route(
     }
     if retries.attempts and retries.retry_on:
         action["retry_policy"] = retry_policy
+    members = fallback.chain(policy, model)
+    served_by = "OVERWRITE_IF_EXISTS_OR_ADD"
     headers_to_add: list[dict[str, Any]] = []
+    if len(members) > 1:
+        # Fallback attempts get their own host, path, API key and body from the aggregate
+        # cluster's filters, which also name the model that answered.
+        action["cluster"] = fallback.aggregate_name(model)
+        action["retry_policy"] = fallback.retry_policy(retries, members)
+        served_by = "ADD_IF_ABSENT"
     if model.backend.url:
         url = urlsplit(model.backend.url)
         action["host_rewrite_literal"] = url.netloc
@@ -186,8 +195,8 @@ def _backend_route(
         "request_headers_to_add": headers_to_add,
         "request_headers_to_remove": [BACKEND_HEADER],
         "response_headers_to_add": [
-            _response_header("x-switchyard-model", model.name),
-            _response_header("x-switchyard-upstream-model", model.upstream_model),
+            _response_header("x-switchyard-model", model.name, served_by),
+            _response_header("x-switchyard-upstream-model", model.upstream_model, served_by),
             _response_header(
                 "x-switchyard-policy", f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:policy)%"
             ),
@@ -198,8 +207,10 @@ def _backend_route(
     }
 
 
-def _response_header(key: str, value: str) -> dict[str, Any]:
-    return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+def _response_header(
+    key: str, value: str, action: str = "OVERWRITE_IF_EXISTS_OR_ADD"
+) -> dict[str, Any]:
+    return {"header": {"key": key, "value": value}, "append_action": action}
 
 
 # Without the ext_proc nothing parses the body, so the fail-open route swaps the top-level
@@ -561,6 +572,9 @@ def model_cluster(model: pb.Model, system_ca: str = "") -> dict[str, Any]:
         port = url.port or (443 if tls else 80)
         kind = "STATIC" if _is_ip(host) else "STRICT_DNS"
         localities = [{"lb_endpoints": [_endpoint(host, port)]}]
+    for locality in localities:
+        for member in locality["lb_endpoints"]:
+            member["metadata"] = fallback.endpoint_metadata(model)
     cluster: dict[str, Any] = {
         "@type": CLUSTER,
         "name": model.backend_key,
@@ -602,10 +616,19 @@ def _is_ip(host: str) -> bool:
     return len(parts) == 4 and all(p.isdigit() for p in parts)
 
 
-def build_clusters(config: pb.RoutingConfig, settings: GatewaySettings) -> list[dict[str, Any]]:
-    """The ext_proc cluster plus one cluster per model backend."""
+def build_clusters(
+    config: pb.RoutingConfig, settings: GatewaySettings, api_keys: ApiKeys | None = None
+) -> list[dict[str, Any]]:
+    """The ext_proc cluster, one cluster per model backend, and one aggregate cluster per model
+    with usable fallbacks."""
     clusters = [extproc_cluster(settings)]
     clusters.extend(
         model_cluster(m, settings.system_ca_file) for p in config.policies for m in p.models
     )
+    for policy in config.policies:
+        for model in policy.models:
+            members = fallback.chain(policy, model)
+            if len(members) > 1:
+                keys = [_api_key(policy, m, api_keys) for m in members]
+                clusters.append(fallback.aggregate_cluster(members, keys, HTTP_OPTIONS))
     return clusters

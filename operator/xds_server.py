@@ -21,11 +21,13 @@ import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2  # noqa: F401
 from envoy.config.route.v3 import route_pb2  # noqa: F401
+from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2  # noqa: F401
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2  # noqa: F401
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2  # noqa: F401
 from envoy.extensions.filters.http.lua.v3 import lua_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2,
 )
@@ -273,7 +275,7 @@ def build_snapshot(
         "config_source": {"ads": {}, "resource_api_version": "V3"},
     }
     return {
-        CLUSTER: pack(build_clusters(config, settings)),
+        CLUSTER: pack(build_clusters(config, settings, api_keys)),
         LISTENER: pack([build_listener(config, settings, rds)]),
         ROUTE: pack([build_route_config(config, settings, api_keys)]),
     }
