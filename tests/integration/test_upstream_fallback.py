@@ -104,20 +104,12 @@ def test_without_fallbacks_the_failure_reaches_the_client_as_openai_error(
     assert response.json()["error"]["type"]
 
 
-def test_a_healthy_model_is_served_by_itself(fallback_gateway: Gateway) -> None:
-    response = _ask(fallback_gateway, "narrow")
+@pytest.mark.parametrize("model", ["narrow", "steady"])  # without and with fallbacks
+def test_a_healthy_model_is_served_by_itself(fallback_gateway: Gateway, model: str) -> None:
+    response = _ask(fallback_gateway, model)
     assert response.status_code == 200
-    assert response.headers["x-switchyard-model"] == "narrow"
-    seen = _seen_by(fallback_gateway, "narrow")
-    assert seen["body"]["model"] == "narrow-v1"
-    assert seen["headers"]["authorization"] == "Bearer key-of-narrow"
-
-
-def test_a_healthy_model_with_fallbacks_is_served_by_itself(fallback_gateway: Gateway) -> None:
-    response = _ask(fallback_gateway, "steady")
-    assert response.status_code == 200
-    assert response.headers["x-switchyard-model"] == "steady"
-    seen = _seen_by(fallback_gateway, "steady")
-    assert seen["body"]["model"] == "steady-v1"
-    assert seen["headers"]["authorization"] == "Bearer key-of-steady"
+    assert response.headers["x-switchyard-model"] == model
+    seen = _seen_by(fallback_gateway, model)
+    assert seen["body"]["model"] == f"{model}-v1"
+    assert seen["headers"]["authorization"] == f"Bearer key-of-{model}"
     assert not any(h.startswith("x-switchyard") for h in seen["headers"])
