@@ -111,6 +111,9 @@ class OnnxRouter:
             else None
         )
         self._out = [bundle.outputs["difficulty"], bundle.outputs["categories"]]
+        self._ids_name = bundle.inputs.get("input_ids", "input_ids")
+        self._mask_name = bundle.inputs.get("attention_mask")
+        self._ones_buf = np.ones((1, bundle.truncation.max_tokens), dtype=np.int64)
         self._cats = bundle.categories
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router")
         self._pending: list[tuple[str, asyncio.Future[RouterScores]]] = []
@@ -118,17 +121,25 @@ class OnnxRouter:
 
     # -- synchronous path --------------------------------------------------------------------
     def _pad(self, texts: Sequence[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        encoded = [self.tokenizer.encode(t) for t in texts]
-        if len(encoded) == 1:  # the common gateway case: no padding work
-            one = np.asarray(encoded[0], dtype=np.int64)[None, :]
-            return one, np.ones_like(one)
-        width = max(len(e) for e in encoded)
+        """Token ids [n, width] padded with 0 ([PAD]) and the attention mask."""
+        encode = self.tokenizer.encode_array
+        if len(texts) == 1:  # the common gateway case: no padding work
+            one = encode(texts[0])[None, :]
+            return one, self._ones(one.shape[1])
+        encoded = [encode(t) for t in texts]
+        width = max(e.shape[0] for e in encoded)
         ids = np.zeros((len(encoded), width), dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, e in enumerate(encoded):
-            ids[row, : len(e)] = e
-            mask[row, : len(e)] = 1
+            ids[row, : e.shape[0]] = e
+            mask[row, : e.shape[0]] = 1
         return ids, mask
+
+    def _ones(self, width: int) -> npt.NDArray[np.int64]:
+        """A [1, width] mask of ones (a view of a preallocated buffer)."""
+        if width > self._ones_buf.shape[1]:
+            self._ones_buf = np.ones((1, width), dtype=np.int64)
+        return self._ones_buf[:, :width]
 
     def infer(
         self, texts: Sequence[str]
@@ -136,10 +147,9 @@ class OnnxRouter:
         """Raw outputs: difficulty [n] and category probabilities [n, 7] (bundle label order)."""
         ids, mask = self._pad(texts)
         if self._encoder is None:
-            feeds = {
-                self.bundle.inputs["input_ids"]: ids,
-                self.bundle.inputs["attention_mask"]: mask,
-            }
+            feeds = {self._ids_name: ids}
+            if self._mask_name is not None:  # graphs that pad with zero rows need no mask
+                feeds[self._mask_name] = mask
         else:
             hidden = self._encoder.run(
                 [self.bundle.encoder.output],  # type: ignore[union-attr]
@@ -161,9 +171,9 @@ class OnnxRouter:
         for start in range(0, len(texts), self.max_batch):
             chunk = texts[start : start + self.max_batch]
             difficulty, categories = self.infer(chunk)
-            for d, probs in zip(difficulty, categories, strict=True):
-                cats = {c: float(p) for c, p in zip(self._cats, probs, strict=True)}
-                d = float(d)
+            # Python floats up front: iterating numpy arrays makes a numpy scalar per element
+            for d, probs in zip(difficulty.tolist(), categories.tolist(), strict=True):
+                cats = dict(zip(self._cats, probs, strict=True))
                 out.append(
                     RouterScores(
                         difficulty=min(1.0, max(0.0, d)) if math.isfinite(d) else 0.5,

@@ -1,10 +1,15 @@
 """Fast, exact WordPiece ids for the router, with a head+tail truncation policy.
 
 The Hugging Face ``tokenizers`` pipeline costs about 1 ms for a 512-token prompt on one core,
-more than the whole router budget. BERT pre-tokenisation never lets a token cross whitespace
-or ASCII punctuation, so the prompt is split there with one regular expression and each piece
-is looked up in a word -> ids cache; only unseen pieces go through ``tokenizers`` (which applies
-the full normaliser: lower-casing, accent stripping, CJK and Unicode punctuation splitting).
+more than the whole router budget. BERT pre-tokenisation never lets a token cross whitespace,
+so the prompt is split with ``str.split()`` (C speed) and each word is looked up in a
+word -> ids cache that holds the ids as packed int64 bytes: a prompt's ids are one
+``b"".join(map(cache.__getitem__, words))`` and one ``np.frombuffer``, with no Python loop
+and no per-id Python objects. Only unseen words go through ``tokenizers`` (which applies the
+full normaliser: lower-casing, accent stripping, punctuation, CJK and Unicode splitting).
+
+``str.split()`` also splits on seven characters that BERT's normaliser deletes instead
+(``\\v \\f \\x1c-\\x1f \\x85``, so ``a\\vb`` is one word for BERT); those are deleted first.
 The ids are identical to ``tokenizers``' own (checked in the unit tests); the cache is bounded.
 
 Truncation: a prompt longer than ``max_tokens`` keeps its first ``head`` and its last ``tail``
@@ -15,18 +20,42 @@ in the same proportion) before tokenising, so cost stays bounded for huge prompt
 
 from __future__ import annotations
 
-import re
+from array import array
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 from tokenizers import Tokenizer
 
-_PIECES = re.compile(r"[^\s!-/:-@\[-`{-~]+|[!-/:-@\[-`{-~]")
 CHARS_PER_TOKEN_CAP = 16
 CLS_ID = 101
 SEP_ID = 102
+#: Python whitespace that BERT's normaliser removes (control characters) rather than splits on.
+JOINERS = ("\v", "\f", "\x1c", "\x1d", "\x1e", "\x1f", "\x85")
+_DROP_JOINERS = str.maketrans(dict.fromkeys(JOINERS))
+
+Ids = npt.NDArray[np.int64]
+
+
+class _WordCache(dict[str, bytes]):
+    """word -> its ids as int64 bytes; a miss tokenises the word (and may reset the cache)."""
+
+    def __init__(self, tok: Tokenizer, cap: int) -> None:
+        super().__init__()
+        self._tok = tok
+        self._cap = cap
+
+    def __missing__(self, word: str) -> bytes:
+        ids = array("q", self._tok.encode(word, add_special_tokens=False).ids).tobytes()
+        if len(self) >= self._cap:
+            self.clear()
+        self[word] = ids
+        return ids
 
 
 class FastTokenizer:
+    """WordPiece ids equal to ``tokenizers``', from a per-word cache; head+tail truncation."""
+
     def __init__(
         self,
         tokenizer_path: Path | str,
@@ -47,39 +76,43 @@ class FastTokenizer:
         self.cls_id = vocab.get("[CLS]", CLS_ID)
         self.sep_id = vocab.get("[SEP]", SEP_ID)
         self.vocab_size = self._tok.get_vocab_size()
-        self._cache: dict[str, list[int]] = {}
-        self._cache_size = cache_size
+        self._cache = _WordCache(self._tok, cache_size)
+        self._lookup = self._cache.__getitem__
 
-    def _piece(self, piece: str) -> list[int]:
-        ids = self._cache.get(piece)
-        if ids is None:
-            ids = self._tok.encode(piece, add_special_tokens=False).ids
-            if len(self._cache) >= self._cache_size:
-                self._cache.clear()
-            self._cache[piece] = ids
-        return ids
+    def raw_array(self, text: str) -> Ids:
+        """All ids of ``text`` (no truncation, no special tokens) as a read-only int64 array."""
+        for j in JOINERS:
+            if j in text:
+                text = text.translate(_DROP_JOINERS)
+                break
+        return np.frombuffer(b"".join(map(self._lookup, text.split())), dtype=np.int64)
 
     def raw_ids(self, text: str) -> list[int]:
         """All ids of ``text`` (no truncation, no special tokens)."""
-        out: list[int] = []
-        piece = self._piece
-        for p in _PIECES.findall(text):
-            out.extend(piece(p))
-        return out
+        ids: list[int] = self.raw_array(text).tolist()
+        return ids
 
-    def encode(self, text: str) -> list[int]:
-        """Truncated ids (head + tail), with [CLS]/[SEP] when the bundle asks for them."""
+    def encode_array(self, text: str) -> Ids:
+        """Truncated ids (head + tail), with [CLS]/[SEP] when the bundle asks for them.
+
+        Never empty: an empty prompt gives ``[SEP]`` (one position)."""
         cap = CHARS_PER_TOKEN_CAP * self.max_tokens
         if len(text) > cap:
             keep_head = cap * self.head // self.max_tokens
             text = text[:keep_head] + " " + text[len(text) - (cap - keep_head) :]
-        ids = self.raw_ids(text)
+        ids = self.raw_array(text)
         budget = self.max_tokens - (2 if self.special_tokens else 0)
-        if len(ids) > budget:
+        n = ids.shape[0]
+        if n > budget:
             tail = budget * self.tail // self.max_tokens
-            ids = ids[: budget - tail] + (ids[len(ids) - tail :] if tail else [])
+            ids = np.concatenate((ids[: budget - tail], ids[n - tail :]))
         if self.special_tokens:
-            ids = [self.cls_id, *ids, self.sep_id]
-        if not ids:
-            ids = [self.sep_id]  # an empty prompt still needs one position
+            ids = np.concatenate(([self.cls_id], ids, [self.sep_id])).astype(np.int64)
+        if ids.shape[0] == 0:
+            ids = np.array([self.sep_id], dtype=np.int64)  # an empty prompt still needs one
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """``encode_array`` as a list."""
+        ids: list[int] = self.encode_array(text).tolist()
         return ids

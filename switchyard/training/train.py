@@ -1,6 +1,7 @@
 """Train the router bundles: ``python -m switchyard.training.train`` (``make train-router``).
 
-Steps (about 5 minutes on 2 cores; see docs/router-model.md):
+Steps (default bundle about 4 minutes on 2 cores, most of it the five MLP fits; see
+docs/router-model.md):
 
 1. Load ``data/routing`` (``switchyard.training.data``): prompts, soft difficulty labels,
    categories, per-model outcomes; split by prompt hash into train / cal / dev.
@@ -9,8 +10,10 @@ Steps (about 5 minutes on 2 cores; see docs/router-model.md):
    weight tokens by SIF (a / (a + p(t)), p from the training prompts), and append token-class
    indicator columns (digit, punctuation, word continuation, non-ASCII, code symbol). A prompt's
    features are the L2-normalised weighted mean of its token vectors, log-length terms and the
-   token-class fractions. Heads: logistic regression on the soft difficulty label (train split),
-   Platt-calibrated on the cal split; multinomial logistic regression for categories. Everything
+   token-class fractions. Difficulty head: an MLP with a linear skip (``--hidden``, ``--l2``)
+   on the expected-gain target (strong - weak + 1) / 2 (train split), Platt-calibrated on the
+   cal split against P(weak fails and strong succeeds); multinomial logistic regression for
+   categories. Everything
    is one ONNX graph (token ids + mask in, difficulty + category probabilities out).
 3. ``minilm`` bundle (encoder): the same heads on mean-pooled MiniLM-int8 sentence embeddings of
    a sample of the training prompts; the encoder itself is referenced from the
@@ -187,17 +190,88 @@ class Features:
         self.vectors = PCA(dim, random_state=0).fit_transform(centred).astype(np.float32)
         self.classes = token_classes(tok)
         self.dim = dim
-        # the table as the graph stores it (float16), so training sees what inference sees
+        # the table as the graph stores it (float16), so training sees what inference sees:
+        # [w_t * e_t (dim), 1 (token count), class indicators]
         self.table = np.hstack(
-            [self.vectors * self.weights[:, None], self.weights[:, None], self.classes]
+            [
+                self.vectors * self.weights[:, None],
+                np.ones_like(self.weights)[:, None],
+                self.classes,
+            ]
         ).astype(np.float16)
-        t = self.table.astype(np.float32)
-        sums = np.asarray(c @ t)
-        vec = sums[:, :dim] / np.maximum(sums[:, dim : dim + 1], 1e-9)
+        sums = np.asarray(c @ self.table.astype(np.float32))
+        vec = sums[:, :dim]  # the SIF-weighted mean up to a positive factor
         vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-9)
         frac = sums[:, dim + 1 :] / np.maximum(self.ntok, 1)[:, None]
         ln = np.log(self.ntok + 1)[:, None] / 6.0
         self.x = np.hstack([vec, ln, ln * ln, frac]).astype(np.float64)
+
+
+def gain_label(e: data.Example) -> float:
+    """Ranking target: mean over label pairs of (strong - weak + 1) / 2, the expected gain of
+    the strong model rescaled to [0, 1] (prompts where the weak model wins count against)."""
+    vals = [(s - w + 1.0) / 2.0 for w, s in e.outcomes.values()]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _source_weights(examples: list[data.Example], fit: npt.NDArray[np.bool_]) -> F64:
+    """Per-row weights giving every source the same total (exam MCQ would dominate)."""
+    src = np.array([e.source for e in examples])
+    n = {s: int((fit & (src == s)).sum()) for s in set(src[fit])}
+    return np.array([fit.sum() / (len(n) * n[s]) for s in src[fit]])
+
+
+def fit_mlp(
+    x: F64, y: F64, weight: F64, hidden: int, l2: float, seed: int = 0, iters: int = 400
+) -> tuple[F64, float, F64, F64, F64]:
+    """Soft-label logistic model with a ReLU hidden layer and a linear skip, by L-BFGS.
+
+    logit = x wl + b + relu(x W1 + b1) w2; weighted cross-entropy + l2 * |W1, w2, wl|^2.
+    Returns (wl, b, W1, b1, w2).
+    """
+    from scipy.optimize import minimize
+
+    n_in = x.shape[1]
+    w = weight / weight.sum()
+    rng = np.random.default_rng(seed)
+    sizes = [n_in * hidden, hidden, hidden, n_in, 1]
+    cut = np.cumsum(sizes)[:-1]
+    p0 = float(np.clip(np.average(y, weights=w), 1e-3, 1 - 1e-3))
+    theta0 = np.concatenate(
+        [
+            rng.normal(0, 1 / np.sqrt(n_in), n_in * hidden),
+            np.zeros(hidden),
+            rng.normal(0, 0.1, hidden),
+            np.zeros(n_in),
+            [np.log(p0 / (1 - p0))],
+        ]
+    )
+
+    def loss(theta: F64) -> tuple[float, F64]:
+        w1f, b1, w2, wl, b = np.split(theta, cut)
+        w1 = w1f.reshape(n_in, hidden)
+        a = x @ w1 + b1
+        h = np.maximum(a, 0)
+        z = h @ w2 + x @ wl + b
+        p = 1 / (1 + np.exp(-z))
+        reg = np.sum(w1**2) + np.sum(w2**2) + np.sum(wl**2)
+        value = -np.sum(w * (y * np.log(p + 1e-12) + (1 - y) * np.log(1 - p + 1e-12)))
+        g = w * (p - y)
+        gh = np.outer(g, w2) * (a > 0)
+        grad = np.concatenate(
+            [
+                (x.T @ gh + 2 * l2 * w1).ravel(),
+                gh.sum(axis=0),
+                h.T @ g + 2 * l2 * w2,
+                x.T @ g + 2 * l2 * wl,
+                [g.sum()],
+            ]
+        )
+        return float(value + l2 * reg), grad
+
+    res = minimize(loss, theta0, jac=True, method="L-BFGS-B", options={"maxiter": iters})
+    w1f, b1, w2, wl, b = np.split(res.x, cut)
+    return wl, float(b[0]), w1f.reshape(n_in, hidden), b1, w2
 
 
 def train_heads(
@@ -208,32 +282,50 @@ def train_heads(
     c_cat: float,
     fit_mask: npt.NDArray[np.bool_] | None = None,
     balance: bool = True,
+    hidden: int = 0,
+    l2: float = 3e-3,
 ) -> dict[str, Any]:
+    """Difficulty and category heads on standardised features.
+
+    Difficulty is ranked by the expected gain of the strong model (``gain_label``, fitted on
+    the train split: logistic regression, or with ``hidden`` > 0 an MLP with a linear skip),
+    then Platt-calibrated on the cal split against the documented label, P(weak fails and
+    strong succeeds), so the output keeps its meaning and scale.
+    """
     lab = np.array([np.nan if e.label is None else e.label for e in examples])
+    gain = np.array([gain_label(e) for e in examples])
     has = ~np.isnan(lab)
     tr = (split == "train") if fit_mask is None else fit_mask
     mean = x[tr].mean(axis=0)
     scale = x[tr].std(axis=0) + 1e-6
     xs = (x - mean) / scale
     fit = tr & has
-    weight = None
-    if balance:
-        # every source gets the same total weight, so the largest (exam MCQ) ones don't dominate
-        src = np.array([e.source for e in examples])
-        counts_ = {s: int((fit & (src == s)).sum()) for s in set(src[fit])}
-        weight = np.array([fit.sum() / (len(counts_) * counts_[s]) for s in src[fit]])
-    lr = fit_soft_lr(xs[fit], lab[fit], c_diff, weight)
-    z = xs @ lr.coef_[0] + lr.intercept_[0]
+    weight = _source_weights(examples, fit) if balance else np.ones(int(fit.sum()))
+    mlp: tuple[F64, F64, F64] | None = None
+    if hidden > 0:
+        wl, b0, w1, b1, w2 = fit_mlp(xs[fit], gain[fit], weight, hidden, l2)
+        z = xs @ wl + b0 + np.maximum(xs @ w1 + b1, 0) @ w2
+        mlp = (w1, b1, w2)
+    else:
+        lr = fit_soft_lr(xs[fit], gain[fit], c_diff, weight)
+        wl, b0 = lr.coef_[0], float(lr.intercept_[0])
+        z = xs @ wl + b0
     cal = (split == "cal") & has
     a, b = platt(z[cal], lab[cal])
-    w = (a * lr.coef_[0]).astype(np.float32)
-    bias = float(a * lr.intercept_[0] + b)
+    w = (a * wl).astype(np.float32)
+    bias = float(a * b0 + b)
+    hid = (
+        None
+        if mlp is None
+        else (mlp[0].astype(np.float32), mlp[1].astype(np.float32), (a * mlp[2]).astype(np.float32))
+    )
     wc, bc = fit_categories(xs[tr], [examples[i].category for i in np.flatnonzero(tr)], c_cat)
-    prob = 1.0 / (1.0 + np.exp(-(xs @ w + bias)))
+    prob = 1.0 / (1.0 + np.exp(-(a * z + b)))
     return {
         "mean": mean.astype(np.float32),
         "scale": scale.astype(np.float32),
         "diff": (w, bias),
+        "hidden": hid,
         "cat": (wc, bc),
         "platt": (a, b),
         "prob": prob,
@@ -257,7 +349,16 @@ def build_default(
     t0 = time.time()
     feats = Features(tok, examples, args.dim, split == "train", vocab_emb)
     log.info("static features: %.1fs", time.time() - t0)
-    heads = train_heads(feats.x, examples, split, args.c, args.c_cat, balance=args.balance)
+    heads = train_heads(
+        feats.x,
+        examples,
+        split,
+        args.c,
+        args.c_cat,
+        balance=args.balance,
+        hidden=args.hidden,
+        l2=args.l2,
+    )
     dev = split == "dev"
     has = ~np.isnan(heads["lab"])
     table = pair_table(examples, heads["prob"], dev)
@@ -273,6 +374,8 @@ def build_default(
                 args.c_cat,
                 (split == "train") & (src != s),
                 balance=args.balance,
+                hidden=args.hidden,
+                l2=args.l2,
             )
             loso.update(pair_table(examples, h["prob"], dev & (src == s)))
     out.mkdir(parents=True, exist_ok=True)
@@ -285,6 +388,7 @@ def build_default(
         heads["scale"],
         heads["diff"],
         heads["cat"],
+        heads["hidden"],
     )
     shutil.copyfile(embed.tokenizer_path(), out / "tokenizer.json")
     cat_acc = _cat_accuracy(heads, feats.x, examples, dev)
@@ -306,6 +410,13 @@ def build_default(
                 f"SIF a={SIF_A}, float16",
                 "extra": ["digit", "punctuation", "continuation", "non_ascii", "code_symbol"],
                 "length": "log(n+1)/6 and its square",
+                "difficulty_head": (
+                    f"MLP, {args.hidden} ReLU units + linear skip, l2 {args.l2}, on the "
+                    "expected-gain target (strong - weak + 1) / 2; Platt-calibrated to "
+                    "P(weak fails and strong succeeds)"
+                    if args.hidden
+                    else "logistic regression on the expected-gain target, Platt-calibrated"
+                ),
             },
         },
     )
@@ -464,6 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundles", default="default,minilm", help="which bundles to build")
     parser.add_argument("--dim", type=int, default=128, help="static embedding width")
     parser.add_argument("--c", type=float, default=1.0, help="inverse L2 strength, difficulty")
+    parser.add_argument(
+        "--hidden", type=int, default=32, help="difficulty MLP width (0: logistic regression)"
+    )
+    parser.add_argument("--l2", type=float, default=3e-3, help="difficulty MLP weight decay")
     parser.add_argument("--c-cat", type=float, default=1.0, help="inverse L2 strength, categories")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--minilm-tokens", type=int, default=128)

@@ -1,7 +1,8 @@
 """Router latency benchmark (``make bench-router``); not a test, pytest does not collect it.
 
 For each bundle: p50/p99 per prompt at batch 1 for 64-, 512- and 2048-token prompts on one CPU
-thread (end to end: tokenisation + padding + onnxruntime, and onnxruntime alone), and
+thread (end to end: tokenisation + padding + onnxruntime + result objects; onnxruntime alone;
+tokenisation alone, word cache warm), and
 throughput at batch 32 (512-token prompts).
 
     python tests/bench/bench_router.py [--bundles builtin:default,builtin:minilm] [--runs 500]
@@ -84,6 +85,7 @@ def bench(ref: str, runs: int) -> None:
     print(f"\n{ref} (kind {router.bundle.kind}, max_tokens {max_tokens}, 1 thread)")
     print(
         f"{'tokens':>7} {'e2e p50 ms':>11} {'e2e p99 ms':>11} {'onnx p50 ms':>12} {'onnx p99':>9}"
+        f" {'tokenise p50':>13}"
     )
     n = runs if router.bundle.kind == "static" else max(20, runs // 20)
     for tokens in (64, 512, 2048):
@@ -96,6 +98,12 @@ def bench(ref: str, runs: int) -> None:
             t0 = time.perf_counter()
             router.score_batch([t])
             e2e.append(time.perf_counter() - t0)
+        tok: list[float] = []
+        for i in range(n):
+            t = texts[i % len(texts)]
+            t0 = time.perf_counter()
+            router.tokenizer.encode_array(t)
+            tok.append(time.perf_counter() - t0)
         onnx: list[float] = []
         if router.bundle.kind == "static":
             ids, mask = router._pad([texts[0]])
@@ -105,7 +113,9 @@ def bench(ref: str, runs: int) -> None:
                 router._session.run(None, feeds)
                 onnx.append(time.perf_counter() - t0)
         onnx_txt = f"{pct(onnx, 50):12.3f} {pct(onnx, 99):9.3f}" if onnx else f"{'-':>12} {'-':>9}"
-        print(f"{tokens:7d} {pct(e2e, 50):11.3f} {pct(e2e, 99):11.3f} {onnx_txt}")
+        print(
+            f"{tokens:7d} {pct(e2e, 50):11.3f} {pct(e2e, 99):11.3f} {onnx_txt} {pct(tok, 50):13.3f}"
+        )
     batch = [prompt_of(512, router, 100 + s) for s in range(32)]
     router.score_batch(batch)
     reps = max(3, n // 50)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
@@ -143,6 +144,22 @@ def test_fast_tokenizer_matches_tokenizers_exactly() -> None:
     ref.no_padding()
     for text in PROMPTS:
         assert fast.raw_ids(text) == ref.encode(text, add_special_tokens=False).ids
+
+
+def test_fast_tokenizer_handles_whitespace_that_bert_deletes() -> None:
+    """``str.split`` splits on \\v \\f \\x1c-\\x1f \\x85; BERT deletes them (joins the words)."""
+    b = load_bundle("builtin:default")
+    fast = FastTokenizer(b.tokenizer_path, max_tokens=10_000, head=7_500, tail=2_500)
+    ref = Tokenizer.from_file(str(b.tokenizer_path))
+    ref.no_truncation()
+    ref.no_padding()
+    texts = [f"hello{c}world {c} x{c}" for c in "\v\f\x1c\x1d\x1e\x1f\x85\u3000\xa0\t"]
+    texts += ["[PAD] x[CLS]y", "a" * 150, "  ", "caf\u00e9\u2028na\u00efve"]
+    for text in texts:
+        want = ref.encode(text, add_special_tokens=False).ids
+        assert fast.raw_ids(text) == want
+        assert fast.raw_ids(text) == want  # second time from the word cache
+        assert fast.encode_array(text).dtype == np.int64
 
 
 def test_head_tail_truncation() -> None:
