@@ -71,6 +71,7 @@ class CompiledPolicy:
     weighted_models: tuple[ModelRoute, ...]
     weighted_cumulative: tuple[float, ...]
     needs_scores: bool
+    session_header: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +143,7 @@ def _policy(p: pb.Policy) -> CompiledPolicy:
         weighted_models=weighted,
         weighted_cumulative=tuple(accumulate(m.weight for m in weighted)),
         needs_scores=kind == pb.Strategy.CLASSIFIER or any(r.needs_scores for r in rules),
+        session_header=p.session_header,
     )
 
 

@@ -8,9 +8,10 @@ be allowed on the model. Strategies then choose among the models that pass.
 
 from __future__ import annotations
 
+import hashlib
 from bisect import bisect_right
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from switchyard.api.v1.routing_pb2 import Strategy
 from switchyard.extproc.config import CompiledConfig, CompiledPolicy, CompiledRule, ModelRoute
@@ -183,6 +184,20 @@ def _weighted(policy: CompiledPolicy, draw: float, constraints: _Constraints) ->
                 model, "weighted" if offset == 0 else "weighted, constrained", policy.key
             )
     return None
+
+
+def session_view(
+    target: CompiledPolicy | ModelRoute, request: ParsedRequest, headers: Mapping[str, str]
+) -> tuple[ParsedRequest, float | None]:
+    """Session affinity: for a policy with a session header that the request carries, the
+    request as routing sees it (its conversation's first user message, the same on every turn)
+    and the session's fixed draw for the weighted strategy. Otherwise the request and None."""
+    header = target.session_header if isinstance(target, CompiledPolicy) else ""
+    session = headers.get(header) if header else None
+    if not session:
+        return request, None
+    digest = hashlib.blake2b(session.encode(), digest_size=8).digest()
+    return replace(request, prompt=request.first_prompt), int.from_bytes(digest) / 2**64
 
 
 def decide(

@@ -18,7 +18,7 @@ import orjson
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from switchyard.extproc.engine import decide, select_target
+from switchyard.extproc.engine import decide, select_target, session_view
 from switchyard.extproc.errors import GatewayError
 from switchyard.extproc.request import Endpoint, parse_request
 from switchyard.extproc.state import RuntimeState
@@ -151,12 +151,15 @@ class Processor:
             request = parse_request(endpoint, body)
             config = state.config
             target = select_target(config, request, headers)
+            routed, draw = session_view(target, request, headers)
             scores = None
             if getattr(target, "needs_scores", False):
                 scores = await state.scorer_for(target.router_bundle).score(  # type: ignore[union-attr]
-                    request.prompt
+                    routed.prompt
                 )
-            decision = decide(target, request, headers, scores, random.random())
+            decision = decide(
+                target, routed, headers, scores, random.random() if draw is None else draw
+            )
         except GatewayError as error:
             return immediate(error)
         except Exception:

@@ -33,6 +33,8 @@ class ParsedRequest:
     model: str
     prompt: str
     """The text the router scores: the last user message (chat) or the prompt (completions)."""
+    first_prompt: str
+    """The conversation's first user message (chat) or the prompt: stable across its turns."""
     prompt_tokens: int
     """Estimated input tokens of the whole request (chars / 4 plus per-message overhead)."""
     max_output_tokens: int
@@ -64,7 +66,7 @@ def _content_text(content: object, param: str, images: list[bool]) -> str:
     raise invalid_request(f"{param} must be a string or an array of content parts", param=param)
 
 
-def _chat(payload: dict[str, Any]) -> tuple[str, int, bool]:
+def _chat(payload: dict[str, Any]) -> tuple[str, str, int, bool]:
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid_request(
@@ -72,6 +74,7 @@ def _chat(payload: dict[str, Any]) -> tuple[str, int, bool]:
         )
     images: list[bool] = []
     chars = 0
+    first_user: str | None = None
     last_user = ""
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -85,11 +88,13 @@ def _chat(payload: dict[str, Any]) -> tuple[str, int, bool]:
         chars += len(text)
         if role == "user":
             last_user = text
+            if first_user is None:
+                first_user = text
     tokens = chars // CHARS_PER_TOKEN + TOKENS_PER_MESSAGE * len(messages)
-    return last_user, tokens, bool(images)
+    return last_user, first_user or "", tokens, bool(images)
 
 
-def _completion(payload: dict[str, Any]) -> tuple[str, int, bool]:
+def _completion(payload: dict[str, Any]) -> tuple[str, str, int, bool]:
     prompt = payload.get("prompt")
     if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
         prompt = "\n".join(prompt)
@@ -97,7 +102,7 @@ def _completion(payload: dict[str, Any]) -> tuple[str, int, bool]:
         raise invalid_request(
             "'prompt' is required and must be a string or an array of strings", param="prompt"
         )
-    return prompt, len(prompt) // CHARS_PER_TOKEN + 1, False
+    return prompt, prompt, len(prompt) // CHARS_PER_TOKEN + 1, False
 
 
 def _max_tokens(payload: dict[str, Any]) -> int:
@@ -146,14 +151,15 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ParsedRequest:
     if not isinstance(stream, bool):
         raise invalid_request("'stream' must be a boolean", param="stream")
     if endpoint is Endpoint.CHAT:
-        prompt, tokens, images = _chat(payload)
+        prompt, first_prompt, tokens, images = _chat(payload)
     else:
-        prompt, tokens, images = _completion(payload)
+        prompt, first_prompt, tokens, images = _completion(payload)
     return ParsedRequest(
         endpoint=endpoint,
         payload=payload,
         model=model,
         prompt=prompt,
+        first_prompt=first_prompt,
         prompt_tokens=tokens,
         max_output_tokens=_max_tokens(payload),
         stream=stream,

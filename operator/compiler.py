@@ -143,6 +143,7 @@ def compile_policy(policy: RoutePolicy) -> pb.Policy:
         strategy=strategy,
         retries=_retries(spec.retries),
         timeout_ms=duration_ms(spec.timeout),
+        session_header=spec.session_affinity.header if spec.session_affinity else "",
     )
 
 
@@ -182,6 +183,8 @@ def compile_config(
     headers = {DATA_CLASS_HEADER}
     for policy in config.policies:
         headers.update(policy.match_headers)
+        if policy.session_header:
+            headers.add(policy.session_header)
         for rule in policy.strategy.rules:
             headers.update(rule.when.headers)
     config.request_headers.extend(sorted(headers))

@@ -196,8 +196,21 @@ _DURATION = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
 
 
 class SessionAffinity(_Spec):
-    header: str = Field(min_length=1)
-    ttl: str = Field(default="30m", pattern=_DURATION)
+    """Keep a conversation on one model without shared state: requests carrying ``header``
+    are routed on the conversation's first user message (and, under the weighted strategy,
+    on a hash of the header's value), so every turn gets the same decision on every replica.
+    Hard constraints still apply to each request."""
+
+    header: str = Field(
+        pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$",
+        max_length=128,
+        description="Request header carrying the session or conversation id.",
+    )
+
+    @field_validator("header")
+    @classmethod
+    def _lower(cls, header: str) -> str:
+        return header.lower()
 
 
 class RetryOn(StrEnum):

@@ -44,6 +44,22 @@ def test_short_and_hard_prompts_go_to_different_models(client: openai.OpenAI) ->
     assert hard in ("standard", "capable")
 
 
+def test_session_affinity_keeps_a_conversation_on_one_model(client: openai.OpenAI) -> None:
+    session = {"x-session-id": "conversation-42"}
+    turns = [{"role": "user", "content": SHORT}]
+    first = client.chat.completions.with_raw_response.create(
+        model="auto", messages=turns, extra_headers=session
+    )
+    turns += [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": HARD}]
+    later = client.chat.completions.with_raw_response.create(
+        model="auto", messages=turns, extra_headers=session
+    )
+    unpinned = client.chat.completions.with_raw_response.create(model="auto", messages=turns)
+    assert first.headers["x-switchyard-model"] == "light"
+    assert later.headers["x-switchyard-model"] == "light"  # the hard turn stays with the session
+    assert unpinned.headers["x-switchyard-model"] in ("standard", "capable")
+
+
 def test_upstream_receives_the_rewritten_model(client: openai.OpenAI, gateway: Gateway) -> None:
     chat(client, HARD, max_tokens=50)
     port = gateway.demo_ports["demo-capable"]

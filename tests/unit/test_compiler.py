@@ -22,7 +22,12 @@ def test_version_is_a_content_hash(policy_doc: dict[str, Any]) -> None:
 def test_headers_routing_reads_are_listed(policy_doc: dict[str, Any]) -> None:
     policy_doc["spec"]["match"]["headers"] = {"X-Team": "a"}
     config = compile_config([parse_policy(policy_doc)])
-    assert list(config.request_headers) == ["x-priority", "x-switchyard-data-class", "x-team"]
+    assert list(config.request_headers) == [
+        "x-priority",
+        "x-session-id",
+        "x-switchyard-data-class",
+        "x-team",
+    ]
     listener = build_listener(config, GatewaySettings(), {})
     filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
     ext_proc = next(f for f in filters if f["name"] == "envoy.filters.http.ext_proc")

@@ -9,7 +9,7 @@ import pytest
 from conftest import compile_docs
 
 from switchyard.extproc.config import CompiledConfig, CompiledPolicy, ModelRoute
-from switchyard.extproc.engine import decide, select_target
+from switchyard.extproc.engine import decide, select_target, session_view
 from switchyard.extproc.errors import GatewayError
 from switchyard.extproc.request import Endpoint, ParsedRequest, parse_request
 from switchyard.extproc.scoring import RouterScores
@@ -200,3 +200,29 @@ def test_header_matched_policy_wins(policy_doc: dict[str, Any]) -> None:
     with pytest.raises(GatewayError):
         select_target(config, request(model="light"), {})
     assert isinstance(select_target(config, request(model="default/team-a/light"), {}), ModelRoute)
+
+
+def test_session_view_routes_a_conversation_on_its_first_turn(config: CompiledConfig) -> None:
+    policy = policy_of(config)
+    assert policy.session_header == "x-session-id"
+    body = {
+        "model": "auto",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "answer"},
+            {"role": "user", "content": "second question"},
+        ],
+    }
+    parsed = parse_request(Endpoint.CHAT, orjson.dumps(body))
+    assert parsed.prompt == "second question"
+    pinned, draw = session_view(policy, parsed, {"x-session-id": "abc"})
+    assert pinned.prompt == "first question"
+    assert pinned.prompt_tokens == parsed.prompt_tokens  # constraints still see everything
+    _, same_draw = session_view(policy, parsed, {"x-session-id": "abc"})
+    _, other_draw = session_view(policy, parsed, {"x-session-id": "xyz"})
+    assert draw is not None and 0 <= draw < 1
+    assert same_draw == draw and other_draw != draw
+    assert session_view(policy, parsed, {}) == (parsed, None)
+    light = config.models_by_name["light"]
+    assert session_view(light, parsed, {"x-session-id": "abc"}) == (parsed, None)

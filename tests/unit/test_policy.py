@@ -78,3 +78,11 @@ def test_rules_strategy_needs_default(policy_doc: dict[str, Any]) -> None:
         parse_policy(policy_doc)
     policy_doc["spec"]["strategy"]["default"] = "light"
     assert parse_policy(policy_doc).spec.strategy.default == "light"
+
+
+def test_session_affinity_header_is_a_lowercased_header_name(policy_doc: dict[str, Any]) -> None:
+    policy_doc["spec"]["sessionAffinity"] = {"header": "X-Conversation-ID"}
+    assert parse_policy(policy_doc).spec.session_affinity.header == "x-conversation-id"  # type: ignore[union-attr]
+    policy_doc["spec"]["sessionAffinity"] = {"header": "bad header"}
+    with pytest.raises(PolicyError, match=r"sessionAffinity\.header"):
+        parse_policy(policy_doc)
