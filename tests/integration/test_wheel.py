@@ -5,6 +5,7 @@ bundles, outside the repository and without the editable install."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,10 +23,29 @@ RUN_INSTALLED = (
 )
 
 
+def _source_copy(directory: Path) -> Path:
+    """The repository's files (links kept as links), so the build leaves no build/ behind."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, listed):
+        source, copy = REPO / name, directory / name
+        if not source.exists() and not source.is_symlink():
+            continue  # deleted in the working tree
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            copy.symlink_to(source.readlink())
+        else:
+            shutil.copy2(source, copy)
+    return directory
+
+
 def test_the_built_package_is_complete_and_runs(tmp_path: Path) -> None:
+    source = _source_copy(tmp_path / "src")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path / "dist"), str(REPO)],
+         "-w", str(tmp_path / "dist"), str(source)],
         check=True,
     )  # fmt: skip
     (wheel,) = (tmp_path / "dist").glob("switchyard-*.whl")
