@@ -22,7 +22,12 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="routing.pb file to watch, or grpc://host:port of the config stream",
     )
-    extproc.add_argument("--listen", required=True, help="host:port of the first worker")
+    extproc.add_argument(
+        "--listen",
+        required=True,
+        help="first worker's host:port (the next workers take the next ports), or unix:PATH "
+        "(worker i listens on PATH.i)",
+    )
     extproc.add_argument("--workers", type=int, default=1)
 
     demo = sub.add_parser("demo-upstream", help="run one OpenAI-compatible demo model server")
