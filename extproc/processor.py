@@ -20,6 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from switchyard.extproc.engine import decide, select_target, session_view
 from switchyard.extproc.errors import GatewayError
+from switchyard.extproc.metrics import REJECTIONS
 from switchyard.extproc.request import Endpoint, parse_request
 from switchyard.extproc.state import RuntimeState
 from switchyard.headers import EXTPROC_FILTER, METADATA_NAMESPACE
@@ -34,6 +35,7 @@ _JSON = HeaderValueOption(header=HeaderValue(key="content-type", raw_value=b"app
 
 def immediate(error: GatewayError) -> ep.ProcessingResponse:
     """An immediate OpenAI-style error reply; Envoy answers the client without an upstream."""
+    REJECTIONS.labels(str(error.status), error.code).inc()
     response = ep.ProcessingResponse()
     reply = response.immediate_response
     reply.status.code = error.status  # StatusCode values are HTTP codes

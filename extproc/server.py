@@ -18,6 +18,7 @@ from pathlib import Path
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.config_client import ConfigStreamClient
 from switchyard.extproc.h2grpc import GrpcConnection
+from switchyard.extproc.metrics import MetricsServer
 from switchyard.extproc.processor import Processor
 from switchyard.extproc.state import RuntimeState
 
@@ -140,8 +141,20 @@ def worker_addresses(listen: str, workers: int) -> list[str]:
     return [f"{host}:{int(port) + i}" for i in range(workers)]
 
 
-def run_workers(config_path: str, listen: str, workers: int) -> int:
-    """Start ``workers`` processes and wait; SIGINT/SIGTERM stop them all."""
+def run_workers(config_path: str, listen: str, workers: int, metrics_port: int = 0) -> int:
+    """Start ``workers`` processes and wait; SIGINT/SIGTERM stop them all. A ``metrics_port``
+    serves Prometheus metrics of all workers."""
+    metrics = MetricsServer(metrics_port, workers=workers) if metrics_port else None
+    if metrics is not None:
+        metrics.start()
+    try:
+        return _run(config_path, listen, workers, metrics)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _run(config_path: str, listen: str, workers: int, metrics: MetricsServer | None) -> int:
     if workers <= 1:
         _worker(config_path, worker_addresses(listen, 1)[0])
         return 0
@@ -162,4 +175,6 @@ def run_workers(config_path: str, listen: str, workers: int) -> int:
     signal.signal(signal.SIGINT, forward)
     for proc in procs:
         proc.join()
+        if metrics is not None and proc.pid is not None:
+            metrics.worker_exited(proc.pid)
     return max((p.exitcode or 0) for p in procs)

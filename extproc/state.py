@@ -10,11 +10,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import Counter
-
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.config import CompiledConfig, build_config
 from switchyard.extproc.engine import Decision
+from switchyard.extproc.metrics import DECISIONS, decision_kind
 from switchyard.extproc.request import ParsedRequest
 from switchyard.extproc.scoring import HeuristicScorer, Scorer
 
@@ -22,11 +21,6 @@ log = logging.getLogger(__name__)
 
 HEURISTIC_BUNDLE = "builtin:heuristic"
 
-DECISIONS = Counter(
-    "switchyard_decisions",
-    "Routing decisions by policy and model.",
-    ["policy", "model"],
-)
 
 ScorerLoader = Callable[[str], Scorer]
 
@@ -55,7 +49,7 @@ class RuntimeState:
         self._loader = scorer_loader
         self._scorers: dict[str, Scorer] = {}
         self._fallback: Scorer = HeuristicScorer()
-        self._decision_counters: dict[tuple[str, str], Any] = {}
+        self._decision_counters: dict[tuple[str, str, str], Any] = {}
 
     def prepare(self, proto: pb.RoutingConfig) -> tuple[CompiledConfig, dict[str, Scorer]]:
         """Build tables and load new bundles for ``proto``; slow, so call it off the loop."""
@@ -75,7 +69,7 @@ class RuntimeState:
 
     def record(self, decision: Decision, request: ParsedRequest) -> None:
         """Account for one decision (metrics)."""
-        key = (decision.policy, decision.model.name)
+        key = (decision.policy, decision.model.name, decision_kind(decision.reason))
         counter = self._decision_counters.get(key)
         if counter is None:
             counter = self._decision_counters[key] = DECISIONS.labels(*key)

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         "(worker i listens on PATH.i)",
     )
     extproc.add_argument("--workers", type=int, default=1)
+    extproc.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)"
+    )
 
     demo = sub.add_parser("demo-upstream", help="run one OpenAI-compatible demo model server")
     demo.add_argument("--name", required=True)
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "extproc":
         from switchyard.extproc.server import run_workers
 
-        return run_workers(args.config, args.listen, args.workers)
+        return run_workers(args.config, args.listen, args.workers, args.metrics_port)
     if args.command == "demo-upstream":
         from switchyard.demo.upstream import run_demo_upstream
 

@@ -38,6 +38,9 @@ class LocalGatewaySpec(_Doc):
         "(less CPU per request than loopback TCP); tcp: on extprocPort and up",
     )
     extproc_workers: int = Field(default=0, ge=0, description="0: one per CPU core but one")
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="ext_proc Prometheus /metrics port; 0: off"
+    )
     envoy_concurrency: int = Field(default=0, ge=0, description="0: one per CPU core")
     fail_open_model: str = Field(
         default="", description="Model served when the ext_proc is down; empty answers 503."

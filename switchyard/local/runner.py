@@ -189,6 +189,8 @@ class LocalGateway:
                 self.extproc_listen,
                 "--workers",
                 str(self.workers),
+                "--metrics-port",
+                str(self.spec.metrics_port),
             ]
         )
         self.xds.write_clusters(self.config)

@@ -46,6 +46,7 @@ def test_helm_install_creates_the_data_and_control_plane(kube: KubeControlPlane)
     assert "--gateway-deployment=sy-gateway" in args
     extproc_args = names["sy-extproc"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--config=grpc://sy-xds.switchyard.svc:18000" in extproc_args
+    assert "--metrics-port=9464" in extproc_args
     services = kube.kubectl("get", "svc", "-n", "switchyard", "-o", "name").split()
     assert set(services) == {"service/sy-gateway", "service/sy-xds", "service/sy-extproc"}
     crd = kube.kubectl("get", "crd", "routepolicies.switchyard.dev", "-o", "name")
