@@ -72,9 +72,11 @@ def test_upstream_receives_the_rewritten_model(client: openai.OpenAI, gateway: G
     assert "x-switchyard-backend" not in headers
 
 
-def test_streaming_arrives_in_chunks(client: openai.OpenAI) -> None:
+# "standard" has a fallback, so it streams through the aggregate cluster's upstream filters.
+@pytest.mark.parametrize(("model", "served_by"), [("auto", "light"), ("standard", "standard")])
+def test_streaming_arrives_in_chunks(client: openai.OpenAI, model: str, served_by: str) -> None:
     stream = client.chat.completions.create(
-        model="auto",
+        model=model,
         messages=[{"role": "user", "content": SHORT}],
         stream=True,
         stream_options={"include_usage": True},
@@ -82,7 +84,7 @@ def test_streaming_arrives_in_chunks(client: openai.OpenAI) -> None:
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
-    assert text.startswith("[demo:demo-light]")
+    assert text.startswith(f"[demo:demo-{served_by}]")
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
 
 
