@@ -53,8 +53,17 @@ def tls_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         subprocess.Popen([*cli, "--name", name, "--port", str(port), *tls_args[name]], cwd=REPO)
         for name, port in ports.items()
     ]
-    for port in ports.values():
-        wait_until(lambda p=port: port_open("127.0.0.1", p), 30, "TLS demo upstream")
+    try:
+        for port in ports.values():
+            wait_until(lambda p=port: port_open("127.0.0.1", p), 30, "TLS demo upstream")
+        yield from _gateway(directory, ports, cert_pem(ca).decode())
+    finally:
+        for upstream in upstreams:
+            upstream.terminate()
+            upstream.wait(timeout=20)
+
+
+def _gateway(directory: Path, ports: dict[str, int], ca_pem: str) -> Iterator[Gateway]:
     policy = {
         "apiVersion": "switchyard.dev/v1alpha1",
         "kind": "RoutePolicy",
@@ -67,7 +76,7 @@ def tls_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
                     "backend": {
                         "url": f"https://localhost:{port}",
                         # unknown-ca trusts the system CAs only, which never signed its cert.
-                        **({} if name == "unknown-ca" else {"caBundle": cert_pem(ca).decode()}),
+                        **({} if name == "unknown-ca" else {"caBundle": ca_pem}),
                     },
                     "upstreamModel": name,
                     "pricing": {"inputPer1M": 1, "outputPer1M": 1},
@@ -79,13 +88,8 @@ def tls_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     }
     (directory / "gateway").mkdir()
     gateway = start_gateway(directory / "gateway", policy)
-    try:
-        yield gateway
-    finally:
-        assert gateway.stop() == 0, "".join(gateway.output)
-        for upstream in upstreams:
-            upstream.terminate()
-            upstream.wait(timeout=20)
+    yield gateway
+    assert gateway.stop() == 0, "".join(gateway.output)
 
 
 def _ask(gateway: Gateway, model: str) -> httpx.Response:
