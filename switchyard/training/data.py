@@ -69,6 +69,18 @@ def split_of(text: str) -> str:
     return "train"
 
 
+#: Share of the train prompts held out for model selection (``in_validation``).
+VALIDATION_FRACTION = 0.2
+
+
+def in_validation(text: str) -> bool:
+    """Whether a train prompt is in the inner validation split: 20 % of train by a salted hash
+    (independent of ``split_of``). Model choices are made on it and on leave-one-source-out,
+    never on dev."""
+    h = int.from_bytes(hashlib.sha1(("val:" + _norm(text)).encode()).digest()[:8], "big") / 2**64
+    return h < VALIDATION_FRACTION
+
+
 # --- category mapping ------------------------------------------------------------------------
 # MMLU subjects (RouteLLM and open7b `mmlu_*`): quantitative subjects -> math, programming
 # subjects -> code, physics/chemistry/engineering/logic problem solving -> reasoning, the

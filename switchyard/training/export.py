@@ -36,16 +36,20 @@ class _G:
 
 
 def _heads(
-    g: _G, x: str, diff: tuple[F32, float], cat: tuple[F32, F32], hidden: tuple[F32, F32] | None
+    g: _G,
+    x: str,
+    diff: tuple[F32, float],
+    cat: tuple[F32, F32],
+    hidden: tuple[F32, F32, F32] | None,
 ) -> None:
-    """difficulty = sigmoid(h @ w + b) (h = relu(x W1 + b1) when there is a hidden layer);
-    categories = softmax(x @ Wc + bc)."""
-    h = x
-    if hidden is not None:
-        w1, b1 = hidden
-        h = g.op("Relu", [g.op("Add", [g.op("MatMul", [x, g.const("w1", w1)]), g.const("b1", b1)])])
+    """difficulty = sigmoid(x w + b [+ relu(x W1 + b1) w2]) (an MLP with a linear skip, as in
+    ``static_graph``); categories = softmax(x @ Wc + bc)."""
     w, b = diff
-    z = g.op("Add", [g.op("MatMul", [h, g.const("wd", w.reshape(-1, 1))]), g.const("bd", [b])])
+    z = g.op("Add", [g.op("MatMul", [x, g.const("wd", w.reshape(-1, 1))]), g.const("bd", [b])])
+    if hidden is not None:
+        w1, b1, w2 = hidden
+        h = g.op("Relu", [g.op("Add", [g.op("MatMul", [x, g.const("w1", w1)]), g.const("b1", b1)])])
+        z = g.op("Add", [z, g.op("MatMul", [h, g.const("w2", w2.reshape(-1, 1))])])
     p = g.op("Sigmoid", [z])
     g.op("Reshape", [p, g.const("shape", [-1], np.int64)], out="difficulty")
     wc, bc = cat
@@ -160,9 +164,10 @@ def head_graph(
     scale: F32,
     diff: tuple[F32, float],
     cat: tuple[F32, F32],
-    hidden: tuple[F32, F32] | None = None,
+    hidden: tuple[F32, F32, F32] | None = None,
 ) -> None:
-    """Pooled sentence embedding [B, 384] + token count [B, 1] -> scores (the encoder head)."""
+    """Pooled sentence embedding [B, 384] + token count [B, 1] -> scores (the encoder head;
+    the difficulty head is logistic, or with ``hidden`` the same skip MLP as the default's)."""
     g = _G()
     ln = g.op(
         "Div",

@@ -410,18 +410,48 @@ def build_default(
                 f"SIF a={SIF_A}, float16",
                 "extra": ["digit", "punctuation", "continuation", "non_ascii", "code_symbol"],
                 "length": "log(n+1)/6 and its square",
-                "difficulty_head": (
-                    f"MLP, {args.hidden} ReLU units + linear skip, l2 {args.l2}, on the "
-                    "expected-gain target (strong - weak + 1) / 2; Platt-calibrated to "
-                    "P(weak fails and strong succeeds)"
-                    if args.hidden
-                    else "logistic regression on the expected-gain target, Platt-calibrated"
-                ),
+                "difficulty_head": _head_doc(args),
             },
         },
     )
     _write_yaml(out / "router.yaml", doc)
     log.info("default bundle written to %s (%.1fs)", out, time.time() - t0)
+
+
+def validate(
+    args: argparse.Namespace,
+    examples: list[data.Example],
+    split: npt.NDArray[np.str_],
+    x: F64,
+) -> dict[str, Any]:
+    """Model selection without dev: APGR (router vs length) on the inner validation split
+    (heads fitted on the other 80 % of train) and leave-one-source-out (heads fitted on the
+    other sources' train prompts, scored on every non-dev prompt of the held-out source)."""
+    val = (split == "train") & np.array([data.in_validation(e.text) for e in examples])
+    fit = (split == "train") & ~val
+    src = np.array([e.source for e in examples])
+    head_args: dict[str, Any] = {"balance": args.balance, "hidden": args.hidden, "l2": args.l2}
+    heads = train_heads(x, examples, split, args.c, args.c_cat, fit, **head_args)
+    out: dict[str, Any] = {"validation": pair_table(examples, heads["prob"], val), "loso": {}}
+    for s in data.LOADERS:
+        h = train_heads(x, examples, split, args.c, args.c_cat, fit & (src != s), **head_args)
+        out["loso"].update(pair_table(examples, h["prob"], (split != "dev") & (src == s)))
+    for part in ("validation", "loso"):
+        rows = out[part].values()
+        out[part + "_mean"] = {
+            k: round(float(np.mean([r[k] for r in rows])), 4) for k in ("router", "length")
+        }
+    return out
+
+
+def _head_doc(args: argparse.Namespace) -> str:
+    if args.hidden:
+        return (
+            f"MLP, {args.hidden} ReLU units + linear skip, l2 {args.l2}, on the "
+            "expected-gain target (strong - weak + 1) / 2; Platt-calibrated to "
+            "P(weak fails and strong succeeds)"
+        )
+    return "logistic regression on the expected-gain target, Platt-calibrated"
 
 
 def _cat_accuracy(
@@ -527,12 +557,25 @@ def build_minilm(
     norm = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-9)
     ln = np.log(ntok + 1)[:, None] / 6.0
     x = np.hstack([norm, ln, ln * ln]).astype(np.float64)
-    heads = train_heads(x, sub, sub_split, args.c, args.c_cat)
+    head_args: dict[str, Any] = {"balance": args.balance, "hidden": args.hidden, "l2": args.l2}
+    heads = train_heads(x, sub, sub_split, args.c, args.c_cat, **head_args)
     dev = sub_split == "dev"
     table = pair_table(sub, heads["prob"], dev)
+    loso: dict[str, Any] = {}
+    if not args.skip_loso:
+        src = np.array([e.source for e in sub])
+        for s in data.LOADERS:
+            fit = (sub_split == "train") & (src != s)
+            h = train_heads(x, sub, sub_split, args.c, args.c_cat, fit, **head_args)
+            loso.update(pair_table(sub, h["prob"], dev & (src == s)))
     out.mkdir(parents=True, exist_ok=True)
     export.head_graph(
-        out / "model.onnx", heads["mean"], heads["scale"], heads["diff"], heads["cat"]
+        out / "model.onnx",
+        heads["mean"],
+        heads["scale"],
+        heads["diff"],
+        heads["cat"],
+        heads["hidden"],
     )
     shutil.copyfile(embed.tokenizer_path(), out / "tokenizer.json")
     cat_acc = _cat_accuracy(heads, x, sub, dev)
@@ -545,7 +588,7 @@ def build_minilm(
         heads,
         dev & ~np.isnan(heads["lab"]),
         table,
-        {},
+        loso,
         cat_acc,
         extra={
             "inputs": {"embedding": "embedding", "n_tokens": "n_tokens"},
@@ -556,6 +599,11 @@ def build_minilm(
                 "sha256": embed.ENCODER_SHA256,
                 "output": "last_hidden_state",
                 "pooling": "mean over attention mask",
+            },
+            "features": {
+                "embedding": "MiniLM-int8 mean-pooled, L2-normalised",
+                "length": "log(n+1)/6 and its square",
+                "difficulty_head": _head_doc(args),
             },
         },
     )
@@ -590,6 +638,12 @@ def main(argv: list[str] | None = None) -> int:
         "--no-balance", dest="balance", action="store_false", help="don't weight sources equally"
     )
     parser.add_argument("--skip-loso", action="store_true", help="skip leave-one-source-out")
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="print inner-validation and leave-one-source-out APGR of the default bundle's "
+        "features and head (how its settings are chosen; dev is not read); write nothing",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     root = data.data_dir()
@@ -609,6 +663,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         vocab_emb = embed.cached_vocab_embeddings(args.threads, tok.vocab_size)
         log.info("vocabulary pass through MiniLM: %.1fs", time.time() - t0)
+        if args.validate:
+            feats = Features(tok, examples, args.dim, split == "train", vocab_emb)
+            report = validate(args, examples, split, feats.x)
+            sys.stdout.write(yaml.safe_dump(report, sort_keys=False, width=120))
+            return 0
         build_default(args, examples, split, tok, vocab_emb, args.out / "default", prov)
     if "minilm" in wanted:
         build_minilm(args, examples, split, args.out / "minilm", prov)
