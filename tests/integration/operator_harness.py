@@ -107,4 +107,8 @@ class Cluster:
             if child.poll() is None:
                 child.terminate()
         for child in self.children:
-            child.wait(timeout=20)
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:  # a stuck shutdown must not fail the caller
+                child.kill()
+                child.wait(timeout=20)
