@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.headers import BACKEND_HEADER, EXTPROC_FILTER, METADATA_NAMESPACE
 from switchyard.operator import fallback
+from switchyard.operator.multicluster import service_dns_name
 
 LISTENER_NAME = "switchyard_http"
 ROUTE_CONFIG_NAME = "switchyard_routes"
@@ -120,22 +121,6 @@ def _api_key(policy: pb.Policy, model: pb.Model, api_keys: ApiKeys | None) -> st
     return ""
 
 
-_PREVIOUS_HOSTS = {
-    "name": "envoy.retry_host_predicates.previous_hosts",
-    "typed_config": {
-        "@type": _T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-    },
-}
-_PREVIOUS_PRIORITIES = {
-    "name": "envoy.retry_priorities.previous_priorities",
-    "typed_config": {
-        "@type": _T + "envoy.extensions.retry.priority.previous_priorities.v3"
-        ".PreviousPrioritiesConfig",
-        "update_frequency": 1,
-    },
-}
-
-
 def _backend_route(
     policy: pb.Policy, model: pb.Model, settings: GatewaySettings, api_keys: ApiKeys | None
 ) -> dict[str, Any]:
@@ -146,10 +131,7 @@ def _backend_route(
     if retries.retriable_status_codes:
         retry_policy["retriable_status_codes"] = list(retries.retriable_status_codes)
     if model.backend.resolved:
-        # A retry goes to another host, and to the next priority (cluster) once this one failed.
-        retry_policy["retry_host_predicate"] = [_PREVIOUS_HOSTS]
-        retry_policy["host_selection_retry_max_attempts"] = 3
-        retry_policy["retry_priority"] = _PREVIOUS_PRIORITIES
+        retry_policy.update(fallback.RETRY_ELSEWHERE)
     action: dict[str, Any] = {
         "cluster": model.backend_key,
         "timeout": _duration(policy.timeout_ms or settings.route_timeout_s * 1000),
@@ -504,8 +486,7 @@ def _service_localities(model: pb.Model) -> tuple[str, list[dict[str, Any]]]:
     """
     svc = model.backend.service
     if not model.backend.resolved:
-        dns = f"{svc.name}.{svc.namespace}.svc.cluster.local"
-        return "STRICT_DNS", [{"lb_endpoints": [_endpoint(dns, svc.port)]}]
+        return "STRICT_DNS", [{"lb_endpoints": [_endpoint(service_dns_name(svc), svc.port)]}]
     groups: dict[tuple[int, str, str, str], list[dict[str, Any]]] = {}
     for e in model.backend.endpoints:
         key = (e.priority, e.region, e.zone, e.cluster)

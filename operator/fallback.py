@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.operator.multicluster import service_dns_name
 
 _T = "type.googleapis.com/"
 AGGREGATE = _T + "envoy.extensions.clusters.aggregate.v3.ClusterConfig"
@@ -77,6 +78,29 @@ def priority_levels(model: pb.Model) -> int:
     return int(max(e.priority for e in model.backend.endpoints)) + 1
 
 
+RETRY_ELSEWHERE: dict[str, Any] = {
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            },
+        }
+    ],
+    "host_selection_retry_max_attempts": 3,
+    "retry_priority": {
+        "name": "envoy.retry_priorities.previous_priorities",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.retry.priority.previous_priorities.v3"
+            ".PreviousPrioritiesConfig",
+            "update_frequency": 1,
+        },
+    },
+}
+"""Retry-policy fields: each retry goes to another host, and to the next priority level (the
+next cluster of a multi-cluster Service, or the next model of a fallback chain)."""
+
+
 def retry_policy(retries: pb.Retries, members: list[pb.Model]) -> dict[str, Any]:
     """The policy's retry conditions plus every failure a fallback should answer, with one retry
     per remaining priority level so the last fallback is reached."""
@@ -92,24 +116,7 @@ def retry_policy(retries: pb.Retries, members: list[pb.Model]) -> dict[str, Any]
         "retry_on": ",".join(conditions),
         "num_retries": max(retries.attempts, levels - 1),
         "retriable_status_codes": codes,
-        "retry_priority": {
-            "name": "envoy.retry_priorities.previous_priorities",
-            "typed_config": {
-                "@type": _T + "envoy.extensions.retry.priority.previous_priorities.v3"
-                ".PreviousPrioritiesConfig",
-                "update_frequency": 1,
-            },
-        },
-        "retry_host_predicate": [
-            {
-                "name": "envoy.retry_host_predicates.previous_hosts",
-                "typed_config": {
-                    "@type": _T
-                    + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-                },
-            }
-        ],
-        "host_selection_retry_max_attempts": 3,
+        **RETRY_ELSEWHERE,
     }
     if retries.per_try_timeout_ms:
         policy["per_try_timeout"] = f"{retries.per_try_timeout_ms / 1000:.3f}s"
@@ -178,7 +185,7 @@ def _member_entry(model: pb.Model, api_key: str) -> str:
         authority, base = url.netloc, url.path.rstrip("/")
     elif model.backend.service.name:
         svc = model.backend.service
-        authority = f"{svc.name}.{svc.namespace}.svc.cluster.local:{svc.port}"
+        authority = f"{service_dns_name(svc)}:{svc.port}"
     fields = {
         "key": model.backend_key,
         "model": model.upstream_model,

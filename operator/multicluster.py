@@ -36,6 +36,11 @@ REGION_LABEL = "switchyard.dev/region"
 KUBECONFIG_KEY = "kubeconfig"
 
 
+def service_dns_name(service: pb.ServiceRef) -> str:
+    """The in-cluster DNS name of a Service."""
+    return f"{service.name}.{service.namespace}.svc.cluster.local"
+
+
 @dataclass(frozen=True)
 class Topology:
     """The clusters the operator knows: its own (``local``) and each one's region."""

@@ -136,23 +136,25 @@ def test_router_session_runs_on_cpu_when_cuda_is_missing(
     scorer.close()
 
 
-def test_fast_tokenizer_matches_tokenizers_exactly() -> None:
+def _fast_and_reference() -> tuple[FastTokenizer, Tokenizer]:
+    """The router's tokenizer without truncation, and the ``tokenizers`` reference."""
     b = load_bundle("builtin:default")
     fast = FastTokenizer(b.tokenizer_path, max_tokens=10_000, head=7_500, tail=2_500)
     ref = Tokenizer.from_file(str(b.tokenizer_path))
     ref.no_truncation()
     ref.no_padding()
+    return fast, ref
+
+
+def test_fast_tokenizer_matches_tokenizers_exactly() -> None:
+    fast, ref = _fast_and_reference()
     for text in PROMPTS:
         assert fast.raw_ids(text) == ref.encode(text, add_special_tokens=False).ids
 
 
 def test_fast_tokenizer_handles_whitespace_that_bert_deletes() -> None:
     """``str.split`` splits on \\v \\f \\x1c-\\x1f \\x85; BERT deletes them (joins the words)."""
-    b = load_bundle("builtin:default")
-    fast = FastTokenizer(b.tokenizer_path, max_tokens=10_000, head=7_500, tail=2_500)
-    ref = Tokenizer.from_file(str(b.tokenizer_path))
-    ref.no_truncation()
-    ref.no_padding()
+    fast, ref = _fast_and_reference()
     texts = [f"hello{c}world {c} x{c}" for c in "\v\f\x1c\x1d\x1e\x1f\x85\u3000\xa0\t"]
     texts += ["[PAD] x[CLS]y", "a" * 150, "  ", "caf\u00e9\u2028na\u00efve"]
     for text in texts:
