@@ -7,7 +7,11 @@ trained router) in front of the same upstream. wrk then runs against both, alter
 the same settings and a warm-up before each run. Prints per run requests/s, p50/p99, the CPU
 steal and the CPU other processes used meanwhile (from /proc/stat), and the CPU per request of
 each component; then the throughput ratio and the added p50 at 16 and at 1 connection.
-Not a test.
+
+wrk is closed-loop: at 16 connections both setups run saturated, so their p50 is mostly queueing.
+The added latency of routing is therefore also measured open-loop with vegeta: the same fixed
+request rate (`--rate`, below what either setup saturates at) against both, so the difference in
+p50/p99 is what the ext_proc hop adds to a request, not a queue. Not a test.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -310,6 +315,50 @@ def run_wrk(
     return result
 
 
+def vegeta_binary() -> str:
+    """vegeta from $PATH or where `make bench-gateway` installs it."""
+    found = shutil.which("vegeta")
+    cached = Path.home() / ".cache" / "switchyard" / "bin" / "vegeta"
+    if found:
+        return found
+    if cached.exists():
+        return str(cached)
+    raise SystemExit("vegeta not found: run `make bench-gateway`, which installs it with Go")
+
+
+def run_vegeta(url: str, rate: int, seconds: int) -> dict[str, float]:
+    """Open-loop: ``rate`` req/s for ``seconds`` (after a 2 s warm-up); p50/p99 ms, success."""
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": PROMPT}]})
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        handle.write(body)
+    target = f"POST {url}\nContent-Type: application/json\n@{handle.name}\n"
+    report: dict[str, object] = {}
+    for duration in (2, seconds):
+        attack = subprocess.run(
+            [vegeta_binary(), "attack", f"-rate={rate}/s", f"-duration={duration}s"],
+            input=target.encode(),
+            check=True,
+            capture_output=True,
+        ).stdout
+        report = json.loads(
+            subprocess.run(
+                [vegeta_binary(), "report", "-type=json"],
+                input=attack,
+                check=True,
+                capture_output=True,
+            ).stdout
+        )
+    os.unlink(handle.name)
+    latencies = report["latencies"]
+    assert isinstance(latencies, dict)
+    return {
+        "rate": float(str(report["rate"])),
+        "p50": latencies["50th"] / 1e6,
+        "p99": latencies["99th"] / 1e6,
+        "success": float(str(report["success"])),
+    }
+
+
 def _row(name: str, r: dict[str, float]) -> str:
     cpu = ", ".join(f"{k[4:]} {v:.3f}" for k, v in r.items() if k.startswith("cpu "))
     return (
@@ -332,10 +381,14 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=0, help="ext_proc workers; 0: default")
     parser.add_argument("--concurrency", type=int, default=1, help="Envoy --concurrency (both)")
     parser.add_argument("--bundle", default="builtin:default", help="router bundle to score with")
+    parser.add_argument(
+        "--rate", type=int, default=1000, help="open-loop req/s for the added-latency runs"
+    )
     args = parser.parse_args()
     upstream_port, direct_port = free_port_block(), free_port_block()
     pairs: list[tuple[dict[str, float], dict[str, float]]] = []
     single: list[tuple[dict[str, float], dict[str, float]]] = []
+    fixed: list[tuple[dict[str, float], dict[str, float]]] = []
     with (
         envoy(instant_upstream(upstream_port), 1, upstream_port) as upstream,
         envoy(direct_proxy(direct_port, upstream_port), args.concurrency, direct_port) as direct,
@@ -360,6 +413,13 @@ def main() -> int:
                         run_wrk(gateway_url, seconds, connections, gateway_parts),
                     )
                 )
+        for _ in range(args.rounds):
+            fixed.append(
+                (
+                    run_vegeta(direct_url, args.rate, args.seconds),
+                    run_vegeta(gateway_url, args.rate, args.seconds),
+                )
+            )
     print(
         f"\nwrk 1 thread, {args.seconds}s per run after a 2s warm-up, {os.cpu_count()} cores; "
         f"Envoy --concurrency {args.concurrency} (both), {workers} ext_proc worker process(es) "
@@ -377,6 +437,18 @@ def main() -> int:
     print(f"throughput ratio (ext_proc / direct): {_span(ratios, '.2f')} over {len(pairs)} pairs")
     print(f"added p50 at {args.connections} connections: {_span(added, '.2f')} ms")
     print(f"added p50 at 1 connection: {_span(added_1, '.2f')} ms")
+    print(f"-- open loop (vegeta), {args.rate} req/s for {args.seconds}s after a 2s warm-up")
+    print(f"{'setup':<18}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'ok %':>7}")
+    for direct_run, routed in fixed:
+        for name, r in [("envoy direct", direct_run), ("envoy + ext_proc", routed)]:
+            ok = 100 * r["success"]
+            print(f"{name:<18}{r['rate']:>8.0f}{r['p50']:>8.2f}{r['p99']:>8.2f}{ok:>7.1f}")
+    added_fixed = [routed["p50"] - direct_run["p50"] for direct_run, routed in fixed]
+    added_fixed_99 = [routed["p99"] - direct_run["p99"] for direct_run, routed in fixed]
+    print(
+        f"added at {args.rate} req/s: p50 {_span(added_fixed, '.2f')} ms, "
+        f"p99 {_span(added_fixed_99, '.2f')} ms"
+    )
     return 0
 
 
