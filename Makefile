@@ -46,6 +46,7 @@ bench-gateway: $(STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	@command -v vegeta >/dev/null || test -x $(HOME)/.cache/switchyard/bin/vegeta || \
 		GOBIN=$(HOME)/.cache/switchyard/bin go install github.com/tsenart/vegeta/v12@v12.13.0
+	cd tests/bench/noop_extproc && go build -o $(HOME)/.cache/switchyard/bin/noop-extproc .
 	$(PY) tests/bench/bench_gateway.py
 
 clean:

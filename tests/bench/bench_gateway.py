@@ -8,6 +8,11 @@ the same settings and a warm-up before each run. Prints per run requests/s, p50/
 steal and the CPU other processes used meanwhile (from /proc/stat), and the CPU per request of
 each component; then the throughput ratio and the added p50 at 16 and at 1 connection.
 
+With the floor on (the default), a third setup runs in every 16-connection round: the same
+gateway Envoy config with a Go ext_proc that does nothing but return the routing metadata
+(tests/bench/noop_extproc). It shows what Envoy's ext_proc machinery costs on its own, i.e.
+the best throughput any external processor could reach here.
+
 wrk is closed-loop: at 16 connections both setups run saturated, so their p50 is mostly queueing.
 The added latency of routing is therefore also measured open-loop with vegeta: the same fixed
 request rate (`--rate`, below what either setup saturates at) against both, so the difference in
@@ -26,15 +31,20 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
 from gateway_harness import Gateway, start_gateway
 
+from switchyard.headers import METADATA_NAMESPACE
 from switchyard.local.ports import free_port_block
 from switchyard.local.runner import envoy_binary, port_open, wait_until
+from switchyard.local.xds_files import XdsFiles
+from switchyard.operator.compiler import compile_config
+from switchyard.operator.envoy_config import GatewaySettings
+from switchyard.operator.policy import parse_policy
 
 PROMPT = "What is the capital of France? Answer in one word."
 COMPLETION = {
@@ -181,11 +191,8 @@ def direct_proxy(port: int, upstream_port: int) -> dict[str, object]:
     }
 
 
-@contextmanager
-def gateway(
-    directory: Path, upstream_port: int, workers: int, bundle: str, concurrency: int
-) -> Iterator[Gateway]:
-    """`switchyard up` with a classifier policy whose three models share the instant upstream."""
+def bench_policy(upstream_port: int, bundle: str) -> dict[str, object]:
+    """A classifier policy whose three models share the instant upstream."""
     models = []
     tiers = []
     for i, (name, price) in enumerate([("light", 0.1), ("standard", 1.0), ("capable", 10.0)]):
@@ -199,7 +206,7 @@ def gateway(
             }
         )
         tiers.append({"model": name, **({"maxDifficulty": 0.35 * (i + 1)} if i < 2 else {})})
-    policy = {
+    return {
         "apiVersion": "switchyard.dev/v1alpha1",
         "kind": "RoutePolicy",
         "metadata": {"name": "bench", "namespace": "default"},
@@ -209,11 +216,68 @@ def gateway(
             "strategy": {"type": "classifier", "tiers": tiers, "router": {"bundle": bundle}},
         },
     }
+
+
+@contextmanager
+def gateway(
+    directory: Path, policy: dict[str, object], workers: int, concurrency: int
+) -> Iterator[Gateway]:
+    """`switchyard up` serving ``policy``."""
     running = start_gateway(directory, policy, extprocWorkers=workers, envoyConcurrency=concurrency)
     try:
         yield running
     finally:
         running.stop()
+
+
+def noop_extproc_binary() -> str:
+    """The Go no-op ext_proc (tests/bench/noop_extproc) that `make bench-gateway` builds."""
+    path = Path.home() / ".cache" / "switchyard" / "bin" / "noop-extproc"
+    if not path.exists():
+        raise SystemExit("noop-extproc not built: run `make bench-gateway` (needs Go)")
+    return str(path)
+
+
+@contextmanager
+def noop_gateway(
+    directory: Path, policy: dict[str, object], concurrency: int
+) -> Iterator[tuple[str, dict[str, list[int]]]]:
+    """The gateway's own Envoy config for ``policy``, but with the no-op ext_proc behind it.
+
+    Yields the chat-completions URL and the processes by role. Every request is routed to the
+    policy's first model, as the real gateway routes the benchmark prompt.
+    """
+    config = compile_config([parse_policy(policy)])
+    socket_path = directory / "noop.sock"
+    port = free_port_block(2)
+    admin = port + 1
+    settings = GatewaySettings(listen_port=port, extproc_endpoints=[(f"unix:{socket_path}", 0)])
+    files = XdsFiles(directory, settings)
+    files.write_clusters(config)
+    files.write_routes(config)
+    files.write_listeners(config)
+    backend = config.policies[0].models[0].backend_key
+    noop = subprocess.Popen([noop_extproc_binary(), str(socket_path), METADATA_NAMESPACE, backend])
+    proxy = subprocess.Popen(
+        [
+            envoy_binary(),
+            "-c",
+            str(files.write_bootstrap(admin)),
+            "--use-dynamic-base-id",
+            "-l",
+            "error",
+            "--concurrency",
+            str(concurrency),
+        ]
+    )
+    try:
+        wait_until(lambda: socket_path.exists() and port_open("127.0.0.1", port), 30, "no-op")
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        yield url, {"gateway envoy": [proxy.pid], "no-op ext_proc": [noop.pid]}
+    finally:
+        for child in (proxy, noop):
+            child.terminate()
+            child.wait()
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -384,17 +448,31 @@ def main() -> int:
     parser.add_argument(
         "--rate", type=int, default=1000, help="open-loop req/s for the added-latency runs"
     )
+    parser.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip Envoy + the Go no-op ext_proc (the floor of any external processor)",
+    )
     args = parser.parse_args()
     upstream_port, direct_port = free_port_block(), free_port_block()
     pairs: list[tuple[dict[str, float], dict[str, float]]] = []
     single: list[tuple[dict[str, float], dict[str, float]]] = []
     fixed: list[tuple[dict[str, float], dict[str, float]]] = []
+    floors: list[dict[str, float]] = []
+    policy = bench_policy(upstream_port, args.bundle)
     with (
         envoy(instant_upstream(upstream_port), 1, upstream_port) as upstream,
         envoy(direct_proxy(direct_port, upstream_port), args.concurrency, direct_port) as direct,
         tempfile.TemporaryDirectory() as tmp,
-        gateway(Path(tmp), upstream_port, args.workers, args.bundle, args.concurrency) as running,
+        gateway(Path(tmp), policy, args.workers, args.concurrency) as running,
+        ExitStack() as stack,
     ):
+        noop = (
+            stack.enter_context(noop_gateway(Path(tmp) / "noop", policy, args.concurrency))
+            if args.floor
+            else None
+        )
         direct_url = f"http://127.0.0.1:{direct_port}/v1/chat/completions"
         gateway_url = f"{running.base_url}/chat/completions"
         upstream_cpu = {"upstream": [upstream.pid]}
@@ -413,6 +491,11 @@ def main() -> int:
                         run_wrk(gateway_url, seconds, connections, gateway_parts),
                     )
                 )
+                if noop and into is pairs:
+                    noop_url, noop_parts = noop
+                    floors.append(
+                        run_wrk(noop_url, seconds, connections, {**noop_parts, **upstream_cpu})
+                    )
         for _ in range(args.rounds):
             fixed.append(
                 (
@@ -428,13 +511,20 @@ def main() -> int:
     print(f"{'setup':<18}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'steal%':>7}{'others%':>8}")
     for label, runs in [(f"{args.connections} connections", pairs), ("1 connection", single)]:
         print(f"-- {label}")
-        for direct_run, routed in runs:
+        for i, (direct_run, routed) in enumerate(runs):
             print(_row("envoy direct", direct_run))
             print(_row("envoy + ext_proc", routed))
+            if runs is pairs and floors:
+                print(_row("envoy + no-op", floors[i]))
     ratios = [routed["rps"] / direct_run["rps"] for direct_run, routed in pairs]
     added = [routed["p50"] - direct_run["p50"] for direct_run, routed in pairs]
     added_1 = [routed["p50"] - direct_run["p50"] for direct_run, routed in single]
     print(f"throughput ratio (ext_proc / direct): {_span(ratios, '.2f')} over {len(pairs)} pairs")
+    if floors:
+        floor_ratios = [f["rps"] / d["rps"] for (d, _), f in zip(pairs, floors, strict=True)]
+        ours = [r["rps"] / f["rps"] for (_, r), f in zip(pairs, floors, strict=True)]
+        print(f"throughput ratio (no-op ext_proc / direct): {_span(floor_ratios, '.2f')}")
+        print(f"throughput ratio (ext_proc / no-op ext_proc): {_span(ours, '.2f')}")
     print(f"added p50 at {args.connections} connections: {_span(added, '.2f')} ms")
     print(f"added p50 at 1 connection: {_span(added_1, '.2f')} ms")
     print(f"-- open loop (vegeta), {args.rate} req/s for {args.seconds}s after a 2s warm-up")
