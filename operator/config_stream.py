@@ -11,6 +11,7 @@ import grpc
 from switchyard.api.v1 import config_stream_pb2 as cs
 from switchyard.api.v1 import config_stream_pb2_grpc as cs_grpc
 from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.operator.races import first_completed
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,8 @@ class ConfigStreamServer(cs_grpc.ConfigStreamServicer):  # type: ignore[misc]
                     sent = self._config.version
                     yield self._config
                 changed = self._changed
-                getter = asyncio.ensure_future(acks.get())
-                waiter = asyncio.ensure_future(changed.wait())
-                done, pending = await asyncio.wait(
-                    {getter, waiter}, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in pending:
-                    task.cancel()
-                if getter not in done:
+                getter, _ = await first_completed(acks.get(), changed.wait())
+                if not getter.done() or getter.cancelled():
                     continue
                 ack = getter.result()
                 if ack is None:

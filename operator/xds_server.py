@@ -50,6 +50,7 @@ from switchyard.operator.envoy_config import (
     build_listener,
     build_route_config,
 )
+from switchyard.operator.races import first_completed
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +166,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         )
         if outdated and requests.empty():
             return None
-        getter = asyncio.ensure_future(requests.get())
-        waiter = asyncio.ensure_future(changed.wait())
-        done, pending = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        if getter in done:
+        getter, _ = await first_completed(requests.get(), changed.wait())
+        if getter.done() and not getter.cancelled():
             request = getter.result()
             return False if request is None else request
         return None
