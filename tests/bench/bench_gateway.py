@@ -413,6 +413,8 @@ def run_vegeta(url: str, rate: int, seconds: int) -> dict[str, float]:
             ).stdout
         )
     os.unlink(handle.name)
+    if report["success"] != 1:
+        raise RuntimeError(f"{url}: failed requests at {rate} req/s: {report['status_codes']}")
     latencies = report["latencies"]
     assert isinstance(latencies, dict)
     return {
@@ -443,7 +445,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="direct/gateway pairs to run")
     parser.add_argument("--workers", type=int, default=0, help="ext_proc workers; 0: default")
-    parser.add_argument("--concurrency", type=int, default=1, help="Envoy --concurrency (both)")
+    parser.add_argument("--concurrency", type=int, default=1, help="Envoy --concurrency (all)")
     parser.add_argument("--bundle", default="builtin:default", help="router bundle to score with")
     parser.add_argument(
         "--rate", type=int, default=1000, help="open-loop req/s for the added-latency runs"
@@ -505,7 +507,7 @@ def main() -> int:
             )
     print(
         f"\nwrk 1 thread, {args.seconds}s per run after a 2s warm-up, {os.cpu_count()} cores; "
-        f"Envoy --concurrency {args.concurrency} (both), {workers} ext_proc worker process(es) "
+        f"Envoy --concurrency {args.concurrency} (all), {workers} ext_proc worker process(es) "
         f"(CPU counted over all), router {args.bundle}"
     )
     print(f"{'setup':<18}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'steal%':>7}{'others%':>8}")
