@@ -9,7 +9,9 @@ Nothing is compressed, and other methods get UNIMPLEMENTED.
 
 Handlers see raw message bytes and return raw response bytes, so the hot path builds no
 protobuf objects it does not need. A handler coroutine that never suspends is run to completion
-inside ``data_received``; one that does suspend continues as a task.
+inside ``data_received``; one that does suspend continues as a task. Each read is handled inside
+an open ``batching.BATCH``: a handler waiting on a batched result is parked and resumed, still
+inside ``data_received``, once the batch has run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections import deque
 from collections.abc import Coroutine, Generator
 from typing import Any, Protocol
 from urllib.parse import quote
+
+from switchyard.extproc.batching import BATCH, Deferred
 
 log = logging.getLogger(__name__)
 
@@ -586,6 +590,8 @@ class GrpcConnection(asyncio.Protocol):
         self.received = 0  # DATA bytes not yet given back with a connection WINDOW_UPDATE
         self.continuation: tuple[int, int, bytearray] | None = None  # (stream, flags, block)
         self.blocked: deque[tuple[_Stream, bytes, bytes | None]] = deque()
+        # handlers waiting on this read's batch (batching.BATCH), resumed when it has run
+        self.parked: list[tuple[_Stream, Coroutine[Any, Any, tuple[bytes, bool]]]] = []
 
     # -- transport callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -604,6 +610,14 @@ class GrpcConnection(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        BATCH.open()
+        try:
+            self._receive(data)
+        finally:
+            self._run_batch()
+            self._flush()
+
+    def _receive(self, data: bytes) -> None:
         buffer = self.buffer
         buffer += data
         if not self.preface:
@@ -635,7 +649,6 @@ class GrpcConnection(asyncio.Protocol):
             self._fail(exc.code if isinstance(exc, _ConnectionError) else COMPRESSION_ERROR)
             return
         del buffer[:offset]
-        self._flush()
 
     # -- frames ----------------------------------------------------------------------------
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
@@ -770,19 +783,37 @@ class GrpcConnection(asyncio.Protocol):
 
     # -- handlers and replies --------------------------------------------------------------
     def _dispatch(self, stream: _Stream, message: bytes) -> None:
-        coro = self.handler.message(stream.state, message)
+        self._drive(stream, self.handler.message(stream.state, message))
+
+    def _drive(self, stream: _Stream, coro: Coroutine[Any, Any, tuple[bytes, bool]]) -> bool:
+        """Run a handler until it answers (True), or park it: on the open batch, or as a task."""
         try:
             pending = coro.send(None)
         except StopIteration as done:
             self._reply(stream, *done.value)
-            return
+            return True
         except Exception:
             log.exception("ext_proc handler failed")
             self._finish(stream, GRPC_INTERNAL, "handler failed")
-            return
+            return True
         stream.busy = True
-        task = asyncio.ensure_future(_resume(coro, pending))
-        task.add_done_callback(lambda task: self._resumed(stream, task))
+        if isinstance(pending, Deferred):
+            self.parked.append((stream, coro))
+        else:
+            task = asyncio.ensure_future(_resume(coro, pending))
+            task.add_done_callback(lambda task: self._resumed(stream, task))
+        return False
+
+    def _run_batch(self) -> None:
+        """Close this read's batch, then resume the handlers that waited on it."""
+        BATCH.close()
+        parked, self.parked = self.parked, []
+        for stream, coro in parked:
+            stream.busy = False
+            if self.streams.get(stream.id) is not stream:
+                coro.close()  # reset, or the connection failed meanwhile
+            elif self._drive(stream, coro):
+                self._drain(stream)
 
     def _resumed(self, stream: _Stream, task: asyncio.Future[tuple[bytes, bool]]) -> None:
         stream.busy = False
@@ -794,11 +825,15 @@ class GrpcConnection(asyncio.Protocol):
             self._finish(stream, GRPC_INTERNAL, "handler failed")
         else:
             self._reply(stream, *task.result())
-            while stream.queue and not stream.busy and stream.id in self.streams:
-                self._dispatch(stream, stream.queue.popleft())
-            if stream.ended and not stream.busy and stream.id in self.streams:
-                self._finish(stream)
+            self._drain(stream)
         self._flush()
+
+    def _drain(self, stream: _Stream) -> None:
+        """After a late answer: the messages that queued meanwhile, then a pending half-close."""
+        while stream.queue and not stream.busy and stream.id in self.streams:
+            self._dispatch(stream, stream.queue.popleft())
+        if stream.ended and not stream.busy and stream.id in self.streams:
+            self._finish(stream)
 
     def _reply(self, stream: _Stream, response: bytes, done: bool) -> None:
         if not stream.started:

@@ -9,7 +9,19 @@ from typing import Any
 import grpc
 import pytest
 
-from switchyard.extproc.h2grpc import GrpcConnection, HpackDecoder, huffman_decode
+from switchyard.extproc.batching import BATCH
+from switchyard.extproc.h2grpc import (
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    HEADERS,
+    PREFACE,
+    SETTINGS,
+    GrpcConnection,
+    HpackDecoder,
+    frame,
+    huffman_decode,
+)
 
 METHOD = "/test.Echo/Stream"
 
@@ -94,6 +106,82 @@ async def test_unknown_method_and_handler_failure_are_grpc_errors() -> None:
             await _call(target, [b"boom"])
         assert failed.value.code() == grpc.StatusCode.INTERNAL
         assert await _call(target, [b"last"]) == [b"tsal"]  # the connection still serves
+
+
+class BatchedUpper:
+    """Upper-cases each message through the batch, recording every batch it ran."""
+
+    def __init__(self) -> None:
+        self.runs: list[list[bytes]] = []
+
+    def open(self) -> None:
+        return None
+
+    def upper(self, items: list[bytes]) -> list[bytes]:
+        self.runs.append(items)
+        return [item.upper() for item in items]
+
+    async def message(self, _: None, payload: bytes) -> tuple[bytes, bool]:
+        if BATCH.is_open:
+            return await BATCH.submit(self.upper, payload), True
+        return self.upper([payload])[0], True
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """An HPACK literal header field without indexing, new name, no Huffman (RFC 7541 6.2.2)."""
+    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+def _replies(written: bytes) -> dict[int, bytes]:
+    """The gRPC message of each stream's DATA frame in the server's output."""
+    out: dict[int, bytes] = {}
+    offset = 0
+    while offset < len(written):
+        size = int.from_bytes(written[offset : offset + 3], "big")
+        kind, stream_id = (
+            written[offset + 3],
+            int.from_bytes(written[offset + 5 : offset + 9], "big"),
+        )
+        payload = written[offset + 9 : offset + 9 + size]
+        if kind == DATA and payload:
+            out[stream_id] = payload[5:]
+        offset += 9 + size
+    return out
+
+
+def test_messages_of_one_read_are_handled_as_one_batch() -> None:
+    handler = BatchedUpper()
+    connection = GrpcConnection(METHOD, handler)
+    transport = _Transport()
+    connection.connection_made(transport)
+    block = b"".join(
+        _literal(n, v)
+        for n, v in [(b":method", b"POST"), (b":path", METHOD.encode()), (b"te", b"trailers")]
+    )
+    data = PREFACE + frame(SETTINGS, 0, 0)
+    streams = {1 + 2 * i: f"prompt {i}".encode() for i in range(6)}
+    for stream_id, text in streams.items():
+        data += frame(HEADERS, END_HEADERS, stream_id, block)
+        data += frame(DATA, END_STREAM, stream_id, b"\x00" + len(text).to_bytes(4, "big") + text)
+    connection.data_received(data)
+    assert handler.runs == [list(streams.values())]  # one batch, in arrival order
+    assert _replies(bytes(transport.written)) == {k: v.upper() for k, v in streams.items()}
+    assert not BATCH.is_open
+    # A read with one message is a batch of one.
+    connection.data_received(
+        frame(HEADERS, END_HEADERS, 13, block)
+        + frame(DATA, END_STREAM, 13, b"\x00\x00\x00\x00\x01x")
+    )
+    assert handler.runs[-1] == [b"x"]
 
 
 def test_hpack_decoder_rfc7541_examples() -> None:
