@@ -108,17 +108,13 @@ def _listener(
     }
 
 
-@contextmanager
-def envoy(
-    config: dict[str, object], concurrency: int, port: int
-) -> Iterator[subprocess.Popen[bytes]]:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(config, handle)
-    proc = subprocess.Popen(
+def start_envoy(config_path: str, concurrency: int) -> subprocess.Popen[bytes]:
+    """Envoy on ``config_path``, quiet, with ``concurrency`` worker threads."""
+    return subprocess.Popen(
         [
             envoy_binary(),
             "-c",
-            handle.name,
+            config_path,
             "--use-dynamic-base-id",
             "-l",
             "error",
@@ -126,6 +122,15 @@ def envoy(
             str(concurrency),
         ],
     )
+
+
+@contextmanager
+def envoy(
+    config: dict[str, object], concurrency: int, port: int
+) -> Iterator[subprocess.Popen[bytes]]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(config, handle)
+    proc = start_envoy(handle.name, concurrency)
     try:
         wait_until(lambda: port_open("127.0.0.1", port), 30, "envoy")
         yield proc
@@ -258,18 +263,7 @@ def noop_gateway(
     files.write_listeners(config)
     backend = config.policies[0].models[0].backend_key
     noop = subprocess.Popen([noop_extproc_binary(), str(socket_path), METADATA_NAMESPACE, backend])
-    proxy = subprocess.Popen(
-        [
-            envoy_binary(),
-            "-c",
-            str(files.write_bootstrap(admin)),
-            "--use-dynamic-base-id",
-            "-l",
-            "error",
-            "--concurrency",
-            str(concurrency),
-        ]
-    )
+    proxy = start_envoy(str(files.write_bootstrap(admin)), concurrency)
     try:
         wait_until(lambda: socket_path.exists() and port_open("127.0.0.1", port), 30, "no-op")
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
