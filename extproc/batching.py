@@ -56,6 +56,8 @@ class Batch:
     def close(self) -> None:
         """Run every queued job, one call of ``run`` per distinct ``run``, and settle them."""
         self.is_open = False
+        if not self._jobs:  # control frames, or requests routed without the router
+            return
         jobs, self._jobs = self._jobs, {}
         for run, entries in jobs.items():
             try:
