@@ -349,35 +349,13 @@ def build_default(
     t0 = time.time()
     feats = Features(tok, examples, args.dim, split == "train", vocab_emb)
     log.info("static features: %.1fs", time.time() - t0)
-    heads = train_heads(
-        feats.x,
-        examples,
-        split,
-        args.c,
-        args.c_cat,
-        balance=args.balance,
-        hidden=args.hidden,
-        l2=args.l2,
-    )
+    heads = train_heads(feats.x, examples, split, args.c, args.c_cat, **_head_args(args))
     dev = split == "dev"
     has = ~np.isnan(heads["lab"])
     table = pair_table(examples, heads["prob"], dev)
-    loso: dict[str, Any] = {}
-    if not args.skip_loso:
-        src = np.array([e.source for e in examples])
-        for s in data.LOADERS:
-            h = train_heads(
-                feats.x,
-                examples,
-                split,
-                args.c,
-                args.c_cat,
-                (split == "train") & (src != s),
-                balance=args.balance,
-                hidden=args.hidden,
-                l2=args.l2,
-            )
-            loso.update(pair_table(examples, h["prob"], dev & (src == s)))
+    loso = (
+        {} if args.skip_loso else loso_table(args, feats.x, examples, split, split == "train", dev)
+    )
     out.mkdir(parents=True, exist_ok=True)
     export.static_graph(
         out / "model.onnx",
@@ -418,6 +396,30 @@ def build_default(
     log.info("default bundle written to %s (%.1fs)", out, time.time() - t0)
 
 
+def _head_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"balance": args.balance, "hidden": args.hidden, "l2": args.l2}
+
+
+def loso_table(
+    args: argparse.Namespace,
+    x: F64,
+    examples: list[data.Example],
+    split: npt.NDArray[np.str_],
+    fit: npt.NDArray[np.bool_],
+    scored: npt.NDArray[np.bool_],
+) -> dict[str, dict[str, float]]:
+    """Leave one source out: per source, heads fitted on ``fit`` without that source, scored
+    (``pair_table``) on that source's ``scored`` prompts."""
+    src = np.array([e.source for e in examples])
+    out: dict[str, dict[str, float]] = {}
+    for s in data.LOADERS:
+        h = train_heads(
+            x, examples, split, args.c, args.c_cat, fit & (src != s), **_head_args(args)
+        )
+        out.update(pair_table(examples, h["prob"], scored & (src == s)))
+    return out
+
+
 def validate(
     args: argparse.Namespace,
     examples: list[data.Example],
@@ -429,13 +431,11 @@ def validate(
     other sources' train prompts, scored on every non-dev prompt of the held-out source)."""
     val = (split == "train") & np.array([data.in_validation(e.text) for e in examples])
     fit = (split == "train") & ~val
-    src = np.array([e.source for e in examples])
-    head_args: dict[str, Any] = {"balance": args.balance, "hidden": args.hidden, "l2": args.l2}
-    heads = train_heads(x, examples, split, args.c, args.c_cat, fit, **head_args)
-    out: dict[str, Any] = {"validation": pair_table(examples, heads["prob"], val), "loso": {}}
-    for s in data.LOADERS:
-        h = train_heads(x, examples, split, args.c, args.c_cat, fit & (src != s), **head_args)
-        out["loso"].update(pair_table(examples, h["prob"], (split != "dev") & (src == s)))
+    heads = train_heads(x, examples, split, args.c, args.c_cat, fit, **_head_args(args))
+    out: dict[str, Any] = {
+        "validation": pair_table(examples, heads["prob"], val),
+        "loso": loso_table(args, x, examples, split, fit, split != "dev"),
+    }
     for part in ("validation", "loso"):
         rows = out[part].values()
         out[part + "_mean"] = {
@@ -557,17 +557,10 @@ def build_minilm(
     norm = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-9)
     ln = np.log(ntok + 1)[:, None] / 6.0
     x = np.hstack([norm, ln, ln * ln]).astype(np.float64)
-    head_args: dict[str, Any] = {"balance": args.balance, "hidden": args.hidden, "l2": args.l2}
-    heads = train_heads(x, sub, sub_split, args.c, args.c_cat, **head_args)
+    heads = train_heads(x, sub, sub_split, args.c, args.c_cat, **_head_args(args))
     dev = sub_split == "dev"
     table = pair_table(sub, heads["prob"], dev)
-    loso: dict[str, Any] = {}
-    if not args.skip_loso:
-        src = np.array([e.source for e in sub])
-        for s in data.LOADERS:
-            fit = (sub_split == "train") & (src != s)
-            h = train_heads(x, sub, sub_split, args.c, args.c_cat, fit, **head_args)
-            loso.update(pair_table(sub, h["prob"], dev & (src == s)))
+    loso = {} if args.skip_loso else loso_table(args, x, sub, sub_split, sub_split == "train", dev)
     out.mkdir(parents=True, exist_ok=True)
     export.head_graph(
         out / "model.onnx",
