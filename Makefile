@@ -52,7 +52,8 @@ bench-gateway: $(STAMP)
 clean:
 	rm -rf $(VENV) .switchyard build *.egg-info
 
-## Train the default router bundle from ../shared/data/routing/ (see docs/router-model.md).
+## Train both router bundles from ../shared/data/routing/ (see docs/router-model.md); the first
+## run spends about 15 minutes in the MiniLM encoder, cached for later runs.
 train-router: $(STAMP)
 	$(PIP) install --quiet --no-deps --require-hashes -r requirements-train.txt
 	$(PY) -m switchyard.training.train

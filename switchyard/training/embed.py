@@ -128,11 +128,32 @@ def encode_ids(sess: ort.InferenceSession, ids: list[list[int]], batch: int = 32
     return out
 
 
-def cached_vocab_embeddings(threads: int, vocab_size: int) -> F32:
-    """``vocab_embeddings`` cached under ``$XDG_CACHE_HOME/switchyard`` by encoder hash."""
+def _cache_dir() -> Path:
     import os
 
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "switchyard"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "switchyard"
+
+
+def cached_encode_ids(threads: int, ids: list[list[int]]) -> F32:
+    """``encode_ids`` cached under ``$XDG_CACHE_HOME/switchyard`` by encoder hash and the ids
+    themselves (a second ``make train-router`` skips the 15-minute encoder pass)."""
+    digest = hashlib.sha256(ENCODER_SHA256.encode())
+    for row in ids:
+        digest.update(np.asarray(row, dtype=np.int64).tobytes())
+        digest.update(b"|")
+    path = _cache_dir() / f"prompts-{digest.hexdigest()[:24]}.npy"
+    if path.is_file():
+        cached: F32 = np.load(path)
+        return cached
+    emb = encode_ids(encoder_session(threads), ids)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, emb)
+    return emb
+
+
+def cached_vocab_embeddings(threads: int, vocab_size: int) -> F32:
+    """``vocab_embeddings`` cached under ``$XDG_CACHE_HOME/switchyard`` by encoder hash."""
+    base = _cache_dir()
     path = base / f"vocab-{ENCODER_SHA256[:16]}-{vocab_size}.npy"
     if path.is_file():
         cached: F32 = np.load(path)
