@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -128,37 +130,34 @@ def encode_ids(sess: ort.InferenceSession, ids: list[list[int]], batch: int = 32
     return out
 
 
-def _cache_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "switchyard"
+def _cached(name: str, compute: Callable[[], F32]) -> F32:
+    """``compute()``, kept as ``$XDG_CACHE_HOME/switchyard/<name>.npy`` for later runs."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "switchyard"
+    path = base / f"{name}.npy"
+    if path.is_file():
+        cached: F32 = np.load(path)
+        return cached
+    value = compute()
+    base.mkdir(parents=True, exist_ok=True)
+    np.save(path, value)
+    return value
 
 
 def cached_encode_ids(threads: int, ids: list[list[int]]) -> F32:
-    """``encode_ids`` cached under ``$XDG_CACHE_HOME/switchyard`` by encoder hash and the ids
-    themselves (a second ``make train-router`` skips the 15-minute encoder pass)."""
+    """``encode_ids``, cached by encoder hash and the ids themselves (a second
+    ``make train-router`` skips the 15-minute encoder pass)."""
     digest = hashlib.sha256(ENCODER_SHA256.encode())
     for row in ids:
         digest.update(np.asarray(row, dtype=np.int64).tobytes())
         digest.update(b"|")
-    path = _cache_dir() / f"prompts-{digest.hexdigest()[:24]}.npy"
-    if path.is_file():
-        cached: F32 = np.load(path)
-        return cached
-    emb = encode_ids(encoder_session(threads), ids)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, emb)
-    return emb
+    return _cached(
+        f"prompts-{digest.hexdigest()[:24]}", lambda: encode_ids(encoder_session(threads), ids)
+    )
 
 
 def cached_vocab_embeddings(threads: int, vocab_size: int) -> F32:
-    """``vocab_embeddings`` cached under ``$XDG_CACHE_HOME/switchyard`` by encoder hash."""
-    base = _cache_dir()
-    path = base / f"vocab-{ENCODER_SHA256[:16]}-{vocab_size}.npy"
-    if path.is_file():
-        cached: F32 = np.load(path)
-        return cached
-    table = vocab_embeddings(encoder_session(threads), vocab_size)
-    base.mkdir(parents=True, exist_ok=True)
-    np.save(path, table)
-    return table
+    """``vocab_embeddings``, cached by encoder hash."""
+    return _cached(
+        f"vocab-{ENCODER_SHA256[:16]}-{vocab_size}",
+        lambda: vocab_embeddings(encoder_session(threads), vocab_size),
+    )
