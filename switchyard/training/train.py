@@ -150,7 +150,7 @@ def pair_table(
     return out
 
 
-def _provenance(root: Path) -> dict[str, Any]:
+def _provenance(root: Path, argv: list[str]) -> dict[str, Any]:
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
@@ -158,7 +158,7 @@ def _provenance(root: Path) -> dict[str, Any]:
     except OSError:
         commit = ""
     return {
-        "command": "python -m switchyard.training.train " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m switchyard.training.train", *argv]),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "git_commit": commit or "unknown",
         "data": {p.name: sha256_file(p) for p in sorted(root.iterdir()) if p.is_file()},
@@ -227,21 +227,49 @@ def _source_weights(examples: list[data.Example], fit: npt.NDArray[np.bool_]) ->
     return np.array([fit.sum() / (len(n) * n[s]) for s in src[fit]])
 
 
+def _mlp_split(theta: F64, n_in: int, hidden: int) -> tuple[F64, F64, F64, F64, float]:
+    sizes = [n_in * hidden, hidden, hidden, n_in]
+    w1f, b1, w2, wl, b = np.split(theta, np.cumsum(sizes))
+    return w1f.reshape(n_in, hidden), b1, w2, wl, float(b[0])
+
+
+def mlp_loss(theta: F64, x: F64, y: F64, weight: F64, hidden: int, l2: float) -> tuple[float, F64]:
+    """Value and gradient of the MLP objective at ``theta`` = [W1, b1, w2, wl, b] (flattened).
+
+    logit = x wl + b + relu(x W1 + b1) w2; ``weight``-weighted soft-label cross-entropy
+    + l2 * |W1, w2, wl|^2.
+    """
+    w1, b1, w2, wl, b = _mlp_split(theta, x.shape[1], hidden)
+    a = x @ w1 + b1
+    h = np.maximum(a, 0)
+    z = h @ w2 + x @ wl + b
+    p = 1 / (1 + np.exp(-z))
+    reg = np.sum(w1**2) + np.sum(w2**2) + np.sum(wl**2)
+    value = -np.sum(weight * (y * np.log(p + 1e-12) + (1 - y) * np.log(1 - p + 1e-12)))
+    g = weight * (p - y)
+    gh = np.outer(g, w2) * (a > 0)
+    grad = np.concatenate(
+        [
+            (x.T @ gh + 2 * l2 * w1).ravel(),
+            gh.sum(axis=0),
+            h.T @ g + 2 * l2 * w2,
+            x.T @ g + 2 * l2 * wl,
+            [g.sum()],
+        ]
+    )
+    return float(value + l2 * reg), grad
+
+
 def fit_mlp(
     x: F64, y: F64, weight: F64, hidden: int, l2: float, seed: int = 0, iters: int = 400
 ) -> tuple[F64, float, F64, F64, F64]:
-    """Soft-label logistic model with a ReLU hidden layer and a linear skip, by L-BFGS.
-
-    logit = x wl + b + relu(x W1 + b1) w2; weighted cross-entropy + l2 * |W1, w2, wl|^2.
-    Returns (wl, b, W1, b1, w2).
-    """
+    """Soft-label logistic model with a ReLU hidden layer and a linear skip (``mlp_loss``,
+    weights normalised to sum 1), by L-BFGS. Returns (wl, b, W1, b1, w2)."""
     from scipy.optimize import minimize
 
     n_in = x.shape[1]
     w = weight / weight.sum()
     rng = np.random.default_rng(seed)
-    sizes = [n_in * hidden, hidden, hidden, n_in, 1]
-    cut = np.cumsum(sizes)[:-1]
     p0 = float(np.clip(np.average(y, weights=w), 1e-3, 1 - 1e-3))
     theta0 = np.concatenate(
         [
@@ -252,32 +280,16 @@ def fit_mlp(
             [np.log(p0 / (1 - p0))],
         ]
     )
-
-    def loss(theta: F64) -> tuple[float, F64]:
-        w1f, b1, w2, wl, b = np.split(theta, cut)
-        w1 = w1f.reshape(n_in, hidden)
-        a = x @ w1 + b1
-        h = np.maximum(a, 0)
-        z = h @ w2 + x @ wl + b
-        p = 1 / (1 + np.exp(-z))
-        reg = np.sum(w1**2) + np.sum(w2**2) + np.sum(wl**2)
-        value = -np.sum(w * (y * np.log(p + 1e-12) + (1 - y) * np.log(1 - p + 1e-12)))
-        g = w * (p - y)
-        gh = np.outer(g, w2) * (a > 0)
-        grad = np.concatenate(
-            [
-                (x.T @ gh + 2 * l2 * w1).ravel(),
-                gh.sum(axis=0),
-                h.T @ g + 2 * l2 * w2,
-                x.T @ g + 2 * l2 * wl,
-                [g.sum()],
-            ]
-        )
-        return float(value + l2 * reg), grad
-
-    res = minimize(loss, theta0, jac=True, method="L-BFGS-B", options={"maxiter": iters})
-    w1f, b1, w2, wl, b = np.split(res.x, cut)
-    return wl, float(b[0]), w1f.reshape(n_in, hidden), b1, w2
+    res = minimize(
+        mlp_loss,
+        theta0,
+        args=(x, y, w, hidden, l2),
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": iters},
+    )
+    w1, b1, w2, wl, b = _mlp_split(res.x, n_in, hidden)
+    return wl, b, w1, b1, w2
 
 
 def train_heads(
@@ -648,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         len(examples),
         {s: int((split == s).sum()) for s in ("train", "cal", "dev")},
     )
-    prov = _provenance(root)
+    prov = _provenance(root, sys.argv[1:] if argv is None else argv)
     wanted = set(args.bundles.split(","))
     emb, ntok = prompt_embeddings(args, examples)
     if "default" in wanted:
