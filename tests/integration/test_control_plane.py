@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,10 +15,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import numpy as np
+import onnx
 import pytest
 from gateway_harness import DEMO_NAMES, REPO, policy_for_ports
+from onnx import numpy_helper
 
 from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.extproc.router.bundle import resolve
 from switchyard.local.ports import free_port_block
 from switchyard.local.runner import EnvoyAdmin, envoy_binary, port_open, wait_until
 from switchyard.operator.compiler import compile_config
@@ -234,3 +239,40 @@ def test_rejected_configs_are_reported_and_the_last_good_one_serves(harness: Har
     assert response.status_code == 200
     assert response.headers["x-switchyard-model"] == "light"
     harness.apply(harness.policy)
+
+
+def _always_hard_bundle(directory: Path) -> Path:
+    """A copy of the default bundle whose difficulty head is pushed to 1 for every prompt."""
+    bundle = directory / "always-hard"
+    shutil.copytree(resolve("builtin:default"), bundle)
+    model = onnx.load(str(bundle / "model.onnx"))
+    bias = next(t for t in model.graph.initializer if t.name.startswith("bd_"))
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(50), bias.name))
+    onnx.save(model, str(bundle / "model.onnx"))
+    return bundle
+
+
+def test_a_policy_switches_router_bundles_without_a_restart(
+    harness: Harness, tmp_path: Path
+) -> None:
+    assert harness.post().headers["x-switchyard-model"] == "light"
+    switched = copy.deepcopy(harness.policy)
+    switched["spec"]["strategy"]["router"]["bundle"] = str(_always_hard_bundle(tmp_path))
+    result = harness.apply(switched)
+    assert result.envoy_acked and result.extproc_acked
+    assert harness.post().headers["x-switchyard-model"] == "capable"
+
+    # a bundle that does not load is NACKed with the reason; the last good one keeps serving
+    missing = copy.deepcopy(harness.policy)
+    missing["spec"]["strategy"]["router"]["bundle"] = str(tmp_path / "no-such-bundle")
+    harness.nacks.clear()
+    result = harness.apply(missing)
+    assert not result.extproc_acked
+    wait_until(lambda: any(n[0] == "extproc" for n in harness.nacks), 10, "ext_proc nack")
+    error = next(n for n in harness.nacks if n[0] == "extproc")[-1]
+    assert "no-such-bundle" in error and "no such directory" in error
+    assert harness.post().headers["x-switchyard-model"] == "capable"
+
+    result = harness.apply(harness.policy)
+    assert result.extproc_acked
+    assert harness.post().headers["x-switchyard-model"] == "light"
