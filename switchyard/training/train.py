@@ -464,6 +464,73 @@ def validate(
     return out
 
 
+#: Task families held out together for ``--families`` (one benchmark can sit in two sources).
+FAMILY_GROUPS: dict[str, set[str]] = {
+    "gsm8k": {"llmrouter/gsm8k", "open7b/gsm8k", "llmrouter/agentverse-mgsm"},
+    "MATH": {"llmrouter/math", "open7b/MATH"},
+    "code": {
+        "llmrouter/mbpp",
+        "open7b/mbpp",
+        "llmrouter/human_eval",
+        "open7b/humaneval",
+        "open7b/javascript",
+    },
+    "arc": {"llmrouter/arc_challenge", "open7b/arc"},
+    "open-qa": {"llmrouter/natural_qa", "llmrouter/trivia_qa"},
+    "commonsense": {"llmrouter/commonsense_qa", "llmrouter/openbook_qa"},
+    "gpqa": {"llmrouter/gpqa"},
+    "chinese-exams": {"open7b/cmmlu", "open7b/ceval"},
+    "mmlu-pro-stem": {
+        "mmlu_pro/math",
+        "mmlu_pro/physics",
+        "mmlu_pro/chemistry",
+        "mmlu_pro/engineering",
+    },
+    "mmlu-pro-law-humanities": {"mmlu_pro/law", "mmlu_pro/history", "mmlu_pro/philosophy"},
+    "mmlu": {"open7b/mmlu", "routellm/mmlu", "llmrouter/mmlu"},
+}
+
+
+def family_table(
+    args: argparse.Namespace,
+    x: F64,
+    examples: list[data.Example],
+    split: npt.NDArray[np.str_],
+) -> dict[str, dict[str, float]]:
+    """Leave one task family out: heads fitted on the train prompts of every other family,
+    scored on every prompt of the held-out family. Per family, the median APGR (router and
+    length) over the label pairs of its sources whose strong model is ahead by more than 0.02
+    (smaller gaps make APGR explode). This is ranking *within* one unseen kind of task."""
+    fam = np.array([e.family for e in examples])
+    src = np.array([e.source for e in examples])
+    length = np.array([len(e.text) for e in examples], dtype=np.float64)
+    out: dict[str, dict[str, float]] = {}
+    for group, families in FAMILY_GROUPS.items():
+        held = np.isin(fam, sorted(families))
+        if not held.any():
+            continue
+        fit = (split == "train") & ~held
+        prob = train_heads(x, examples, split, args.c, args.c_cat, fit, **_head_args(args))["prob"]
+        router, by_length = [], []
+        for source in np.unique(src[held]):
+            rows = np.flatnonzero(held & (src == source))
+            for pair in sorted({p for i in rows for p in examples[i].outcomes}):
+                idx = [i for i in rows if pair in examples[i].outcomes]
+                o = np.array([examples[i].outcomes[pair] for i in idx])
+                if o[:, 1].mean() - o[:, 0].mean() <= 0.02:
+                    continue
+                router.append(metrics.evaluate(prob[idx], o[:, 0], o[:, 1]).apgr)
+                by_length.append(metrics.evaluate(length[idx], o[:, 0], o[:, 1]).apgr)
+        if router:
+            out[group] = {
+                "n": int(held.sum()),
+                "pairs": len(router),
+                "router": round(float(np.median(router)), 4),
+                "length": round(float(np.median(by_length)), 4),
+            }
+    return out
+
+
 def _head_doc(args: argparse.Namespace) -> str:
     if args.hidden:
         return (
@@ -562,6 +629,13 @@ def prompt_embeddings(args: argparse.Namespace, examples: list[data.Example]) ->
     return emb, np.array([len(i) - 2 for i in ids], dtype=np.float64)
 
 
+def minilm_features(emb: F32, ntok: F64) -> F64:
+    """The ``minilm`` head's inputs: the L2-normalised embedding, log(n+1)/6 and its square."""
+    norm = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-9)
+    ln = np.log(ntok + 1)[:, None] / 6.0
+    return np.hstack([norm, ln, ln * ln]).astype(np.float64)
+
+
 def build_minilm(
     args: argparse.Namespace,
     examples: list[data.Example],
@@ -572,9 +646,7 @@ def build_minilm(
     prov: dict[str, Any],
 ) -> None:
     t0 = time.time()
-    norm = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-9)
-    ln = np.log(ntok + 1)[:, None] / 6.0
-    x = np.hstack([norm, ln, ln * ln]).astype(np.float64)
+    x = minilm_features(emb, ntok)
     heads = train_heads(x, examples, split, args.c, args.c_cat, **_head_args(args))
     dev = split == "dev"
     table = pair_table(examples, heads["prob"], dev)
@@ -645,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-loso", action="store_true", help="skip leave-one-source-out")
     parser.add_argument(
+        "--families",
+        action="store_true",
+        help="print leave-one-task-family-out APGR (FAMILY_GROUPS) of the chosen bundles' "
+        "features and heads against the length router; write nothing",
+    )
+    parser.add_argument(
         "--validate",
         action="store_true",
         help="print inner-validation and leave-one-source-out APGR of the default bundle's "
@@ -663,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     prov = _provenance(root, sys.argv[1:] if argv is None else argv)
     wanted = set(args.bundles.split(","))
     emb, ntok = prompt_embeddings(args, examples)
+    families: dict[str, Any] = {}
     if "default" in wanted:
         tok = FastTokenizer(
             embed.tokenizer_path(), args.max_tokens, args.max_tokens * 3 // 4, args.max_tokens // 4
@@ -675,9 +754,19 @@ def main(argv: list[str] | None = None) -> int:
             report = validate(args, examples, split, feats.x)
             sys.stdout.write(yaml.safe_dump(report, sort_keys=False, width=120))
             return 0
-        build_default(args, examples, split, tok, vocab_emb, emb, args.out / "default", prov)
+        if args.families:
+            feats = Features(tok, examples, args.dim, split == "train", vocab_emb, emb)
+            families["default"] = family_table(args, feats.x, examples, split)
+        else:
+            build_default(args, examples, split, tok, vocab_emb, emb, args.out / "default", prov)
     if "minilm" in wanted:
-        build_minilm(args, examples, split, emb, ntok, args.out / "minilm", prov)
+        if args.families:
+            x = minilm_features(emb, ntok)
+            families["minilm"] = family_table(args, x, examples, split)
+        else:
+            build_minilm(args, examples, split, emb, ntok, args.out / "minilm", prov)
+    if args.families:
+        sys.stdout.write(yaml.safe_dump(families, sort_keys=False, width=120))
     return 0
 
 

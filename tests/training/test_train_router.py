@@ -110,3 +110,23 @@ def test_score_with_a_trained_bundle(bundles: dict[str, Path]) -> None:
     assert out["hard"]["difficulty"] > out["easy"]["difficulty"]
     assert out["hard"]["category"] == "math"
     assert out["easy"]["category"] == "knowledge"
+
+
+def test_leave_one_family_out_report(
+    routing_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SWITCHYARD_DATA", str(routing_root))
+    assert train.main(["--families", "--dim", "8"]) == 0
+    report = yaml.safe_load(capsys.readouterr().out)
+    families = {e.family for e in data.load_all(routing_root)}
+    present = {g for g, members in train.FAMILY_GROUPS.items() if members & families}
+    assert set(report) == {"default", "minilm"}
+    for rows in report.values():
+        assert set(rows) == present
+        for group, row in rows.items():
+            held = [
+                e for e in data.load_all(routing_root) if e.family in train.FAMILY_GROUPS[group]
+            ]
+            assert row["n"] == len(held)
+            assert row["pairs"] >= 1
+            assert 0.0 <= row["router"] <= 2.0 and 0.0 <= row["length"] <= 2.0
