@@ -84,8 +84,8 @@ def test_runtime_scores_the_dev_split_as_training_did(
     report = evaluate_bundle(str(bundles[name]), data_root=routing_root)
     assert set(report["pairs"]) == set(recorded)
     for key, row in report["pairs"].items():
-        assert row["router"]["apgr"] == pytest.approx(recorded[key]["router"], abs=1e-3), key
-        assert row["length"]["apgr"] == pytest.approx(recorded[key]["length"], abs=1e-3), key
+        assert row["router"]["apgr"] == pytest.approx(recorded[key]["router"], abs=2e-3), key
+        assert row["length"]["apgr"] == pytest.approx(recorded[key]["length"], abs=2e-3), key
 
 
 def test_eval_writes_a_plot(bundles: dict[str, Path], routing_root: Path, tmp_path: Path) -> None:
