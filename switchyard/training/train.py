@@ -749,20 +749,18 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         vocab_emb = embed.cached_vocab_embeddings(args.threads, tok.vocab_size)
         log.info("vocabulary pass through MiniLM: %.1fs", time.time() - t0)
-        if args.validate:
-            feats = Features(tok, examples, args.dim, split == "train", vocab_emb, emb)
-            report = validate(args, examples, split, feats.x)
-            sys.stdout.write(yaml.safe_dump(report, sort_keys=False, width=120))
-            return 0
-        if args.families:
-            feats = Features(tok, examples, args.dim, split == "train", vocab_emb, emb)
-            families["default"] = family_table(args, feats.x, examples, split)
+        if args.validate or args.families:
+            x = Features(tok, examples, args.dim, split == "train", vocab_emb, emb).x
+            if args.validate:
+                report = validate(args, examples, split, x)
+                sys.stdout.write(yaml.safe_dump(report, sort_keys=False, width=120))
+                return 0
+            families["default"] = family_table(args, x, examples, split)
         else:
             build_default(args, examples, split, tok, vocab_emb, emb, args.out / "default", prov)
     if "minilm" in wanted:
         if args.families:
-            x = minilm_features(emb, ntok)
-            families["minilm"] = family_table(args, x, examples, split)
+            families["minilm"] = family_table(args, minilm_features(emb, ntok), examples, split)
         else:
             build_minilm(args, examples, split, emb, ntok, args.out / "minilm", prov)
     if args.families:
