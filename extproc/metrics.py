@@ -1,4 +1,6 @@
-"""Prometheus metrics of the ext_proc, served on ``--metrics-port`` at ``/metrics``.
+"""Prometheus metrics of the ext_proc, served on ``--metrics-port`` at ``/metrics``, beside
+the Kubernetes probes ``/healthz`` (200 while every worker runs) and ``/readyz`` (200 once every
+worker serves with a routing config; 503 with the reason until then).
 
 * ``switchyard_decisions_total{policy, model, kind}``: routed requests; ``kind`` is how the
   model was chosen (classifier, rule, default, weighted, direct), without the free-text detail.
@@ -17,11 +19,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, multiprocess, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, make_wsgi_app, multiprocess
+from prometheus_client.exposition import ThreadingWSGIServer
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+Probe = Callable[[], str | None]
+"""None when healthy, else the reason (sent with a 503)."""
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 DECISIONS = Counter(
     "switchyard_decisions",
@@ -40,12 +52,31 @@ def decision_kind(reason: str) -> str:
     return reason.split(":", 1)[0].split(",", 1)[0].strip() or "unknown"
 
 
-class MetricsServer:
-    """The /metrics endpoint of one ext_proc (all its workers)."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds
+        pass
 
-    def __init__(self, port: int, address: str = "0.0.0.0", workers: int = 1) -> None:
+
+class _Server6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """The /metrics, /healthz and /readyz endpoints of one ext_proc (all its workers)."""
+
+    def __init__(
+        self,
+        port: int,
+        address: str = "0.0.0.0",
+        workers: int = 1,
+        alive: Probe | None = None,
+        ready: Probe | None = None,
+    ) -> None:
         self.port = port
         self.address = address
+        self._alive = alive or _healthy
+        self._ready = ready or _healthy
+        self._server: WSGIServer | None = None
         self._directory: str | None = None
         if workers > 1:
             # Before any worker starts: they inherit the variable and write their files there.
@@ -54,19 +85,38 @@ class MetricsServer:
 
     def start(self) -> None:
         """Serve on a daemon thread (scrapes never run on a worker's event loop)."""
-        registry = None
+        registry = REGISTRY
         if self._directory is not None:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=self._directory)  # type: ignore[no-untyped-call]
-        if registry is None:
-            start_http_server(self.port, self.address)
-        else:
-            start_http_server(self.port, self.address, registry=registry)
+        metrics = make_wsgi_app(registry)
+
+        def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+            probe = {"/healthz": self._alive, "/readyz": self._ready}.get(environ["PATH_INFO"])
+            if probe is None:
+                return metrics(environ, start_response)  # type: ignore[no-any-return]
+            reason = probe()
+            status = "200 OK" if reason is None else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"{reason or 'ok'}\n".encode()]
+
+        server_class = _Server6 if ":" in self.address else ThreadingWSGIServer
+        self._server = make_server(
+            self.address, self.port, app, server_class, handler_class=_QuietHandler
+        )
+        threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
 
     def worker_exited(self, pid: int) -> None:
         if self._directory is not None:
             multiprocess.mark_process_dead(pid, self._directory)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
         if self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
+
+
+def _healthy() -> str | None:
+    return None

@@ -1,7 +1,8 @@
 """The ext_proc server: worker processes, each serving ext_proc on its own port.
 
 Each worker runs the minimal HTTP/2 gRPC server of ``h2grpc`` on uvloop; Envoy balances
-streams across the workers' ports.
+streams across the workers' ports. Each worker raises its flag in a shared ``WorkerReadiness``
+once it serves with a routing config, which the metrics port's ``/readyz`` reports.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import os
 import signal
 import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.config_client import ConfigStreamClient
 from switchyard.extproc.h2grpc import GrpcConnection
+from switchyard.extproc.health import ReadyFlag, WorkerReadiness
 from switchyard.extproc.metrics import MetricsServer
 from switchyard.extproc.processor import Processor
 from switchyard.extproc.state import RuntimeState
@@ -35,12 +38,15 @@ class ConfigFileWatcher:
 
     Reading, parsing and scorer loading run on a thread; the swap runs on the event loop.
     A file that fails to parse is logged and ignored: the last good config keeps serving.
+    ``on_load`` runs (on the watcher's thread) after each config that went live.
     """
 
     def __init__(self, path: Path, state: RuntimeState, loop: asyncio.AbstractEventLoop) -> None:
         self.path = path
         self.state = state
         self.loop = loop
+        self.loaded = False
+        self.on_load: Callable[[], None] | None = None
         self._seen: tuple[int, int] | None = None
         self._stop = threading.Event()
 
@@ -62,6 +68,9 @@ class ConfigFileWatcher:
             return False
         done = asyncio.run_coroutine_threadsafe(self._swap(prepared), self.loop)
         done.result()
+        self.loaded = True
+        if self.on_load is not None:
+            self.on_load()
         return True
 
     async def _swap(self, prepared: tuple[object, ...]) -> None:
@@ -78,11 +87,18 @@ class ConfigFileWatcher:
         self._stop.set()
 
 
-async def serve(config_source: str, listen: str, ready: threading.Event | None = None) -> None:
+async def serve(
+    config_source: str,
+    listen: str,
+    ready: threading.Event | None = None,
+    execution_provider: str = "cpu",
+    configured: Callable[[], None] | None = None,
+) -> None:
     """Run one worker until signalled. ``config_source``: a routing.pb file, or
-    ``grpc://host:port`` of the control plane's config stream."""
+    ``grpc://host:port`` of the control plane's config stream. ``ready`` is set once the worker
+    listens; ``configured`` is called once it listens with a routing config loaded."""
     loop = asyncio.get_running_loop()
-    state = RuntimeState()
+    state = RuntimeState(execution_provider=execution_provider)
     background: list[asyncio.Task[None]] = []
     watcher: ConfigFileWatcher | None = None
     if config_source.startswith("grpc://"):
@@ -93,7 +109,6 @@ async def serve(config_source: str, listen: str, ready: threading.Event | None =
     else:
         watcher = ConfigFileWatcher(Path(config_source), state, loop)
         await asyncio.to_thread(watcher.load_once)
-        watcher.start()
     processor = Processor(state)
     connections: weakref.WeakSet[GrpcConnection] = weakref.WeakSet()
 
@@ -112,6 +127,13 @@ async def serve(config_source: str, listen: str, ready: threading.Event | None =
     log.info("ext_proc worker %d serving on %s", os.getpid(), listen)
     if ready is not None:
         ready.set()
+    if watcher is not None:
+        watcher.on_load = configured  # the file may appear later
+        if watcher.loaded and configured is not None:
+            configured()
+        watcher.start()
+    elif configured is not None:
+        configured()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -126,11 +148,11 @@ async def serve(config_source: str, listen: str, ready: threading.Event | None =
     await asyncio.sleep(0.2)  # let in-flight streams answer
 
 
-def _worker(config_path: str, listen: str) -> None:
+def _worker(config_path: str, listen: str, execution_provider: str, flag: ReadyFlag) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s extproc %(message)s")
     import uvloop
 
-    uvloop.run(serve(config_path, listen))
+    uvloop.run(serve(config_path, listen, None, execution_provider, flag.set))
 
 
 def worker_addresses(listen: str, workers: int) -> list[str]:
@@ -141,30 +163,54 @@ def worker_addresses(listen: str, workers: int) -> list[str]:
     return [f"{host}:{int(port) + i}" for i in range(workers)]
 
 
-def run_workers(config_path: str, listen: str, workers: int, metrics_port: int = 0) -> int:
+def run_workers(
+    config_path: str,
+    listen: str,
+    workers: int,
+    metrics_port: int = 0,
+    execution_provider: str = "cpu",
+) -> int:
     """Start ``workers`` processes and wait; SIGINT/SIGTERM stop them all. A ``metrics_port``
-    serves Prometheus metrics of all workers."""
-    metrics = MetricsServer(metrics_port, workers=workers) if metrics_port else None
-    if metrics is not None:
+    serves Prometheus metrics of all workers and the /healthz and /readyz probes. Router bundles
+    load on ``execution_provider`` (auto, cpu, cuda)."""
+    ctx = multiprocessing.get_context("spawn")
+    readiness = WorkerReadiness(max(workers, 1), ctx)
+    metrics = None
+    if metrics_port:
+        metrics = MetricsServer(
+            metrics_port, workers=workers, alive=readiness.not_alive, ready=readiness.not_ready
+        )
         metrics.start()
     try:
-        return _run(config_path, listen, workers, metrics)
+        return _run(config_path, listen, workers, execution_provider, readiness, metrics)
     finally:
         if metrics is not None:
             metrics.close()
 
 
-def _run(config_path: str, listen: str, workers: int, metrics: MetricsServer | None) -> int:
+def _run(
+    config_path: str,
+    listen: str,
+    workers: int,
+    execution_provider: str,
+    readiness: WorkerReadiness,
+    metrics: MetricsServer | None,
+) -> int:
     if workers <= 1:
-        _worker(config_path, worker_addresses(listen, 1)[0])
+        _worker(config_path, worker_addresses(listen, 1)[0], execution_provider, readiness.flag(0))
         return 0
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_worker, args=(config_path, address), daemon=False)
-        for address in worker_addresses(listen, workers)
+        ctx.Process(
+            target=_worker,
+            args=(config_path, address, execution_provider, readiness.flag(i)),
+            daemon=False,
+        )
+        for i, address in enumerate(worker_addresses(listen, workers))
     ]
     for proc in procs:
         proc.start()
+    readiness.watch(procs)
 
     def forward(signum: int, _frame: object) -> None:
         for proc in procs:

@@ -6,6 +6,7 @@ with and new ones see the new table; nothing is locked on the hot path.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -25,8 +26,9 @@ HEURISTIC_BUNDLE = "builtin:heuristic"
 ScorerLoader = Callable[[str], Scorer]
 
 
-def default_scorer_loader(bundle: str) -> Scorer:
-    """Load a router bundle; the heuristic placeholder when asked for or when none loads."""
+def default_scorer_loader(bundle: str, execution_provider: str = "cpu") -> Scorer:
+    """Load a router bundle on ``execution_provider`` (auto, cpu, cuda); the heuristic
+    placeholder when asked for or when no runtime is installed."""
     if bundle == HEURISTIC_BUNDLE:
         return HeuristicScorer()
     try:
@@ -34,19 +36,23 @@ def default_scorer_loader(bundle: str) -> Scorer:
     except ImportError:
         log.warning("router runtime unavailable; using the heuristic scorer for %s", bundle)
         return HeuristicScorer()
-    return load_scorer(bundle)
+    return load_scorer(bundle, providers=[execution_provider])
 
 
 class RuntimeState:
-    """Current config and scorers of one worker."""
+    """Current config and scorers of one worker. Bundles load on ``execution_provider``
+    unless a ``scorer_loader`` is given."""
 
     def __init__(
         self,
         config: CompiledConfig | None = None,
-        scorer_loader: ScorerLoader = default_scorer_loader,
+        scorer_loader: ScorerLoader | None = None,
+        execution_provider: str = "cpu",
     ) -> None:
         self.config = config or build_config(pb.RoutingConfig())
-        self._loader = scorer_loader
+        self._loader = scorer_loader or functools.partial(
+            default_scorer_loader, execution_provider=execution_provider
+        )
         self._scorers: dict[str, Scorer] = {}
         self._fallback: Scorer = HeuristicScorer()
         self._decision_counters: dict[tuple[str, str, str], Any] = {}

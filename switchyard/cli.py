@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+EXECUTION_PROVIDERS = ("auto", "cpu", "cuda")
+EXECUTION_PROVIDER_ENV = "SWITCHYARD_EXECUTION_PROVIDER"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     extproc.add_argument("--workers", type=int, default=1)
     extproc.add_argument(
-        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)"
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus /metrics and the /healthz and /readyz probes here (0: off)",
+    )
+    extproc.add_argument(
+        "--execution-provider",
+        choices=EXECUTION_PROVIDERS,
+        default=os.environ.get(EXECUTION_PROVIDER_ENV, "cpu"),
+        help=f"where router bundles run (default: ${EXECUTION_PROVIDER_ENV} or cpu); auto: CUDA "
+        "for encoder bundles when available; CUDA without a GPU falls back to CPU with a warning",
     )
 
     demo = sub.add_parser("demo-upstream", help="run one OpenAI-compatible demo model server")
@@ -78,7 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "extproc":
         from switchyard.extproc.server import run_workers
 
-        return run_workers(args.config, args.listen, args.workers, args.metrics_port)
+        if args.execution_provider not in EXECUTION_PROVIDERS:  # argparse skips the default
+            extproc.error(
+                f"{EXECUTION_PROVIDER_ENV}={args.execution_provider!r}: "
+                f"choose from {', '.join(EXECUTION_PROVIDERS)}"
+            )
+        return run_workers(
+            args.config, args.listen, args.workers, args.metrics_port, args.execution_provider
+        )
     if args.command == "demo-upstream":
         from switchyard.demo.upstream import run_demo_upstream
 

@@ -1,8 +1,11 @@
 """``OnnxRouter``: the trained router behind the ``Scorer`` protocol.
 
-* Execution providers come from config: ``cpu`` (default), ``cuda``, ``tensorrt`` or full
-  onnxruntime names. Providers this onnxruntime build lacks are dropped with one warning line
-  and CPU is always last, so asking for CUDA without ``onnxruntime-gpu`` runs on CPU.
+* Execution providers come from config: ``cpu`` (default), ``cuda``, ``tensorrt``, full
+  onnxruntime names, or ``auto`` (CUDA for encoder bundles when this build and the machine have
+  it, CPU otherwise: a static bundle scores inline on CPU faster than a GPU round trip). Providers
+  this onnxruntime build lacks, or that fail to start (a GPU build on a machine without a GPU),
+  are dropped with one warning line per bundle and CPU is always last, so asking for CUDA
+  without ``onnxruntime-gpu`` or without a GPU runs on CPU.
 * Thread counts are explicit (``intra_op_threads``, ``inter_op_threads``; one each by default:
   the ext_proc scales by worker processes, not by threads inside one).
 * ``score()`` calls are micro-batched: a call joins the pending batch, which is flushed when it
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -39,6 +43,8 @@ PROVIDER_ALIASES = {
     "trt": "TensorrtExecutionProvider",
 }
 CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+AUTO = "auto"
 
 
 def select_providers(
@@ -67,7 +73,27 @@ def select_providers(
     return [p for p in chosen if p != CPU] + [CPU]
 
 
+def auto_providers(bundle: Bundle, available: Sequence[str] | None = None) -> list[str]:
+    """``auto``: CUDA for an encoder bundle when this onnxruntime build has it, else CPU."""
+    have = available if available is not None else ort.get_available_providers()
+    return [CUDA, CPU] if bundle.encoder is not None and CUDA in have else [CPU]
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Make the CUDA/cuDNN libraries of NVIDIA's wheels (the ``gpu`` extra) loadable."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu >= 1.21
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception:  # system CUDA may still be found; the session start will tell
+        log.debug("onnxruntime.preload_dlls failed", exc_info=True)
+
+
 def _session(path: str, providers: list[str], intra: int, inter: int) -> ort.InferenceSession:
+    if CUDA in providers:
+        _preload_cuda_libraries()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra
     opts.inter_op_num_threads = inter
@@ -95,7 +121,8 @@ class OnnxRouter:
             raise ValueError("max_batch must be at least 1")
         self.bundle = bundle
         self.name = f"{bundle.name}@{bundle.version}"
-        self.providers = select_providers(providers)
+        auto = list(providers or ()) == [AUTO]
+        wanted = auto_providers(bundle) if auto else select_providers(providers)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.inline = inline
@@ -103,14 +130,22 @@ class OnnxRouter:
         self.tokenizer = FastTokenizer(
             bundle.tokenizer_path, t.max_tokens, t.head, t.tail, bundle.special_tokens
         )
-        self._session = _session(
-            str(bundle.model_path), self.providers, intra_op_threads, inter_op_threads
-        )
+        self._session = _session(str(bundle.model_path), wanted, intra_op_threads, inter_op_threads)
+        # onnxruntime falls back to CPU by itself when a provider fails to start
+        self.providers = list(self._session.get_providers())
         self._encoder = (
             _session(str(bundle.encoder.path), self.providers, intra_op_threads, inter_op_threads)
             if bundle.encoder is not None
             else None
         )
+        lost = [p for p in wanted if p not in self.providers]
+        if lost:
+            (log.info if auto else log.warning)(
+                "router %s: execution provider(s) %s failed to start; using %s",
+                self.name,
+                ", ".join(lost),
+                ", ".join(self.providers),
+            )
         self._out = [bundle.outputs["difficulty"], bundle.outputs["categories"]]
         self._ids_name = bundle.inputs.get("input_ids", "input_ids")
         self._mask_name = bundle.inputs.get("attention_mask")
@@ -236,7 +271,8 @@ class OnnxRouter:
 
 
 def load_scorer(bundle: str, providers: list[str] | None = None) -> Scorer:
-    """Load a router bundle (``builtin:default``, ``builtin:minilm`` or a directory).
+    """Load a router bundle (``builtin:default``, ``builtin:minilm`` or a directory) on
+    ``providers`` (see ``select_providers``; ``["auto"]``: see ``auto_providers``).
 
     A static-embedding bundle on CPU scores inline on the worker's event loop (each ext_proc
     worker owns a core, so a thread would add hand-off cost and no capacity); an encoder
