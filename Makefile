@@ -33,7 +33,7 @@ proto: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/switchyard up -f $(EXAMPLES)
 
-test: $(STAMP) $(TRAIN_STAMP) k8s-tools
+test: $(STAMP) $(TRAIN_STAMP) node-tools k8s-tools
 	$(PY) -m pytest tests -q
 
 test-unit: $(STAMP)
@@ -74,6 +74,19 @@ bench-control-plane: $(STAMP)
 ## Build kube-apiserver, etcd, kubectl and helm from the Go module proxy (cached outside the repo).
 k8s-tools:
 	bash tests/infra/build_k8s.sh
+
+## Debian packages of the single-node cluster tests (tests/infra/node): installed when missing.
+NODE_PACKAGES := podman runc containerd containernetworking-plugins iproute2 iptables conntrack \
+	socat ebtables ethtool mmdebstrap busybox-static gcc libc6-dev openssl ca-certificates git
+.PHONY: node-tools
+node-tools:
+	@missing=$$(for p in $(NODE_PACKAGES); do \
+		dpkg -s $$p 2>/dev/null | grep -q '^Status: install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "node-tools: installing" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 ## Regenerate the RoutePolicy CRD (deploy/ and the Helm chart) from the policy schema.
 crd: $(STAMP)
