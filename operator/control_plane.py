@@ -8,6 +8,9 @@ Applying a config is ordered so that no request ever meets a half-applied change
    decision names a route Envoy does not know yet;
 3. once they have ACKed, clusters nothing uses any more are removed.
 Waiting is bounded: a node that never answers delays a change by at most ``ack_timeout_s``.
+
+The ext_proc endpoints (EDS, Kubernetes) are not part of that order: they change with the
+ext_proc pods, not with policies, and every snapshot published carries the latest ones.
 """
 
 from __future__ import annotations
@@ -24,15 +27,17 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from switchyard.api.v1 import config_stream_pb2_grpc as cs_grpc
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.config_stream import ConfigStreamServer
-from switchyard.operator.envoy_config import ApiKeys, GatewaySettings
+from switchyard.operator.envoy_config import ApiKeys, GatewaySettings, extproc_load_assignment
 from switchyard.operator.xds_server import (
     CLUSTER,
+    ENDPOINT,
     LISTENER,
     ROUTE,
     AdsServer,
     Resources,
     build_snapshot,
     merge_clusters,
+    pack,
 )
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,9 @@ class ControlPlane:
         self.stream = ConfigStreamServer(on_extproc_nack)
         self._server: grpc.aio.Server | None = None
         self._lock = asyncio.Lock()
+        self._extproc_endpoints: Resources | None = None
+        if settings.extproc_eds:
+            self._extproc_endpoints = self._endpoints_resource([])
         self.port = 0
 
     async def start(self, address: str = "127.0.0.1:0") -> int:
@@ -84,6 +92,31 @@ class ControlPlane:
         if self._server is not None:
             await self._server.stop(grace=1.0)
 
+    @staticmethod
+    def _endpoints_resource(endpoints: list[tuple[str, int]]) -> Resources:
+        return pack([{"@type": ENDPOINT, **extproc_load_assignment(endpoints)}])
+
+    async def set_extproc_endpoints(self, endpoints: list[tuple[str, int]]) -> None:
+        """The ready ext_proc pods changed: push them to every Envoy now (EDS)."""
+        if self._extproc_endpoints is None:
+            raise RuntimeError("the ext_proc endpoints are static (GatewaySettings.extproc_eds)")
+        self._extproc_endpoints = self._endpoints_resource(sorted(set(endpoints)))
+        if self.ads.snapshot:
+            await self._publish(self.ads.snapshot)
+
+    async def _publish(self, snapshot: dict[str, Resources]) -> None:
+        """Publish with the latest ext_proc endpoints, whenever ``snapshot`` was built."""
+        if self._extproc_endpoints is not None:
+            snapshot = {**snapshot, ENDPOINT: self._extproc_endpoints}
+        await self.ads.publish(snapshot)
+
+    async def prime(self, config: pb.RoutingConfig) -> None:
+        """The first config, published before any Envoy or ext_proc is connected (no
+        ordering to keep, nobody to wait for)."""
+        async with self._lock:
+            await self._publish(build_snapshot(config, self.settings, self.api_keys))
+            await self.stream.publish(config)
+
     async def apply(self, config: pb.RoutingConfig) -> ApplyResult:
         """Deliver ``config`` to every Envoy and ext_proc, in the order described above."""
         async with self._lock:
@@ -91,7 +124,7 @@ class ControlPlane:
             final = build_snapshot(config, self.settings, self.api_keys)
             bridge = merge_clusters(self.ads.snapshot, final)
             previous = self.ads.snapshot
-            await self.ads.publish(bridge)
+            await self._publish(bridge)
             envoy_ok = await self._wait(
                 lambda: self._envoy_has(bridge) or bool(self._rejection(bridge))
             )
@@ -99,14 +132,14 @@ class ControlPlane:
             if rejection:
                 # Envoy keeps its last good config; so must everything else, or the ext_procs
                 # would choose routes Envoy does not have.
-                await self.ads.publish(previous)
+                await self._publish(previous)
                 seconds = time.monotonic() - started
                 return ApplyResult(config.version, False, False, seconds, rejection)
             await self.stream.publish(config)
             extproc_ok = await self._wait(lambda: self.stream.acked_everywhere(config.version))
             seconds = time.monotonic() - started
             if bridge is not final:
-                await self.ads.publish(final)
+                await self._publish(final)
                 envoy_ok = await self._wait(lambda: self._envoy_has(final)) and envoy_ok
             return ApplyResult(config.version, envoy_ok, extproc_ok, seconds)
 

@@ -61,6 +61,9 @@ class GatewaySettings:
     listen_address: str = "127.0.0.1"
     listen_port: int = 8080
     extproc_endpoints: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 9002)])
+    # Kubernetes: the ext_proc pods come over EDS (the operator follows their EndpointSlices)
+    # instead of the fixed ``extproc_endpoints``.
+    extproc_eds: bool = False
     max_request_bytes: int = 8 * 1024 * 1024
     extproc_message_timeout_ms: int = 500
     route_timeout_s: int = 300
@@ -455,11 +458,11 @@ def _extproc_endpoint(host: str, port: int) -> dict[str, Any]:
 
 
 def extproc_cluster(settings: GatewaySettings) -> dict[str, Any]:
-    """The ext_proc workers: HTTP/2, round-robin per stream."""
-    return {
+    """The ext_proc workers: HTTP/2, round-robin per stream. Fixed addresses, or (Kubernetes)
+    the ready ext_proc pods over EDS, so a pod that joins gets streams within seconds."""
+    cluster: dict[str, Any] = {
         "@type": CLUSTER,
         "name": EXTPROC_CLUSTER,
-        "type": "STATIC",
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
         "typed_extension_protocol_options": {
@@ -468,12 +471,24 @@ def extproc_cluster(settings: GatewaySettings) -> dict[str, Any]:
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         },
-        "load_assignment": {
-            "cluster_name": EXTPROC_CLUSTER,
-            "endpoints": [
-                {"lb_endpoints": [_extproc_endpoint(h, p) for h, p in settings.extproc_endpoints]}
-            ],
-        },
+    }
+    if settings.extproc_eds:
+        cluster["type"] = "EDS"
+        cluster["eds_cluster_config"] = {
+            "eds_config": {"ads": {}, "resource_api_version": "V3"},
+            "service_name": EXTPROC_CLUSTER,
+        }
+        return cluster
+    cluster["type"] = "STATIC"
+    cluster["load_assignment"] = extproc_load_assignment(settings.extproc_endpoints)
+    return cluster
+
+
+def extproc_load_assignment(endpoints: list[tuple[str, int]]) -> dict[str, Any]:
+    """The ext_proc endpoints as a ClusterLoadAssignment (static cluster body or EDS)."""
+    return {
+        "cluster_name": EXTPROC_CLUSTER,
+        "endpoints": [{"lb_endpoints": [_extproc_endpoint(h, p) for h, p in endpoints]}],
     }
 
 

@@ -31,7 +31,9 @@ from switchyard.operator.multicluster import (
     CLUSTER_LABEL,
     KUBECONFIG_KEY,
     REGION_LABEL,
+    SERVICE_LABEL,
     EndpointDirectory,
+    EndpointSliceWatch,
     RemoteCluster,
     RemoteClusterWatch,
 )
@@ -58,6 +60,12 @@ class OperatorSettings:
     region: str = ""
     # System CA bundle on the gateway Envoy's filesystem ("" = the path found here).
     upstream_ca_file: str = ""
+    # The ext_proc Service in ``data_plane_namespace``: its ready pods go to Envoy over EDS
+    # ("" = the fixed ``extproc_endpoints``).
+    extproc_service: str = ""
+    extproc_port: int = 9002
+    # host:port of kopf's liveness endpoint (GET /healthz); "" = none.
+    health_listen: str = ""
 
 
 SETTINGS = OperatorSettings()
@@ -78,26 +86,90 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
             listen_address="0.0.0.0",
             listen_port=SETTINGS.gateway_port,
             extproc_endpoints=SETTINGS.extproc_endpoints,
+            extproc_eds=bool(SETTINGS.extproc_service),
             system_ca_file=SETTINGS.upstream_ca_file or system_ca_file(),
         ),
     )
-    port = await plane.start(SETTINGS.xds_listen)
-    log.info("xDS and config stream on port %d", port)
     directory = EndpointDirectory(SETTINGS.cluster_name, SETTINGS.region)
     _state["directory"] = directory
     _state["remotes"] = {}
     _state["reported"] = {}
     _state["refresh"] = Coalesced(_refresh_endpoints)
-    _state["reconciler"] = Reconciler(
+    _state["reconciler"] = reconciler = Reconciler(
         plane, SETTINGS.fail_open_model, directory.endpoints, lambda: directory.topology
     )
+    if SETTINGS.extproc_service:
+        _state["extproc_watch"] = _watch_extproc_pods(plane)
+    # The policies that already exist are compiled and published once, before Envoy or an
+    # ext_proc can connect: a restarted operator never serves them a partial or empty table.
+    documents = await asyncio.to_thread(_existing_policies)
+    for document in documents:
+        await asyncio.to_thread(load_api_keys, document["metadata"]["namespace"], document["spec"])
+    await reconciler.restore(documents)
+    port = await plane.start(SETTINGS.xds_listen)
+    log.info("xDS and config stream on port %d; %d policies restored", port, len(documents))
+
+
+def _watch_extproc_pods(plane: ControlPlane) -> EndpointSliceWatch:
+    """Follow the ext_proc Service's EndpointSlices and push its ready pods over EDS."""
+    namespace, service = SETTINGS.data_plane_namespace, SETTINGS.extproc_service
+    pods = EndpointDirectory("extproc")
+
+    async def push() -> None:
+        found = pods.endpoints(namespace, service, SETTINGS.extproc_port)
+        await plane.set_extproc_endpoints([(e.address, e.port) for e in found])
+        log.info("ext_proc endpoints: %d ready pods of %s/%s", len(found), namespace, service)
+
+    watch = EndpointSliceWatch(
+        "extproc",
+        "",
+        lambda: kubernetes.client.ApiClient(_client_config()),
+        pods,
+        Coalesced(push).trigger,
+        asyncio.get_running_loop(),
+        namespace=namespace,
+        label_selector=f"{SERVICE_LABEL}={service}",
+    )
+    watch.start()
+    return watch
 
 
 @kopf.on.cleanup()
 async def _stop(**_: Any) -> None:
     for watch in _state["remotes"].values():
         watch.stop()
+    if "extproc_watch" in _state:
+        _state["extproc_watch"].stop()
     await _reconciler().plane.stop()
+
+
+def policy_document(body: kopf.Body | dict[str, Any]) -> dict[str, Any]:
+    """The parts of a RoutePolicy object the reconciler reads."""
+    meta = body.get("metadata", {})
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "generation": meta.get("generation", 0),
+        },
+        "spec": dict(body.get("spec") or {}),
+    }
+
+
+def _existing_policies() -> list[dict[str, Any]]:
+    """Every RoutePolicy the operator serves, as it is now in the API server."""
+    api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(_client_config()))
+    listings: list[Any]
+    if SETTINGS.namespaces:
+        listings = [
+            api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+            for namespace in SETTINGS.namespaces
+        ]
+    else:
+        listings = [api.list_cluster_custom_object(GROUP, VERSION, PLURAL)]
+    return [policy_document(item) for listing in listings for item in listing["items"]]
 
 
 class Coalesced:
@@ -157,16 +229,7 @@ async def reconcile(
     body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, logger: logging.Logger, **_: Any
 ) -> None:
     """Validate and publish one policy, then write its status."""
-    document = {
-        "apiVersion": body["apiVersion"],
-        "kind": body["kind"],
-        "metadata": {
-            "name": meta["name"],
-            "namespace": meta["namespace"],
-            "generation": meta.get("generation", 0),
-        },
-        "spec": dict(body.get("spec", {})),
-    }
+    document = policy_document(body)
     await asyncio.to_thread(load_api_keys, meta["namespace"], document["spec"])
     outcome = await _reconciler().upsert(document)
     patch.status.update(_status(outcome, meta.get("generation", 0)))
@@ -375,11 +438,15 @@ def run_operator(settings: OperatorSettings) -> int:
     global SETTINGS
     SETTINGS = settings
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if settings.extproc_service and not settings.data_plane_namespace:
+        raise SystemExit("--extproc-service needs --data-plane-namespace (where it runs)")
+    liveness = f"http://{settings.health_listen}/healthz" if settings.health_listen else None
     asyncio.run(
         kopf.operator(
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             standalone=True,
+            liveness_endpoint=liveness,
         )
     )
     return 0

@@ -177,23 +177,32 @@ class RemoteCluster:
     kubeconfig: dict[str, Any] = field(repr=False)
 
 
-class RemoteClusterWatch:
-    """Lists, then watches, a remote cluster's EndpointSlices on a daemon thread.
+class EndpointSliceWatch:
+    """Lists, then watches, EndpointSlices on a daemon thread.
 
     Every listing or event is handed to the event loop (``call_soon_threadsafe``), applied to
-    the directory there, then ``on_change`` runs. Errors re-list after a capped backoff; the
-    last known endpoints stay in place meanwhile (Envoy's health checks guard them).
+    the directory there (as cluster ``cluster``), then ``on_change`` runs. Errors re-list after
+    a capped backoff; the last known endpoints stay in place meanwhile.
     """
 
     def __init__(
         self,
-        remote: RemoteCluster,
+        cluster: str,
+        region: str,
+        api_client: Callable[[], Any],
         directory: EndpointDirectory,
         on_change: Callable[[], None],
         loop: asyncio.AbstractEventLoop,
+        *,
+        namespace: str = "",
+        label_selector: str = SERVICE_LABEL,
         watch_timeout_s: int = 60,
     ) -> None:
-        self.remote = remote
+        self.cluster = cluster
+        self.region = region
+        self._api_client = api_client
+        self._namespace = namespace
+        self._label_selector = label_selector
         self._directory = directory
         self._on_change = on_change
         self._loop = loop
@@ -201,7 +210,7 @@ class RemoteClusterWatch:
         self._stopped = threading.Event()
         self._watch: kubernetes.watch.Watch | None = None
         self._thread = threading.Thread(
-            target=self._run, name=f"remote-cluster-{remote.name}", daemon=True
+            target=self._run, name=f"endpointslices-{cluster}", daemon=True
         )
 
     def start(self) -> None:
@@ -221,7 +230,7 @@ class RemoteClusterWatch:
         self._loop.call_soon_threadsafe(apply)
 
     def _replace(self, bodies: list[dict[str, Any]]) -> bool:
-        return self._directory.replace_cluster(self.remote.name, self.remote.region, bodies)
+        return self._directory.replace_cluster(self.cluster, self.region, bodies)
 
     def _run(self) -> None:
         backoff = 1.0
@@ -231,8 +240,8 @@ class RemoteClusterWatch:
                 backoff = 1.0
             except Exception as error:  # any failure: re-list later, never die
                 log.warning(
-                    "remote cluster %s: %s; retrying in %.0fs",
-                    self.remote.name,
+                    "EndpointSlices of %s: %s; retrying in %.0fs",
+                    self.cluster,
                     type(error).__name__,
                     backoff,
                 )
@@ -240,23 +249,25 @@ class RemoteClusterWatch:
                 backoff = min(backoff * 2, 30.0)
 
     def _list_and_watch(self) -> None:
-        client = kubernetes.config.new_client_from_config_dict(  # type: ignore[no-untyped-call]
-            self.remote.kubeconfig
+        discovery = kubernetes.client.DiscoveryV1Api(self._api_client())
+        lister: Callable[..., Any]
+        if self._namespace:
+            lister = functools.partial(discovery.list_namespaced_endpoint_slice, self._namespace)
+        else:
+            lister = discovery.list_endpoint_slice_for_all_namespaces
+        response: Any = lister(
+            label_selector=self._label_selector, _preload_content=False, _request_timeout=15
         )
-        discovery = kubernetes.client.DiscoveryV1Api(client)
-        response = discovery.list_endpoint_slice_for_all_namespaces(
-            label_selector=SERVICE_LABEL, _preload_content=False, _request_timeout=15
-        )
-        listing = json.loads(response.data)  # type: ignore[attr-defined]
+        listing = json.loads(response.data)
         bodies = list(listing.get("items") or [])
         self._post(lambda: self._replace(bodies))
-        log.info("remote cluster %s: %d EndpointSlices", self.remote.name, len(bodies))
+        log.info("%s: %d EndpointSlices", self.cluster, len(bodies))
         self._watch = watch = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
         if self._stopped.is_set():
             return
         for event in watch.stream(  # type: ignore[no-untyped-call]
-            discovery.list_endpoint_slice_for_all_namespaces,
-            label_selector=SERVICE_LABEL,
+            lister,
+            label_selector=self._label_selector,
             resource_version=listing["metadata"]["resourceVersion"],
             timeout_seconds=self._watch_timeout_s,
             allow_watch_bookmarks=True,
@@ -265,4 +276,27 @@ class RemoteClusterWatch:
             if kind == "ERROR":  # e.g. 410 Gone: the resourceVersion is too old; re-list
                 return
             if kind in ("ADDED", "MODIFIED", "DELETED"):
-                self._post(functools.partial(self._directory.apply, self.remote.name, kind, body))
+                self._post(functools.partial(self._directory.apply, self.cluster, kind, body))
+
+
+class RemoteClusterWatch(EndpointSliceWatch):
+    """Every Service's EndpointSlices in a remote cluster (from its kubeconfig Secret)."""
+
+    def __init__(
+        self,
+        remote: RemoteCluster,
+        directory: EndpointDirectory,
+        on_change: Callable[[], None],
+        loop: asyncio.AbstractEventLoop,
+        watch_timeout_s: int = 60,
+    ) -> None:
+        self.remote = remote
+        super().__init__(
+            remote.name,
+            remote.region,
+            functools.partial(kubernetes.config.new_client_from_config_dict, remote.kubeconfig),
+            directory,
+            on_change,
+            loop,
+            watch_timeout_s=watch_timeout_s,
+        )

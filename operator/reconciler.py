@@ -136,6 +136,35 @@ class Reconciler:
             endpoint_counts(compiled),
         )
 
+    async def restore(self, documents: list[dict[str, Any]]) -> None:
+        """Start from the policies that already exist: keep every one that parses and
+        compiles, then publish them at once (before any data plane is connected). Those that
+        do not are left to their own reconcile, which reports them."""
+        for document in documents:
+            meta = document.get("metadata", {})
+            key = f"{meta.get('namespace', 'default')}/{meta.get('name')}"
+            try:
+                self.policies[key] = parse_policy(document, key)
+            except PolicyError:
+                continue
+        try:
+            config = self._compile()
+        except CompileError:
+            config = self._compile_one_by_one()
+        self.config = config
+        await self.plane.prime(config)
+
+    def _compile_one_by_one(self) -> pb.RoutingConfig:
+        candidates, self.policies = self.policies, {}
+        config = self._compile()
+        for key, policy in candidates.items():
+            self.policies[key] = policy
+            try:
+                config = self._compile()
+            except CompileError:
+                del self.policies[key]
+        return config
+
     async def refresh_endpoints(self) -> bool:
         """Service endpoints changed (EndpointSlices); republish if the config changed."""
         config = self._compile()

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2  # noqa: F401
 from envoy.config.listener.v3 import listener_pb2  # noqa: F401
 from envoy.config.route.v3 import route_pb2  # noqa: F401
 from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2  # noqa: F401
@@ -56,10 +57,12 @@ log = logging.getLogger(__name__)
 
 _T = "type.googleapis.com/envoy.config."
 CLUSTER = _T + "cluster.v3.Cluster"
+ENDPOINT = _T + "endpoint.v3.ClusterLoadAssignment"
 LISTENER = _T + "listener.v3.Listener"
 ROUTE = _T + "route.v3.RouteConfiguration"
-# Envoy wants clusters before the listeners and routes that use them.
-PUSH_ORDER = (CLUSTER, LISTENER, ROUTE)
+# Envoy wants clusters before the listeners and routes that use them, and an EDS cluster's
+# endpoints right after the cluster (it stays warming until they arrive).
+PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._nonce += 1
         nonce = str(self._nonce)
         sent[type_url] = (current.version, nonce)
+        if type_url == CLUSTER:
+            # A changed EDS cluster is rebuilt and waits for its endpoints: send them again.
+            sent.pop(ENDPOINT, None)
         return DiscoveryResponse(
             version_info=current.version,
             type_url=type_url,

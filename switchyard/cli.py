@@ -62,6 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument(
         "--extproc", action="append", default=[], help="ext_proc host:port (repeatable)"
     )
+    op.add_argument(
+        "--extproc-service",
+        default="",
+        help="the ext_proc Service in --data-plane-namespace: its ready pods reach Envoy over "
+        "EDS (instead of --extproc)",
+    )
+    op.add_argument("--extproc-port", type=int, default=9002, help="with --extproc-service")
+    op.add_argument(
+        "--health-listen", default="", help="host:port serving GET /healthz (liveness); '' = off"
+    )
     op.add_argument("--namespace", action="append", default=[], help="watch only these")
     op.add_argument("--fail-open-model", default="", help="model served when ext_proc is down")
     op.add_argument(
@@ -130,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                 cluster_name=args.cluster_name,
                 region=args.region,
                 upstream_ca_file=args.upstream_ca_file,
+                extproc_service=args.extproc_service,
+                extproc_port=args.extproc_port,
+                health_listen=args.health_listen,
             )
         )
     if args.command == "router":
