@@ -479,7 +479,11 @@ def extproc_cluster(settings: GatewaySettings) -> dict[str, Any]:
             "service_name": EXTPROC_CLUSTER,
         }
         return cluster
-    cluster["type"] = "STATIC"
+    # Envoy rejects a host name in a STATIC cluster: names (a Service's) are resolved.
+    named = any(
+        not _is_ip(host) and not host.startswith("unix:") for host, _ in settings.extproc_endpoints
+    )
+    cluster["type"] = "STRICT_DNS" if named else "STATIC"
     cluster["load_assignment"] = extproc_load_assignment(settings.extproc_endpoints)
     return cluster
 

@@ -64,6 +64,8 @@ class OperatorSettings:
     # ("" = the fixed ``extproc_endpoints``).
     extproc_service: str = ""
     extproc_port: int = 9002
+    # Worker processes per ext_proc pod; worker i listens on extproc_port + i.
+    extproc_workers: int = 1
     # host:port of kopf's liveness endpoint (GET /healthz); "" = none.
     health_listen: str = ""
 
@@ -116,9 +118,14 @@ def _watch_extproc_pods(plane: ControlPlane) -> EndpointSliceWatch:
     pods = EndpointDirectory("extproc")
 
     async def push() -> None:
-        found = pods.endpoints(namespace, service, SETTINGS.extproc_port)
-        await plane.set_extproc_endpoints([(e.address, e.port) for e in found])
-        log.info("ext_proc endpoints: %d ready pods of %s/%s", len(found), namespace, service)
+        first = SETTINGS.extproc_port
+        found = [
+            (e.address, e.port)
+            for port in range(first, first + SETTINGS.extproc_workers)
+            for e in pods.endpoints(namespace, service, port)
+        ]
+        await plane.set_extproc_endpoints(found)
+        log.info("ext_proc endpoints of %s/%s: %d", namespace, service, len(found))
 
     watch = EndpointSliceWatch(
         "extproc",
@@ -311,7 +318,9 @@ def _patch_models_status(namespace: str, name: str, models: list[dict[str, Any]]
         log.warning("cannot update status of %s/%s: %s", namespace, name, error.reason)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL)
+# optional: no finalizer, so policies never get stuck when the operator is gone (uninstalled);
+# one deleted while it is down is simply not among those it restores at start-up.
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
 async def forget(meta: kopf.Meta, **_: Any) -> None:
     await _reconciler().delete(meta["namespace"], meta["name"])
     await asyncio.to_thread(apply_scaling, _reconciler().policies.values())
@@ -388,22 +397,48 @@ def apply_scaling(policies: Iterable[RoutePolicy]) -> None:
     api = kubernetes.client.ApiClient(_client_config())
     hpas = kubernetes.client.AutoscalingV2Api(api)
     pdbs = kubernetes.client.PolicyV1Api(api)
+    apps = kubernetes.client.AppsV1Api(api)
     for target in (
         ScaleTarget(SETTINGS.gateway_deployment, "gateway"),
         ScaleTarget(SETTINGS.extproc_deployment, "extproc"),
     ):
-        _upsert(
-            horizontal_pod_autoscaler(target, namespace, scaling),
-            hpas.read_namespaced_horizontal_pod_autoscaler,
-            hpas.create_namespaced_horizontal_pod_autoscaler,
-            hpas.replace_namespaced_horizontal_pod_autoscaler,
-        )
-        _upsert(
-            pod_disruption_budget(target, namespace, scaling),
-            pdbs.read_namespaced_pod_disruption_budget,
-            pdbs.create_namespaced_pod_disruption_budget,
-            pdbs.replace_namespaced_pod_disruption_budget,
-        )
+        owner = _deployment_owner(apps, target.name, namespace)
+        for manifest, read, create, replace in (
+            (
+                horizontal_pod_autoscaler(target, namespace, scaling),
+                hpas.read_namespaced_horizontal_pod_autoscaler,
+                hpas.create_namespaced_horizontal_pod_autoscaler,
+                hpas.replace_namespaced_horizontal_pod_autoscaler,
+            ),
+            (
+                pod_disruption_budget(target, namespace, scaling),
+                pdbs.read_namespaced_pod_disruption_budget,
+                pdbs.create_namespaced_pod_disruption_budget,
+                pdbs.replace_namespaced_pod_disruption_budget,
+            ),
+        ):
+            if owner:
+                manifest["metadata"]["ownerReferences"] = owner
+            _upsert(manifest, read, create, replace)
+
+
+def _deployment_owner(apps: Any, name: str, namespace: str) -> list[dict[str, Any]]:
+    """An owner reference to the Deployment an HPA/PDB is for, so they go with it (e.g. on
+    ``helm uninstall``); none when the Deployment does not exist (yet)."""
+    try:
+        deployment = apps.read_namespaced_deployment(name, namespace)
+    except kubernetes.client.ApiException as error:
+        if error.status not in (403, 404):
+            raise
+        return []
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": name,
+            "uid": deployment.metadata.uid,
+        }
+    ]
 
 
 def _upsert(

@@ -68,7 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         help="the ext_proc Service in --data-plane-namespace: its ready pods reach Envoy over "
         "EDS (instead of --extproc)",
     )
-    op.add_argument("--extproc-port", type=int, default=9002, help="with --extproc-service")
+    op.add_argument(
+        "--extproc-port", type=int, default=9002, help="first worker's port (--extproc-service)"
+    )
+    op.add_argument(
+        "--extproc-workers",
+        type=int,
+        default=1,
+        help="workers per ext_proc pod; worker i listens on --extproc-port + i",
+    )
     op.add_argument(
         "--health-listen", default="", help="host:port serving GET /healthz (liveness); '' = off"
     )
@@ -142,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 upstream_ca_file=args.upstream_ca_file,
                 extproc_service=args.extproc_service,
                 extproc_port=args.extproc_port,
+                extproc_workers=args.extproc_workers,
                 health_listen=args.health_listen,
             )
         )

@@ -6,15 +6,19 @@ EndpointSlice controller would write; the real-node end-to-end test covers that 
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
 from kube import KubeControlPlane
 from operator_harness import CLI, Cluster
 
-from switchyard.local.runner import EnvoyAdmin, port_open, wait_until
+from switchyard.local.runner import EnvoyAdmin, envoy_binary, port_open, wait_until
+from switchyard.operator.envoy_config import GatewaySettings, extproc_cluster
+from switchyard.operator.xds_server import ads_bootstrap
 
 SECOND = "127.0.0.2"  # a second ext_proc "pod": same port, another loopback address
 
@@ -87,3 +91,28 @@ def test_extproc_pods_come_and_go_through_endpointslices(cluster: Cluster) -> No
     before = _streams_per_host(cluster)
     assert [cluster.model() for _ in range(10)] == ["light"] * 10
     assert _streams_per_host(cluster)[SECOND] - before[SECOND] == 10
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        GatewaySettings(extproc_endpoints=[("sy-extproc.switchyard.svc", 9002)]),
+        GatewaySettings(extproc_endpoints=[("127.0.0.1", 9002), ("127.0.0.2", 9003)]),
+        GatewaySettings(extproc_eds=True),
+    ],
+    ids=["service-name", "addresses", "eds"],
+)
+def test_envoy_accepts_the_extproc_cluster(settings: GatewaySettings, tmp_path: Path) -> None:
+    """The chart once passed a Service name, which made a STATIC cluster Envoy rejects."""
+    cluster = {k: v for k, v in extproc_cluster(settings).items() if k != "@type"}
+    bootstrap = ads_bootstrap("validate", 0, "127.0.0.1", 18000)
+    bootstrap["static_resources"]["clusters"].append(cluster)
+    path = tmp_path / "bootstrap.json"
+    path.write_text(json.dumps(bootstrap))
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -77,3 +77,11 @@ async def test_static_extproc_endpoints_cannot_be_moved() -> None:
         await plane.set_extproc_endpoints([("10.0.0.2", 9002)])
     await plane.prime(pb.RoutingConfig(version="v1"))
     assert ENDPOINT not in plane.ads.snapshot
+
+
+def test_a_named_extproc_endpoint_is_resolved_not_static() -> None:
+    """Envoy NACKs a host name in a STATIC cluster (the chart's old --extproc=<svc>:9002)."""
+    named = extproc_cluster(GatewaySettings(extproc_endpoints=[("sy-extproc.ns.svc", 9002)]))
+    assert named["type"] == "STRICT_DNS"
+    unix = extproc_cluster(GatewaySettings(extproc_endpoints=[("unix:/tmp/x.sock", 0)]))
+    assert unix["type"] == "STATIC"
