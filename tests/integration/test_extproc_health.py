@@ -3,59 +3,67 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
+import grpc
 import httpx
 import pytest
 import yaml
 from gateway_harness import EXAMPLE_POLICY, REPO
 
+from switchyard.api.v1 import config_stream_pb2_grpc as cs_grpc
+from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.local.ports import free_port_block
 from switchyard.local.runner import port_open, wait_until
 from switchyard.operator.compiler import compile_config
+from switchyard.operator.config_stream import ConfigStreamServer
 from switchyard.operator.policy import parse_policy
+
+T = TypeVar("T")
+
+
+def example_config(version: str) -> pb.RoutingConfig:
+    proto = compile_config([parse_policy(yaml.safe_load(EXAMPLE_POLICY.read_text()))], "")
+    proto.version = version
+    return proto
 
 
 @dataclass
 class ExtProc:
     process: subprocess.Popen[str]
-    config: Path
+    config_source: str
+    log: Path
     worker_ports: list[int]
     metrics_port: int
 
     def probe(self, path: str) -> httpx.Response:
         return httpx.get(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5)
 
-    def write_config(self) -> None:
-        """The example policy compiled, written atomically (the watcher never sees half)."""
-        proto = compile_config([parse_policy(yaml.safe_load(EXAMPLE_POLICY.read_text()))], "")
-        proto.version = "health-1"
-        partial = self.config.with_suffix(".tmp")
-        partial.write_bytes(proto.SerializeToString())
-        partial.replace(self.config)
 
-
-@pytest.fixture(params=[1, 2], ids=["in-process", "two-workers"])
-def extproc(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ExtProc]:
-    workers: int = request.param
+@contextmanager
+def running_extproc(config_source: str, workers: int, directory: Path) -> Iterator[ExtProc]:
     first, metrics = free_port_block(workers), free_port_block()
-    config = tmp_path / "routing.pb"  # written by the test: none at start
-    process = subprocess.Popen(
-        [sys.executable, "-m", "switchyard.cli", "extproc", "--config", str(config),
-         "--listen", f"127.0.0.1:{first}", "--workers", str(workers),
-         "--metrics-port", str(metrics)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    running = ExtProc(process, config, [first + i for i in range(workers)], metrics)
+    log = directory / "extproc.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "switchyard.cli", "extproc", "--config", config_source,
+             "--listen", f"127.0.0.1:{first}", "--workers", str(workers),
+             "--metrics-port", str(metrics)],
+            cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
     try:
-        yield running
+        yield ExtProc(process, config_source, log, [first + i for i in range(workers)], metrics)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -64,6 +72,50 @@ def extproc(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ExtProc]
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+class StreamServer:
+    """The control plane's config stream, served from a thread of the test process."""
+
+    def __init__(self) -> None:
+        self.port = free_port_block()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server, self.stream = self._call(self._start())
+
+    async def _start(self) -> tuple[grpc.aio.Server, ConfigStreamServer]:
+        stream, server = ConfigStreamServer(), grpc.aio.server()
+        cs_grpc.add_ConfigStreamServicer_to_server(stream, server)
+        server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await server.start()
+        return server, stream
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
+
+    def publish(self, config: pb.RoutingConfig) -> None:
+        self._call(self.stream.publish(config))
+
+    def close(self) -> None:
+        self._call(self._server.stop(0))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture(params=[1, 2], ids=["in-process", "two-workers"])
+def extproc(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ExtProc]:
+    """An ext_proc watching a routing.pb that does not exist yet (``write_config``)."""
+    with running_extproc(str(tmp_path / "routing.pb"), request.param, tmp_path) as running:
+        yield running
+
+
+def write_config(extproc: ExtProc) -> None:
+    """The example policy compiled, written atomically (the watcher never sees half)."""
+    config = Path(extproc.config_source)
+    partial = config.with_suffix(".tmp")
+    partial.write_bytes(example_config("health-1").SerializeToString())
+    partial.replace(config)
 
 
 def _listening(extproc: ExtProc) -> bool:
@@ -79,10 +131,7 @@ def _workers(parent: int) -> list[int]:
 
 
 def _output(extproc: ExtProc) -> str:
-    if extproc.process.poll() is None:
-        extproc.process.kill()
-    assert extproc.process.stdout is not None
-    return extproc.process.stdout.read()
+    return extproc.log.read_text()
 
 
 def test_ready_only_once_every_worker_has_a_config(extproc: ExtProc) -> None:
@@ -91,7 +140,7 @@ def test_ready_only_once_every_worker_has_a_config(extproc: ExtProc) -> None:
     before = extproc.probe("/readyz")
     assert before.status_code == 503, before.text
     assert "no routing config" in before.text
-    extproc.write_config()
+    write_config(extproc)
     wait_until(lambda: extproc.probe("/readyz").status_code == 200, 60, "readiness")
     assert extproc.probe("/healthz").status_code == 200
     metrics = extproc.probe("/metrics")
@@ -104,7 +153,7 @@ def test_ready_only_once_every_worker_has_a_config(extproc: ExtProc) -> None:
 @pytest.mark.parametrize("extproc", [2], indirect=True, ids=["two-workers"])
 def test_a_dead_worker_fails_both_probes(extproc: ExtProc) -> None:
     """The parent never restarts a worker: only a pod restart brings the capacity back."""
-    extproc.write_config()
+    write_config(extproc)
     wait_until(lambda: _listening(extproc), 60, "the workers and the metrics port")
     wait_until(lambda: extproc.probe("/readyz").status_code == 200, 60, "readiness")
     workers = _workers(extproc.process.pid)
@@ -113,3 +162,23 @@ def test_a_dead_worker_fails_both_probes(extproc: ExtProc) -> None:
     wait_until(lambda: extproc.probe("/healthz").status_code == 503, 30, "liveness failing")
     assert "exited" in extproc.probe("/healthz").text
     assert extproc.probe("/readyz").status_code == 503
+
+
+def test_ready_once_the_config_stream_delivered_to_every_worker(tmp_path: Path) -> None:
+    """Over the config stream a worker listens only once it has a config: until then only the
+    metrics port answers, and /readyz says no."""
+    server = StreamServer()
+    try:
+        with running_extproc(f"grpc://127.0.0.1:{server.port}", 2, tmp_path) as extproc:
+            wait_until(lambda: port_open("127.0.0.1", extproc.metrics_port), 60, "metrics port")
+            wait_until(lambda: len(_workers(extproc.process.pid)) == 2, 60, "two workers")
+            before = extproc.probe("/readyz")
+            assert before.status_code == 503 and "no routing config" in before.text
+            server.publish(example_config("stream-1"))
+            wait_until(lambda: extproc.probe("/readyz").status_code == 200, 60, "readiness")
+            acked = server.stream.acked
+            wait_until(lambda: len(acked) == 2, 30, "both workers' ACKs")
+            assert server.stream.acked_everywhere("stream-1")
+            assert _listening(extproc)
+    finally:
+        server.close()
