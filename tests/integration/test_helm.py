@@ -1,4 +1,5 @@
-"""The Helm chart installs onto a real kube-apiserver with real helm."""
+"""The Helm chart installs onto a real kube-apiserver with real helm (no kubelet: no pod runs;
+the end-to-end test on a real node does that). Render-only checks: test_helm_template.py."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ from kube import KubeControlPlane, k8s_bin_dir
 CHART = REPO / "helm" / "switchyard"
 
 
-def helm(kube: KubeControlPlane, *args: str) -> str:
-    result = subprocess.run(
+def run_helm(kube: KubeControlPlane, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [str(k8s_bin_dir() / "helm"), "--kubeconfig", str(kube.kubeconfig_path), *args],
         capture_output=True,
         text=True,
+        timeout=300,
     )
+
+
+def helm(kube: KubeControlPlane, *args: str) -> str:
+    result = run_helm(kube, *args)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -26,13 +32,15 @@ def test_chart_lints_and_its_crd_is_the_generated_one() -> None:
         REPO / "deploy" / "crds" / "routepolicy.yaml"
     ).read_text()
     out = subprocess.run(
-        [str(k8s_bin_dir() / "helm"), "lint", str(CHART)], capture_output=True, text=True
+        [str(k8s_bin_dir() / "helm"), "lint", "--strict", str(CHART)],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_helm_install_creates_the_data_and_control_plane(kube: KubeControlPlane) -> None:
-    helm(
+    notes = helm(
         kube, "install", "sy", str(CHART), "--namespace", "switchyard", "--create-namespace",
         "--set", "operator.watchNamespaces={team-a,team-b}",
     )  # fmt: skip
@@ -41,16 +49,109 @@ def test_helm_install_creates_the_data_and_control_plane(kube: KubeControlPlane)
     assert set(names) == {"sy-operator", "sy-gateway", "sy-extproc"}
     args = names["sy-operator"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
-    assert "--extproc=sy-extproc.switchyard.svc:9002" in args
+    assert "--extproc-service=sy-extproc" in args
+    assert "--extproc-port=9002" in args
+    assert "--health-listen=0.0.0.0:8081" in args
+    assert not [a for a in args if a.startswith("--extproc=")]
     assert "--data-plane-namespace=switchyard" in args
     assert "--gateway-deployment=sy-gateway" in args
+    assert "--extproc-deployment=sy-extproc" in args
     extproc_args = names["sy-extproc"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--config=grpc://sy-xds.switchyard.svc:18000" in extproc_args
     assert "--metrics-port=9464" in extproc_args
-    services = kube.kubectl("get", "svc", "-n", "switchyard", "-o", "name").split()
-    assert set(services) == {"service/sy-gateway", "service/sy-xds", "service/sy-extproc"}
+    services = json.loads(kube.kubectl("get", "svc", "-n", "switchyard", "-o", "json"))["items"]
+    by_name = {s["metadata"]["name"]: s["spec"] for s in services}
+    assert set(by_name) == {"sy-gateway", "sy-xds", "sy-extproc"}
+    assert by_name["sy-extproc"]["clusterIP"] == "None"  # headless: the operator reads its pods
+    policies = kube.kubectl("get", "networkpolicy", "-n", "switchyard", "-o", "name").split()
+    assert set(policies) == {
+        f"networkpolicy.networking.k8s.io/sy-{c}" for c in ("gateway", "extproc", "operator")
+    }
     crd = kube.kubectl("get", "crd", "routepolicies.switchyard.dev", "-o", "name")
     assert (
         crd.strip() == "customresourcedefinition.apiextensions.k8s.io/routepolicies.switchyard.dev"
     )
     assert "sy" in helm(kube, "list", "-n", "switchyard")
+    # NOTES: the first request, metrics, traces
+    assert "kubectl -n switchyard port-forward svc/sy-gateway 8080:80" in notes
+    assert '"model": "auto"' in notes
+    assert "/stats/prometheus" in notes and ":9464/metrics" in notes
+    assert "tracing.otlpEndpoint" in notes
+    # the operator may do what it does: its ServiceAccount's permissions, as the API sees them
+    sa = "system:serviceaccount:switchyard:sy-operator"
+    for verb, resource, namespace in [
+        ("watch", "routepolicies.switchyard.dev", "team-a"),
+        ("patch", "routepolicies.switchyard.dev/status", "team-a"),
+        ("list", "endpointslices.discovery.k8s.io", "switchyard"),
+        ("watch", "endpointslices.discovery.k8s.io", "team-b"),
+        ("get", "secrets", "team-a"),
+        ("create", "events", "team-a"),
+        ("create", "horizontalpodautoscalers.autoscaling", "switchyard"),
+        ("update", "poddisruptionbudgets.policy", "switchyard"),
+    ]:
+        assert (
+            kube.kubectl("auth", "can-i", verb, resource, "-n", namespace, "--as", sa).strip()
+            == "yes"
+        ), (verb, resource, namespace)
+    for verb, resource, namespace in [
+        ("create", "poddisruptionbudgets.policy", "team-a"),  # only in its own namespace
+        ("create", "secrets", "team-a"),
+        ("delete", "routepolicies.switchyard.dev", "team-a"),
+    ]:
+        result = kube.kubectl_result("auth", "can-i", verb, resource, "-n", namespace, "--as", sa)
+        assert result.stdout.strip() == "no", (verb, resource, namespace)
+
+
+def test_bad_values_fail_helm_install_naming_the_value(kube: KubeControlPlane) -> None:
+    for sets, path in [
+        (["extproc.replicas=-1"], "/extproc/replicas"),
+        (["gateway.port=abc"], "/gateway/port"),
+        (["extproc.executionProvider=tpu"], "/extproc/executionProvider"),
+        (["gateway.servce.type=NodePort"], "servce"),
+    ]:
+        args = ["install", "bad", str(CHART), "--namespace", "bad-values", "--create-namespace"]
+        for pair in sets:
+            args += ["--set", pair]
+        result = run_helm(kube, *args)
+        assert result.returncode != 0, sets
+        assert "values don't meet the specifications of the schema" in result.stderr
+        assert path in result.stderr, result.stderr
+    assert "bad" not in helm(kube, "list", "-n", "bad-values", "-q").split()
+
+
+def test_helm_upgrade_keeps_selectors_and_adds_an_ingress(kube: KubeControlPlane) -> None:
+    """An upgrade that changes values goes through (selectors are immutable, so they must not
+    change), and the optional Ingress is accepted by the real API."""
+    base = ["--namespace", "upgrade", "--create-namespace"]
+    helm(kube, "install", "up", str(CHART), *base)
+    before = json.loads(kube.kubectl("get", "deploy", "-n", "upgrade", "-o", "json"))["items"]
+    helm(
+        kube, "upgrade", "up", str(CHART), *base, "--reuse-values",
+        "--set", "extproc.workers=2",
+        "--set", "extproc.executionProvider=auto",
+        "--set", "extproc.bundles.image.repository=localhost/bundles",
+        "--set", "gateway.concurrency=2",
+        "--set", "ingress.enabled=true",
+        "--set", "ingress.className=nginx",
+        "--set", "ingress.hosts[0].host=llm.example.com",
+        "--set", "networkPolicy.egress.enabled=true",
+    )  # fmt: skip
+    after = json.loads(kube.kubectl("get", "deploy", "-n", "upgrade", "-o", "json"))["items"]
+    assert {d["metadata"]["name"]: d["spec"]["selector"] for d in before} == {
+        d["metadata"]["name"]: d["spec"]["selector"] for d in after
+    }
+    extproc = next(d for d in after if d["metadata"]["name"] == "up-extproc")
+    spec = extproc["spec"]["template"]["spec"]
+    assert "--workers=2" in spec["containers"][0]["args"]
+    assert spec["initContainers"][0]["image"] == "localhost/bundles:latest"
+    ingress = json.loads(
+        kube.kubectl("get", "ingress", "up-gateway", "-n", "upgrade", "-o", "json")
+    )
+    assert ingress["spec"]["rules"][0]["host"] == "llm.example.com"
+    assert "2" in helm(kube, "history", "up", "-n", "upgrade")
+    helm(kube, "uninstall", "up", "-n", "upgrade")
+    kinds = "deploy,svc,ingress,networkpolicy,configmap,role,rolebinding,sa"
+    left = kube.kubectl(
+        "get", kinds, "-n", "upgrade", "-l", "app.kubernetes.io/instance=up", "-o", "name"
+    )
+    assert left.split() == []

