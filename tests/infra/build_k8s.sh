@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Build the real control-plane binaries the operator tests run against, from the Go module
-# proxy only (no release downloads, no Docker): kube-apiserver and kubectl (k8s.io/kubernetes),
-# etcd (go.etcd.io/etcd/server/v3) and helm (helm.sh/helm/v3).
+# Build the real Kubernetes binaries the tests run against, from the Go module proxy only (no
+# release downloads, no Docker): kube-apiserver and kubectl (k8s.io/kubernetes), etcd
+# (go.etcd.io/etcd/server/v3) and helm (helm.sh/helm/v3) for the control-plane tests; kubelet,
+# kube-controller-manager, kube-scheduler, kube-proxy (k8s.io/kubernetes) and CoreDNS
+# (github.com/coredns/coredns) for the single-node cluster of tests/infra/node/.
 #
 # Binaries are cached by version OUTSIDE the repository, under
 #   ${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}/k8s/<K8S_VERSION>/bin
@@ -10,15 +12,18 @@
 # concurrently (a lock serialises builders). Progress goes to stderr and to build.log in the
 # cache; the LAST line on stdout is the bin directory.
 #
-# Knobs: K8S_VERSION, ETCD_VERSION, HELM_VERSION, SWITCHYARD_CACHE, SWITCHYARD_BUILD_JOBS
-# (go build -p; default: number of CPUs), GO (the go command).
+# Knobs: K8S_VERSION, ETCD_VERSION, HELM_VERSION, COREDNS_VERSION, SWITCHYARD_CACHE,
+# SWITCHYARD_BUILD_JOBS (go build -p; default: number of CPUs), GO (the go command).
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.34.4}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 HELM_VERSION="${HELM_VERSION:-v3.19.5}"
+COREDNS_VERSION="${COREDNS_VERSION:-v1.14.7}"
 ROOT="${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}/k8s/${K8S_VERSION}"
 BIN="$ROOT/bin"
+# Every binary of k8s.io/kubernetes built here (k8s.io/kubernetes/cmd/<name>), one wrapper module.
+K8S_CMDS="kube-apiserver kubectl kubelet kube-controller-manager kube-scheduler kube-proxy"
 JOBS="${SWITCHYARD_BUILD_JOBS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}"
 
 GO="${GO:-$(command -v go || true)}"
@@ -29,10 +34,12 @@ export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local GO111MODULE=on
 
 probe() {  # the version a binary reports about itself
   case $1 in
-    kube-apiserver) "$BIN/$1" --version ;;
+    kube-apiserver | kubelet | kube-controller-manager | kube-scheduler | kube-proxy)
+      "$BIN/$1" --version ;;
     kubectl) "$BIN/$1" version --client -o yaml | grep -m1 gitVersion ;;
     etcd) "$BIN/$1" --version | sed -n 's/^etcd Version: /v/p' ;;
     helm) "$BIN/$1" version --short ;;
+    coredns) "$BIN/$1" -version | sed -n 's/^CoreDNS-/v/p' ;;
   esac 2>/dev/null | grep -oE 'v[0-9]+\.[0-9]+\.[0-9]+' | head -1
 }
 
@@ -43,8 +50,13 @@ fresh() {  # fresh NAME VERSION: the binary exists and was built from VERSION
   [[ "$(probe "$1")" == "$2" ]] && echo "$2" > "$BIN/.$1.version"
 }
 
-if fresh kube-apiserver "$K8S_VERSION" && fresh kubectl "$K8S_VERSION" \
-   && fresh etcd "$ETCD_VERSION" && fresh helm "$HELM_VERSION"; then
+k8s_fresh() {  # every k8s.io/kubernetes binary is fresh
+  local c
+  for c in $K8S_CMDS; do fresh "$c" "$K8S_VERSION" || return 1; done
+}
+
+if k8s_fresh && fresh etcd "$ETCD_VERSION" && fresh helm "$HELM_VERSION" \
+   && fresh coredns "$COREDNS_VERSION"; then
   echo "$BIN"
   exit 0
 fi
@@ -76,7 +88,7 @@ build_to() {
   log "built $name in $((SECONDS - t0))s"
 }
 
-if ! fresh kube-apiserver "$K8S_VERSION" || ! fresh kubectl "$K8S_VERSION"; then
+if ! k8s_fresh; then
   work="$ROOT/src-kubernetes"
   rm -rf "$work" && mkdir -p "$work" && cd "$work"
   "$GO" mod init switchyard.local/k8s-tools 2>/dev/null
@@ -106,17 +118,17 @@ if ! fresh kube-apiserver "$K8S_VERSION" || ! fresh kubectl "$K8S_VERSION"; then
     block && NF { print $1 }
   ' "$gomod" | while read -r setting; do "$GO" mod edit -godebug "$setting"; done
   "$GO" mod edit -require "k8s.io/kubernetes@${K8S_VERSION}"
-  "$GO" get "k8s.io/kubernetes/cmd/kube-apiserver@${K8S_VERSION}" \
-    "k8s.io/kubernetes/cmd/kubectl@${K8S_VERSION}"
+  # shellcheck disable=SC2046  # one word per command
+  "$GO" get $(printf "k8s.io/kubernetes/cmd/%s@${K8S_VERSION} " $K8S_CMDS)
   v=k8s.io/component-base/version
   cv=k8s.io/client-go/pkg/version
   ldflags="-s -w -X $v.gitVersion=${K8S_VERSION} -X $v.gitMajor=1 -X $v.gitMinor=${minor}"
   ldflags+=" -X $v.gitTreeState=clean -X $cv.gitVersion=${K8S_VERSION}"
   ldflags+=" -X $cv.gitMajor=1 -X $cv.gitMinor=${minor}"
-  fresh kube-apiserver "$K8S_VERSION" \
-    || build_to kube-apiserver "$K8S_VERSION" k8s.io/kubernetes/cmd/kube-apiserver -ldflags "$ldflags"
-  fresh kubectl "$K8S_VERSION" \
-    || build_to kubectl "$K8S_VERSION" k8s.io/kubernetes/cmd/kubectl -ldflags "$ldflags"
+  for cmd in $K8S_CMDS; do
+    fresh "$cmd" "$K8S_VERSION" \
+      || build_to "$cmd" "$K8S_VERSION" "k8s.io/kubernetes/cmd/$cmd" -ldflags "$ldflags"
+  done
 fi
 
 if ! fresh etcd "$ETCD_VERSION"; then
@@ -137,6 +149,16 @@ if ! fresh helm "$HELM_VERSION"; then
     "helm.sh/helm/v3/cmd/helm@${HELM_VERSION}"
   echo "$HELM_VERSION" > "$BIN/.helm.version"
   log "built helm in $((SECONDS - t0))s"
+fi
+
+if ! fresh coredns "$COREDNS_VERSION"; then
+  work="$ROOT/src-coredns"
+  rm -rf "$work" && mkdir -p "$work" && cd "$work"
+  "$GO" mod init switchyard.local/coredns 2>/dev/null
+  # The main package is the module's root; -tool pins it (and its plugins' modules) in go.mod.
+  "$GO" get -tool "github.com/coredns/coredns@${COREDNS_VERSION}"
+  build_to coredns "$COREDNS_VERSION" github.com/coredns/coredns \
+    -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=${COREDNS_VERSION}"
 fi
 
 "$BIN/kube-apiserver" --version >&2
