@@ -165,7 +165,12 @@ def test_messages_of_one_read_are_handled_as_one_batch() -> None:
     connection.connection_made(transport)
     block = b"".join(
         _literal(n, v)
-        for n, v in [(b":method", b"POST"), (b":path", METHOD.encode()), (b"te", b"trailers")]
+        for n, v in [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", METHOD.encode()),
+            (b"te", b"trailers"),
+        ]
     )
     data = PREFACE + frame(SETTINGS, 0, 0)
     streams = {1 + 2 * i: f"prompt {i}".encode() for i in range(6)}
