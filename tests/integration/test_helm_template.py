@@ -6,7 +6,9 @@ installs the chart into a real kube-apiserver."""
 from __future__ import annotations
 
 import asyncio
+import http.client as http_client
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -232,15 +234,26 @@ def test_data_plane_rolls_out_without_losing_capacity(default_docs: list[dict[st
             "type": "RollingUpdate",
             "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
         }
-        spec = d["spec"]["template"]["spec"]
-        assert spec["terminationGracePeriodSeconds"] == 30
-        assert spec["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    gateway = pod_spec(default_docs, "gateway")
+    assert gateway["terminationGracePeriodSeconds"] == 60
+    envoy = gateway["containers"][0]
+    assert envoy["lifecycle"]["preStop"]["exec"]["command"][:2] == ["bash", "-c"]
+    assert envoy["args"][-4:] == ["--drain-time-s", "5", "--drain-strategy", "immediate"]
+    extproc = pod_spec(default_docs, "extproc")
+    assert extproc["terminationGracePeriodSeconds"] == 30
+    assert extproc["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
     operator = deployment(default_docs, "operator")
     assert operator["spec"]["replicas"] == 1
     assert operator["spec"]["strategy"] == {"type": "Recreate"}
-    docs = render("gateway.preStopSleepSeconds=0", "gateway.terminationGracePeriodSeconds=60")
+    docs = render(
+        "gateway.drainSeconds=0",
+        "gateway.terminationGracePeriodSeconds=90",
+        "extproc.preStopSleepSeconds=0",
+    )
     assert "lifecycle" not in container(docs, "gateway")
-    assert pod_spec(docs, "gateway")["terminationGracePeriodSeconds"] == 60
+    assert "--drain-time-s" not in container(docs, "gateway")["args"]
+    assert pod_spec(docs, "gateway")["terminationGracePeriodSeconds"] == 90
+    assert "lifecycle" not in container(docs, "extproc")
 
 
 def test_the_chart_leaves_hpas_and_pdbs_to_the_operator(default_docs: list[dict[str, Any]]) -> None:
@@ -558,6 +571,7 @@ def test_gateway_bootstrap_runs_ready_only_with_the_operators_config(tmp_path: P
         f"gateway.healthPort={health}",
         f"gateway.adminPort={admin}",
         f"operator.xdsPort={xds}",
+        "gateway.drainSeconds=1",
     )
     # The only change: the xDS Service's name resolves to loopback here.
     text = bootstrap(docs)
@@ -593,8 +607,45 @@ def test_gateway_bootstrap_runs_ready_only_with_the_operators_config(tmp_path: P
         status, _ = get(f"http://127.0.0.1:{http}/v1/models")
         assert status < 500, log_path.read_text()
         assert f"address: 127.0.0.1, port_value: {admin}" in text
+        check_the_prestop_drain(docs, http, envoy, log_path)
     finally:
         envoy.terminate()
         envoy.wait(timeout=30)
         asyncio.run_coroutine_threadsafe(plane.stop(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def check_the_prestop_drain(
+    docs: list[dict[str, Any]], http: int, envoy: subprocess.Popen[bytes], log: Path
+) -> None:
+    """The gateway's preStop hook, run as the kubelet runs it (bash -c) against the live Envoy:
+    it drains (responses carry `connection: close`), waits for the request in flight, returns,
+    and leaves Envoy running for the kubelet's SIGTERM."""
+    hook = container(docs, "gateway")["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[:2] == ["bash", "-c"]
+    # A request in flight: its headers are not finished yet.
+    held = socket.create_connection(("127.0.0.1", http), timeout=10)
+    held.sendall(b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\n")
+    time.sleep(0.5)
+    started = time.monotonic()
+    pre_stop = subprocess.Popen(hook, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(3)  # drainSeconds is 1: the hook now waits for the held request only
+        assert pre_stop.poll() is None, pre_stop.communicate()[0]
+        connection = http_client.HTTPConnection("127.0.0.1", http, timeout=10)
+        connection.request("GET", "/v1/models")
+        assert connection.getresponse().getheader("connection") == "close"  # draining
+        connection.close()
+        held.sendall(b"\r\n")
+        reply = held.recv(65536).decode(errors="replace").lower()
+        assert reply.startswith("http/1.1 ") and "connection: close" in reply, reply
+        held.close()
+        output = pre_stop.communicate(timeout=20)[0]
+        assert pre_stop.returncode == 0, output
+        assert time.monotonic() - started < 15
+    finally:
+        if pre_stop.poll() is None:
+            pre_stop.kill()
+        held.close()
+    time.sleep(1)
+    assert envoy.poll() is None, log.read_text()  # skip_exit: SIGTERM ends it, not the drain
