@@ -33,7 +33,11 @@ proto: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/switchyard up -f $(EXAMPLES)
 
-test: $(STAMP) $(TRAIN_STAMP) node-tools k8s-tools
+## Build h2spec (HTTP/2 conformance tester) from the Go module proxy (cached outside the repo).
+h2spec:
+	bash tests/infra/build_h2spec.sh
+
+test: $(STAMP) $(TRAIN_STAMP) node-tools k8s-tools h2spec
 	$(PY) -m pytest tests -q
 
 test-unit: $(STAMP)
