@@ -472,6 +472,7 @@ def test_ingress_and_httproute_render_only_when_enabled(
                 "enabled": True,
                 "parentRefs": [{"name": "public", "namespace": "gateways"}],
                 "hostnames": ["llm.example.com"],
+                "timeouts": {"request": "300s"},
             },
         }
     )
@@ -501,6 +502,7 @@ def test_ingress_and_httproute_render_only_when_enabled(
         {
             "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
             "backendRefs": [{"name": "sy-gateway", "port": 80}],
+            "timeouts": {"request": "300s"},
         }
     ]
 
