@@ -155,3 +155,15 @@ def test_helm_upgrade_keeps_selectors_and_adds_an_ingress(kube: KubeControlPlane
         "get", kinds, "-n", "upgrade", "-l", "app.kubernetes.io/instance=up", "-o", "name"
     )
     assert left.split() == []
+
+
+def test_notes_warn_when_cuda_has_no_gpu(kube: KubeControlPlane) -> None:
+    base = ["install", "gpu", str(CHART), "--namespace", "gpu", "--dry-run=server"]
+    notes = helm(kube, *base, "--set", "extproc.executionProvider=cuda")
+    assert "WARNING: extproc.executionProvider is cuda" in notes
+    notes = helm(
+        kube, *base, "--set", "extproc.executionProvider=cuda",
+        "--set-string", "extproc.resources.limits.nvidia\\.com/gpu=1",
+    )  # fmt: skip
+    assert "WARNING" not in notes
+    assert "nvidia.com/gpu" in notes  # the rendered manifest (dry run) requests the GPU
