@@ -435,8 +435,6 @@ class Connection:
     def _append(self, stream: Stream, payload: bytes) -> None:
         """Add DATA to the stream's message; dispatch what completes."""
         size = len(payload)
-        if self.buffered + self.blocked_bytes + size > _MAX_BUFFERED:
-            raise StreamError(stream.id, ENHANCE_YOUR_CALM)
         buffer = stream.buffer
         if not buffer and size >= 5 and not stream.busy:  # usual: one whole message per frame
             length = U32.unpack_from(payload, 1)[0]
@@ -445,6 +443,8 @@ class Connection:
                     self._credit(stream)
                 self.dispatch(stream, payload[5:])
                 return
+        if self.buffered + self.blocked_bytes + size > _MAX_BUFFERED:
+            raise StreamError(stream.id, ENHANCE_YOUR_CALM)
         buffer += payload
         self.buffered += size
         while len(buffer) >= 5:

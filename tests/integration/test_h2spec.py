@@ -54,9 +54,9 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     config = tmp_path_factory.mktemp("h2spec") / "routing.pb"
     config.write_bytes(b"")
     port = free_port_block()
+    command = [sys.executable, "-m", "switchyard.cli", "extproc", "--config", str(config)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "switchyard.cli", "extproc", "--config", str(config)]
-        + ["--listen", f"127.0.0.1:{port}"],
+        [*command, "--listen", f"127.0.0.1:{port}"],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -93,9 +93,9 @@ def _results(report: Path) -> dict[str, str]:
 
 def test_h2spec_generic_and_http2(h2spec: Path, worker: int, tmp_path: Path) -> None:
     report = tmp_path / "h2spec.xml"
+    target = ["-h", "127.0.0.1", "-p", str(worker), "-P", PROCESS_METHOD]
     run = subprocess.run(
-        [str(h2spec), "-h", "127.0.0.1", "-p", str(worker), "-P", PROCESS_METHOD]
-        + ["-o", "5", "-j", str(report), "generic", "http2"],
+        [str(h2spec), *target, "-o", "5", "-j", str(report), "generic", "http2"],
         capture_output=True,
         text=True,
         timeout=300,
