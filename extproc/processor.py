@@ -140,8 +140,8 @@ class Processor:
                 return immediate(error), True
             return _HEADERS_CONTINUE, False
         if kind is None:  # an empty message: not from Envoy; end the call, never raise
-            error = GatewayError(400, "empty ext_proc message", code="invalid_request")
-            return immediate(error), True
+            empty = GatewayError(400, "empty ext_proc message", code="invalid_request")
+            return immediate(empty), True
         # A phase this filter is not configured to send; answer so Envoy never waits.
         response = ep.ProcessingResponse()
         getattr(response, str(kind)).SetInParent()
