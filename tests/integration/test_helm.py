@@ -167,3 +167,51 @@ def test_notes_warn_when_cuda_has_no_gpu(kube: KubeControlPlane) -> None:
     )  # fmt: skip
     assert "WARNING" not in notes
     assert "nvidia.com/gpu" in notes  # the rendered manifest (dry run) requests the GPU
+
+
+def test_the_optional_parts_are_accepted_by_the_api(kube: KubeControlPlane) -> None:
+    """Everything optional at once, created for real (HTTPRoute aside: no Gateway API CRDs
+    here; test_helm_template.py renders it)."""
+    values = {
+        "imagePullSecrets": [{"name": "regcred"}],
+        "gateway": {
+            "service": {"type": "LoadBalancer", "annotations": {"a.example/b": "c"}},
+            "concurrency": 2,
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+        "extproc": {
+            "workers": 2,
+            "executionProvider": "cuda",
+            "runtimeClassName": "nvidia",
+            "resources": {"limits": {"nvidia.com/gpu": 1}},
+            "bundles": {"existingClaim": "router-bundles"},
+        },
+        "networkPolicy": {
+            "metricsNamespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}},
+            "gatewayIngressFrom": [{"podSelector": {"matchLabels": {"app": "edge"}}}],
+            "egress": {"enabled": True},
+        },
+        "ingress": {
+            "enabled": True,
+            "hosts": [
+                {"host": "llm.example.com", "paths": [{"path": "/v1", "pathType": "Prefix"}]}
+            ],
+            "tls": [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}],
+        },
+        "demo": {"enabled": True},
+    }
+    result = subprocess.run(
+        [str(k8s_bin_dir() / "helm"), "--kubeconfig", str(kube.kubeconfig_path),
+         "install", "all", str(CHART), "--namespace", "optional", "--create-namespace",
+         "--values", "-"],
+        input=json.dumps(values), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    kinds = kube.kubectl("get", "deploy,svc,ingress,networkpolicy", "-n", "optional", "-o", "name")
+    assert "ingress.networking.k8s.io/all-gateway" in kinds.split()
+    extproc = json.loads(
+        kube.kubectl("get", "deploy", "all-extproc", "-n", "optional", "-o", "json")
+    )
+    volumes = {v["name"]: v for v in extproc["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["bundles"]["persistentVolumeClaim"]["claimName"] == "router-bundles"
