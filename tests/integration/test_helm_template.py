@@ -129,6 +129,26 @@ def test_bad_values_fail_with_a_message_naming_the_value(
         assert text in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["gateway.healthPort=8080"], "gateway.port (8080), gateway.healthPort (8080)"),
+        (["gateway.adminPort=8081"], "gateway.adminPort (8081) must differ"),
+        (
+            ["extproc.workers=3", "extproc.metricsPort=9004"],
+            "must not be one of the workers' ports",
+        ),
+        (["operator.healthPort=18000"], "operator.xdsPort and operator.healthPort must differ"),
+    ],
+)
+def test_colliding_ports_are_refused(sets: list[str], message: str) -> None:
+    args = ["template", RELEASE, str(CHART)]
+    for pair in sets:
+        args += ["--set", pair]
+    result = helm(*args)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
 def test_two_bundle_sources_are_refused() -> None:
     result = helm(
         "template", RELEASE, str(CHART),

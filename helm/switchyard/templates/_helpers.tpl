@@ -94,3 +94,19 @@ affinity: {{- toYaml . | nindent 2 }}
 {{- define "switchyard.dnsEgress" -}}
 - ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]
 {{- end -}}
+
+{{/* Value checks the schema cannot express: ports that would collide inside one pod. */}}
+{{- define "switchyard.validate" -}}
+{{- $g := .Values.gateway -}}
+{{- if or (eq (int $g.port) (int $g.healthPort)) (eq (int $g.port) (int $g.adminPort)) (eq (int $g.healthPort) (int $g.adminPort)) -}}
+{{- fail (printf "gateway.port (%v), gateway.healthPort (%v) and gateway.adminPort (%v) must differ" $g.port $g.healthPort $g.adminPort) -}}
+{{- end -}}
+{{- $e := .Values.extproc -}}
+{{- $last := add $e.port (sub (int $e.workers) 1) -}}
+{{- if and (ge (int $e.metricsPort) (int $e.port)) (le (int $e.metricsPort) (int $last)) -}}
+{{- fail (printf "extproc.metricsPort (%v) must not be one of the workers' ports %v-%v (extproc.port + worker)" $e.metricsPort $e.port $last) -}}
+{{- end -}}
+{{- if eq (int .Values.operator.xdsPort) (int .Values.operator.healthPort) -}}
+{{- fail (printf "operator.xdsPort and operator.healthPort must differ (both %v)" .Values.operator.xdsPort) -}}
+{{- end -}}
+{{- end -}}
