@@ -48,6 +48,7 @@ INDEXING_BLOCK = b"".join(b"\x40" + literal(n, v)[1:] for n, v in [(b"x-a", b"1"
 FUZZ = settings(
     max_examples=500,
     derandomize=True,
+    database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
