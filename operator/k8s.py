@@ -318,11 +318,15 @@ def _patch_models_status(namespace: str, name: str, models: list[dict[str, Any]]
         log.warning("cannot update status of %s/%s: %s", namespace, name, error.reason)
 
 
-# optional: no finalizer, so policies never get stuck when the operator is gone (uninstalled);
-# one deleted while it is down is simply not among those it restores at start-up.
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-async def forget(meta: kopf.Meta, **_: Any) -> None:
-    await _reconciler().delete(meta["namespace"], meta["name"])
+# Deletions are read from the watch, with no finalizer, so a policy never gets stuck when the
+# operator is gone (uninstalled); one deleted while it is down is simply not among those it
+# restores at start-up.
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def forget(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    if event["type"] != "DELETED":
+        return
+    meta = body.get("metadata", {})
+    await _reconciler().delete(meta.get("namespace", ""), meta.get("name", ""))
     await asyncio.to_thread(apply_scaling, _reconciler().policies.values())
 
 
