@@ -262,6 +262,15 @@ def test_data_plane_rolls_out_without_losing_capacity(default_docs: list[dict[st
     extproc = pod_spec(default_docs, "extproc")
     assert extproc["terminationGracePeriodSeconds"] == 30
     assert extproc["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    for component in ("gateway", "extproc"):
+        (spread,) = pod_spec(default_docs, component)["topologySpreadConstraints"]
+        assert spread["topologyKey"] == "kubernetes.io/hostname"
+        assert spread["whenUnsatisfiable"] == "ScheduleAnyway"  # soft: one node still works
+        assert spread["labelSelector"] == selects(component)
+    assert "topologySpreadConstraints" not in pod_spec(default_docs, "operator")
+    assert "topologySpreadConstraints" not in pod_spec(
+        render("gateway.spreadAcrossNodes=false"), "gateway"
+    )
     operator = deployment(default_docs, "operator")
     assert operator["spec"]["replicas"] == 1
     assert operator["spec"]["strategy"] == {"type": "Recreate"}

@@ -71,7 +71,7 @@ capabilities: {drop: [ALL]}
 seccompProfile: {type: RuntimeDefault}
 {{- end -}}
 
-{{/* Scheduling and pull secrets of one component: call with (dict "root" $ "values" .Values.gateway). */}}
+{{/* Scheduling and pull secrets of one component: (dict "root" $ "component" "gateway" "values" .Values.gateway). */}}
 {{- define "switchyard.scheduling" -}}
 {{- with .root.Values.imagePullSecrets }}
 imagePullSecrets: {{- toYaml . | nindent 2 }}
@@ -84,6 +84,17 @@ tolerations: {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- with .values.affinity }}
 affinity: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if .values.spreadAcrossNodes }}
+# Soft: replicas go to different nodes when the scheduler can, so one node's loss or drain
+# takes one replica (the PodDisruptionBudget then keeps the rest).
+topologySpreadConstraints:
+- maxSkew: 1
+  topologyKey: kubernetes.io/hostname
+  whenUnsatisfiable: ScheduleAnyway
+  labelSelector:
+    matchLabels: {{- include "switchyard.selectorLabels" (dict "root" .root "component" .component) | nindent 6 }}
+  matchLabelKeys: [pod-template-hash]
 {{- end }}
 {{- end -}}
 
