@@ -64,6 +64,9 @@ def running_extproc(config_source: str, workers: int, directory: Path) -> Iterat
         )  # fmt: skip
     try:
         yield ExtProc(process, config_source, log, [first + i for i in range(workers)], metrics)
+    except BaseException:
+        print(f"ext_proc output:\n{log.read_text()}")  # shown with the failure
+        raise
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
