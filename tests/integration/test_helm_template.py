@@ -312,6 +312,7 @@ def test_operator_follows_the_headless_extproc_service(default_docs: list[dict[s
     args = container(default_docs, "operator")["args"]
     assert "--extproc-service=sy-extproc" in args
     assert "--extproc-port=9002" in args
+    assert "--extproc-workers=1" in args
     assert "--health-listen=0.0.0.0:8081" in args
     assert "--xds-listen=0.0.0.0:18000" in args
     assert not [a for a in args if a.startswith("--extproc=")]
@@ -340,6 +341,14 @@ def test_extproc_flags_and_gpu(default_docs: list[dict[str, Any]]) -> None:
     )
     c = container(docs, "extproc")
     assert "--execution-provider=cuda" in c["args"] and "--workers=3" in c["args"]
+    assert "--extproc-workers=3" in container(docs, "operator")["args"]
+    service = one(docs, "Service", f"{RELEASE}-extproc")
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [
+        ("grpc", 9002),
+        ("grpc-1", 9003),
+        ("grpc-2", 9004),
+        ("metrics", 9464),
+    ]
     assert {"name": "SWITCHYARD_EXECUTION_PROVIDER", "value": "cuda"} in c["env"]
     assert c["resources"]["limits"] == {"nvidia.com/gpu": 1}
     assert pod_spec(docs, "extproc")["runtimeClassName"] == "nvidia"
