@@ -1,5 +1,7 @@
 """h2spec (HTTP/2 conformance) against a real ext_proc worker: every applicable case passes.
 
+Sections generic, http2 and hpack, strict mode (the SHOULD cases too).
+
 h2spec is built from the Go module proxy by tests/infra/build_h2spec.sh (cached by version,
 ``make h2spec``). The worker is the real one (``switchyard extproc`` with an empty routing
 config), reached over cleartext HTTP/2 with prior knowledge, on the ext_proc method's path.
@@ -91,11 +93,11 @@ def _results(report: Path) -> dict[str, str]:
     return results
 
 
-def test_h2spec_generic_and_http2(h2spec: Path, worker: int, tmp_path: Path) -> None:
+def test_h2spec_generic_http2_and_hpack_strict(h2spec: Path, worker: int, tmp_path: Path) -> None:
     report = tmp_path / "h2spec.xml"
     target = ["-h", "127.0.0.1", "-p", str(worker), "-P", PROCESS_METHOD]
     run = subprocess.run(
-        [str(h2spec), *target, "-o", "5", "-j", str(report), "generic", "http2"],
+        [str(h2spec), *target, "-S", "-o", "5", "-j", str(report), "generic", "http2", "hpack"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -103,7 +105,7 @@ def test_h2spec_generic_and_http2(h2spec: Path, worker: int, tmp_path: Path) -> 
     )
     assert report.exists(), run.stdout + run.stderr
     results = _results(report)
-    assert len(results) > 130, run.stdout  # both sections ran
+    assert len(results) > 140, run.stdout  # all three sections ran
     assert set(NOT_APPLICABLE) <= set(results), "an excluded id no longer exists in h2spec"
     bad = {
         case: outcome
