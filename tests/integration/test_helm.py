@@ -89,6 +89,8 @@ def test_helm_install_creates_the_data_and_control_plane(kube: KubeControlPlane)
         ("create", "events", "team-a"),
         ("create", "horizontalpodautoscalers.autoscaling", "switchyard"),
         ("update", "poddisruptionbudgets.policy", "switchyard"),
+        ("get", "deployments.apps/sy-gateway", "switchyard"),  # owner of its HPA and PDB
+        ("get", "deployments.apps/sy-extproc", "switchyard"),
     ]:
         assert (
             kube.kubectl("auth", "can-i", verb, resource, "-n", namespace, "--as", sa).strip()
@@ -98,6 +100,8 @@ def test_helm_install_creates_the_data_and_control_plane(kube: KubeControlPlane)
         ("create", "poddisruptionbudgets.policy", "team-a"),  # only in its own namespace
         ("create", "secrets", "team-a"),
         ("delete", "routepolicies.switchyard.dev", "team-a"),
+        ("get", "deployments.apps/other", "switchyard"),
+        ("update", "deployments.apps/sy-gateway", "switchyard"),
     ]:
         result = kube.kubectl_result("auth", "can-i", verb, resource, "-n", namespace, "--as", sa)
         assert result.stdout.strip() == "no", (verb, resource, namespace)
