@@ -158,7 +158,7 @@ class GrpcConnection(asyncio.Protocol):
         else:
             self.running += 1
             stream.task = task = asyncio.ensure_future(_resume(coro, pending))
-            task.add_done_callback(lambda task: self._resumed(stream, task))
+            task.add_done_callback(lambda task: self._resumed(stream, task, coro))
         return False
 
     def _abandon(self, stream: Stream) -> None:
@@ -185,8 +185,15 @@ class GrpcConnection(asyncio.Protocol):
             elif self._drive(stream, coro):
                 self.h2.resume(stream)
 
-    def _resumed(self, stream: Stream, task: asyncio.Future[tuple[bytes, bool]]) -> None:
+    def _resumed(
+        self,
+        stream: Stream,
+        task: asyncio.Future[tuple[bytes, bool]],
+        coro: Coroutine[Any, Any, tuple[bytes, bool]],
+    ) -> None:
         self.running -= 1
+        if task.cancelled():
+            coro.close()  # a task cancelled before its first step never reached the handler
         if not self._release(stream):
             return  # reset, or the connection closed meanwhile
         if task.cancelled() or task.exception() is not None:

@@ -413,3 +413,40 @@ def test_initial_window_changes_apply_to_open_streams() -> None:
     assert (DATA, 0, 1, message(b"cba")) in frames(transport.written)
     conn.data_received(window_update(1, 1000) + settings((SETTINGS_INITIAL_WINDOW_SIZE, 2**31 - 1)))
     assert failed_with(transport, FLOW_CONTROL_ERROR)  # the open stream's window overflows
+
+
+class Waits:
+    """Suspends on an event (a handler that runs as a task), then answers."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.cancelled = 0
+
+    def open(self) -> None:
+        return None
+
+    async def message(self, _: None, payload: bytes) -> tuple[bytes, bool]:
+        try:
+            await self.go.wait()
+        except (asyncio.CancelledError, GeneratorExit):  # cancelled, or closed before its turn
+            self.cancelled += 1
+            raise
+        return payload, True
+
+
+async def test_a_reset_stops_its_running_handler_and_frees_its_slot() -> None:
+    handler = Waits()
+    conn, transport = connect(handler)
+    conn.data_received(request(1) + request(3))
+    assert conn.running == 2
+    conn.data_received(frame(RST_STREAM, 0, 1, b"\x00\x00\x00\x08"))
+    assert conn.h2.zombies == 1  # counts against MAX_CONCURRENT_STREAMS until it stops
+    while conn.running > 1:
+        await asyncio.sleep(0)  # let the cancellation run (one loop turn, no timing)
+    assert handler.cancelled == 1 and conn.h2.zombies == 0
+    handler.go.set()
+    while conn.running:
+        await asyncio.sleep(0)
+    sent = frames(transport.written)
+    assert (DATA, 0, 3, message(b"last")) in sent
+    assert not [f for f in sent if f[0] == DATA and f[2] == 1]
