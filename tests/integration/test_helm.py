@@ -135,6 +135,7 @@ def test_helm_upgrade_keeps_selectors_and_adds_an_ingress(kube: KubeControlPlane
         "--set", "extproc.workers=2",
         "--set", "extproc.executionProvider=auto",
         "--set", "extproc.bundles.image.repository=localhost/bundles",
+        "--set", "extproc.bundles.image.tag=v1",
         "--set", "gateway.concurrency=2",
         "--set", "ingress.enabled=true",
         "--set", "ingress.className=nginx",
@@ -148,7 +149,7 @@ def test_helm_upgrade_keeps_selectors_and_adds_an_ingress(kube: KubeControlPlane
     extproc = next(d for d in after if d["metadata"]["name"] == "up-extproc")
     spec = extproc["spec"]["template"]["spec"]
     assert "--workers=2" in spec["containers"][0]["args"]
-    assert spec["initContainers"][0]["image"] == "localhost/bundles:latest"
+    assert spec["initContainers"][0]["image"] == "localhost/bundles:v1"
     ingress = json.loads(
         kube.kubectl("get", "ingress", "up-gateway", "-n", "upgrade", "-o", "json")
     )

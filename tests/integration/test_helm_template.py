@@ -149,6 +149,12 @@ def test_colliding_ports_are_refused(sets: list[str], message: str) -> None:
     assert result.returncode != 0 and message in result.stderr, result.stderr
 
 
+def test_a_bundle_image_needs_a_tag() -> None:
+    result = helm("template", RELEASE, str(CHART), "--set", "extproc.bundles.image.repository=b")
+    assert result.returncode != 0
+    assert "extproc.bundles.image.tag: the bundle image's tag" in result.stderr
+
+
 def test_two_bundle_sources_are_refused() -> None:
     result = helm(
         "template", RELEASE, str(CHART),
@@ -168,7 +174,9 @@ def all_pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, A
 
 
 def test_every_pod_and_container_is_locked_down() -> None:
-    docs = render("extproc.bundles.image.repository=localhost/bundles")
+    docs = render(
+        "extproc.bundles.image.repository=localhost/bundles", "extproc.bundles.image.tag=1"
+    )
     assert {name for name, _ in all_pod_specs(docs)} == {f"{RELEASE}-{c}" for c in COMPONENTS}
     seen = 0
     for name, spec in all_pod_specs(docs):
