@@ -342,26 +342,67 @@ class HeaderListTooLarge(Exception):
     """A block that decodes (the table stays in step) to more than the header-list limit."""
 
 
-_HUFFMAN_BY_CODE = {(length, code): symbol for symbol, (code, length) in enumerate(_HUFFMAN)}
+def _huffman_fsm() -> tuple[list[tuple[int, bytes, bool]], list[bool]]:
+    """A decoding automaton over 4-bit steps: for (state, nibble), the next state, the symbols
+    completed and whether the step is valid (no EOS); and the states a string may end in.
+
+    States are the inner nodes of the code tree (the root is 0); a string ends validly at the
+    root or inside the all-ones path of at most 7 bits (RFC 7541 §5.2 padding).
+    """
+    children = [[0, 0]]  # inner nodes; a leaf is stored as -(symbol + 1)
+    for symbol, (code, length) in enumerate(_HUFFMAN):
+        node = 0
+        for shift in range(length - 1, -1, -1):
+            bit = (code >> shift) & 1
+            if shift == 0:
+                children[node][bit] = -(symbol + 1)
+            else:
+                if not children[node][bit]:
+                    children.append([0, 0])
+                    children[node][bit] = len(children) - 1
+                node = children[node][bit]
+    accept = [False] * len(children)
+    accept[0] = True
+    node = 0
+    for _ in range(7):
+        node = children[node][1]
+        accept[node] = True
+    table = []
+    for state in range(len(children)):
+        for nibble in range(16):
+            node, out, valid = state, bytearray(), True
+            for shift in (3, 2, 1, 0):
+                step = children[node][(nibble >> shift) & 1]
+                if step >= 0:
+                    node = step
+                elif step == -257:  # EOS
+                    valid = False
+                    break
+                else:
+                    out.append(-step - 1)
+                    node = 0
+            table.append((node, bytes(out), valid))
+    return table, accept
+
+
+_FSM, _ACCEPT = _huffman_fsm()
 
 
 def huffman_decode(data: bytes) -> bytes:
-    """Decode one Huffman-coded string (rare here: decoded blocks are cached)."""
+    """Decode one Huffman-coded string, a nibble at a time (decoded blocks are also cached)."""
     out = bytearray()
-    code = length = 0
+    state = 0
+    fsm = _FSM
     for byte in data:
-        for shift in range(7, -1, -1):
-            code = (code << 1) | ((byte >> shift) & 1)
-            length += 1
-            symbol = _HUFFMAN_BY_CODE.get((length, code))
-            if symbol is not None:
-                if symbol == 256:
-                    raise HpackError("EOS in a Huffman string")
-                out.append(symbol)
-                code = length = 0
-            elif length > 30:
-                raise HpackError("bad Huffman code")
-    if length > 7 or code != (1 << length) - 1:
+        state, emitted, valid = fsm[(state << 4) | (byte >> 4)]
+        if not valid:
+            raise HpackError("EOS in a Huffman string")
+        out += emitted
+        state, emitted, valid = fsm[(state << 4) | (byte & 15)]
+        if not valid:
+            raise HpackError("EOS in a Huffman string")
+        out += emitted
+    if not _ACCEPT[state]:
         raise HpackError("bad Huffman padding")
     return bytes(out)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from switchyard.extproc.h2.frames import (
     ACK,
@@ -27,10 +29,12 @@ from switchyard.extproc.h2.frames import (
     unpad,
 )
 from switchyard.extproc.h2.hpack import (
+    _HUFFMAN,
     HeaderListTooLarge,
     HpackDecoder,
     HpackError,
     encode_integer,
+    huffman_decode,
     literal,
 )
 from switchyard.extproc.h2.requests import Malformed, check_trailers, request_target
@@ -152,3 +156,24 @@ def test_request_header_lists() -> None:
     with pytest.raises(Malformed):
         check_trailers([(":path", "/")])
     check_trailers([("grpc-status", "0")])
+
+
+def _huffman_encode(data: bytes) -> bytes:
+    value = bits = 0
+    for byte in data:
+        code, length = _HUFFMAN[byte]
+        value, bits = (value << length) | code, bits + length
+    pad = -bits % 8
+    return ((value << pad) | ((1 << pad) - 1)).to_bytes((bits + pad) // 8, "big")
+
+
+@settings(max_examples=300, derandomize=True, database=None)
+@given(st.binary(max_size=64))
+def test_huffman_round_trip(data: bytes) -> None:
+    assert huffman_decode(_huffman_encode(data)) == data
+
+
+@pytest.mark.parametrize("bad", [b"\xff", b"\xff\xff", b"\xfe", b"\xff\xff\xff\xff"])
+def test_huffman_rejects_eos_and_long_or_wrong_padding(bad: bytes) -> None:
+    with pytest.raises(HpackError):
+        huffman_decode(bad)
