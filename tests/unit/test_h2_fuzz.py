@@ -162,6 +162,9 @@ def _feed(reads: list[bytes]) -> tuple[GrpcConnection, Transport]:
         assert h2.continuation is None or len(h2.continuation[2]) <= limits.MAX_HEADER_BLOCK
         assert len(h2.streams) <= limits.MAX_CONCURRENT_STREAMS
         assert len(h2._finished) <= _REMEMBERED
+        held = sum(len(s.buffer) + sum(5 + len(m) for m in s.queue) for s in h2.streams.values())
+        assert h2.buffered == held  # the accounting never drifts
+        assert h2.blocked_bytes == sum(len(data) for _, data, _ in h2.blocked)
     return conn, transport
 
 
