@@ -62,6 +62,19 @@ class Echo:
         return payload[::-1], payload == b"last"
 
 
+def _same(items: list[bytes]) -> list[bytes]:
+    return items
+
+
+class Batched(Echo):
+    """Waits on the read's batch first: its stream is busy, later messages queue."""
+
+    async def message(self, _: None, payload: bytes) -> tuple[bytes, bool]:
+        if BATCH.is_open:
+            payload = await BATCH.submit(_same, payload)
+        return payload[::-1], payload == b"last"
+
+
 class Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
@@ -149,8 +162,8 @@ def mutated(draw: st.DrawFn) -> list[bytes]:
     return [bytes(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
-def _feed(reads: list[bytes]) -> tuple[GrpcConnection, Transport]:
-    conn = GrpcConnection(METHOD, Echo())
+def _feed(reads: list[bytes], handler: Echo | None = None) -> tuple[GrpcConnection, Transport]:
+    conn = GrpcConnection(METHOD, handler or Echo())
     transport = Transport()
     conn.connection_made(transport)
     for data in reads:
@@ -184,9 +197,10 @@ def _healthy_connection_serves() -> None:
 
 
 @FUZZ
-@given(reads=mutated())
-def test_mutated_frame_sequences(reads: list[bytes]) -> None:
-    _, transport = _feed([PREFACE + frame(SETTINGS, 0, 0), *reads])
+@given(reads=mutated(), batched=st.booleans())
+def test_mutated_frame_sequences(reads: list[bytes], batched: bool) -> None:
+    handler = Batched() if batched else Echo()
+    _, transport = _feed([PREFACE + frame(SETTINGS, 0, 0), *reads], handler)
     _check(transport)
     _healthy_connection_serves()
 
