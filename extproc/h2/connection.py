@@ -220,10 +220,11 @@ class Connection:
         del buffer[:offset]
 
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
-        if self.continuation is not None and kind != CONTINUATION:
-            raise ConnectionError_(PROTOCOL_ERROR, "a header block was interrupted")
-        if not self.settled and (kind != SETTINGS or flags & ACK):
-            raise ConnectionError_(PROTOCOL_ERROR, "the preface is not followed by SETTINGS")
+        if self.continuation is not None or not self.settled:
+            if self.continuation is not None and kind != CONTINUATION:
+                raise ConnectionError_(PROTOCOL_ERROR, "a header block was interrupted")
+            if not self.settled and (kind != SETTINGS or flags & ACK):
+                raise ConnectionError_(PROTOCOL_ERROR, "the preface is not followed by SETTINGS")
         if kind == DATA:
             self._data(flags, stream_id, payload)
         elif kind == HEADERS:
@@ -241,7 +242,8 @@ class Connection:
         elif kind == SETTINGS:
             self._settings(flags, stream_id, payload)
         elif kind == WINDOW_UPDATE:
-            check_fixed(kind, stream_id, len(payload))
+            if len(payload) != 4:
+                check_fixed(kind, stream_id, len(payload))
             self._window_update(stream_id, U32.unpack(payload)[0] & 0x7FFFFFFF)
         elif kind == PING:
             check_fixed(kind, stream_id, len(payload))
@@ -249,7 +251,8 @@ class Connection:
                 self._spend()
                 self.out.append(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
-            check_fixed(kind, stream_id, len(payload))
+            if len(payload) != 4 or not stream_id:
+                check_fixed(kind, stream_id, len(payload))
             self._rst_stream(stream_id)
         elif kind == PRIORITY:
             self._spend()
@@ -542,10 +545,11 @@ class Connection:
             if stream_id > self.last_stream:
                 raise ConnectionError_(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
             known = self._finished.get(stream_id)
-            if isinstance(known, Stream):
+            if known.__class__ is Stream:  # the usual end of a call Envoy closes by RST_STREAM
                 known.reset = True
-                self._drop_blocked(known)
-                self._remember(stream_id, _PEER_CLOSED)
+                if known.pending:
+                    self._drop_blocked(known)
+                self._finished[stream_id] = _PEER_CLOSED
             return
         self.premature_resets += 1
         stream.reset = True
@@ -642,11 +646,17 @@ class Connection:
             stream.reset = True
         if stream.reset:
             self._drop_blocked(stream)
-        if stream.busy and stream.reset:
-            stream.zombie = True
-            self.zombies += 1
-            self.abandon(stream)
-        self._remember(stream.id, memory)
+            if stream.busy:
+                stream.zombie = True
+                self.zombies += 1
+                self.abandon(stream)
+        finished = self._finished
+        if stream.id not in finished:  # (always, unless the id was refused or ignored)
+            order = self._finished_order
+            order.append(stream.id)
+            if len(order) > _REMEMBERED:
+                finished.pop(order.popleft(), None)
+        finished[stream.id] = memory
 
     def _remember(self, stream_id: int, memory: Stream | int) -> None:
         finished = self._finished

@@ -1,7 +1,7 @@
 """CPU per ext_proc request of the HTTP/2 server alone, in process (no Envoy, no sockets).
 
 Envoy-like request bytes (a warm-HPACK header block, one gRPC message of about 1 KB, then the
-client's END_STREAM after our answer) are fed to ``GrpcConnection.data_received`` with a fake
+RST_STREAM Envoy sends once our trailers end the call) are fed to ``GrpcConnection.data_received`` with a fake
 transport and a handler that answers at once. Prints the CPU µs per request (time.process_time)
 of several rounds: min and median.
 
@@ -72,7 +72,7 @@ class Transport(asyncio.Transport):
 
 
 def reads(requests: int, per_read: int) -> list[bytes]:
-    """The client's reads: per_read requests each, then END_STREAM of the answered ones."""
+    """The client's reads: per_read requests each, then RST_STREAM of the answered ones."""
     window = 256 * 1024 * 1024  # Envoy's default stream and connection windows
     settings = frame(4, 0, 0, (4).to_bytes(2, "big") + window.to_bytes(4, "big"))
     out = [PREFACE + settings + frame(8, 0, 0, (window - 65535).to_bytes(4, "big"))]
@@ -86,7 +86,7 @@ def reads(requests: int, per_read: int) -> list[bytes]:
             ids.append(stream)
             stream += 2
         out.append(bytes(chunk))
-        out.append(b"".join(frame(0, 0x1, i) for i in ids))
+        out.append(b"".join(frame(3, 0, i, bytes(4)) for i in ids))
     return out
 
 
