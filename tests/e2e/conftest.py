@@ -28,7 +28,7 @@ if _INFRA not in sys.path:
     sys.path.insert(0, _INFRA)
 
 from images import Image, build_images, image_refs  # noqa: E402
-from node import KubeNode, node_bin_dir, node_tools_missing  # noqa: E402
+from node import KubeNode, node_bin_dir, node_tools_missing, reap_stale_nodes  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +58,8 @@ def images(built_images: dict[str, Image]) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def kube_node(node_bin: Path, built_images: dict[str, Image]) -> Iterator[KubeNode]:
     """The running single-node cluster, every image imported, CoreDNS up."""
+    for name in reap_stale_nodes():  # left by a session that was killed
+        sys.stderr.write(f"\nstopped the stale node {name}\n")
     node = KubeNode(
         node_bin,
         pause_image=built_images["pause"].ref,

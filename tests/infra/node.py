@@ -21,6 +21,7 @@ No pytest in here: the fixtures are in tests/e2e/conftest.py.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -70,6 +71,8 @@ HOST_FILES = (
     "/sys/fs/cgroup/pids",  # the scripts use the cgroup v1 (hybrid) hierarchies
 )
 WORKLOAD_KINDS = ("deployment", "deploy", "statefulset", "sts", "daemonset", "ds")
+# netns (and cgroup) names: swy-node-<pid of the owning process>-<random>
+NODE_NAME = re.compile(r"swy-node-(\d+)-[0-9a-f]+")
 
 T = TypeVar("T")
 
@@ -93,6 +96,61 @@ def node_bin_dir() -> Path:
         if not os.access(bin_dir / tool, os.X_OK):
             raise BuildError(f"{bin_dir} has no {tool}: run tests/infra/build_k8s.sh")
     return bin_dir
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale_root(name: str) -> Path | None:
+    """The work directory of a running node, from its etcd's --data-dir (ROOT/node/etcd)."""
+    procs = Path("/sys/fs/cgroup/pids", name, "system", "cgroup.procs")
+    try:
+        pids = procs.read_text().split()
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            argv = Path("/proc", pid, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for arg in argv:
+            if arg.startswith(b"--data-dir=") and arg.endswith(b"/node/etcd"):
+                return Path(os.fsdecode(arg.removeprefix(b"--data-dir="))).parents[1]
+    return None
+
+
+def reap_stale_nodes() -> list[str]:
+    """Stop the nodes whose owning process died without stopping them (a killed pytest):
+    their processes, cgroups and netns, and remove their temporary work directories. Returns
+    their names."""
+    names = {p.name for p in Path("/run/netns").glob("swy-node-*")}
+    names |= {p.name for p in Path("/sys/fs/cgroup/pids").glob("swy-node-*")}
+    reaped = []
+    for name in sorted(names):
+        match = NODE_NAME.fullmatch(name)
+        if match is None or _alive(int(match[1])):
+            continue
+        root = _stale_root(name)
+        result = subprocess.run(
+            ["bash", str(SCRIPTS / "stop.sh")],
+            env={**os.environ, "NODE": name, "ROOT": str(root or "")},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            raise NodeError(f"reaping stale node {name} failed:\n{result.stdout}{result.stderr}")
+        if root is not None and root.name.startswith("swy-node-"):  # made by KubeNode
+            shutil.rmtree(root, ignore_errors=True)
+        reaped.append(name)
+    return reaped
 
 
 def poll(condition: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:
@@ -137,7 +195,7 @@ class KubeNode:
         self._owns_root = root is None
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="swy-node-"))
         # unique: the netns and cgroup names are machine-wide (other sessions may run a node)
-        self.netns = netns or f"swy-node-{secrets.token_hex(3)}"
+        self.netns = netns or f"swy-node-{os.getpid()}-{secrets.token_hex(2)}"
         self.kubeconfig = self.root / "node" / "admin.kubeconfig"
         self.timings: dict[str, float] = {}
         self._up = False

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Stop the test node made by up.sh (same ROOT and NODE) and remove everything it left outside
 # $ROOT: processes, cgroups, the netns, /etc/netns/$NODE, the /var/lib/cni mount point it made.
+# Without ROOT (a node whose owner died and whose work dir is unknown) all but that mount point.
 # Safe after a failed or partial up.sh, and when nothing is running. Nothing is shut down
 # gracefully: the whole node goes, so there is no state to keep consistent. Mounts need no work:
 # they all live in the node's own mount namespace, which goes with its last process.
 set -uo pipefail
-: "${ROOT:?}" "${NODE:?}"
-N=$ROOT/node
+: "${NODE:?}"
+N=${ROOT:-/nonexistent}/node
 CG=/sys/fs/cgroup
 log() { echo "$(date -u +%T) stop: $*"; }
 procs() { find "$CG/pids/$NODE" -name cgroup.procs -exec cat {} + 2>/dev/null; }
