@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from switchyard.extproc.batching import BATCH, Deferred
 from switchyard.extproc.h2 import limits
-from switchyard.extproc.h2.connection import Connection, Stream
+from switchyard.extproc.h2.connection import Connection
 from switchyard.extproc.h2.frames import (
     DATA,
     END_HEADERS,
@@ -38,6 +38,7 @@ from switchyard.extproc.h2.frames import (
 )
 from switchyard.extproc.h2.hpack import HpackDecoder, huffman_decode
 from switchyard.extproc.h2.requests import GRPC_INTERNAL
+from switchyard.extproc.h2.stream import Stream
 
 log = logging.getLogger(__name__)
 

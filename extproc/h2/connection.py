@@ -71,6 +71,7 @@ from switchyard.extproc.h2.requests import (
     error_headers,
     request_target,
 )
+from switchyard.extproc.h2.stream import Stream
 
 _RESET, _PEER_CLOSED = 0, 1  # what ``_finished`` remembers of a stream that is not a Stream
 _REMEMBERED = 4 * limits.MAX_CONCURRENT_STREAMS  # finished streams whose late frames we check
@@ -82,45 +83,6 @@ _MAX_CONCURRENT_STREAMS = limits.MAX_CONCURRENT_STREAMS
 _MAX_BUFFERED = limits.MAX_BUFFERED
 _MAX_MESSAGE = limits.MAX_MESSAGE
 _HALF_WINDOW = MAX_WINDOW // 2
-
-
-class Stream:
-    """One call. ``busy``, ``task`` and ``state`` belong to the driver."""
-
-    __slots__ = (
-        "buffer",
-        "busy",
-        "closed",
-        "ended",
-        "expected",
-        "id",
-        "pending",
-        "queue",
-        "recv",
-        "reset",
-        "started",
-        "state",
-        "task",
-        "window",
-        "zombie",
-    )
-
-    def __init__(self, stream_id: int, state: Any, window: int) -> None:
-        self.id = stream_id
-        self.state = state
-        self.buffer = bytearray()  # a request message not yet complete
-        self.queue: deque[bytes] = deque()  # messages that arrived while the handler was busy
-        self.busy = False  # a message's handler has not finished yet
-        self.started = False  # response headers sent
-        self.ended = False  # the client half-closed
-        self.closed = False  # we ended the call (trailers or RST_STREAM)
-        self.reset = False  # nothing more may be sent on it
-        self.zombie = False  # reset while its handler ran: counts as open until it stops
-        self.window = window  # what we may send
-        self.recv = limits.STREAM_WINDOW  # what the client may send
-        self.expected: int | None = None  # content-length bytes still to come
-        self.pending = 0  # replies waiting in Connection.blocked
-        self.task: Any = None
 
 
 class Connection:
