@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from switchyard.extproc.h2 import limits
+from switchyard.extproc.h2.connection import Connection
 from switchyard.extproc.h2.frames import (
     COMPRESSION_ERROR,
     CONTINUATION,
@@ -43,6 +44,7 @@ from switchyard.extproc.h2.frames import (
     window_update,
 )
 from switchyard.extproc.h2.hpack import literal
+from switchyard.extproc.h2.stream import Stream
 from switchyard.extproc.h2grpc import GrpcConnection
 from switchyard.extproc.processor import Processor
 from switchyard.extproc.state import RuntimeState
@@ -450,3 +452,25 @@ async def test_a_reset_stops_its_running_handler_and_frees_its_slot() -> None:
     sent = frames(transport.written)
     assert (DATA, 0, 3, message(b"last")) in sent
     assert not [f for f in sent if f[0] == DATA and f[2] == 1]
+
+
+def test_the_state_machine_alone_bytes_in_calls_and_bytes_out() -> None:
+    """No driver, no asyncio: messages come out through ``dispatch``, replies go in."""
+    got: list[tuple[int, bytes]] = []
+    abandoned: list[int] = []
+
+    def dispatch(stream: Stream, payload: bytes) -> None:
+        got.append((stream.id, payload))
+        h2.reply(stream, payload.upper(), done=payload == b"end")
+
+    h2 = Connection(METHOD, lambda: None, dispatch, lambda s: abandoned.append(s.id))
+    h2.initiate()
+    h2.receive(PREFACE + frame(SETTINGS, 0, 0) + request(1, b"a") + request(3, b"end", end=True))
+    assert got == [(1, b"a"), (3, b"end")]
+    sent = frames(b"".join(h2.out))
+    assert (DATA, 0, 1, message(b"A")) in sent and (DATA, 0, 3, message(b"END")) in sent
+    assert list(h2.streams) == [1]  # stream 3 is over, stream 1 still open
+    h2.receive(frame(PING, 0, 0, b"12345678"))
+    assert frames(h2.out[-1]) == [(PING, 1, 0, b"12345678")]
+    h2.receive(frame(GOAWAY, 0, 1, bytes(8)))
+    assert h2.closed and frames(h2.out[-1])[-1][0] == GOAWAY and not abandoned
