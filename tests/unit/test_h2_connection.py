@@ -372,7 +372,7 @@ def test_a_bug_closes_only_its_connection(monkeypatch: pytest.MonkeyPatch) -> No
     assert failed_with(transport, INTERNAL_ERROR)
 
 
-async def _served(**patched: float) -> asyncio.Server:
+async def _served() -> asyncio.Server:
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: GrpcConnection(METHOD, Echo()), "127.0.0.1", 0)
 
