@@ -1,9 +1,9 @@
 """CPU per ext_proc request of the HTTP/2 server alone, in process (no Envoy, no sockets).
 
 Envoy-like request bytes (a warm-HPACK header block, one gRPC message of about 1 KB, then the
-RST_STREAM Envoy sends once our trailers end the call) are fed to ``GrpcConnection.data_received`` with a fake
-transport and a handler that answers at once. Prints the CPU µs per request (time.process_time)
-of several rounds: min and median.
+RST_STREAM Envoy sends once our trailers end the call) are fed to
+``GrpcConnection.data_received`` with a fake transport and a handler that answers at once.
+Prints the CPU µs per request (time.process_time) of several rounds: min and median.
 
     .venv/bin/python tests/bench/bench_h2grpc.py [--module /path/to/old/h2grpc.py]
 
