@@ -104,6 +104,7 @@ def test_node_is_ready_with_coredns(kube_node: KubeNode, images: dict[str, str])
         "-n", "kube-system", "get", "deploy", "coredns", "-o", "jsonpath={.status.readyReplicas}"
     )
     assert dns == "1"
+    assert isinstance(json.loads(kube_node.helm("list", "--all-namespaces", "-o", "json")), list)
     assert set(images) == {"pause", "busybox", "coredns", "switchyard", "envoy"}
     assert all(ref.startswith(f"localhost/{name}:") for name, ref in images.items())
 
