@@ -2,6 +2,11 @@
 
 Everything the hot path needs is precomputed here: compiled regexes, lowered keywords,
 frozen sets for capability and data-class checks, model lookup tables and the /v1/models list.
+
+A policy that does not load (a regex that does not compile, a reference to a model it lacks,
+or a router bundle the caller could not load) is left out on its own: the others are served,
+its aliases and model names answer 503 ``policy_unavailable``, and ``policy_errors`` says why,
+for the ACK. One policy never decides whether the rest of a version is served.
 """
 
 from __future__ import annotations
@@ -83,6 +88,12 @@ class CompiledConfig:
     models_by_name: Mapping[str, ModelRoute]
     fail_open_backend: str
     router_bundles: frozenset[str] = field(default_factory=frozenset)
+    policy_bundles: Mapping[str, str] = field(default_factory=dict)
+    """Policy key → the router bundle it scores with (only policies that need scores)."""
+    policy_errors: Mapping[str, str] = field(default_factory=dict)
+    """Policy key → why it was left out (the policy is not served)."""
+    unavailable: Mapping[str, str] = field(default_factory=dict)
+    """Alias or model name of a left-out policy → that policy's key (read on the 404 path)."""
 
     @property
     def served_names(self) -> list[str]:
@@ -106,7 +117,20 @@ def _model(policy_key: str, m: pb.Model) -> ModelRoute:
     )
 
 
-def _rule(r: pb.Rule) -> CompiledRule:
+class PolicyLoadError(ValueError):
+    """One policy that cannot be served; the message names the field."""
+
+
+def _regex(index: int, pattern: str) -> re.Pattern[str] | None:
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise PolicyLoadError(f"strategy.rules[{index}].when.regex: {exc}") from None
+
+
+def _rule(index: int, r: pb.Rule) -> CompiledRule:
     w = r.when
     return CompiledRule(
         name=r.name,
@@ -116,17 +140,41 @@ def _rule(r: pb.Rule) -> CompiledRule:
         min_prompt_tokens=w.min_prompt_tokens,
         max_prompt_tokens=w.max_prompt_tokens,
         keywords=tuple(w.keywords),
-        regex=re.compile(w.regex) if w.regex else None,
+        regex=_regex(index, w.regex),
         categories=frozenset(w.categories),
         min_difficulty=w.min_difficulty if w.HasField("min_difficulty") else None,
         max_difficulty=w.max_difficulty if w.HasField("max_difficulty") else None,
     )
 
 
+def _check_references(p: pb.Policy, models: Mapping[str, ModelRoute]) -> None:
+    """What the engine would otherwise find missing at request time (a 500 per request)."""
+
+    def need(name: str, where: str) -> None:
+        if name not in models:
+            raise PolicyLoadError(f"{where}: unknown model {name!r}")
+
+    for i, m in enumerate(p.models):
+        for j, name in enumerate(m.fallbacks):
+            need(name, f"models[{i}].fallbacks[{j}]")
+    for i, r in enumerate(p.strategy.rules):
+        need(r.route, f"strategy.rules[{i}].route")
+    for i, t in enumerate(p.strategy.tiers):
+        need(t.model, f"strategy.tiers[{i}].model")
+    kind = p.strategy.type
+    if p.strategy.default_model:
+        need(p.strategy.default_model, "strategy.default")
+    if kind == pb.Strategy.CLASSIFIER and not p.strategy.tiers:
+        raise PolicyLoadError("strategy.tiers: the classifier strategy needs at least one tier")
+    if kind == pb.Strategy.WEIGHTED and not any(m.weight > 0 for m in models.values()):
+        raise PolicyLoadError("models: the weighted strategy needs a model with weight > 0")
+
+
 def _policy(p: pb.Policy) -> CompiledPolicy:
     key = f"{p.namespace}/{p.name}"
     models = {m.name: _model(key, m) for m in p.models}
-    rules = tuple(_rule(r) for r in p.strategy.rules)
+    _check_references(p, models)
+    rules = tuple(_rule(i, r) for i, r in enumerate(p.strategy.rules))
     weighted = tuple(m for m in models.values() if m.weight > 0)
     kind = p.strategy.type
     return CompiledPolicy(
@@ -147,9 +195,25 @@ def _policy(p: pb.Policy) -> CompiledPolicy:
     )
 
 
-def build_config(config: pb.RoutingConfig) -> CompiledConfig:
-    """RoutingConfig proto → lookup tables. Pure; safe to call off the event loop."""
-    policies = [_policy(p) for p in config.policies]
+def build_config(
+    config: pb.RoutingConfig, left_out: Mapping[str, str] | None = None
+) -> CompiledConfig:
+    """RoutingConfig proto → lookup tables. Pure; safe to call off the event loop.
+
+    ``left_out`` names policies the caller could not load (key → why); they are isolated
+    like those that fail here."""
+    errors = dict(left_out or {})
+    policies = []
+    for p in config.policies:
+        key = f"{p.namespace}/{p.name}"
+        if key in errors:
+            continue
+        try:
+            policies.append(_policy(p))
+        except PolicyLoadError as exc:
+            errors[key] = str(exc)
+        except Exception as exc:  # isolate the unforeseen too: the rest must still load
+            errors[key] = f"{type(exc).__name__}: {exc}"
     by_alias: dict[str, list[CompiledPolicy]] = {}
     for policy in policies:
         for alias in policy.aliases:
@@ -168,10 +232,33 @@ def build_config(config: pb.RoutingConfig) -> CompiledConfig:
     for name, group in short_names.items():
         if len(group) == 1 and name not in ordered:
             by_name[name] = group[0]
+    bundles = {p.key: p.router_bundle for p in policies if p.needs_scores}
     return CompiledConfig(
         version=config.version,
         policies_by_alias=ordered,
         models_by_name=by_name,
         fail_open_backend=config.fail_open_backend,
-        router_bundles=frozenset(p.router_bundle for p in policies if p.needs_scores),
+        router_bundles=frozenset(bundles.values()),
+        policy_bundles=bundles,
+        policy_errors=errors,
+        unavailable=_unavailable(config, errors, by_name),
     )
+
+
+def _unavailable(
+    config: pb.RoutingConfig, errors: Mapping[str, str], served_models: Mapping[str, object]
+) -> dict[str, str]:
+    """Names a left-out policy answers: alias or model name → its key. Aliases stay even when
+    another policy serves them (under other headers): a request none of those matches is
+    more likely meant for the left-out one than a typo."""
+    names: dict[str, str] = {}
+    for p in config.policies:
+        key = f"{p.namespace}/{p.name}"
+        if key not in errors:
+            continue
+        for alias in p.aliases:
+            names.setdefault(alias, key)
+        for m in p.models:
+            names.setdefault(m.name, key)
+            names[f"{key}/{m.name}"] = key
+    return {n: k for n, k in names.items() if n not in served_models}

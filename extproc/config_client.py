@@ -1,7 +1,9 @@
 """Subscribes an ext_proc worker to the control plane's config stream.
 
-Each RoutingConfig received is prepared off the event loop, swapped in, and acknowledged; a
-config that fails to load is NACKed with the reason and the last good one keeps serving.
+Each RoutingConfig received is prepared off the event loop, swapped in, and acknowledged. A
+policy that does not load is left out and listed in the ACK (``policy_errors``), the others
+are served; only a config that fails to load as a whole is NACKed, and the last good one keeps
+serving.
 The stream reconnects with capped exponential backoff.
 """
 
@@ -66,4 +68,8 @@ class ConfigStreamClient:
             return cs.ConfigAck(node=self.node, version=config.version, error=str(error))
         self.state.swap(prepared)
         self.first_config.set()
-        return cs.ConfigAck(node=self.node, version=config.version)
+        errors = [
+            cs.PolicyError(policy=key, message=message)
+            for key, message in sorted(prepared[0].policy_errors.items())
+        ]
+        return cs.ConfigAck(node=self.node, version=config.version, policy_errors=errors)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from switchyard.api.v1.routing_pb2 import Strategy
 from switchyard.extproc.config import CompiledConfig, CompiledPolicy, CompiledRule, ModelRoute
-from switchyard.extproc.errors import GatewayError
+from switchyard.extproc.errors import GatewayError, policy_unavailable
 from switchyard.extproc.request import ParsedRequest
 from switchyard.extproc.scoring import RouterScores
 from switchyard.headers import DATA_CLASS_HEADER, DEFAULT_DATA_CLASS
@@ -33,12 +33,15 @@ class Decision:
 def select_target(
     config: CompiledConfig, request: ParsedRequest, headers: Mapping[str, str]
 ) -> CompiledPolicy | ModelRoute:
-    """The policy answering the requested alias, or the concrete model named; 404 otherwise."""
+    """The policy answering the requested alias, or the concrete model named; 404 otherwise
+    (503 for a name of a policy that did not load)."""
     policies = config.policies_by_alias.get(request.model)
     if policies:
         for policy in policies:
             if all(headers.get(k) == v for k, v in policy.match_headers):
                 return policy
+        if request.model in config.unavailable:
+            raise policy_unavailable(request.model, config.unavailable[request.model])
         raise GatewayError(
             404,
             f"no route policy for model '{request.model}' matches this request's headers",
@@ -47,6 +50,8 @@ def select_target(
         )
     model = config.models_by_name.get(request.model)
     if model is None:
+        if request.model in config.unavailable:
+            raise policy_unavailable(request.model, config.unavailable[request.model])
         raise GatewayError(
             404,
             f"The model '{request.model}' does not exist or is not served by this gateway; "

@@ -41,3 +41,16 @@ def invalid_request(
 ) -> GatewayError:
     """400 for a request the client must fix."""
     return GatewayError(400, message, code=code, param=param)
+
+
+def policy_unavailable(model: str, policy: str) -> GatewayError:
+    """503 for a name only a policy this gateway could not load answers (not a 404: the name
+    is right, the policy is broken; its status says why)."""
+    return GatewayError(
+        503,
+        f"model '{model}' is served by RoutePolicy {policy}, which this gateway could not load; "
+        "its status says why",
+        code="policy_unavailable",
+        type_="server_error",
+        param="model",
+    )

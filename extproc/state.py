@@ -2,6 +2,13 @@
 
 A config swap is one attribute assignment, so in-flight requests keep the table they started
 with and new ones see the new table; nothing is locked on the hot path.
+
+Router bundles load one by one, and a bundle that does not load (a path missing on this pod, a
+corrupt model) leaves out only the policies that score with it: the rest of the version is
+served and the ACK lists what was left out. Rejecting the whole version instead would let one
+policy stop every later change, and a restarted replica, which has no last good version, would
+serve nothing. A failed bundle is tried again with every new version, so a policy comes back
+once its bundle exists.
 """
 
 from __future__ import annotations
@@ -58,11 +65,27 @@ class RuntimeState:
         self._decision_counters: dict[tuple[str, str, str], Any] = {}
 
     def prepare(self, proto: pb.RoutingConfig) -> tuple[CompiledConfig, dict[str, Scorer]]:
-        """Build tables and load new bundles for ``proto``; slow, so call it off the loop."""
+        """Build tables and load new bundles for ``proto``; slow, so call it off the loop.
+        Policies that do not load are left out (``CompiledConfig.policy_errors``)."""
         config = build_config(proto)
         scorers = {b: s for b, s in self._scorers.items() if b in config.router_bundles}
-        for bundle in config.router_bundles - scorers.keys():
-            scorers[bundle] = self._loader(bundle)
+        failed: dict[str, str] = {}
+        for bundle in sorted(config.router_bundles - scorers.keys()):
+            try:
+                scorers[bundle] = self._loader(bundle)
+            except Exception as exc:  # one bundle must not take down the other policies
+                log.warning("router bundle %r did not load: %s", bundle, exc)
+                failed[bundle] = str(exc) or type(exc).__name__
+        if failed:
+            left_out = {
+                key: f"spec.strategy.router.bundle: router bundle {bundle!r} did not load: "
+                f"{failed[bundle]}"
+                for key, bundle in config.policy_bundles.items()
+                if bundle in failed
+            }
+            config = build_config(proto, {**config.policy_errors, **left_out})
+        for key, error in config.policy_errors.items():
+            log.warning("routing config %s: policy %s not served: %s", proto.version, key, error)
         return config, scorers
 
     def swap(self, prepared: tuple[CompiledConfig, dict[str, Scorer]]) -> None:

@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterable
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.headers import DATA_CLASS_HEADER
 from switchyard.operator.multicluster import Topology, place_endpoints
-from switchyard.operator.policy import ModelSpec, Retries, RoutePolicy, Rule, StrategyType
+from switchyard.operator.policy import (
+    ModelSpec,
+    Retries,
+    RoutePolicy,
+    Rule,
+    StrategyType,
+    duration_ms,
+)
 
 _STRATEGY = {
     StrategyType.RULES: pb.Strategy.RULES,
@@ -87,19 +94,6 @@ def _rule(index: int, rule: Rule) -> pb.Rule:
     return pb.Rule(name=rule.name or f"rule-{index}", when=match, route=rule.route)
 
 
-_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
-
-
-def duration_ms(text: str) -> int:
-    """'1m30s' → 90000 (the policy's duration syntax, already validated)."""
-    return round(
-        sum(
-            float(n) * _UNITS_MS[u]
-            for n, _, u in re.findall(r"([0-9]+(\.[0-9]+)?)(ms|s|m|h)", text)
-        )
-    )
-
-
 def _retries(retries: Retries) -> pb.Retries:
     conditions = {"connect-failure": "connect-failure", "reset": "reset,refused-stream"}
     retry_on = [conditions[c.value] for c in retries.on if c.value in conditions]
@@ -152,6 +146,23 @@ ServiceEndpoints = Callable[[str, str, int], list[pb.Endpoint]]
 them from EndpointSlices (each tagged with its cluster and that cluster's region)."""
 
 
+def alias_conflict(policy: RoutePolicy, others: Iterable[RoutePolicy]) -> str:
+    """Why ``policy`` cannot be served next to ``others``: an alias another policy answers
+    under the same match.headers (the ext_proc would only ever pick one of them); "" if none."""
+    headers = policy.spec.match.headers
+    for other in others:
+        if other.key == policy.key or other.spec.match.headers != headers:
+            continue
+        for i, alias in enumerate(policy.spec.match.models):
+            if alias in other.spec.match.models:
+                return (
+                    f"spec.match.models[{i}]: alias {alias!r} is already answered by RoutePolicy "
+                    f"{other.key} under the same match.headers; use another alias or add a "
+                    "header condition"
+                )
+    return ""
+
+
 def compile_config(
     policies: Iterable[RoutePolicy],
     fail_open_model: str = "",
@@ -169,6 +180,10 @@ def compile_config(
     """
     topology = topology or Topology()
     ordered = sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
+    for i, policy in enumerate(ordered):
+        conflict = alias_conflict(policy, ordered[:i])
+        if conflict:
+            raise CompileError(f"RoutePolicy {policy.key}: {conflict}")
     config = pb.RoutingConfig(policies=[compile_policy(p) for p in ordered])
     for policy in config.policies:
         for model in policy.models:

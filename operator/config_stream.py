@@ -1,4 +1,8 @@
-"""The config stream: pushes RoutingConfig versions to every ext_proc replica, records ACK/NACK."""
+"""The config stream: pushes RoutingConfig versions to every ext_proc replica, records ACK/NACK.
+
+An ACK may list policies the replica left out (``policy_errors``: e.g. a router bundle path
+missing on that pod); they are recorded per replica and version, for those policies' status.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ log = logging.getLogger(__name__)
 
 NackCallback = Callable[[str, str, str], None]
 """(replica, rejected version, error)."""
+PolicyErrorsCallback = Callable[[str, str, dict[str, str]], None]
+"""(replica, applied version, policy key → why that replica does not serve it)."""
 
 
 class ConfigStreamServer(cs_grpc.ConfigStreamServicer):  # type: ignore[misc]
@@ -27,6 +33,9 @@ class ConfigStreamServer(cs_grpc.ConfigStreamServicer):  # type: ignore[misc]
         self._changed = asyncio.Event()
         self.acked: dict[str, str] = {}
         self.nacked: dict[str, tuple[str, str]] = {}
+        self.policy_errors: dict[str, tuple[str, dict[str, str]]] = {}
+        """Replica → (the version it ACKed, policy key → why it left that policy out)."""
+        self.on_policy_errors: PolicyErrorsCallback | None = None
         self._on_nack = on_nack
 
     @property
@@ -40,6 +49,15 @@ class ConfigStreamServer(cs_grpc.ConfigStreamServicer):  # type: ignore[misc]
 
     def acked_everywhere(self, version: str) -> bool:
         return bool(self.acked) and all(v == version for v in self.acked.values())
+
+    def rejected_policies(self, version: str) -> dict[str, dict[str, str]]:
+        """Policy key → {replica: why} for the replicas that ACKed ``version`` without it."""
+        found: dict[str, dict[str, str]] = {}
+        for node, (acked, errors) in self.policy_errors.items():
+            if acked == version:
+                for key, message in errors.items():
+                    found.setdefault(key, {})[node] = message
+        return found
 
     async def Subscribe(
         self, request_iterator: AsyncIterator[cs.ConfigAck], context: grpc.aio.ServicerContext
@@ -75,7 +93,14 @@ class ConfigStreamServer(cs_grpc.ConfigStreamServicer):  # type: ignore[misc]
                     if self._on_nack is not None:
                         self._on_nack(node, ack.version, ack.error)
                 else:
+                    errors = {e.policy: e.message for e in ack.policy_errors}
+                    self.policy_errors[node] = (ack.version, errors)
                     self.acked[node] = ack.version
+                    if errors:
+                        log.warning("%s left out policies of %s: %s", node, ack.version, errors)
+                    if self.on_policy_errors is not None:
+                        self.on_policy_errors(node, ack.version, errors)
         finally:
             reader.cancel()
             self.acked.pop(node, None)
+            self.policy_errors.pop(node, None)

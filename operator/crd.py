@@ -15,24 +15,12 @@ from typing import Any
 
 import yaml
 
-from switchyard.operator.policy import RoutePolicySpec
+from switchyard.operator.policy import MAX_ITEMS, RoutePolicySpec, builtin_bundles
 
 GROUP = "switchyard.dev"
 VERSION = "v1alpha1"
 PLURAL = "routepolicies"
 
-# Bounds that keep CEL cost estimates finite (and configs sane).
-MAX_ITEMS = {
-    "models": 32,
-    "fallbacks": 8,
-    "rules": 64,
-    "tiers": 16,
-    "capabilities": 8,
-    "dataClasses": 16,
-    "keywords": 64,
-    "category": 16,
-    "on": 8,
-}
 MAX_STRING = 253
 MODEL_REFERENCES = {"fallbacks", "model", "route", "default"}
 
@@ -112,7 +100,43 @@ SPEC_RULES = [
         "message": "strategy.default must name a model of this policy",
         "fieldPath": ".strategy.default",
     },
+    {
+        "rule": "!has(self.strategy.rules) || self.strategy.rules.all(r, "
+        "!has(r.when.models) || r.when.models.all(a, a in self.match.models))",
+        "message": "strategy.rules[].when.models must be aliases of match.models "
+        "(otherwise the rule never matches)",
+        "fieldPath": ".strategy.rules",
+    },
+    {
+        "rule": "!has(self.timeout) || duration(self.timeout) <= duration('24h')",
+        "message": "timeout must not exceed 24h",
+        "fieldPath": ".timeout",
+    },
 ]
+RETRIES_RULES = [
+    {
+        "rule": "!has(self.perTryTimeout) || duration(self.perTryTimeout) <= duration('24h')",
+        "message": "perTryTimeout must not exceed 24h",
+        "fieldPath": ".perTryTimeout",
+    },
+]
+
+
+def router_rules() -> list[dict[str, str]]:
+    """The bundle reference: a builtin this build ships, or an absolute, normalised path."""
+    builtins = ", ".join(f"'{b}'" for b in builtin_bundles())
+    return [
+        {
+            "rule": f"!has(self.bundle) || (self.bundle.startsWith('builtin:') ? "
+            f"self.bundle in [{builtins}] : "
+            "(self.bundle.matches('^(/[^/]+)+$') && !self.bundle.matches('/[.][.]?(/|$)')))",
+            "message": f"bundle must be one of {builtins.replace(chr(39), '')} or an absolute, "
+            "normalised directory path",
+            "fieldPath": ".bundle",
+        }
+    ]
+
+
 STRATEGY_RULES = [
     {
         "rule": "self.type != 'classifier' || (has(self.tiers) && size(self.tiers) > 0)",
@@ -151,7 +175,12 @@ WHEN_RULES = [
         "rule": "!has(self.minDifficulty) || !has(self.maxDifficulty) || "
         "self.minDifficulty <= self.maxDifficulty",
         "message": "minDifficulty must not exceed maxDifficulty",
-    }
+    },
+    {
+        "rule": "!has(self.maxPromptTokens) || !has(self.minPromptTokens) || "
+        "self.minPromptTokens <= self.maxPromptTokens",
+        "message": "maxPromptTokens must not be below minPromptTokens",
+    },
 ]
 AUTOSCALING_RULES = [
     {
@@ -161,6 +190,8 @@ AUTOSCALING_RULES = [
 ]
 RULES_BY_DEF = {
     "Strategy": STRATEGY_RULES,
+    "Router": router_rules(),
+    "Retries": RETRIES_RULES,
     "Backend": BACKEND_RULES,
     "RuleWhen": WHEN_RULES,
     "Autoscaling": AUTOSCALING_RULES,
@@ -202,7 +233,7 @@ def _structural(node: Any, defs: dict[str, Any], name: str = "", def_name: str =
         out["additionalProperties"] = _structural(node["additionalProperties"], defs, name)
     if "enum" in out and "type" not in out:
         out["type"] = "string"
-    if out.get("type") == "array" and name in MAX_ITEMS:
+    if out.get("type") == "array" and name in MAX_ITEMS and "maxItems" not in out:
         out["maxItems"] = MAX_ITEMS[name]
     if out.get("type") == "string" and "maxLength" not in out and "enum" not in out:
         # Strings that name models are DNS labels; bounding them keeps CEL costs low.
@@ -221,9 +252,10 @@ def spec_schema() -> dict[str, Any]:
     schema["description"] = "Which aliases this policy answers, its models, and how it routes."
     schema["x-kubernetes-validations"] = SPEC_RULES
     models = schema["properties"]["models"]
-    # Unique model names, enforced by the API server itself.
+    # Unique model names and aliases, enforced by the API server itself.
     models["x-kubernetes-list-type"] = "map"
     models["x-kubernetes-list-map-keys"] = ["name"]
+    schema["properties"]["match"]["properties"]["models"]["x-kubernetes-list-type"] = "set"
     return schema
 
 

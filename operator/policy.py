@@ -2,6 +2,11 @@
 
 The same document is read from files in local mode and from the Kubernetes API by the operator.
 Validation errors name the offending field path (``spec.models[1].pricing.inputPer1M``).
+
+Everything the data plane checks when it loads a policy is checked here first (router bundle
+references, regexes, header names, aliases, sizes), so a policy the ext_proc would refuse is
+reported on its own status instead of reaching the data plane. What only a data-plane pod can
+know (whether a bundle path exists there) is left to the ext_proc, which isolates that policy.
 """
 
 from __future__ import annotations
@@ -22,11 +27,96 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from switchyard.extproc.router.bundle import BUILTIN_PREFIX, BUNDLES_DIR
+
 API_VERSION = "switchyard.dev/v1alpha1"
 KIND = "RoutePolicy"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 Name = Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
+HTTP_TOKEN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
+"""RFC 9110 token: a valid header name."""
+Alias = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^\S+$",
+        description="A model name clients send (no whitespace).",
+    ),
+]
+HeaderValue = Annotated[str, Field(max_length=253)]
+MAX_HEADERS = 16
+MAX_TOKENS = 100_000_000
+"""Upper bound of token counts (context windows, prompt sizes)."""
+MAX_DURATION_MS = 24 * 3_600_000
+# List bounds, in the schema itself so local mode and the CRD (whose CEL cost they keep
+# finite) accept the same documents.
+MAX_ITEMS = {
+    "models": 32,
+    "fallbacks": 8,
+    "rules": 64,
+    "tiers": 16,
+    "capabilities": 8,
+    "dataClasses": 16,
+    "keywords": 64,
+    "category": 16,
+    "on": 8,
+}
+HEURISTIC_BUNDLE = "builtin:heuristic"
+"""The placeholder scorer (``switchyard.extproc.state``), not a directory."""
+Category = Literal["math", "code", "reasoning", "knowledge", "writing", "extraction", "chat"]
+"""The router's categories (``switchyard.extproc.scoring.CATEGORIES``; a unit test keeps them
+in step): a rule naming another one would never match."""
+
+
+def builtin_bundles() -> list[str]:
+    """Every ``builtin:<name>`` router bundle this build ships."""
+    names = [p.name for p in BUNDLES_DIR.iterdir() if (p / "router.yaml").is_file()]
+    return sorted([HEURISTIC_BUNDLE, *(BUILTIN_PREFIX + n for n in names)])
+
+
+def check_bundle(ref: str) -> str:
+    """A builtin bundle that exists, or an absolute, normalised path (checked on the pods)."""
+    if ref.startswith(BUILTIN_PREFIX):
+        known = builtin_bundles()
+        if ref not in known:
+            raise ValueError(f"unknown builtin router bundle {ref!r} (known: {', '.join(known)})")
+        return ref
+    if not ref.startswith("/"):
+        raise ValueError(
+            f"router bundle {ref!r} must be builtin:<name> or an absolute directory path"
+        )
+    parts = ref.split("/")[1:]
+    if any(part in ("", ".", "..") for part in parts) or any(
+        ord(c) < 32 or c == "\x7f" for c in ref
+    ):
+        raise ValueError(
+            f"router bundle path {ref!r} must be normalised (no empty, '.' or '..' segments, "
+            "no trailing '/', no control characters)"
+        )
+    return ref
+
+
+def check_header_names(headers: dict[str, str]) -> dict[str, str]:
+    """Header names must be HTTP tokens; they are matched lowercased."""
+    for name in headers:
+        if not re.fullmatch(HTTP_TOKEN, name) or len(name) > 128:
+            raise ValueError(f"{name!r} is not a valid HTTP header name")
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def duration_ms(text: str) -> int:
+    """'1m30s' → 90000 (the policy's duration syntax, already validated)."""
+    return round(
+        sum(
+            float(n) * _UNITS_MS[u]
+            for n, _, u in re.findall(r"([0-9]+(\.[0-9]+)?)(ms|s|m|h)", text)
+        )
+    )
+
+
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 
 
 class Capability(StrEnum):
@@ -45,7 +135,11 @@ class StrategyType(StrEnum):
 
 class _Spec(BaseModel):
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        allow_inf_nan=False,
     )
 
 
@@ -95,8 +189,8 @@ class Backend(_Spec):
 
 
 class Pricing(_Spec):
-    input_per_1m: float = Field(ge=0, description="USD per 1M input tokens.")
-    output_per_1m: float = Field(ge=0, description="USD per 1M output tokens.")
+    input_per_1m: float = Field(ge=0, le=1_000_000, description="USD per 1M input tokens.")
+    output_per_1m: float = Field(ge=0, le=1_000_000, description="USD per 1M output tokens.")
 
 
 class ModelSpec(_Spec):
@@ -104,14 +198,16 @@ class ModelSpec(_Spec):
     backend: Backend
     upstream_model: str = Field(min_length=1, description="Model id sent to the backend.")
     pricing: Pricing
-    context_window: int = Field(default=8192, ge=256)
-    capabilities: list[Capability] = Field(default_factory=list)
-    tier: str | None = None
-    data_classes: list[Annotated[str, Field(pattern=DNS_LABEL)]] = Field(
-        default_factory=lambda: ["public"]
+    context_window: int = Field(default=8192, ge=256, le=MAX_TOKENS)
+    capabilities: list[Capability] = Field(
+        default_factory=list, max_length=MAX_ITEMS["capabilities"]
     )
-    fallbacks: list[str] = Field(default_factory=list)
-    weight: float = Field(default=1.0, ge=0)
+    tier: str | None = None
+    data_classes: list[Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]] = Field(
+        default_factory=lambda: ["public"], max_length=MAX_ITEMS["dataClasses"]
+    )
+    fallbacks: list[str] = Field(default_factory=list, max_length=MAX_ITEMS["fallbacks"])
+    weight: float = Field(default=1.0, ge=0, le=1_000_000)
     region: str | None = Field(
         default=None,
         description=(
@@ -131,25 +227,35 @@ class ModelSpec(_Spec):
 
 
 class Match(_Spec):
-    models: list[str] = Field(min_length=1, description="Aliases clients send as `model`.")
-    headers: dict[str, str] = Field(default_factory=dict)
+    models: list[Alias] = Field(
+        min_length=1, max_length=MAX_ITEMS["models"], description="Aliases clients send as `model`."
+    )
+    headers: dict[str, HeaderValue] = Field(default_factory=dict, max_length=MAX_HEADERS)
 
     @field_validator("headers")
     @classmethod
     def _lower_headers(cls, headers: dict[str, str]) -> dict[str, str]:
-        return {k.lower(): v for k, v in headers.items()}
+        return check_header_names(headers)
 
 
 class RuleWhen(_Spec):
-    models: list[str] = Field(default_factory=list)
-    headers: dict[str, str] = Field(default_factory=dict)
-    min_prompt_tokens: int = Field(default=0, ge=0)
-    max_prompt_tokens: int | None = Field(default=None, ge=1)
-    keywords: list[str] = Field(default_factory=list)
-    regex: str | None = None
-    category: list[str] = Field(default_factory=list)
+    models: list[Alias] = Field(default_factory=list, max_length=MAX_ITEMS["models"])
+    headers: dict[str, HeaderValue] = Field(default_factory=dict, max_length=MAX_HEADERS)
+    min_prompt_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
+    max_prompt_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    keywords: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=list, max_length=MAX_ITEMS["keywords"]
+    )
+    regex: str | None = Field(default=None, max_length=1024)
+    category: list[Category] = Field(default_factory=list, max_length=MAX_ITEMS["category"])
     min_difficulty: float | None = Field(default=None, ge=0, le=1)
     max_difficulty: float | None = Field(default=None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _token_range(self) -> RuleWhen:
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < self.min_prompt_tokens:
+            raise ValueError("maxPromptTokens must not be below minPromptTokens (never matches)")
+        return self
 
     @field_validator("regex")
     @classmethod
@@ -164,7 +270,7 @@ class RuleWhen(_Spec):
     @field_validator("headers")
     @classmethod
     def _lower_headers(cls, headers: dict[str, str]) -> dict[str, str]:
-        return {k.lower(): v for k, v in headers.items()}
+        return check_header_names(headers)
 
 
 class Rule(_Spec):
@@ -179,20 +285,31 @@ class Tier(_Spec):
 
 
 class Router(_Spec):
-    bundle: str = "builtin:default"
+    bundle: str = Field(default="builtin:default", max_length=253)
+
+    @field_validator("bundle")
+    @classmethod
+    def _bundle(cls, bundle: str) -> str:
+        return check_bundle(bundle)
 
 
 class Strategy(_Spec):
     type: StrategyType
     router: Router = Field(default_factory=Router)
-    tiers: list[Tier] = Field(default_factory=list)
-    rules: list[Rule] = Field(default_factory=list)
+    tiers: list[Tier] = Field(default_factory=list, max_length=MAX_ITEMS["tiers"])
+    rules: list[Rule] = Field(default_factory=list, max_length=MAX_ITEMS["rules"])
     default: str | None = Field(
         default=None, description="Model used when no rule matches (rules strategy)."
     )
 
 
 _DURATION = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+
+
+def _bounded(duration: str | None) -> str | None:
+    if duration is not None and duration_ms(duration) > MAX_DURATION_MS:
+        raise ValueError(f"{duration!r} exceeds 24h")
+    return duration
 
 
 class SessionAffinity(_Spec):
@@ -222,8 +339,12 @@ class RetryOn(StrEnum):
 
 class Retries(_Spec):
     attempts: int = Field(default=1, ge=0, le=10)
-    per_try_timeout: str | None = Field(default=None, pattern=_DURATION)
-    on: list[RetryOn] = Field(default_factory=lambda: [RetryOn.CONNECT_FAILURE, RetryOn.RESET])
+    per_try_timeout: str | None = Field(default=None, pattern=_DURATION, max_length=32)
+    on: list[RetryOn] = Field(
+        default_factory=lambda: [RetryOn.CONNECT_FAILURE, RetryOn.RESET], max_length=MAX_ITEMS["on"]
+    )
+
+    _per_try_bounded = field_validator("per_try_timeout")(_bounded)
 
 
 class Autoscaling(_Spec):
@@ -241,12 +362,14 @@ class Autoscaling(_Spec):
 
 class RoutePolicySpec(_Spec):
     match: Match
-    models: list[ModelSpec] = Field(min_length=1)
+    models: list[ModelSpec] = Field(min_length=1, max_length=MAX_ITEMS["models"])
     strategy: Strategy
     session_affinity: SessionAffinity | None = None
     retries: Retries = Field(default_factory=Retries)
-    timeout: str = Field(default="300s", pattern=_DURATION)
+    timeout: str = Field(default="300s", pattern=_DURATION, max_length=32)
     autoscaling: Autoscaling | None = None
+
+    _timeout_bounded = field_validator("timeout")(_bounded)
 
     @model_validator(mode="after")
     def _references(self) -> RoutePolicySpec:
@@ -268,9 +391,19 @@ class RoutePolicySpec(_Spec):
                     raise ValueError(
                         f"models[{i}].fallbacks[{j}]: a model cannot fall back to itself"
                     )
+        aliases = self.match.models
+        for i, alias in enumerate(aliases):
+            if alias in aliases[:i]:
+                raise ValueError(f"match.models[{i}]: duplicate alias {alias!r}")
         strategy = self.strategy
         for i, rule in enumerate(strategy.rules):
             check(rule.route, f"strategy.rules[{i}].route")
+            for j, alias in enumerate(rule.when.models):
+                if alias not in self.match.models:
+                    raise ValueError(
+                        f"strategy.rules[{i}].when.models[{j}]: {alias!r} is not one of "
+                        "match.models, so the rule would never match"
+                    )
             when = rule.when
             if (
                 when.min_difficulty is not None

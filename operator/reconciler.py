@@ -4,6 +4,11 @@ Kubernetes-agnostic, so the same logic is unit-testable: ``upsert`` validates a 
 (what CEL cannot check), keeps the last good version of each policy, recompiles all of them
 and delivers the result through the ControlPlane. A broken policy never takes down the ones
 that work: it is reported, and its last good version (if any) keeps serving.
+
+What only a data-plane replica can find out (a router bundle path missing on its pods) comes
+back in the ext_proc ACKs as per-policy errors: that policy is marked ``DataPlaneRejected`` but
+stays in the config, so the replicas keep isolating it the same way after a restart, and it is
+served as soon as its bundle appears; the others are unaffected.
 """
 
 from __future__ import annotations
@@ -14,7 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from switchyard.api.v1 import routing_pb2 as pb
-from switchyard.operator.compiler import CompileError, ServiceEndpoints, compile_config
+from switchyard.operator.compiler import (
+    CompileError,
+    ServiceEndpoints,
+    alias_conflict,
+    compile_config,
+)
 from switchyard.operator.control_plane import ApplyResult, ControlPlane
 from switchyard.operator.multicluster import Topology
 from switchyard.operator.policy import PolicyError, RoutePolicy, parse_policy
@@ -103,6 +113,11 @@ class Reconciler:
                 0,
                 self.config.version,
             )
+        conflict = alias_conflict(policy, self.policies.values())
+        if conflict:
+            return Outcome(
+                [Condition("Ready", "False", "AliasConflict", conflict)], 0, self.config.version
+            )
         previous = self.policies.get(key)
         self.policies[key] = policy
         try:
@@ -129,8 +144,9 @@ class Reconciler:
             for p in config.policies
             if (p.namespace, p.name) == (policy.metadata.namespace, policy.metadata.name)
         )
+        left_out = self.plane.stream.rejected_policies(config.version).get(key, {})
         return Outcome(
-            self._conditions(result, policy),
+            self._conditions(result, policy, left_out),
             len(policy.spec.models),
             config.version,
             endpoint_counts(compiled),
@@ -197,7 +213,11 @@ class Reconciler:
         return await self.plane.apply(config)
 
     @staticmethod
-    def _conditions(result: ApplyResult, policy: RoutePolicy) -> list[Condition]:
+    def _conditions(
+        result: ApplyResult, policy: RoutePolicy, left_out: dict[str, str] | None = None
+    ) -> list[Condition]:
+        if left_out:
+            return data_plane_rejected(left_out)
         if result.rejected:
             return [
                 Condition("Ready", "False", "EnvoyRejected", result.rejected),
@@ -230,3 +250,17 @@ class Reconciler:
                 else f"not acknowledged by {', '.join(waiting)} yet",
             ),
         ]
+
+
+def data_plane_rejected(left_out: dict[str, str]) -> list[Condition]:
+    """Conditions of a policy that ext_proc replicas left out (replica → why)."""
+    why = "; ".join(f"ext_proc {node}: {message}" for node, message in sorted(left_out.items()))
+    return [
+        Condition("Ready", "False", "DataPlaneRejected", f"not served: {why}"),
+        Condition(
+            "Degraded",
+            "True",
+            "NotServing",
+            "requests for this policy get 503 policy_unavailable; the other policies are served",
+        ),
+    ]

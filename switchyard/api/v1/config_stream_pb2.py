@@ -25,15 +25,17 @@ _sym_db = _symbol_database.Default()
 from switchyard.api.v1 import routing_pb2 as switchyard_dot_api_dot_v1_dot_routing__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%switchyard/api/v1/config_stream.proto\x12\x11switchyard.api.v1\x1a\x1fswitchyard/api/v1/routing.proto\"9\n\tConfigAck\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t2_\n\x0c\x43onfigStream\x12O\n\tSubscribe\x12\x1c.switchyard.api.v1.ConfigAck\x1a .switchyard.api.v1.RoutingConfig(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%switchyard/api/v1/config_stream.proto\x12\x11switchyard.api.v1\x1a\x1fswitchyard/api/v1/routing.proto\".\n\x0bPolicyError\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"p\n\tConfigAck\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x35\n\rpolicy_errors\x18\x04 \x03(\x0b\x32\x1e.switchyard.api.v1.PolicyError2_\n\x0c\x43onfigStream\x12O\n\tSubscribe\x12\x1c.switchyard.api.v1.ConfigAck\x1a .switchyard.api.v1.RoutingConfig(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchyard.api.v1.config_stream_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONFIGACK']._serialized_start=93
-  _globals['_CONFIGACK']._serialized_end=150
-  _globals['_CONFIGSTREAM']._serialized_start=152
-  _globals['_CONFIGSTREAM']._serialized_end=247
+  _globals['_POLICYERROR']._serialized_start=93
+  _globals['_POLICYERROR']._serialized_end=139
+  _globals['_CONFIGACK']._serialized_start=141
+  _globals['_CONFIGACK']._serialized_end=253
+  _globals['_CONFIGSTREAM']._serialized_start=255
+  _globals['_CONFIGSTREAM']._serialized_end=350
 # @@protoc_insertion_point(module_scope)
