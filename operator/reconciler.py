@@ -6,9 +6,11 @@ and delivers the result through the ControlPlane. A broken policy never takes do
 that work: it is reported, and its last good version (if any) keeps serving.
 
 What only a data-plane replica can find out (a router bundle path missing on its pods) comes
-back in the ext_proc ACKs as per-policy errors: that policy is marked ``DataPlaneRejected`` but
-stays in the config, so the replicas keep isolating it the same way after a restart, and it is
-served as soon as its bundle appears; the others are unaffected.
+back in the ext_proc ACKs as per-policy errors, and that policy is marked ``DataPlaneRejected``;
+the others are unaffected. An edit rejected this way is rolled back to the previous generation,
+published again, so every replica, a restarted one too, serves that generation. A new policy has
+none: it stays in the config, isolated by every replica (its names answer 503
+``policy_unavailable``), and is served once its bundle appears there.
 """
 
 from __future__ import annotations
@@ -145,12 +147,28 @@ class Reconciler:
             if (p.namespace, p.name) == (policy.metadata.namespace, policy.metadata.name)
         )
         left_out = self.plane.stream.rejected_policies(config.version).get(key, {})
+        if left_out and previous is not None:
+            return await self._roll_back(key, previous, left_out)
         return Outcome(
             self._conditions(result, policy, left_out),
             len(policy.spec.models),
             config.version,
             endpoint_counts(compiled),
         )
+
+    async def _roll_back(
+        self, key: str, previous: RoutePolicy, left_out: dict[str, str]
+    ) -> Outcome:
+        """The data plane left out the new generation of ``key``: serve the previous one."""
+        self.policies[key] = previous
+        try:
+            config = self._compile()
+        except CompileError:  # cannot happen (it compiled with these others); be safe anyway
+            del self.policies[key]
+            config = self._compile()
+        await self._publish(config)
+        last_good = key not in self.plane.stream.rejected_policies(config.version)
+        return Outcome(data_plane_rejected(left_out, last_good), 0, config.version)
 
     async def restore(self, documents: list[dict[str, Any]]) -> None:
         """Start from the policies that already exist: keep every one that parses and
@@ -252,15 +270,20 @@ class Reconciler:
         ]
 
 
-def data_plane_rejected(left_out: dict[str, str]) -> list[Condition]:
+def data_plane_rejected(
+    left_out: dict[str, str], serving_last_good: bool = False
+) -> list[Condition]:
     """Conditions of a policy that ext_proc replicas left out (replica → why)."""
     why = "; ".join(f"ext_proc {node}: {message}" for node, message in sorted(left_out.items()))
-    return [
-        Condition("Ready", "False", "DataPlaneRejected", f"not served: {why}"),
-        Condition(
+    if serving_last_good:
+        degraded = Condition(
+            "Degraded", "True", "ServingLastGood", "the previous generation keeps serving"
+        )
+    else:
+        degraded = Condition(
             "Degraded",
             "True",
             "NotServing",
             "requests for this policy get 503 policy_unavailable; the other policies are served",
-        ),
-    ]
+        )
+    return [Condition("Ready", "False", "DataPlaneRejected", f"not served: {why}"), degraded]

@@ -229,18 +229,20 @@ def test_the_ack_lists_the_policies_left_out(policy_doc: dict[str, Any]) -> None
 
 
 class _Plane:
-    """A ControlPlane stand-in whose ext_proc ACKs leave out ``rejected`` policies."""
+    """A ControlPlane stand-in: replica pod-1 leaves out every policy whose bundle is under
+    /srv/missing, pod-2 serves everything."""
 
     def __init__(self) -> None:
         self.stream = ConfigStreamServer()
-        self.rejected: dict[str, str] = {}
+        self.published: list[pb.RoutingConfig] = []
 
     async def apply(self, config: pb.RoutingConfig) -> ApplyResult:
+        self.published.append(config)
         await self.stream.publish(config)
         errors = {
-            k: v
-            for k, v in self.rejected.items()
-            if any(f"{p.namespace}/{p.name}" == k for p in config.policies)
+            f"{p.namespace}/{p.name}": f"router bundle {p.strategy.router_bundle!r} did not load"
+            for p in config.policies
+            if p.strategy.router_bundle.startswith("/srv/missing")
         }
         self.stream.policy_errors["pod-1"] = (config.version, errors)
         self.stream.policy_errors["pod-2"] = (config.version, {})
@@ -250,27 +252,58 @@ class _Plane:
         await self.stream.publish(config)
 
 
+def _missing_bundle(doc: dict[str, Any], bundle: str = "/srv/missing") -> dict[str, Any]:
+    doc = copy.deepcopy(doc)
+    doc["spec"]["strategy"]["router"]["bundle"] = bundle
+    return doc
+
+
 def test_only_the_policy_the_data_plane_left_out_is_not_ready(policy_doc: dict[str, Any]) -> None:
     plane = _Plane()
-    plane.rejected["default/bad"] = "spec.strategy.router.bundle: router bundle '/x' did not load"
     reconciler = Reconciler(plane)  # type: ignore[arg-type]
 
-    async def scenario() -> tuple[Any, Any, Any]:
-        first = await reconciler.upsert(_named(policy_doc, "good", models=["good"]))
-        bad = await reconciler.upsert(_named(policy_doc, "bad", models=["bad"]))
-        later = await reconciler.upsert(_named(policy_doc, "later", models=["later"]))
-        return first, bad, later
+    async def scenario() -> list[Any]:
+        return [
+            await reconciler.upsert(_named(policy_doc, "good", models=["good"])),
+            await reconciler.upsert(_missing_bundle(_named(policy_doc, "bad", models=["bad"]))),
+            await reconciler.upsert(_named(policy_doc, "later", models=["later"])),
+        ]
 
     first, bad, later = asyncio.run(scenario())
-    assert [c.status for c in first.conditions][:1] == ["True"]
-    assert [c.status for c in later.conditions][:1] == ["True"]
+    assert first.conditions[0].status == "True"
+    assert later.conditions[0].status == "True"
     ready, degraded = bad.conditions
     assert (ready.status, ready.reason) == ("False", "DataPlaneRejected")
-    assert "ext_proc pod-1: spec.strategy.router.bundle: router bundle '/x'" in ready.message
-    assert "pod-2" not in ready.message
+    assert ready.message == "not served: ext_proc pod-1: router bundle '/srv/missing' did not load"
     assert (degraded.status, degraded.reason) == ("True", "NotServing")
-    # the policy stays in the config: a restarted replica isolates it the same way
+    # a new policy has no previous generation: it stays in the config, and every replica (a
+    # restarted one too) isolates it the same way until its bundle exists there
     assert sorted(p.name for p in reconciler.config.policies) == ["bad", "good", "later"]
+
+
+def test_an_edit_the_data_plane_rejects_rolls_back_to_the_previous_generation(
+    policy_doc: dict[str, Any],
+) -> None:
+    plane = _Plane()
+    reconciler = Reconciler(plane)  # type: ignore[arg-type]
+
+    async def scenario() -> list[Any]:
+        return [
+            await reconciler.upsert(policy_doc),
+            await reconciler.upsert(_missing_bundle(policy_doc)),
+            await reconciler.upsert(_missing_bundle(policy_doc, "/srv/missing-too")),
+        ]
+
+    good, edited, again = asyncio.run(scenario())
+    assert good.conditions[0].status == "True"
+    for outcome in (edited, again):
+        ready, degraded = outcome.conditions
+        assert (ready.status, ready.reason) == ("False", "DataPlaneRejected")
+        assert (degraded.status, degraded.reason) == ("True", "ServingLastGood")
+    assert "/srv/missing-too" in again.conditions[0].message
+    served = plane.published[-1].policies[0].strategy.router_bundle
+    assert served == reconciler.config.policies[0].strategy.router_bundle == "builtin:default"
+    assert outcome.config_version == reconciler.config.version
 
 
 def test_an_alias_conflict_is_reported_on_the_newcomer(policy_doc: dict[str, Any]) -> None:
