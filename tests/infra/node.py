@@ -233,6 +233,8 @@ class KubeNode:
         if failed:
             report = self.logs_tail()
             self.down(keep_root=True)
+            for bulky in ("containerd", "kubelet", "etcd"):  # keep the logs and configs only
+                shutil.rmtree(self.root / "node" / bulky, ignore_errors=True)
             raise NodeError(f"node {self.netns} did not come up ({failed}); {self.root}:\n{report}")
         self.timings["up"] = time.monotonic() - started
         return self

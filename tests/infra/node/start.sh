@@ -64,10 +64,19 @@ bg kube-apiserver "$BIN/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 --c
   --kubelet-preferred-address-types=InternalIP --allow-privileged=true -v=0
 log "etcd, containerd, kube-apiserver started"
 wait_for 60 containerd ctr --address "$SOCK" version
-for img in ${IMAGES:-}; do  # images are imported, never pulled (there is no registry)
-  ctr --address "$SOCK" -n k8s.io images import "$img" > /dev/null
-  log "imported $(basename "$img")"
+# Images are imported, never pulled (there is no registry). The small ones (pause, CoreDNS,
+# busybox: static binaries) before the kubelet starts; the big ones (Python, Envoy) in the
+# background meanwhile, marking imports.done or imports.failed: up.sh waits for that.
+import_image() { ctr --address "$SOCK" -n k8s.io images import "$1" > /dev/null && log "imported ${1##*/}"; }
+big=()
+for img in ${IMAGES:-}; do
+  size=$(stat -c %s "$img")
+  if ((size < 200 << 20)); then import_image "$img"; else big+=("$img"); fi
 done
+(
+  for img in "${big[@]}"; do import_image "$img" || { touch "$N/imports.failed"; exit 1; }; done
+  touch "$N/imports.done"
+) > "$N/logs/imports.log" 2>&1 &
 export KUBECONFIG=$N/admin.kubeconfig
 wait_for 90 kube-apiserver "$BIN/kubectl" get --raw /readyz
 log "kube-apiserver ready"

@@ -63,4 +63,11 @@ until k -n default get serviceaccount default >/dev/null 2>&1; do
   ((SECONDS < deadline)) || { log "no default ServiceAccount after 60s"; exit 1; }
   sleep 0.2
 done
+deadline=$((SECONDS + 600))
+until [[ -e $N/imports.done ]]; do  # start.sh's background image imports
+  [[ ! -e $N/imports.failed ]] || { cat "$N/logs/imports.log"; log "image import failed"; exit 1; }
+  ((SECONDS < deadline)) || { log "images not imported after 600s"; exit 1; }
+  sleep 0.2
+done
+cat "$N/logs/imports.log"
 log "node ready"
