@@ -194,9 +194,11 @@ class ImageBuilder:
         return Image(name, f"localhost/{name}:{key}", self.cache / f"{name}-{key}.tar")
 
     def _finish(self, image: Image, started: float) -> Image:
-        """Save a freshly built image; drop build stages left untagged and old tars of it beyond
-        KEEP_OLD."""
+        """Save a freshly built image, then drop it from podman's storage (the tar is the cache;
+        only the Debian base stays there) with the build stages left untagged, and old tars of
+        it beyond KEEP_OLD."""
         self.podman.save(image.ref, image.tar)
+        self.podman("rmi", image.ref)
         self.podman("image", "prune", "--force")
         old = sorted(
             (p for p in self.cache.glob(f"{image.name}-*.tar") if p != image.tar),
