@@ -8,6 +8,7 @@ import copy
 import math
 from typing import Any, get_args
 
+import orjson
 import pytest
 from conftest import compile_docs
 
@@ -17,6 +18,7 @@ from switchyard.extproc.config import build_config
 from switchyard.extproc.config_client import ConfigStreamClient
 from switchyard.extproc.engine import select_target
 from switchyard.extproc.errors import GatewayError
+from switchyard.extproc.processor import Processor
 from switchyard.extproc.request import Endpoint, parse_request
 from switchyard.extproc.scoring import CATEGORIES, HeuristicScorer, Scorer
 from switchyard.extproc.state import HEURISTIC_BUNDLE, RuntimeState
@@ -334,3 +336,23 @@ def test_rejected_policies_are_per_version() -> None:
     }
     assert stream.rejected_policies("v2") == {"ns/a": {"pod-1": "boom"}}
     assert cs.ConfigAck(policy_errors=[cs.PolicyError(policy="ns/a")]).policy_errors[0].policy
+
+
+def test_the_ext_proc_answers_an_isolated_policy_with_an_openai_503(
+    policy_doc: dict[str, Any],
+) -> None:
+    proto = _two_policies(policy_doc)
+    next(p for p in proto.policies if p.name == "bad").strategy.router_bundle = "/srv/missing"
+    state = RuntimeState(scorer_loader=_Loader("/srv/missing"))
+    state.swap(state.prepare(proto))
+    body = b'{"model": "bad", "messages": [{"role": "user", "content": "hi"}]}'
+    response = asyncio.run(Processor(state).route(Endpoint.CHAT, {}, body))
+    reply = response.immediate_response
+    assert reply.status.code == 503
+    error = orjson.loads(reply.body)["error"]
+    assert (error["code"], error["type"], error["param"]) == (
+        "policy_unavailable",
+        "server_error",
+        "model",
+    )
+    assert "RoutePolicy default/bad" in error["message"]
