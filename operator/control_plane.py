@@ -2,12 +2,15 @@
 stream (for ext_proc replicas), fed with compiled RoutingConfigs.
 
 Applying a config is ordered so that no request ever meets a half-applied change:
-1. clusters the new config adds are pushed together with every cluster still in use
-   (make before break), with the new routes and listener;
+1. the new listener, routes and clusters are pushed together with the old config's backend
+   routes and clusters (make before break), so both configs' decisions are served;
 2. once every Envoy has ACKed that, the ext_proc replicas get the new RoutingConfig, so no
    decision names a route Envoy does not know yet;
-3. once they have ACKed, clusters nothing uses any more are removed.
-Waiting is bounded: a node that never answers delays a change by at most ``ack_timeout_s``.
+3. once they have ACKed, and a decision begun under the old config can no longer arrive (the
+   ext_proc message timeout), the routes and clusters nothing uses any more are removed.
+A rejection (an Envoy NACK in step 1, an ext_proc NACK in step 2) restores the previous config
+everywhere and is returned. Waiting is bounded: a node that never answers delays a change by at
+most ``ack_timeout_s``.
 
 The ext_proc endpoints (EDS, Kubernetes) are not part of that order: they change with the
 ext_proc pods, not with policies, and every snapshot published carries the latest ones.
@@ -35,8 +38,8 @@ from switchyard.operator.xds_server import (
     ROUTE,
     AdsServer,
     Resources,
+    bridge,
     build_snapshot,
-    merge_clusters,
     pack,
 )
 
@@ -52,7 +55,8 @@ class ApplyResult:
     extproc_acked: bool
     seconds: float
     rejected: str = ""
-    """Why Envoy rejected the config (then nothing changed anywhere); empty when it did not."""
+    """Why Envoy or an ext_proc rejected the config (then the previous one was restored
+    everywhere); empty when none did."""
 
 
 class ControlPlane:
@@ -94,7 +98,7 @@ class ControlPlane:
 
     @staticmethod
     def _endpoints_resource(endpoints: list[tuple[str, int]]) -> Resources:
-        return pack([{"@type": ENDPOINT, **extproc_load_assignment(endpoints)}])
+        return pack([extproc_load_assignment(endpoints)])
 
     async def set_extproc_endpoints(self, endpoints: list[tuple[str, int]]) -> None:
         """The ready ext_proc pods changed: push them to every Envoy now (EDS)."""
@@ -122,13 +126,14 @@ class ControlPlane:
         async with self._lock:
             started = time.monotonic()
             final = build_snapshot(config, self.settings, self.api_keys)
-            bridge = merge_clusters(self.ads.snapshot, final)
-            previous = self.ads.snapshot
-            await self._publish(bridge)
+            previous, previous_config = self.ads.snapshot, self.stream.config
+            bridged = bridge(previous, final)
+            self._forget_rejections(bridged, config.version)
+            await self._publish(bridged)
             envoy_ok = await self._wait(
-                lambda: self._envoy_has(bridge) or bool(self._rejection(bridge))
+                lambda: self._envoy_has(bridged) or bool(self._rejection(bridged))
             )
-            rejection = self._rejection(bridge)
+            rejection = self._rejection(bridged)
             if rejection:
                 # Envoy keeps its last good config; so must everything else, or the ext_procs
                 # would choose routes Envoy does not have.
@@ -136,12 +141,50 @@ class ControlPlane:
                 seconds = time.monotonic() - started
                 return ApplyResult(config.version, False, False, seconds, rejection)
             await self.stream.publish(config)
-            extproc_ok = await self._wait(lambda: self.stream.acked_everywhere(config.version))
+            extproc_ok = await self._wait(
+                lambda: (
+                    self.stream.acked_everywhere(config.version)
+                    or bool(self._extproc_rejection(config.version))
+                )
+            )
             seconds = time.monotonic() - started
-            if bridge is not final:
+            rejection = self._extproc_rejection(config.version)
+            if rejection:
+                await self._restore(previous, previous_config)
+                return ApplyResult(config.version, envoy_ok, False, seconds, rejection)
+            if bridged is not final:
+                await asyncio.sleep(self.settings.extproc_message_timeout_ms / 1000)
                 await self._publish(final)
                 envoy_ok = await self._wait(lambda: self._envoy_has(final)) and envoy_ok
             return ApplyResult(config.version, envoy_ok, extproc_ok, seconds)
+
+    async def _restore(self, snapshot: dict[str, Resources], config: pb.RoutingConfig) -> None:
+        """An ext_proc rejected a config: every replica back to ``config``, then Envoy back to
+        ``snapshot`` (which still has every route the replicas may choose meanwhile)."""
+        if config.version:
+            await self.stream.publish(config)
+            await self._wait(lambda: self.stream.acked_everywhere(config.version))
+        await self._publish(snapshot)
+        if snapshot:
+            await self._wait(lambda: self._envoy_has(snapshot))
+
+    def _forget_rejections(self, snapshot: dict[str, Resources], version: str) -> None:
+        """Drop NACKs of the versions about to be sent, so a config rejected once and sent
+        again (say, after a missing file appeared) is judged by its new answers."""
+        for status in self.ads.nodes.values():
+            for type_url, (nacked, _message) in list(status.nacked.items()):
+                if type_url in snapshot and snapshot[type_url].version == nacked:
+                    del status.nacked[type_url]
+        for node, (nacked, _message) in list(self.stream.nacked.items()):
+            if nacked == version:
+                del self.stream.nacked[node]
+
+    def _extproc_rejection(self, version: str) -> str:
+        """The first NACK any ext_proc sent for ``version``."""
+        for node, (nacked, message) in self.stream.nacked.items():
+            if nacked == version:
+                return f"ext_proc {node} rejected routing config {version}: {message}"
+        return ""
 
     def _rejection(self, snapshot: dict[str, Resources]) -> str:
         """The first NACK message any Envoy sent for this snapshot's versions."""

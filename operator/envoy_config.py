@@ -1,8 +1,7 @@
-"""RoutingConfig → Envoy resources (listener, route configuration, clusters) as xDS JSON.
-
-The same resources are written to files for local mode (Envoy's path-based xDS) and served
-over ADS by the operator. Envoy does all byte moving: the ext_proc only sets the routing
-header, and everything else here is decided at compile time:
+"""RoutingConfig → Envoy resources (listener, route configuration, clusters), built as typed
+xds-protos messages and served over ADS by the control plane (the operator's, and local
+mode's). Envoy does all byte moving: the ext_proc only sets the routing header, and everything
+else here is decided at compile time:
 
 - ``GET /v1/models`` is a direct response built from the config (no Python per request);
 - unknown paths and methods get OpenAI-style errors from Envoy itself;
@@ -13,6 +12,8 @@ header, and everything else here is decided at compile time:
   halves the gRPC messages Python handles per request;
 - when the ext_proc is down or times out, Envoy either answers 503 (fail closed) or lets the
   request through unrouted to the fail-open model.
+
+tests/unit/testdata/translate/ pins the output (tests/unit/test_translate_golden.py).
 """
 
 from __future__ import annotations
@@ -21,37 +22,71 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urlsplit
+
+from envoy.config.accesslog.v3 import accesslog_pb2 as accesslog
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    grpc_service_pb2,
+    health_check_pb2,
+    protocol_pb2,
+    substitution_format_string_pb2,
+)
+from envoy.config.endpoint.v3 import endpoint_components_pb2 as ep
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as http_pb2
+from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
+from envoy.type.v3 import http_status_pb2
+from google.protobuf.message import Message
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.headers import BACKEND_HEADER, EXTPROC_FILTER, METADATA_NAMESPACE
 from switchyard.operator import fallback
 from switchyard.operator.multicluster import service_dns_name
+from switchyard.operator.xds_types import (
+    ADD_IF_ABSENT,
+    OVERWRITE,
+    header,
+    inline,
+    millis,
+    packed,
+    protocol_options,
+    seconds,
+    struct,
+    u32,
+)
 
 LISTENER_NAME = "switchyard_http"
 ROUTE_CONFIG_NAME = "switchyard_routes"
 EXTPROC_CLUSTER = "switchyard_extproc"
-
-_T = "type.googleapis.com/"
-HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-EXT_PROC = _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
-EXT_PROC_PER_ROUTE = _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
-HEADER_MUTATION = _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
-ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
-LUA = _T + "envoy.extensions.filters.http.lua.v3.Lua"
-LUA_PER_ROUTE = _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute"
+CATCH_ALL_ROUTES = frozenset({"fail_open", "unrouted", "not_found"})
+"""The routes after the backend routes, taking what no backend route matched."""
 LUA_FILTER = "envoy.filters.http.lua"
-BUFFER = _T + "envoy.extensions.filters.http.buffer.v3.Buffer"
-HTTP_OPTIONS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-TLS = _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
-LISTENER = _T + "envoy.config.listener.v3.Listener"
-ROUTE_CONFIG = _T + "envoy.config.route.v3.RouteConfiguration"
-CLUSTER = _T + "envoy.config.cluster.v3.Cluster"
 
 # Envoy-generated failures (no healthy upstream, connect failure, overflow, timeouts) are
 # reshaped into OpenAI-style bodies; replies the gateway writes itself are already JSON.
 _UPSTREAM_FLAGS = ["UH", "UF", "UO", "URX", "UT", "UC", "UR", "NR", "LR", "DC"]
+ADS = config_source_pb2.ConfigSource(
+    ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+)
+"""Where Envoy gets the resources these name (routes, the ext_proc's endpoints): over ADS."""
 
 
 @dataclass(frozen=True)
@@ -83,17 +118,16 @@ def system_ca_file() -> str:
     return next((f for f in _CA_FILES if os.path.exists(f)), _CA_FILES[0])
 
 
-def _duration(ms: int) -> str:
-    return f"{ms / 1000:.3f}s"
-
-
-def _error_json(status: int, message: str, type_: str, code: str) -> dict[str, Any]:
+def _error(status: int, message: str, type_: str, code: str) -> rc.DirectResponseAction:
     body = json.dumps({"error": {"message": message, "type": type_, "code": code, "param": None}})
-    return {"status": status, "body": {"inline_string": body}}
+    return rc.DirectResponseAction(status=status, body=inline(body))
 
 
-def _no_extproc() -> dict[str, Any]:
-    return {EXTPROC_FILTER: {"@type": EXT_PROC_PER_ROUTE, "disabled": True}}
+def _no_extproc(route: rc.Route) -> rc.Route:
+    route.typed_per_filter_config[EXTPROC_FILTER].CopyFrom(
+        packed(ext_proc_pb2.ExtProcPerRoute(disabled=True))
+    )
+    return route
 
 
 def _models_list(config: pb.RoutingConfig) -> str:
@@ -126,76 +160,61 @@ def _api_key(policy: pb.Policy, model: pb.Model, api_keys: ApiKeys | None) -> st
 
 def _backend_route(
     policy: pb.Policy, model: pb.Model, settings: GatewaySettings, api_keys: ApiKeys | None
-) -> dict[str, Any]:
+) -> rc.Route:
     retries = policy.retries
-    retry_policy: dict[str, Any] = {"retry_on": retries.retry_on, "num_retries": retries.attempts}
-    if retries.per_try_timeout_ms:
-        retry_policy["per_try_timeout"] = _duration(retries.per_try_timeout_ms)
-    if retries.retriable_status_codes:
-        retry_policy["retriable_status_codes"] = list(retries.retriable_status_codes)
-    if model.backend.resolved:
-        retry_policy.update(fallback.RETRY_ELSEWHERE)
-    action: dict[str, Any] = {
-        "cluster": model.backend_key,
-        "timeout": _duration(policy.timeout_ms or settings.route_timeout_s * 1000),
-    }
+    action = rc.RouteAction(
+        cluster=model.backend_key,
+        timeout=millis(policy.timeout_ms or settings.route_timeout_s * 1000),
+    )
     if retries.attempts and retries.retry_on:
-        action["retry_policy"] = retry_policy
+        retry = action.retry_policy
+        retry.retry_on = retries.retry_on
+        retry.num_retries.value = retries.attempts
+        if retries.per_try_timeout_ms:
+            retry.per_try_timeout.CopyFrom(millis(retries.per_try_timeout_ms))
+        retry.retriable_status_codes.extend(retries.retriable_status_codes)
+        if model.backend.resolved:
+            fallback.retry_elsewhere(retry)
     members = fallback.chain(policy, model)
-    served_by = "OVERWRITE_IF_EXISTS_OR_ADD"
-    headers_to_add: list[dict[str, Any]] = []
+    served_by = OVERWRITE
     if len(members) > 1:
         # Fallback attempts get their own host, path, API key and body from the aggregate
         # cluster's filters, which also name the model that answered.
-        action["cluster"] = fallback.aggregate_name(model)
-        action["retry_policy"] = fallback.retry_policy(retries, members)
-        served_by = "ADD_IF_ABSENT"
+        action.cluster = fallback.aggregate_name(model)
+        action.retry_policy.CopyFrom(fallback.retry_policy(retries, members))
+        served_by = ADD_IF_ABSENT
     if model.backend.url:
         url = urlsplit(model.backend.url)
-        action["host_rewrite_literal"] = url.netloc
+        action.host_rewrite_literal = url.netloc
         base = url.path.rstrip("/")
         if base:
-            action["prefix_rewrite"] = base + "/v1/"
+            action.prefix_rewrite = base + "/v1/"
     key = _api_key(policy, model, api_keys)
-    if key:
-        headers_to_add.append(
-            {
-                "header": {"key": "authorization", "value": f"Bearer {key}"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-        )
-    return {
-        "name": model.backend_key,
-        "match": {
-            "prefix": "/v1/",
-            "dynamic_metadata": [
-                {
-                    "filter": METADATA_NAMESPACE,
-                    "path": [{"key": "backend"}],
-                    "value": {"string_match": {"exact": model.backend_key}},
-                }
-            ],
-        },
-        "route": action,
-        "request_headers_to_add": headers_to_add,
-        "request_headers_to_remove": [BACKEND_HEADER],
-        "response_headers_to_add": [
-            _response_header("x-switchyard-model", model.name, served_by),
-            _response_header("x-switchyard-upstream-model", model.upstream_model, served_by),
-            _response_header(
-                "x-switchyard-policy", f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:policy)%"
-            ),
-            _response_header(
-                "x-switchyard-reason", f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:reason)%"
-            ),
+    match = rc.RouteMatch(
+        prefix="/v1/",
+        dynamic_metadata=[
+            metadata_pb2.MetadataMatcher(
+                filter=METADATA_NAMESPACE,
+                path=[metadata_pb2.MetadataMatcher.PathSegment(key="backend")],
+                value=value_pb2.ValueMatcher(
+                    string_match=string_pb2.StringMatcher(exact=model.backend_key)
+                ),
+            )
         ],
-    }
-
-
-def _response_header(
-    key: str, value: str, action: str = "OVERWRITE_IF_EXISTS_OR_ADD"
-) -> dict[str, Any]:
-    return {"header": {"key": key, "value": value}, "append_action": action}
+    )
+    return rc.Route(
+        name=model.backend_key,
+        match=match,
+        route=action,
+        request_headers_to_add=[header("authorization", f"Bearer {key}")] if key else [],
+        request_headers_to_remove=[BACKEND_HEADER],
+        response_headers_to_add=[
+            header("x-switchyard-model", model.name, served_by),
+            header("x-switchyard-upstream-model", model.upstream_model, served_by),
+            header("x-switchyard-policy", f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:policy)%"),
+            header("x-switchyard-reason", f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:reason)%"),
+        ],
+    )
 
 
 # Without the ext_proc nothing parses the body, so the fail-open route swaps the top-level
@@ -215,9 +234,9 @@ end
 """
 
 
-def _rewrite_model_lua(upstream_model: str) -> dict[str, Any]:
+def _rewrite_model_lua(upstream_model: str) -> lua_pb2.LuaPerRoute:
     safe = json.dumps(upstream_model)[1:-1].replace("%", "%%")
-    return {"@type": LUA_PER_ROUTE, "source_code": {"inline_string": _REWRITE_MODEL % safe}}
+    return lua_pb2.LuaPerRoute(source_code=inline(_REWRITE_MODEL % safe))
 
 
 def request_attributes(config: pb.RoutingConfig) -> list[str]:
@@ -225,13 +244,12 @@ def request_attributes(config: pb.RoutingConfig) -> list[str]:
     return ["request.path", *(f"request.headers['{h}']" for h in config.request_headers)]
 
 
-def _unrouted(config: pb.RoutingConfig) -> dict[str, Any]:
+def _unrouted(config: pb.RoutingConfig, match: rc.RouteMatch) -> rc.Route:
     """The inference route before the ext_proc decides, and for requests it did not route.
 
     The ext_proc runs here with the attributes this config needs. Requests reach the route's
     own action only when the ext_proc was skipped (no body) or, failing open, unreachable.
     """
-    match = {"prefix": "/v1/"}
     if config.fail_open_backend:
         model = next(
             m
@@ -239,264 +257,274 @@ def _unrouted(config: pb.RoutingConfig) -> dict[str, Any]:
             for m in p.models
             if m.backend_key == config.fail_open_backend
         )
-        return {
-            "name": "fail_open",
-            "match": match,
-            "route": {"cluster": model.backend_key, "timeout": "300s"},
-            "typed_per_filter_config": {LUA_FILTER: _rewrite_model_lua(model.upstream_model)},
-            "response_headers_to_add": [
-                _response_header("x-switchyard-model", model.name),
-                _response_header("x-switchyard-reason", "fail-open: router unavailable"),
+        route = rc.Route(
+            name="fail_open",
+            match=match,
+            route=rc.RouteAction(cluster=model.backend_key, timeout=seconds(300)),
+            response_headers_to_add=[
+                header("x-switchyard-model", model.name),
+                header("x-switchyard-reason", "fail-open: router unavailable"),
             ],
-        }
-    return {
-        "name": "unrouted",
-        "match": match,
-        "direct_response": _error_json(
+        )
+        route.typed_per_filter_config[LUA_FILTER].CopyFrom(
+            packed(_rewrite_model_lua(model.upstream_model))
+        )
+        return route
+    return rc.Route(
+        name="unrouted",
+        match=match,
+        direct_response=_error(
             400,
             "the request body is empty; send a JSON object",
             "invalid_request_error",
             "empty_body",
         ),
-        "response_headers_to_add": [_response_header("content-type", "application/json")],
-    }
+        response_headers_to_add=[header("content-type", "application/json")],
+    )
 
 
 def build_route_config(
     config: pb.RoutingConfig, settings: GatewaySettings, api_keys: ApiKeys | None = None
-) -> dict[str, Any]:
+) -> route_pb2.RouteConfiguration:
     """The one route configuration of the gateway listener."""
-    json_header = [_response_header("content-type", "application/json")]
-    inference = {"safe_regex": {"regex": "^/v1/(chat/)?completions(\\?.*)?$"}}
-    routes: list[dict[str, Any]] = [
-        {
-            "name": "models",
-            "match": {"path": "/v1/models", "headers": [_method("GET")]},
-            "direct_response": {"status": 200, "body": {"inline_string": _models_list(config)}},
-            "response_headers_to_add": json_header,
-            "typed_per_filter_config": _no_extproc(),
-        },
-        {
-            "name": "method_not_allowed",
-            "match": {
-                **inference,
-                "headers": [{**_method("POST"), "invert_match": True}],
-            },
-            "direct_response": _error_json(
-                405, "use POST on this path", "invalid_request_error", "method_not_allowed"
-            ),
-            "response_headers_to_add": json_header,
-            "typed_per_filter_config": _no_extproc(),
-        },
+    json_header = [header("content-type", "application/json")]
+    inference = regex_pb2.RegexMatcher(regex="^/v1/(chat/)?completions(\\?.*)?$")
+    not_post = rc.HeaderMatcher(
+        name=":method", string_match=string_pb2.StringMatcher(exact="POST"), invert_match=True
+    )
+    routes = [
+        _no_extproc(
+            rc.Route(
+                name="models",
+                match=rc.RouteMatch(path="/v1/models", headers=[_method("GET")]),
+                direct_response=rc.DirectResponseAction(
+                    status=200, body=inline(_models_list(config))
+                ),
+                response_headers_to_add=json_header,
+            )
+        ),
+        _no_extproc(
+            rc.Route(
+                name="method_not_allowed",
+                match=rc.RouteMatch(safe_regex=inference, headers=[not_post]),
+                direct_response=_error(
+                    405, "use POST on this path", "invalid_request_error", "method_not_allowed"
+                ),
+                response_headers_to_add=json_header,
+            )
+        ),
     ]
     for policy in config.policies:
         routes.extend(_backend_route(policy, m, settings, api_keys) for m in policy.models)
-    unrouted = _unrouted(config)
-    unrouted["match"] = dict(inference)
-    routes.append(unrouted)
+    routes.append(_unrouted(config, rc.RouteMatch(safe_regex=inference)))
     routes.append(
-        {
-            "name": "not_found",
-            "match": {"prefix": "/"},
-            "direct_response": _error_json(
-                404,
-                "unknown path; this gateway serves /v1/chat/completions, "
-                "/v1/completions and /v1/models",
-                "invalid_request_error",
-                "unknown_url",
-            ),
-            "response_headers_to_add": json_header,
-            "typed_per_filter_config": _no_extproc(),
-        }
+        _no_extproc(
+            rc.Route(
+                name="not_found",
+                match=rc.RouteMatch(prefix="/"),
+                direct_response=_error(
+                    404,
+                    "unknown path; this gateway serves /v1/chat/completions, "
+                    "/v1/completions and /v1/models",
+                    "invalid_request_error",
+                    "unknown_url",
+                ),
+                response_headers_to_add=json_header,
+            )
+        )
     )
-    return {
-        "@type": ROUTE_CONFIG,
-        "name": ROUTE_CONFIG_NAME,
+    return route_pb2.RouteConfiguration(
+        name=ROUTE_CONFIG_NAME,
         # /v1/models is a direct response; with thousands of models it outgrows the 4 KiB default.
-        "max_direct_response_body_size_bytes": 16 * 1024 * 1024,
-        "virtual_hosts": [{"name": "gateway", "domains": ["*"], "routes": routes}],
-    }
+        max_direct_response_body_size_bytes=u32(16 * 1024 * 1024),
+        virtual_hosts=[rc.VirtualHost(name="gateway", domains=["*"], routes=routes)],
+    )
 
 
-def _method(method: str) -> dict[str, Any]:
-    return {"name": ":method", "string_match": {"exact": method}}
+def _method(method: str) -> rc.HeaderMatcher:
+    return rc.HeaderMatcher(name=":method", string_match=string_pb2.StringMatcher(exact=method))
 
 
-def _local_reply_config() -> dict[str, Any]:
-    def mapper(filter_: dict[str, Any], type_: str, code: str) -> dict[str, Any]:
-        return {
-            "filter": filter_,
-            "body_format_override": {
-                "json_format": {
-                    "error": {
-                        "message": "%LOCAL_REPLY_BODY%",
-                        "type": type_,
-                        "code": code,
-                        "param": None,
-                    }
-                },
-                "content_type": "application/json",
-            },
-        }
+def _status_is(status: int) -> accesslog.AccessLogFilter:
+    return accesslog.AccessLogFilter(
+        status_code_filter=accesslog.StatusCodeFilter(
+            comparison=accesslog.ComparisonFilter(
+                op=accesslog.ComparisonFilter.EQ,
+                value=base_pb2.RuntimeUInt32(default_value=status, runtime_key=f"sy_{status}"),
+            )
+        )
+    )
 
-    unavailable = {
-        "status_code_filter": {
-            "comparison": {"op": "EQ", "value": {"default_value": 503, "runtime_key": "sy_503"}}
-        }
-    }
-    too_large = {
-        "status_code_filter": {
-            "comparison": {"op": "EQ", "value": {"default_value": 413, "runtime_key": "sy_413"}}
-        }
-    }
-    return {
-        "mappers": [
-            mapper(too_large, "invalid_request_error", "request_too_large"),
+
+def _local_reply_config() -> hcm_pb2.LocalReplyConfig:
+    def mapper(filter_: accesslog.AccessLogFilter, type_: str, code: str) -> hcm_pb2.ResponseMapper:
+        body = {"message": "%LOCAL_REPLY_BODY%", "type": type_, "code": code, "param": None}
+        return hcm_pb2.ResponseMapper(
+            filter=filter_,
+            body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
+                json_format=struct({"error": body}), content_type="application/json"
+            ),
+        )
+
+    # Left after the upstream flags: a local 503 is the ext_proc failing closed.
+    unavailable = mapper(_status_is(503), "server_error", "router_unavailable")
+    unavailable.body.inline_string = "the routing service is unavailable; retry shortly"
+    return hcm_pb2.LocalReplyConfig(
+        mappers=[
+            mapper(_status_is(413), "invalid_request_error", "request_too_large"),
             mapper(
-                {"response_flag_filter": {"flags": _UPSTREAM_FLAGS}},
+                accesslog.AccessLogFilter(
+                    response_flag_filter=accesslog.ResponseFlagFilter(flags=_UPSTREAM_FLAGS)
+                ),
                 "upstream_error",
                 "%RESPONSE_CODE_DETAILS%",
             ),
-            # Left after the upstream flags: a local 503 is the ext_proc failing closed.
-            {
-                **mapper(unavailable, "server_error", "router_unavailable"),
-                "body": {"inline_string": "the routing service is unavailable; retry shortly"},
-            },
+            unavailable,
         ]
-    }
+    )
 
 
-def build_listener(
-    config: pb.RoutingConfig, settings: GatewaySettings, rds: dict[str, Any]
-) -> dict[str, Any]:
-    """The gateway listener; ``rds`` is the HCM's RDS block (file or ADS config source).
+def _ext_proc(
+    config: pb.RoutingConfig, settings: GatewaySettings
+) -> ext_proc_pb2.ExternalProcessor:
+    mode = processing_mode_pb2.ProcessingMode
+    timeout = millis(settings.extproc_message_timeout_ms)
+    return ext_proc_pb2.ExternalProcessor(
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER),
+            timeout=timeout,
+        ),
+        # Unreachable ext_proc: continue unrouted to the fail-open model, or answer 503.
+        failure_mode_allow=bool(config.fail_open_backend),
+        status_on_error=http_status_pb2.HttpStatus(code=http_status_pb2.ServiceUnavailable),
+        message_timeout=timeout,
+        processing_mode=mode(
+            request_header_mode=mode.SKIP,
+            response_header_mode=mode.SKIP,
+            request_body_mode=mode.BUFFERED,
+            response_body_mode=mode.NONE,
+            request_trailer_mode=mode.SKIP,
+            response_trailer_mode=mode.SKIP,
+        ),
+        metadata_options=ext_proc_pb2.MetadataOptions(
+            receiving_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(
+                untyped=[METADATA_NAMESPACE]
+            )
+        ),
+        request_attributes=request_attributes(config),
+        allow_mode_override=False,
+    )
+
+
+def _filter(name: str, config: Message) -> hcm_pb2.HttpFilter:
+    return hcm_pb2.HttpFilter(name=name, typed_config=packed(config))
+
+
+def build_listener(config: pb.RoutingConfig, settings: GatewaySettings) -> listener_pb2.Listener:
+    """The gateway listener, its routes over ADS (RDS).
 
     It depends on the config only through the fail mode and the header attributes, so it
     changes (and Envoy drains connections gracefully) only when those do.
     """
-    ext_proc = {
-        "@type": EXT_PROC,
-        "grpc_service": {
-            "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
-            "timeout": _duration(settings.extproc_message_timeout_ms),
-        },
-        # Unreachable ext_proc: continue unrouted to the fail-open model, or answer 503.
-        "failure_mode_allow": bool(config.fail_open_backend),
-        "status_on_error": {"code": 503},
-        "message_timeout": _duration(settings.extproc_message_timeout_ms),
-        "processing_mode": {
-            "request_header_mode": "SKIP",
-            "response_header_mode": "SKIP",
-            "request_body_mode": "BUFFERED",
-            "response_body_mode": "NONE",
-            "request_trailer_mode": "SKIP",
-            "response_trailer_mode": "SKIP",
-        },
-        "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
-        "request_attributes": request_attributes(config),
-        "allow_mode_override": False,
-    }
-    strip_backend = {
-        "@type": HEADER_MUTATION,
-        "mutations": {
-            "request_mutations": [{"remove": BACKEND_HEADER}, {"remove": "content-length"}]
-        },
-    }
-    hcm = {
-        "@type": HCM,
-        "stat_prefix": "switchyard",
-        "codec_type": "AUTO",
-        "rds": rds,
-        "local_reply_config": _local_reply_config(),
-        "http_filters": [
-            {"name": "envoy.filters.http.header_mutation", "typed_config": strip_backend},
-            {"name": EXTPROC_FILTER, "typed_config": ext_proc},
+    remove = mutation_rules_pb2.HeaderMutation
+    strip_backend = header_mutation_pb2.HeaderMutation(
+        mutations=header_mutation_pb2.Mutations(
+            request_mutations=[remove(remove=BACKEND_HEADER), remove(remove="content-length")]
+        )
+    )
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix="switchyard",
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(route_config_name=ROUTE_CONFIG_NAME, config_source=ADS),
+        local_reply_config=_local_reply_config(),
+        http_filters=[
+            _filter("envoy.filters.http.header_mutation", strip_backend),
+            _filter(EXTPROC_FILTER, _ext_proc(config, settings)),
             # Holds the request headers until the whole body has passed the ext_proc, so the
             # router sees the routing header the ext_proc set from the body.
-            {
-                "name": "envoy.filters.http.buffer",
-                "typed_config": {"@type": BUFFER, "max_request_bytes": settings.max_request_bytes},
-            },
-            # Only when failing open: rewrites "model" on the fail-open route (per-route code).
-            *(
-                [{"name": LUA_FILTER, "typed_config": {"@type": LUA}}]
-                if config.fail_open_backend
-                else []
+            _filter(
+                "envoy.filters.http.buffer",
+                buffer_pb2.Buffer(max_request_bytes=u32(settings.max_request_bytes)),
             ),
-            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}},
+            # Only when failing open: rewrites "model" on the fail-open route (per-route code).
+            *([_filter(LUA_FILTER, lua_pb2.Lua())] if config.fail_open_backend else []),
+            _filter("envoy.filters.http.router", router_pb2.Router()),
         ],
-    }
-    return {
-        "@type": LISTENER,
-        "name": LISTENER_NAME,
-        "address": {
-            "socket_address": {
-                "address": settings.listen_address,
-                "port_value": settings.listen_port,
-            }
-        },
-        "per_connection_buffer_limit_bytes": settings.max_request_bytes,
-        "filter_chains": [
-            {
-                "filters": [
-                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+    )
+    return listener_pb2.Listener(
+        name=LISTENER_NAME,
+        address=_address(settings.listen_address, settings.listen_port),
+        per_connection_buffer_limit_bytes=u32(settings.max_request_bytes),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=packed(hcm),
+                    )
                 ]
-            }
+            )
         ],
-    }
+    )
 
 
-def _endpoint(host: str, port: int) -> dict[str, Any]:
-    return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+def _address(host: str, port: int) -> address_pb2.Address:
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=host, port_value=port)
+    )
 
 
-def _extproc_endpoint(host: str, port: int) -> dict[str, Any]:
+def _endpoint(host: str, port: int) -> ep.LbEndpoint:
+    return ep.LbEndpoint(endpoint=ep.Endpoint(address=_address(host, port)))
+
+
+def _extproc_endpoint(host: str, port: int) -> ep.LbEndpoint:
     """A worker at host:port, or at a Unix socket given as ("unix:/path", 0)."""
     if host.startswith("unix:"):
-        return {"endpoint": {"address": {"pipe": {"path": host.removeprefix("unix:")}}}}
+        pipe = address_pb2.Pipe(path=host.removeprefix("unix:"))
+        return ep.LbEndpoint(endpoint=ep.Endpoint(address=address_pb2.Address(pipe=pipe)))
     return _endpoint(host, port)
 
 
-def extproc_cluster(settings: GatewaySettings) -> dict[str, Any]:
+def extproc_cluster(settings: GatewaySettings) -> cluster_pb2.Cluster:
     """The ext_proc workers: HTTP/2, round-robin per stream. Fixed addresses, or (Kubernetes)
     the ready ext_proc pods over EDS, so a pod that joins gets streams within seconds."""
-    cluster: dict[str, Any] = {
-        "@type": CLUSTER,
-        "name": EXTPROC_CLUSTER,
-        "connect_timeout": "1s",
-        "lb_policy": "ROUND_ROBIN",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": HTTP_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-    }
+    h2 = http_pb2.HttpProtocolOptions(
+        explicit_http_config=http_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    cluster = cluster_pb2.Cluster(
+        name=EXTPROC_CLUSTER,
+        connect_timeout=seconds(1),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+        typed_extension_protocol_options=protocol_options(h2),
+    )
     if settings.extproc_eds:
-        cluster["type"] = "EDS"
-        cluster["eds_cluster_config"] = {
-            "eds_config": {"ads": {}, "resource_api_version": "V3"},
-            "service_name": EXTPROC_CLUSTER,
-        }
+        cluster.type = cluster_pb2.Cluster.EDS
+        cluster.eds_cluster_config.eds_config.CopyFrom(ADS)
+        cluster.eds_cluster_config.service_name = EXTPROC_CLUSTER
         return cluster
     # Envoy rejects a host name in a STATIC cluster: names (a Service's) are resolved.
     named = any(
         not _is_ip(host) and not host.startswith("unix:") for host, _ in settings.extproc_endpoints
     )
-    cluster["type"] = "STRICT_DNS" if named else "STATIC"
-    cluster["load_assignment"] = extproc_load_assignment(settings.extproc_endpoints)
+    cluster.type = cluster_pb2.Cluster.STRICT_DNS if named else cluster_pb2.Cluster.STATIC
+    cluster.load_assignment.CopyFrom(extproc_load_assignment(settings.extproc_endpoints))
     return cluster
 
 
-def extproc_load_assignment(endpoints: list[tuple[str, int]]) -> dict[str, Any]:
+def extproc_load_assignment(endpoints: list[tuple[str, int]]) -> endpoint_pb2.ClusterLoadAssignment:
     """The ext_proc endpoints as a ClusterLoadAssignment (static cluster body or EDS)."""
-    return {
-        "cluster_name": EXTPROC_CLUSTER,
-        "endpoints": [{"lb_endpoints": [_extproc_endpoint(h, p) for h, p in endpoints]}],
-    }
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=EXTPROC_CLUSTER,
+        endpoints=[
+            ep.LocalityLbEndpoints(lb_endpoints=[_extproc_endpoint(h, p) for h, p in endpoints])
+        ],
+    )
 
 
-def _service_localities(model: pb.Model) -> tuple[str, list[dict[str, Any]]]:
+def _service_localities(model: pb.Model) -> tuple[int, list[ep.LocalityLbEndpoints]]:
     """(cluster type, locality groups) of a Service backend.
 
     Resolved endpoints (operator) become one locality per (priority, cluster, zone), so Envoy
@@ -505,109 +533,120 @@ def _service_localities(model: pb.Model) -> tuple[str, list[dict[str, Any]]]:
     """
     svc = model.backend.service
     if not model.backend.resolved:
-        return "STRICT_DNS", [{"lb_endpoints": [_endpoint(service_dns_name(svc), svc.port)]}]
-    groups: dict[tuple[int, str, str, str], list[dict[str, Any]]] = {}
+        members = [_endpoint(service_dns_name(svc), svc.port)]
+        return cluster_pb2.Cluster.STRICT_DNS, [ep.LocalityLbEndpoints(lb_endpoints=members)]
+    groups: dict[tuple[int, str, str, str], list[ep.LbEndpoint]] = {}
     for e in model.backend.endpoints:
         key = (e.priority, e.region, e.zone, e.cluster)
         groups.setdefault(key, []).append(_endpoint(e.address, e.port))
-    return "STATIC", [
-        {
-            "locality": {"region": region, "zone": zone, "sub_zone": cluster},
-            "priority": priority,
-            "lb_endpoints": members,
-        }
+    return cluster_pb2.Cluster.STATIC, [
+        ep.LocalityLbEndpoints(
+            locality=base_pb2.Locality(region=region, zone=zone, sub_zone=cluster),
+            priority=priority,
+            lb_endpoints=members,
+        )
         for (priority, region, zone, cluster), members in sorted(groups.items())
     ]
 
 
-# Service backends are our own pods: probe them (TCP connect) so dead ones leave the pool before
-# a request finds them. External providers only get passive outlier detection.
-_SERVICE_HEALTH_CHECK = {
-    "timeout": "1s",
-    "interval": "2s",
-    "no_traffic_interval": "2s",
-    "unhealthy_threshold": 2,
-    "healthy_threshold": 1,
-    "tcp_health_check": {},
-}
+def _service_health_check() -> health_check_pb2.HealthCheck:
+    """Service backends are our own pods: probe them (TCP connect) so dead ones leave the pool
+    before a request finds them. External providers only get passive outlier detection."""
+    return health_check_pb2.HealthCheck(
+        timeout=seconds(1),
+        interval=seconds(2),
+        no_traffic_interval=seconds(2),
+        unhealthy_threshold=u32(2),
+        healthy_threshold=u32(1),
+        tcp_health_check=health_check_pb2.HealthCheck.TcpHealthCheck(),
+    )
 
 
-def _upstream_tls(host: str, ca_pem: str, system_ca_file: str) -> dict[str, Any]:
+def _upstream_tls(host: str, ca_pem: str, system_ca_file: str) -> base_pb2.TransportSocket:
     """TLS to an https backend: SNI, and the certificate verified for ``host`` against the
     backend's own CA bundle or else the system's."""
-    trusted = {"inline_string": ca_pem} if ca_pem else {"filename": system_ca_file}
-    return {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": TLS,
-            "sni": host,
-            "common_tls_context": {
-                "alpn_protocols": ["h2", "http/1.1"],
-                "validation_context": {
-                    "trusted_ca": trusted,
-                    "match_typed_subject_alt_names": [
-                        {
-                            "san_type": "IP_ADDRESS" if _is_ip(host) else "DNS",
-                            "matcher": {"exact": host},
-                        }
-                    ],
-                },
-            },
-        },
-    }
+    trusted = inline(ca_pem) if ca_pem else base_pb2.DataSource(filename=system_ca_file)
+    san = tls_common.SubjectAltNameMatcher
+    context = tls_pb2.UpstreamTlsContext(
+        sni=host,
+        common_tls_context=tls_pb2.CommonTlsContext(
+            alpn_protocols=["h2", "http/1.1"],
+            validation_context=tls_common.CertificateValidationContext(
+                trusted_ca=trusted,
+                match_typed_subject_alt_names=[
+                    san(
+                        san_type=san.IP_ADDRESS if _is_ip(host) else san.DNS,
+                        matcher=string_pb2.StringMatcher(exact=host),
+                    )
+                ],
+            ),
+        ),
+    )
+    return base_pb2.TransportSocket(
+        name="envoy.transport_sockets.tls", typed_config=packed(context)
+    )
 
 
-def model_cluster(model: pb.Model, system_ca: str = "") -> dict[str, Any]:
+def model_cluster(model: pb.Model, system_ca: str = "") -> cluster_pb2.Cluster:
     """One cluster per model backend: an external URL or an in-cluster Service."""
-    health_checks: list[dict[str, Any]] = []
+    health_checks = []
     if model.backend.service.name:
         kind, localities = _service_localities(model)
         tls, host = False, ""
         if model.backend.resolved:
-            health_checks.append(_SERVICE_HEALTH_CHECK)
+            health_checks.append(_service_health_check())
     else:
         url = urlsplit(model.backend.url)
         tls = url.scheme == "https"
         host = url.hostname or "localhost"
         port = url.port or (443 if tls else 80)
-        kind = "STATIC" if _is_ip(host) else "STRICT_DNS"
-        localities = [{"lb_endpoints": [_endpoint(host, port)]}]
+        kind = cluster_pb2.Cluster.STATIC if _is_ip(host) else cluster_pb2.Cluster.STRICT_DNS
+        localities = [ep.LocalityLbEndpoints(lb_endpoints=[_endpoint(host, port)])]
+    metadata = fallback.endpoint_metadata(model)
     for locality in localities:
-        for member in locality["lb_endpoints"]:
-            member["metadata"] = fallback.endpoint_metadata(model)
-    cluster: dict[str, Any] = {
-        "@type": CLUSTER,
-        "name": model.backend_key,
-        "type": kind,
-        "dns_lookup_family": "V4_PREFERRED",
-        "connect_timeout": "5s",
-        "lb_policy": "ROUND_ROBIN",
-        "load_assignment": {"cluster_name": model.backend_key, "endpoints": localities},
-        "health_checks": health_checks,
-        "circuit_breakers": {
-            "thresholds": [
-                {"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000}
+        for member in locality.lb_endpoints:
+            member.metadata.CopyFrom(metadata)
+    options = http_pb2.HttpProtocolOptions
+    if tls:
+        protocol = options(
+            auto_config=options.AutoHttpConfig(
+                http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+            )
+        )
+    else:
+        protocol = options(
+            explicit_http_config=options.ExplicitHttpConfig(
+                http_protocol_options=protocol_pb2.Http1ProtocolOptions()
+            )
+        )
+    unlimited = u32(100000)
+    cluster = cluster_pb2.Cluster(
+        name=model.backend_key,
+        type=kind,
+        dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED,
+        connect_timeout=seconds(5),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=model.backend_key, endpoints=localities
+        ),
+        health_checks=health_checks,
+        circuit_breakers=circuit_breaker_pb2.CircuitBreakers(
+            thresholds=[
+                circuit_breaker_pb2.CircuitBreakers.Thresholds(
+                    max_connections=unlimited,
+                    max_pending_requests=unlimited,
+                    max_requests=unlimited,
+                )
             ]
-        },
-        "outlier_detection": {
-            "consecutive_5xx": 5,
-            "base_ejection_time": "10s",
-            "max_ejection_percent": 50,
-        },
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": HTTP_OPTIONS,
-                **(
-                    {"auto_config": {"http2_protocol_options": {}}}
-                    if tls
-                    else {"explicit_http_config": {"http_protocol_options": {}}}
-                ),
-            }
-        },
-    }
+        ),
+        outlier_detection=outlier_detection_pb2.OutlierDetection(
+            consecutive_5xx=u32(5), base_ejection_time=seconds(10), max_ejection_percent=u32(50)
+        ),
+        typed_extension_protocol_options=protocol_options(protocol),
+    )
     if tls:
         ca_file = system_ca or system_ca_file()
-        cluster["transport_socket"] = _upstream_tls(host, model.backend.ca_bundle, ca_file)
+        cluster.transport_socket.CopyFrom(_upstream_tls(host, model.backend.ca_bundle, ca_file))
     return cluster
 
 
@@ -618,7 +657,7 @@ def _is_ip(host: str) -> bool:
 
 def build_clusters(
     config: pb.RoutingConfig, settings: GatewaySettings, api_keys: ApiKeys | None = None
-) -> list[dict[str, Any]]:
+) -> list[cluster_pb2.Cluster]:
     """The ext_proc cluster, one cluster per model backend, and one aggregate cluster per model
     with usable fallbacks."""
     clusters = [extproc_cluster(settings)]
@@ -630,5 +669,5 @@ def build_clusters(
             members = fallback.chain(policy, model)
             if len(members) > 1:
                 keys = [_api_key(policy, m, api_keys) for m in members]
-                clusters.append(fallback.aggregate_cluster(members, keys, HTTP_OPTIONS))
+                clusters.append(fallback.aggregate_cluster(members, keys))
     return clusters

@@ -20,14 +20,38 @@ fallback in the engine.
 from __future__ import annotations
 
 import json
-from typing import Any
 from urllib.parse import urlsplit
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.retry.priority.previous_priorities.v3 import (
+    previous_priorities_config_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as http_pb2
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.multicluster import service_dns_name
+from switchyard.operator.xds_types import (
+    header,
+    inline,
+    millis,
+    packed,
+    protocol_options,
+    seconds,
+    struct,
+    u32,
+)
 
-_T = "type.googleapis.com/"
-AGGREGATE = _T + "envoy.extensions.clusters.aggregate.v3.ClusterConfig"
 METADATA = "switchyard"
 """Endpoint metadata namespace: which model (backend key, name, upstream id) a host serves."""
 MEMBER_HEADER = "x-switchyard-member"
@@ -58,17 +82,14 @@ def chain(policy: pb.Policy, model: pb.Model) -> list[pb.Model]:
     return members
 
 
-def endpoint_metadata(model: pb.Model) -> dict[str, Any]:
+def endpoint_metadata(model: pb.Model) -> base_pb2.Metadata:
     """Metadata on every endpoint of a model's cluster."""
-    return {
-        "filter_metadata": {
-            METADATA: {
-                "backend": model.backend_key,
-                "model": model.name,
-                "upstream_model": model.upstream_model,
-            }
-        }
+    fields = {
+        "backend": model.backend_key,
+        "model": model.name,
+        "upstream_model": model.upstream_model,
     }
+    return base_pb2.Metadata(filter_metadata={METADATA: struct(fields)})
 
 
 def priority_levels(model: pb.Model) -> int:
@@ -78,30 +99,22 @@ def priority_levels(model: pb.Model) -> int:
     return int(max(e.priority for e in model.backend.endpoints)) + 1
 
 
-RETRY_ELSEWHERE: dict[str, Any] = {
-    "retry_host_predicate": [
-        {
-            "name": "envoy.retry_host_predicates.previous_hosts",
-            "typed_config": {
-                "@type": _T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-            },
-        }
-    ],
-    "host_selection_retry_max_attempts": 3,
-    "retry_priority": {
-        "name": "envoy.retry_priorities.previous_priorities",
-        "typed_config": {
-            "@type": _T + "envoy.extensions.retry.priority.previous_priorities.v3"
-            ".PreviousPrioritiesConfig",
-            "update_frequency": 1,
-        },
-    },
-}
-"""Retry-policy fields: each retry goes to another host, and to the next priority level (the
-next cluster of a multi-cluster Service, or the next model of a fallback chain)."""
+def retry_elsewhere(policy: rc.RetryPolicy) -> rc.RetryPolicy:
+    """Each retry goes to another host, and to the next priority level (the next cluster of a
+    multi-cluster Service, or the next model of a fallback chain)."""
+    policy.retry_host_predicate.add(
+        name="envoy.retry_host_predicates.previous_hosts",
+        typed_config=packed(previous_hosts_pb2.PreviousHostsPredicate()),
+    )
+    policy.host_selection_retry_max_attempts = 3
+    policy.retry_priority.name = "envoy.retry_priorities.previous_priorities"
+    policy.retry_priority.typed_config.CopyFrom(
+        packed(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1))
+    )
+    return policy
 
 
-def retry_policy(retries: pb.Retries, members: list[pb.Model]) -> dict[str, Any]:
+def retry_policy(retries: pb.Retries, members: list[pb.Model]) -> rc.RetryPolicy:
     """The policy's retry conditions plus every failure a fallback should answer, with one retry
     per remaining priority level so the last fallback is reached."""
     conditions = [c for c in retries.retry_on.split(",") if c]
@@ -112,14 +125,14 @@ def retry_policy(retries: pb.Retries, members: list[pb.Model]) -> dict[str, Any]
     if "retriable-status-codes" not in conditions:
         conditions.append("retriable-status-codes")
     levels = sum(priority_levels(m) for m in members)
-    policy: dict[str, Any] = {
-        "retry_on": ",".join(conditions),
-        "num_retries": max(retries.attempts, levels - 1),
-        "retriable_status_codes": codes,
-        **RETRY_ELSEWHERE,
-    }
+    policy = rc.RetryPolicy(
+        retry_on=",".join(conditions),
+        num_retries=u32(max(retries.attempts, levels - 1)),
+        retriable_status_codes=codes,
+    )
+    retry_elsewhere(policy)
     if retries.per_try_timeout_ms:
-        policy["per_try_timeout"] = f"{retries.per_try_timeout_ms / 1000:.3f}s"
+        policy.per_try_timeout.CopyFrom(millis(retries.per_try_timeout_ms))
     return policy
 
 
@@ -198,7 +211,13 @@ def _member_entry(model: pb.Model, api_key: str) -> str:
     return f"  [{_lua_string(model.backend_key)}] = {{{body}}},"
 
 
-def attempt_filters(members: list[pb.Model], api_keys: list[str]) -> list[dict[str, Any]]:
+def _copy_metadata(key: str, field: str) -> mutation_rules_pb2.HeaderMutation:
+    """Set header ``key`` from the chosen endpoint's ``field`` metadata."""
+    value = f"%UPSTREAM_METADATA({METADATA}:{field})%"
+    return mutation_rules_pb2.HeaderMutation(append=header(key, value))
+
+
+def attempt_filters(members: list[pb.Model], api_keys: list[str]) -> list[hcm_pb2.HttpFilter]:
     """Upstream HTTP filters of an aggregate cluster: tag the attempt, rewrite it, send it."""
     bases = sorted(
         {urlsplit(m.backend.url).path.rstrip("/") for m in members if m.backend.url} - {""},
@@ -212,72 +231,44 @@ def attempt_filters(members: list[pb.Model], api_keys: list[str]) -> list[dict[s
         "member_header": MEMBER_HEADER,
         "body_header": BODY_MODEL_HEADER,
     }
-    tag = {
-        "append": {
-            "header": {"key": MEMBER_HEADER, "value": f"%UPSTREAM_METADATA({METADATA}:backend)%"},
-            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-        }
-    }
-    served_by = [
-        {
-            "append": {
-                "header": {"key": header, "value": f"%UPSTREAM_METADATA({METADATA}:{field})%"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-        }
-        for header, field in (
-            ("x-switchyard-model", "model"),
-            ("x-switchyard-upstream-model", "upstream_model"),
-        )
-    ]
+    mutations = header_mutation_pb2.Mutations(
+        request_mutations=[_copy_metadata(MEMBER_HEADER, "backend")],
+        response_mutations=[
+            _copy_metadata("x-switchyard-model", "model"),
+            _copy_metadata("x-switchyard-upstream-model", "upstream_model"),
+        ],
+    )
     return [
-        {
-            "name": "envoy.filters.http.header_mutation",
-            "typed_config": {
-                "@type": _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                "mutations": {
-                    "request_mutations": [tag],
-                    "response_mutations": served_by,
-                },
-            },
-        },
-        {
-            "name": "envoy.filters.http.lua",
-            "typed_config": {
-                "@type": _T + "envoy.extensions.filters.http.lua.v3.Lua",
-                "default_source_code": {"inline_string": source},
-            },
-        },
-        {
-            "name": "envoy.filters.http.upstream_codec",
-            "typed_config": {
-                "@type": _T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
-            },
-        },
+        hcm_pb2.HttpFilter(
+            name="envoy.filters.http.header_mutation",
+            typed_config=packed(header_mutation_pb2.HeaderMutation(mutations=mutations)),
+        ),
+        hcm_pb2.HttpFilter(
+            name="envoy.filters.http.lua",
+            typed_config=packed(lua_pb2.Lua(default_source_code=inline(source))),
+        ),
+        hcm_pb2.HttpFilter(
+            name="envoy.filters.http.upstream_codec",
+            typed_config=packed(upstream_codec_pb2.UpstreamCodec()),
+        ),
     ]
 
 
-def aggregate_cluster(
-    members: list[pb.Model], api_keys: list[str], http_options_type: str
-) -> dict[str, Any]:
+def aggregate_cluster(members: list[pb.Model], api_keys: list[str]) -> cluster_pb2.Cluster:
     """The cluster a model with fallbacks is routed to."""
-    return {
-        "@type": _T + "envoy.config.cluster.v3.Cluster",
-        "name": aggregate_name(members[0]),
-        "connect_timeout": "5s",
-        "lb_policy": "CLUSTER_PROVIDED",
-        "cluster_type": {
-            "name": "envoy.clusters.aggregate",
-            "typed_config": {
-                "@type": AGGREGATE,
-                "clusters": [m.backend_key for m in members],
-            },
-        },
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": http_options_type,
-                "use_downstream_protocol_config": {},
-                "http_filters": attempt_filters(members, api_keys),
-            }
-        },
-    }
+    options = http_pb2.HttpProtocolOptions(
+        use_downstream_protocol_config=http_pb2.HttpProtocolOptions.UseDownstreamHttpConfig(),
+        http_filters=attempt_filters(members, api_keys),
+    )
+    return cluster_pb2.Cluster(
+        name=aggregate_name(members[0]),
+        connect_timeout=seconds(5),
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+        cluster_type=cluster_pb2.Cluster.CustomClusterType(
+            name="envoy.clusters.aggregate",
+            typed_config=packed(
+                aggregate_pb2.ClusterConfig(clusters=[m.backend_key for m in members])
+            ),
+        ),
+        typed_extension_protocol_options=protocol_options(options),
+    )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -19,32 +18,15 @@ from typing import Any
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2  # noqa: F401
-from envoy.config.listener.v3 import listener_pb2  # noqa: F401
-from envoy.config.route.v3 import route_pb2  # noqa: F401
-from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2  # noqa: F401
-from envoy.extensions.filters.http.buffer.v3 import buffer_pb2  # noqa: F401
-from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
-from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2  # noqa: F401
-from envoy.extensions.filters.http.lua.v3 import lua_pb2  # noqa: F401
-from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
-from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2  # noqa: F401
-from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
-    http_connection_manager_pb2,
-)
-from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
-from envoy.extensions.retry.priority.previous_priorities.v3 import (  # noqa: F401
-    previous_priorities_config_pb2,
-)
-from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
-from google.protobuf import any_pb2, json_format
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.envoy_config import (
-    ROUTE_CONFIG_NAME,
+    CATCH_ALL_ROUTES,
     ApiKeys,
     GatewaySettings,
     build_clusters,
@@ -52,6 +34,7 @@ from switchyard.operator.envoy_config import (
     build_route_config,
 )
 from switchyard.operator.races import first_completed
+from switchyard.operator.xds_types import packed
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +56,9 @@ class Resources:
     resources: tuple[any_pb2.Any, ...]
 
 
-def pack(resources: list[dict[str, Any]]) -> Resources:
-    """xDS JSON (with ``@type``) → packed protos, versioned by a hash of the content."""
-    content = json.dumps(resources, sort_keys=True).encode()
-    packed = []
-    for resource in resources:
-        message = any_pb2.Any()
-        json_format.ParseDict(resource, message)
-        packed.append(message)
-    return Resources(hashlib.sha256(content).hexdigest()[:16], tuple(packed))
+def pack(resources: list[Message]) -> Resources:
+    """Typed resources → packed Anys, versioned by a hash of their content."""
+    return _versioned(tuple(packed(r) for r in resources))
 
 
 @dataclass
@@ -273,35 +250,65 @@ def build_snapshot(
     config: pb.RoutingConfig, settings: GatewaySettings, api_keys: ApiKeys | None = None
 ) -> dict[str, Resources]:
     """Every Envoy resource of ``config``, for ADS (routes also come over ADS)."""
-    rds = {
-        "route_config_name": ROUTE_CONFIG_NAME,
-        "config_source": {"ads": {}, "resource_api_version": "V3"},
-    }
     return {
-        CLUSTER: pack(build_clusters(config, settings, api_keys)),
-        LISTENER: pack([build_listener(config, settings, rds)]),
+        CLUSTER: pack(list(build_clusters(config, settings, api_keys))),
+        LISTENER: pack([build_listener(config, settings)]),
         ROUTE: pack([build_route_config(config, settings, api_keys)]),
     }
 
 
-def merge_clusters(old: dict[str, Resources], new: dict[str, Resources]) -> dict[str, Resources]:
-    """``new`` but still carrying clusters only ``old`` has (make before break).
+def bridge(old: dict[str, Resources], new: dict[str, Resources]) -> dict[str, Resources]:
+    """``new`` still carrying the clusters and backend routes only ``old`` has (make before
+    break).
 
-    Pushed first when clusters go away, so routes still in flight never point at a missing
-    cluster; the final snapshot follows once Envoy has the new routes.
+    Published first, so a request routed by an ext_proc that still runs the old config finds
+    its route and cluster; the final snapshot follows once every ext_proc has the new one.
+    Returns ``new`` itself when nothing of ``old`` needs keeping.
     """
     if CLUSTER not in old or CLUSTER not in new:
         return new
-    names = {_name(r) for r in new[CLUSTER].resources}
-    kept = [r for r in old[CLUSTER].resources if _name(r) not in names]
+    bridged = dict(new)
+    names = {_name(r, cluster_pb2.Cluster()) for r in new[CLUSTER].resources}
+    kept = [r for r in old[CLUSTER].resources if _name(r, cluster_pb2.Cluster()) not in names]
+    if kept:
+        bridged[CLUSTER] = _versioned((*new[CLUSTER].resources, *kept))
+    if ROUTE in old and ROUTE in new:
+        routes = _bridge_routes(old[ROUTE].resources[0], new[ROUTE].resources[0])
+        if routes is not None:
+            bridged[ROUTE] = _versioned((routes,))
+    return new if bridged == new else bridged
+
+
+def _bridge_routes(old: any_pb2.Any, new: any_pb2.Any) -> any_pb2.Any | None:
+    """The new route configuration plus the old one's backend routes it lacks, ahead of the
+    catch-all routes; None when it lacks none."""
+    before, after = route_pb2.RouteConfiguration(), route_pb2.RouteConfiguration()
+    old.Unpack(before)
+    new.Unpack(after)
+    routes = after.virtual_hosts[0].routes
+    names = {r.name for r in routes}
+    kept = [
+        r
+        for r in before.virtual_hosts[0].routes
+        if r.match.dynamic_metadata and r.name not in names
+    ]
     if not kept:
-        return new
-    resources = (*new[CLUSTER].resources, *kept)
-    digest = hashlib.sha256(b"".join(r.SerializeToString() for r in resources)).hexdigest()
-    return {**new, CLUSTER: Resources(digest[:16], resources)}
+        return None
+    merged = route_pb2.RouteConfiguration()
+    merged.CopyFrom(after)
+    host = merged.virtual_hosts[0]
+    del host.routes[:]
+    host.routes.extend(r for r in routes if r.name not in CATCH_ALL_ROUTES)
+    host.routes.extend(kept)
+    host.routes.extend(r for r in routes if r.name in CATCH_ALL_ROUTES)
+    return packed(merged)
 
 
-def _name(resource: any_pb2.Any) -> str:
-    cluster = cluster_pb2.Cluster()
-    resource.Unpack(cluster)
-    return str(cluster.name)
+def _versioned(resources: tuple[any_pb2.Any, ...]) -> Resources:
+    digest = hashlib.sha256(b"".join(r.SerializeToString(deterministic=True) for r in resources))
+    return Resources(digest.hexdigest()[:16], resources)
+
+
+def _name(resource: any_pb2.Any, message: Message) -> str:
+    resource.Unpack(message)
+    return str(message.name)

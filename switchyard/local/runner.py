@@ -1,9 +1,10 @@
 """`switchyard up`: Envoy + ext_proc workers + demo upstreams on this machine, one command.
 
-The runner compiles the policy files with the same compiler the operator uses, writes Envoy's
-file-based xDS and the ext_proc's routing file, starts the processes, then watches the policy
-files: an edit is recompiled and applied in order (clusters, then routes, then the ext_proc)
-without a restart; an invalid edit is reported and the last good config keeps serving.
+The runner compiles the policy files with the same compiler the operator uses and serves them
+from the operator's own control plane (ADS for Envoy, the config stream for the ext_proc
+workers), starts the processes, then watches the policy files: an edit is recompiled and
+applied in the control plane's make-before-break order without a restart; an invalid edit, or
+one Envoy or the ext_proc rejects, is reported and the last good config keeps serving.
 Ctrl-C (or SIGTERM) stops every child and exits 0.
 """
 
@@ -26,8 +27,8 @@ from pathlib import Path
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.server import worker_addresses
+from switchyard.local.control import LocalControlPlane
 from switchyard.local.documents import LocalGatewaySpec, LocalInputs, load_inputs, policy_files
-from switchyard.local.xds_files import XdsFiles
 from switchyard.operator.compiler import CompileError, compile_config
 from switchyard.operator.envoy_config import GatewaySettings
 from switchyard.operator.policy import PolicyError
@@ -87,7 +88,7 @@ def port_open(host: str, port: int) -> bool:
 
 
 class EnvoyAdmin:
-    """Reads which config versions Envoy has applied."""
+    """Envoy's admin port: readiness, and which config versions Envoy has applied."""
 
     def __init__(self, port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
@@ -117,12 +118,6 @@ class EnvoyAdmin:
                 routes = dynamic[0].get("version_info", "") if dynamic else ""
         return clusters, routes, listeners
 
-    def has_version(self, kind: int, version: str) -> bool:
-        try:
-            return self.versions()[kind] == version
-        except OSError:
-            return False
-
 
 class LocalGateway:
     """The running local gateway and its children."""
@@ -149,7 +144,8 @@ class LocalGateway:
             max_request_bytes=self.spec.max_request_bytes,
             extproc_message_timeout_ms=self.spec.extproc_timeout_ms,
         )
-        self.xds = XdsFiles(state_dir.resolve(), self.settings)
+        self.state_dir = state_dir.resolve()
+        self.control = LocalControlPlane(self.settings)
         self.admin = EnvoyAdmin(self.spec.admin_port)
         self.children: list[subprocess.Popen[bytes]] = []
         self.config = compile_config(inputs.policies, self.spec.fail_open_model)
@@ -178,13 +174,13 @@ class LocalGateway:
                     str(demo.failure_rate),
                 ]
             )
-        self.xds.write_routing(self.config)
+        self.control.start(self.config)
         self._spawn(
             [
                 *cli,
                 "extproc",
                 "--config",
-                str(self.xds.directory / "routing.pb"),
+                self.control.config_source,
                 "--listen",
                 self.extproc_listen,
                 "--workers",
@@ -193,10 +189,7 @@ class LocalGateway:
                 str(self.spec.metrics_port),
             ]
         )
-        self.xds.write_clusters(self.config)
-        self.xds.write_routes(self.config)
-        self.xds.write_listeners(self.config)
-        bootstrap = self.xds.write_bootstrap(self.spec.admin_port)
+        bootstrap = self.control.write_bootstrap(self.state_dir, self.spec.admin_port)
         concurrency = self.spec.envoy_concurrency or os.cpu_count() or 1
         self._spawn(
             [
@@ -265,31 +258,33 @@ class LocalGateway:
             return False
         if config.version == self.config.version:
             return False
-        try:
-            self.apply(config)
-        except TimeoutError as exc:
+        return self.apply(config)
+
+    def apply(self, config: pb.RoutingConfig) -> bool:
+        """Deliver ``config`` (make before break); True when Envoy and the ext_proc took it."""
+        result = self.control.apply(config)
+        if result.rejected:
             print(
-                f"switchyard: config {config.version} not confirmed by envoy: {exc}",
+                f"switchyard: keeping config {self.config.version}; {result.rejected}",
                 file=sys.stderr,
                 flush=True,
             )
             return False
-        return True
-
-    def apply(self, config: pb.RoutingConfig) -> None:
-        """Clusters first, then routes, then the ext_proc, so no decision names a missing route."""
-        clusters = self.xds.write_clusters(config)
-        if clusters is not None:
-            wait_until(lambda: self.admin.has_version(0, clusters), 10, "envoy clusters")
-        routes = self.xds.write_routes(config)
-        if routes is not None:
-            wait_until(lambda: self.admin.has_version(1, routes), 10, "envoy routes")
-        listeners = self.xds.write_listeners(config)
-        if listeners is not None:
-            wait_until(lambda: self.admin.has_version(2, listeners), 10, "envoy listener")
-        self.xds.write_routing(config)
         self.config = config
+        if not (result.envoy_acked and result.extproc_acked):
+            waiting = [
+                n
+                for n, ok in (("envoy", result.envoy_acked), ("ext_proc", result.extproc_acked))
+                if not ok
+            ]
+            print(
+                f"switchyard: config {config.version} not confirmed by {' and '.join(waiting)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return False
         print(f"switchyard: config {config.version} applied", flush=True)
+        return True
 
     def watch(self) -> None:
         while not self._stop.wait(WATCH_SECONDS):
@@ -307,6 +302,7 @@ class LocalGateway:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+        self.control.stop()
 
 
 def run_local(paths: list[str], port: int | None, state_dir: str) -> int:

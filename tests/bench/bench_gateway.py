@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from gateway_harness import Gateway, start_gateway
 
 from switchyard.headers import METADATA_NAMESPACE
+from switchyard.local.control import LocalControlPlane
 from switchyard.local.ports import free_port_block
 from switchyard.local.runner import envoy_binary, port_open, wait_until
-from switchyard.local.xds_files import XdsFiles
 from switchyard.operator.compiler import compile_config
 from switchyard.operator.envoy_config import GatewaySettings
 from switchyard.operator.policy import parse_policy
@@ -257,13 +257,11 @@ def noop_gateway(
     port = free_port_block(2)
     admin = port + 1
     settings = GatewaySettings(listen_port=port, extproc_endpoints=[(f"unix:{socket_path}", 0)])
-    files = XdsFiles(directory, settings)
-    files.write_clusters(config)
-    files.write_routes(config)
-    files.write_listeners(config)
+    control = LocalControlPlane(settings)
+    control.start(config)
     backend = config.policies[0].models[0].backend_key
     noop = subprocess.Popen([noop_extproc_binary(), str(socket_path), METADATA_NAMESPACE, backend])
-    proxy = start_envoy(str(files.write_bootstrap(admin)), concurrency)
+    proxy = start_envoy(str(control.write_bootstrap(directory, admin)), concurrency)
     try:
         wait_until(lambda: socket_path.exists() and port_open("127.0.0.1", port), 30, "no-op")
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -272,6 +270,7 @@ def noop_gateway(
         for child in (proxy, noop):
             child.terminate()
             child.wait()
+        control.stop()
 
 
 def _cpu_seconds(pid: int) -> float:

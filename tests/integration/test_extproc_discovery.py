@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from google.protobuf import json_format
 from kube import KubeControlPlane
 from operator_harness import Cluster
 
@@ -96,7 +97,7 @@ def test_extproc_pods_come_and_go_through_endpointslices(cluster: Cluster) -> No
 )
 def test_envoy_accepts_the_extproc_cluster(settings: GatewaySettings, tmp_path: Path) -> None:
     """The chart once passed a Service name, which made a STATIC cluster Envoy rejects."""
-    cluster = {k: v for k, v in extproc_cluster(settings).items() if k != "@type"}
+    cluster = json_format.MessageToDict(extproc_cluster(settings), preserving_proto_field_name=True)
     bootstrap = ads_bootstrap("validate", 0, "127.0.0.1", 18000)
     bootstrap["static_resources"]["clusters"].append(cluster)
     path = tmp_path / "bootstrap.json"

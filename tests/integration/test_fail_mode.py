@@ -12,9 +12,9 @@ import pytest
 import yaml
 from gateway_harness import REPO, policy_for_ports
 
+from switchyard.local.control import LocalControlPlane
 from switchyard.local.ports import free_port_block
 from switchyard.local.runner import EnvoyAdmin, envoy_binary, port_open, wait_until
-from switchyard.local.xds_files import XdsFiles
 from switchyard.operator.compiler import compile_config
 from switchyard.operator.envoy_config import GatewaySettings
 from switchyard.operator.policy import parse_policy
@@ -30,11 +30,9 @@ def _envoy_without_extproc(directory: Path, fail_open_model: str) -> Iterator[tu
     config = compile_config([policy], fail_open_model)
     port, admin, dead_extproc = free_port_block(), free_port_block(), free_port_block()
     settings = GatewaySettings(listen_port=port, extproc_endpoints=[("127.0.0.1", dead_extproc)])
-    xds = XdsFiles(directory, settings)
-    xds.write_clusters(config)
-    xds.write_routes(config)
-    xds.write_listeners(config)
-    bootstrap = xds.write_bootstrap(admin)
+    control = LocalControlPlane(settings)
+    control.start(config)
+    bootstrap = control.write_bootstrap(directory, admin)
     demo = subprocess.Popen(
         [
             sys.executable,
@@ -69,6 +67,7 @@ def _envoy_without_extproc(directory: Path, fail_open_model: str) -> Iterator[tu
         for proc in (envoy, demo):
             proc.terminate()
             proc.wait(timeout=10)
+        control.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,12 @@ import json
 from typing import Any
 
 import pytest
+from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import ExternalProcessor
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
 
+from switchyard.headers import EXTPROC_FILTER
 from switchyard.operator.compiler import CompileError, compile_config, duration_ms
 from switchyard.operator.envoy_config import GatewaySettings, build_listener, build_route_config
 from switchyard.operator.policy import parse_policy
@@ -28,10 +33,12 @@ def test_headers_routing_reads_are_listed(policy_doc: dict[str, Any]) -> None:
         "x-switchyard-data-class",
         "x-team",
     ]
-    listener = build_listener(config, GatewaySettings(), {})
-    filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
-    ext_proc = next(f for f in filters if f["name"] == "envoy.filters.http.ext_proc")
-    assert "request.headers['x-team']" in ext_proc["typed_config"]["request_attributes"]
+    listener = build_listener(config, GatewaySettings())
+    hcm = hcm_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    ext_proc = ExternalProcessor()
+    next(f for f in hcm.http_filters if f.name == EXTPROC_FILTER).typed_config.Unpack(ext_proc)
+    assert "request.headers['x-team']" in ext_proc.request_attributes
 
 
 @pytest.mark.parametrize(
@@ -49,17 +56,16 @@ def test_retries_and_timeout_reach_the_routes(policy_doc: dict[str, Any]) -> Non
     }
     policy_doc["spec"]["timeout"] = "2m"
     config = compile_config([parse_policy(policy_doc)])
-    routes = build_route_config(config, GatewaySettings())["virtual_hosts"][0]["routes"]
-    light = next(r for r in routes if r["name"] == "default.default.light")
-    assert light["route"]["timeout"] == "120.000s"
-    assert light["route"]["retry_policy"] == {
-        "retry_on": "reset,refused-stream,5xx,retriable-status-codes",
-        "num_retries": 3,
-        "per_try_timeout": "20.000s",
-        "retriable_status_codes": [429],
-    }
-    models = next(r for r in routes if r["name"] == "models")
-    ids = {m["id"] for m in json.loads(models["direct_response"]["body"]["inline_string"])["data"]}
+    routes = build_route_config(config, GatewaySettings()).virtual_hosts[0].routes
+    light = next(r for r in routes if r.name == "default.default.light")
+    assert light.route.timeout.ToMilliseconds() == 120_000
+    retry = light.route.retry_policy
+    assert retry.retry_on == "reset,refused-stream,5xx,retriable-status-codes"
+    assert retry.num_retries.value == 3
+    assert retry.per_try_timeout.ToMilliseconds() == 20_000
+    assert list(retry.retriable_status_codes) == [429]
+    models = next(r for r in routes if r.name == "models")
+    ids = {m["id"] for m in json.loads(models.direct_response.body.inline_string)["data"]}
     assert {"auto", "light", "default/default/light"} <= ids
 
 

@@ -4,7 +4,10 @@ its endpoints current and re-sent after every cluster push."""
 from __future__ import annotations
 
 import pytest
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.core.v3.config_source_pb2 import V3
 from envoy.config.endpoint.v3 import endpoint_pb2
+from google.protobuf.empty_pb2 import Empty
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.control_plane import ControlPlane
@@ -14,17 +17,18 @@ from switchyard.operator.xds_server import CLUSTER, ENDPOINT, LISTENER, AdsServe
 
 def test_the_extproc_cluster_is_static_locally_and_eds_in_kubernetes() -> None:
     static = extproc_cluster(GatewaySettings(extproc_endpoints=[("10.0.0.1", 9002)]))
-    assert static["type"] == "STATIC"
-    lb = static["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
-    assert lb["endpoint"]["address"]["socket_address"] == {
-        "address": "10.0.0.1",
-        "port_value": 9002,
-    }
+    assert static.type == Cluster.STATIC
+    address = static.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address
+    assert (address.socket_address.address, address.socket_address.port_value) == (
+        "10.0.0.1",
+        9002,
+    )
     eds = extproc_cluster(GatewaySettings(extproc_eds=True))
-    assert eds["type"] == "EDS"
-    assert "load_assignment" not in eds
-    assert eds["eds_cluster_config"]["service_name"] == EXTPROC_CLUSTER
-    assert eds["eds_cluster_config"]["eds_config"] == {"ads": {}, "resource_api_version": "V3"}
+    assert eds.type == Cluster.EDS
+    assert not eds.HasField("load_assignment")
+    assert eds.eds_cluster_config.service_name == EXTPROC_CLUSTER
+    source = eds.eds_cluster_config.eds_config
+    assert source.HasField("ads") and source.resource_api_version == V3
 
 
 def test_endpoints_are_resent_after_every_cluster_push() -> None:
@@ -39,7 +43,7 @@ def test_endpoints_are_resent_after_every_cluster_push() -> None:
     first = [ads._response_if_due(t, subscribed, sent) for t in (CLUSTER, ENDPOINT, LISTENER)]
     assert all(r is not None for r in first)
     assert ads._response_if_due(ENDPOINT, subscribed, sent) is None  # nothing new
-    ads._snapshot[CLUSTER] = pack([{"@type": "type.googleapis.com/google.protobuf.Empty"}])
+    ads._snapshot[CLUSTER] = pack([Empty()])
     assert ads._response_if_due(CLUSTER, subscribed, sent) is not None
     again = ads._response_if_due(ENDPOINT, subscribed, sent)
     assert again is not None and again.version_info == ads._snapshot[ENDPOINT].version
@@ -82,6 +86,6 @@ async def test_static_extproc_endpoints_cannot_be_moved() -> None:
 def test_a_named_extproc_endpoint_is_resolved_not_static() -> None:
     """Envoy NACKs a host name in a STATIC cluster (the chart's old --extproc=<svc>:9002)."""
     named = extproc_cluster(GatewaySettings(extproc_endpoints=[("sy-extproc.ns.svc", 9002)]))
-    assert named["type"] == "STRICT_DNS"
+    assert named.type == Cluster.STRICT_DNS
     unix = extproc_cluster(GatewaySettings(extproc_endpoints=[("unix:/tmp/x.sock", 0)]))
-    assert unix["type"] == "STATIC"
+    assert unix.type == Cluster.STATIC

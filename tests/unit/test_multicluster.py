@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+
 from switchyard.operator.compiler import compile_config
 from switchyard.operator.envoy_config import GatewaySettings, build_clusters, build_route_config
 from switchyard.operator.multicluster import EndpointDirectory
@@ -111,30 +113,30 @@ def test_envoy_gets_localities_priorities_health_checks_and_priority_retries(
     config = compile_config(
         [parse_policy(_in_house(policy_doc))], "", directory.endpoints, directory.topology
     )
-    clusters = {c["name"]: c for c in build_clusters(config, GatewaySettings())}
+    clusters = {c.name: c for c in build_clusters(config, GatewaySettings())}
     in_house = clusters["default.default.in-house"]
-    assert in_house["type"] == "STATIC"
-    localities = in_house["load_assignment"]["endpoints"]
-    assert [(g["priority"], g["locality"]) for g in localities] == [
-        (0, {"region": "eu", "zone": "z1", "sub_zone": "home"}),
-        (1, {"region": "eu", "zone": "", "sub_zone": "eu-2"}),
-        (2, {"region": "us", "zone": "", "sub_zone": "us-1"}),
+    assert in_house.type == Cluster.STATIC
+    localities = in_house.load_assignment.endpoints
+    assert [
+        (g.priority, g.locality.region, g.locality.zone, g.locality.sub_zone) for g in localities
+    ] == [
+        (0, "eu", "z1", "home"),
+        (1, "eu", "", "eu-2"),
+        (2, "us", "", "us-1"),
     ]
-    assert len(localities[0]["lb_endpoints"]) == 2
-    assert in_house["health_checks"][0]["tcp_health_check"] == {}
-    assert clusters["default.default.light"]["health_checks"] == []  # external URL: passive only
-    routes = build_route_config(config, GatewaySettings())["virtual_hosts"][0]["routes"]
-    retry = next(r for r in routes if r["name"] == "default.default.in-house")["route"][
-        "retry_policy"
-    ]
-    assert retry["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"
-    assert retry["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
+    assert len(localities[0].lb_endpoints) == 2
+    assert in_house.health_checks[0].HasField("tcp_health_check")
+    assert not clusters["default.default.light"].health_checks  # external URL: passive only
+    routes = build_route_config(config, GatewaySettings()).virtual_hosts[0].routes
+    retry = next(r for r in routes if r.name == "default.default.in-house").route.retry_policy
+    assert retry.retry_priority.name == "envoy.retry_priorities.previous_priorities"
+    assert retry.retry_host_predicate[0].name == "envoy.retry_host_predicates.previous_hosts"
 
 
 def test_local_mode_reaches_services_by_dns(policy_doc: dict[str, Any]) -> None:
     config = compile_config([parse_policy(_in_house(policy_doc))])
-    clusters = {c["name"]: c for c in build_clusters(config, GatewaySettings())}
+    clusters = {c.name: c for c in build_clusters(config, GatewaySettings())}
     in_house = clusters["default.default.in-house"]
-    assert in_house["type"] == "STRICT_DNS"
-    address = in_house["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-    assert address["socket_address"]["address"] == "vllm.default.svc.cluster.local"
+    assert in_house.type == Cluster.STRICT_DNS
+    address = in_house.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address
+    assert address.socket_address.address == "vllm.default.svc.cluster.local"

@@ -1,0 +1,76 @@
+"""Local mode's control plane: the operator's ControlPlane (ADS for Envoy, the config stream
+for the ext_proc workers) on a loopback port, run on its own event-loop thread so the
+synchronous runner and tests can drive it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.operator.control_plane import ApplyResult, ControlPlane
+from switchyard.operator.envoy_config import GatewaySettings
+from switchyard.operator.xds_server import ads_bootstrap
+
+T = TypeVar("T")
+NODE_ID = "switchyard-local"
+ACK_TIMEOUT_S = 10.0
+
+
+class LocalControlPlane:
+    """A ControlPlane serving on 127.0.0.1 (a free port) from a background thread."""
+
+    def __init__(self, settings: GatewaySettings, ack_timeout_s: float = ACK_TIMEOUT_S) -> None:
+        self.plane = ControlPlane(settings, ack_timeout_s)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="control-plane", daemon=True
+        )
+        self.port = 0
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        # Bounded by the plane's own waits: one apply waits for ACKs at most four times.
+        timeout = 4 * self.plane.ack_timeout_s + 30
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def start(self, config: pb.RoutingConfig) -> int:
+        """Listen and serve ``config`` to whoever connects; returns the port."""
+        self._thread.start()
+        self.port = self._run(self.plane.start("127.0.0.1:0"))
+        self._run(self.plane.prime(config))
+        return self.port
+
+    @property
+    def config_source(self) -> str:
+        """The ext_proc's ``--config`` for this control plane."""
+        return f"grpc://127.0.0.1:{self.port}"
+
+    def apply(self, config: pb.RoutingConfig) -> ApplyResult:
+        """Deliver ``config`` in the control plane's order; see ControlPlane.apply."""
+        return self._run(self.plane.apply(config))
+
+    def write_bootstrap(self, directory: Path, admin_port: int) -> Path:
+        """Envoy's bootstrap: everything but the control plane itself comes over ADS."""
+        bootstrap = ads_bootstrap(NODE_ID, admin_port, "127.0.0.1", self.port)
+        bootstrap["layered_runtime"] = {
+            "layers": [
+                {
+                    "name": "static",
+                    "static_layer": {"overload.global_downstream_max_connections": 50000},
+                }
+            ]
+        }
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "bootstrap.json"
+        path.write_text(json.dumps(bootstrap, indent=1))
+        return path
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._run(self.plane.stop())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
