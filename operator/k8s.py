@@ -38,7 +38,7 @@ from switchyard.operator.multicluster import (
     RemoteClusterWatch,
 )
 from switchyard.operator.policy import Autoscaling, RoutePolicy
-from switchyard.operator.reconciler import ModelEndpoints, Outcome, Reconciler
+from switchyard.operator.reconciler import Condition, ModelEndpoints, Outcome, Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,10 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     if SETTINGS.extproc_service:
         _state["extproc_watch"] = _watch_extproc_pods(plane)
+    # An ext_proc ACK may change which policies it serves (it connected or restarted after
+    # their reconcile); their status follows.
+    verdicts = Coalesced(_report_data_plane)
+    plane.stream.on_policy_errors = lambda *_: verdicts.trigger()
     # The policies that already exist are compiled and published once, before Envoy or an
     # ext_proc can connect: a restarted operator never serves them a partial or empty table.
     documents = await asyncio.to_thread(_existing_policies)
@@ -208,25 +212,69 @@ def _models_status(counts: dict[str, ModelEndpoints]) -> list[dict[str, Any]]:
     ]
 
 
-def _status(outcome: Outcome, generation: int) -> dict[str, Any]:
+def _conditions(conditions: list[Condition], generation: int) -> list[dict[str, Any]]:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return [
+        {
+            "type": c.type,
+            "status": c.status,
+            "reason": c.reason,
+            "message": c.message[:4000],
+            "lastTransitionTime": now,
+            "observedGeneration": generation,
+        }
+        for c in conditions
+    ]
+
+
+def _status(outcome: Outcome, generation: int) -> dict[str, Any]:
     return {
         "observedGeneration": generation,
         "modelCount": outcome.model_count,
         "configVersion": outcome.config_version,
         "models": _models_status(outcome.endpoints or {}),
-        "conditions": [
-            {
-                "type": c.type,
-                "status": c.status,
-                "reason": c.reason,
-                "message": c.message[:4000],
-                "lastTransitionTime": now,
-                "observedGeneration": generation,
-            }
-            for c in outcome.conditions
-        ],
+        "conditions": _conditions(outcome.conditions, generation),
     }
+
+
+async def _report_data_plane() -> None:
+    """Write the conditions of policies whose data-plane verdict changed."""
+    for key, conditions in _reconciler().data_plane_changes().items():
+        namespace, name = key.split("/", 1)
+        await asyncio.to_thread(_patch_conditions, namespace, name, conditions)
+
+
+def _patch_conditions(namespace: str, name: str, conditions: list[Condition]) -> None:
+    """Status conditions, and a Warning Event when not Ready (as kopf.warn posts from a
+    handler; this runs outside one)."""
+    client = kubernetes.client.ApiClient(_client_config())
+    api = kubernetes.client.CustomObjectsApi(client)
+    try:
+        body: dict[str, Any] = api.get_namespaced_custom_object(  # type: ignore[assignment]
+            GROUP, VERSION, namespace, PLURAL, name
+        )
+        status = {"conditions": _conditions(conditions, body["metadata"].get("generation", 0))}
+        api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+        )
+        ready = conditions[0]
+        if ready.status != "True":
+            now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            ref = {k: body["metadata"][k] for k in ("name", "namespace", "uid")}
+            event: Any = {  # the client takes a plain dict as the body
+                "metadata": {"generateName": f"{name}.", "namespace": namespace},
+                "involvedObject": {"apiVersion": body["apiVersion"], "kind": body["kind"], **ref},
+                "reason": ready.reason,
+                "message": ready.message[:1000],
+                "type": "Warning",
+                "source": {"component": "switchyard-operator"},
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            }
+            kubernetes.client.CoreV1Api(client).create_namespaced_event(namespace, event)
+    except kubernetes.client.ApiException as error:
+        log.warning("cannot report on %s/%s: %s", namespace, name, error.reason)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)

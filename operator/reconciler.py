@@ -91,11 +91,21 @@ class Reconciler:
         self.endpoints = endpoints
         self.topology = topology
         self.config = pb.RoutingConfig()
+        self._verdicts: dict[str, dict[str, str]] = {}
+        """Policy key → the data-plane rejections its status last reported (replica → why)."""
+        self._reconciling: set[str] = set()
 
     async def upsert(self, document: dict[str, Any]) -> Outcome:
         """Validate, store and publish one policy document."""
         meta = document.get("metadata", {})
         key = f"{meta.get('namespace', 'default')}/{meta.get('name')}"
+        self._reconciling.add(key)
+        try:
+            return await self._upsert(key, document)
+        finally:
+            self._reconciling.discard(key)
+
+    async def _upsert(self, key: str, document: dict[str, Any]) -> Outcome:
         try:
             policy = parse_policy(document, key)
         except PolicyError as error:
@@ -149,6 +159,7 @@ class Reconciler:
         left_out = self.plane.stream.rejected_policies(config.version).get(key, {})
         if left_out and previous is not None:
             return await self._roll_back(key, previous, left_out)
+        self._verdicts[key] = left_out
         return Outcome(
             self._conditions(result, policy, left_out),
             len(policy.spec.models),
@@ -167,7 +178,8 @@ class Reconciler:
             del self.policies[key]
             config = self._compile()
         await self._publish(config)
-        last_good = key not in self.plane.stream.rejected_policies(config.version)
+        self._verdicts[key] = self.plane.stream.rejected_policies(config.version).get(key, {})
+        last_good = not self._verdicts[key]
         return Outcome(data_plane_rejected(left_out, last_good), 0, config.version)
 
     async def restore(self, documents: list[dict[str, Any]]) -> None:
@@ -221,8 +233,27 @@ class Reconciler:
             self.policies.values(), self.fail_open_model, self.endpoints, self.topology()
         )
 
+    def data_plane_changes(self) -> dict[str, list[Condition]]:
+        """Policies whose data-plane verdict changed since their status was last written (an
+        ext_proc that connected or restarted after their reconcile): key → new conditions."""
+        rejected = self.plane.stream.rejected_policies(self.config.version)
+        changes = {}
+        everywhere = self.plane.stream.acked_everywhere(self.config.version)
+        for key, policy in self.policies.items():
+            now = rejected.get(key, {})
+            if key in self._reconciling or now == self._verdicts.get(key, {}):
+                continue  # a running reconcile writes this policy's status itself
+            self._verdicts[key] = now
+            if now:
+                changes[key] = data_plane_rejected(now)
+            else:
+                acked = ApplyResult(self.config.version, True, everywhere, 0.0)
+                changes[key] = self._conditions(acked, policy)
+        return changes
+
     async def delete(self, namespace: str, name: str) -> None:
         """Forget a policy and publish the rest."""
+        self._verdicts.pop(f"{namespace}/{name}", None)
         if self.policies.pop(f"{namespace}/{name}", None) is not None:
             await self._publish(self._compile())
 

@@ -96,7 +96,7 @@ class Traffic:
 
 def _restart_extproc(cluster: Cluster) -> tuple[float, subprocess.Popen[bytes]]:
     """Stop the ext_proc process and start it again with the same arguments."""
-    old = next(c for c in cluster.children if "extproc" in c.args)
+    old = next(c for c in cluster.children if isinstance(c.args, list) and "extproc" in c.args)
     stopped = time.monotonic()
     old.terminate()
     old.wait(timeout=20)
@@ -180,6 +180,15 @@ def test_a_policy_the_ext_proc_cannot_load_stops_only_itself(cluster: Cluster) -
     assert {s.alias for s in after_restart} == {"alpha", "beta"}
     assert all(s.status == 200 for s in after_restart)
 
+    # the restarted ext_proc's own ACK is reported on the broken policy's status
+    restarted = f"ext_proc {new.pid}: spec.strategy.router.bundle"
+    wait_until(lambda: restarted in cluster.condition("broken")["message"], 30, "new verdict")
+    assert cluster.condition("broken")["status"] == "False"
+
+    def event_names_it() -> bool:
+        return any(restarted in e["message"] for e in _events(cluster, "broken"))
+
+    wait_until(event_names_it, 30, "an Event naming the restarted ext_proc")
     with httpx.Client(timeout=10) as client:
         answer = _post(client, cluster.port, "broken")
     # Not a 404 that looks like a typo. The ext_proc answers 503 policy_unavailable naming the

@@ -356,3 +356,24 @@ def test_the_ext_proc_answers_an_isolated_policy_with_an_openai_503(
         "model",
     )
     assert "RoutePolicy default/bad" in error["message"]
+
+
+def test_a_replica_that_acks_later_updates_the_status(policy_doc: dict[str, Any]) -> None:
+    plane = _Plane()
+    reconciler = Reconciler(plane)  # type: ignore[arg-type]
+    outcome = asyncio.run(reconciler.upsert(policy_doc))
+    assert outcome.conditions[0].status == "True"
+    assert reconciler.data_plane_changes() == {}  # the reconcile reported it already
+
+    version = reconciler.config.version
+    plane.stream.policy_errors["pod-3"] = (version, {"default/default": "bundle gone"})
+    changes = reconciler.data_plane_changes()
+    assert list(changes) == ["default/default"]
+    ready = changes["default/default"][0]
+    assert (ready.status, ready.reason) == ("False", "DataPlaneRejected")
+    assert ready.message == "not served: ext_proc pod-3: bundle gone"
+    assert reconciler.data_plane_changes() == {}
+
+    plane.stream.policy_errors["pod-3"] = (version, {})
+    ready = reconciler.data_plane_changes()["default/default"][0]
+    assert (ready.status, ready.reason) == ("True", "Programmed")
