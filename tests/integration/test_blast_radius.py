@@ -19,14 +19,17 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import REPO
+import yaml
+from gateway_harness import DEMO_NAMES, REPO, Gateway, policy_for_ports, start_gateway
 from kube import KubeControlPlane
 from operator_harness import Cluster
 
+from switchyard.local.ports import free_port_block
 from switchyard.local.runner import port_open, wait_until
 
 MISSING_BUNDLE = "/nonexistent/switchyard-bundles/router-v9"
@@ -197,3 +200,53 @@ def test_a_policy_the_ext_proc_cannot_load_stops_only_itself(cluster: Cluster) -
     assert answer.status == 503 and answer.code in ("policy_unavailable", "router_unavailable")
     for name in ("alpha", "beta"):
         assert cluster.condition(name)["status"] == "True"
+
+
+def _demo_ports() -> dict[str, int]:
+    first = free_port_block(len(DEMO_NAMES))
+    return {name: first + i for i, name in enumerate(DEMO_NAMES)}
+
+
+def _write(directory: Path, ports: dict[str, int], *names: str) -> None:
+    """Policies named ``names`` (each its own alias) next to the example one; "broken" names
+    a router bundle path that does not exist."""
+    for name in names:
+        policy = policy_for_ports(ports)
+        policy["metadata"]["name"] = name
+        policy["spec"]["match"]["models"] = [name]
+        if name == "broken":
+            policy["spec"]["strategy"]["router"] = {"bundle": MISSING_BUNDLE}
+        (directory / f"{name}.yaml").write_text(yaml.safe_dump(policy))
+
+
+def _up(directory: Path, ports: dict[str, int]) -> Gateway:
+    """`switchyard up` on the example policy and whatever else ``directory`` holds."""
+    demos = [{"name": n, "port": p} for n, p in ports.items()]
+    return start_gateway(directory, policy_for_ports(ports), demoUpstreams=demos)
+
+
+def _status(gateway: Gateway, alias: str) -> int:
+    with httpx.Client(timeout=10) as client:
+        return _post(client, gateway.port, alias).status
+
+
+def test_local_mode_serves_the_good_policies_next_to_a_broken_one(tmp_path: Path) -> None:
+    ports = _demo_ports()
+    gateway = _up(tmp_path, ports)
+    try:
+        assert _status(gateway, "auto") == 200
+        _write(tmp_path, ports, "broken", "later")
+        wait_until(lambda: _status(gateway, "later") == 200, 30, "the later policy served")
+        assert _status(gateway, "broken") == 503
+        assert _status(gateway, "auto") == 200
+    finally:
+        assert gateway.stop() == 0, "".join(gateway.output)
+
+    # a fresh start with the broken policy among the files: the good ones are served at once
+    ports = _demo_ports()
+    _write(tmp_path, ports, "broken", "later")
+    again = _up(tmp_path, ports)
+    try:
+        assert [_status(again, a) for a in ("auto", "later", "broken")] == [200, 200, 503]
+    finally:
+        assert again.stop() == 0, "".join(again.output)
