@@ -170,7 +170,15 @@ BACKEND_RULES = [
         "message": "caBundle needs an https url",
     },
 ]
+# Header names: RFC 9110 tokens (Envoy and the ext_proc match them lowercased).
+HEADER_RULE = {
+    "rule": "!has(self.headers) || self.headers.all(k, "
+    "size(k) <= 128 && k.matches('^[A-Za-z0-9!#$%&\\'*+.^_`|~-]+$'))",
+    "message": "header names must be HTTP tokens (letters, digits, !#$%&'*+.^_`|~-)",
+    "fieldPath": ".headers",
+}
 WHEN_RULES = [
+    {**HEADER_RULE},
     {
         "rule": "!has(self.minDifficulty) || !has(self.maxDifficulty) || "
         "self.minDifficulty <= self.maxDifficulty",
@@ -194,6 +202,7 @@ RULES_BY_DEF = {
     "Retries": RETRIES_RULES,
     "Backend": BACKEND_RULES,
     "RuleWhen": WHEN_RULES,
+    "Match": [{**HEADER_RULE}],
     "Autoscaling": AUTOSCALING_RULES,
 }
 
