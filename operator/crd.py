@@ -28,7 +28,8 @@ MODEL_REFERENCES = {"fallbacks", "model", "route", "default"}
 DESCRIPTIONS = {
     "attempts": "Retries per request on the same model (0 disables retries).",
     "autoscaling": "Replica bounds and targets for the gateway and ext_proc Deployments.",
-    "bundle": "Router bundle: builtin:default, builtin:minilm, builtin:heuristic or a path.",
+    "bundle": "Router bundle: builtin:default, builtin:minilm, builtin:heuristic, or the "
+    "absolute path of a bundle directory on the ext_proc pods.",
     "capabilities": "Request features the model supports: tools, json, images.",
     "category": "Router categories that match (math, code, reasoning, knowledge, writing, "
     "extraction, chat).",

@@ -106,6 +106,9 @@ def check_header_names(headers: dict[str, str]) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items()}
 
 
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+
+
 def duration_ms(text: str) -> int:
     """'1m30s' → 90000 (the policy's duration syntax, already validated)."""
     return round(
@@ -114,9 +117,6 @@ def duration_ms(text: str) -> int:
             for n, _, u in re.findall(r"([0-9]+(\.[0-9]+)?)(ms|s|m|h)", text)
         )
     )
-
-
-_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 
 
 class Capability(StrEnum):
