@@ -11,6 +11,7 @@ know (whether a bundle path exists there) is left to the ext_proc, which isolate
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from enum import StrEnum
@@ -70,10 +71,11 @@ Category = Literal["math", "code", "reasoning", "knowledge", "writing", "extract
 in step): a rule naming another one would never match."""
 
 
-def builtin_bundles() -> list[str]:
-    """Every ``builtin:<name>`` router bundle this build ships."""
+@functools.cache
+def builtin_bundles() -> tuple[str, ...]:
+    """Every ``builtin:<name>`` router bundle this build ships (package data: fixed)."""
     names = [p.name for p in BUNDLES_DIR.iterdir() if (p / "router.yaml").is_file()]
-    return sorted([HEURISTIC_BUNDLE, *(BUILTIN_PREFIX + n for n in names)])
+    return tuple(sorted([HEURISTIC_BUNDLE, *(BUILTIN_PREFIX + n for n in names)]))
 
 
 def check_bundle(ref: str) -> str:
