@@ -53,6 +53,12 @@ class LocalControlPlane:
         """Deliver ``config`` in the control plane's order; see ControlPlane.apply."""
         return self._run(self.plane.apply(config))
 
+    def left_out(self, version: str) -> dict[str, str]:
+        """Policy key → why, for the policies an ext_proc worker did not load from ``version``
+        (the others are served)."""
+        rejected = self.plane.stream.rejected_policies(version)
+        return {key: sorted(set(why.values()))[0] for key, why in sorted(rejected.items())}
+
     def write_bootstrap(self, directory: Path, admin_port: int) -> Path:
         """Envoy's bootstrap: everything but the control plane itself comes over ADS."""
         bootstrap = ads_bootstrap(NODE_ID, admin_port, "127.0.0.1", self.port)

@@ -119,6 +119,10 @@ class EnvoyAdmin:
         return clusters, routes, listeners
 
 
+def _warn(message: str) -> None:
+    print(f"switchyard: {message}", file=sys.stderr, flush=True)
+
+
 class LocalGateway:
     """The running local gateway and its children."""
 
@@ -150,6 +154,7 @@ class LocalGateway:
         self.children: list[subprocess.Popen[bytes]] = []
         self.config = compile_config(inputs.policies, self.spec.fail_open_model)
         self._signatures = self._file_signatures()
+        self._left_out: dict[str, str] = {}
         self._stop = threading.Event()
 
     def _spawn(self, args: list[str]) -> subprocess.Popen[bytes]:
@@ -210,6 +215,9 @@ class LocalGateway:
             check = partial(socket_open, host) if port == 0 else partial(port_open, host, port)
             wait_until(partial(self._alive_and, check), START_TIMEOUT_S, name)
         wait_until(partial(self._alive_and, self.admin.ready), START_TIMEOUT_S, "envoy")
+        self._left_out = self.control.left_out(self.config.version)
+        for key, why in self._left_out.items():
+            _warn(f"policy {key} is not served: {why}")
         print(
             f"switchyard: gateway on http://{self.spec.listen_address}:{self.spec.port} "
             f"(config {self.config.version}, {self.workers} ext_proc workers); Ctrl-C stops it",
@@ -250,38 +258,41 @@ class LocalGateway:
             inputs = load_inputs(self.paths)
             config = compile_config(inputs.policies, self.spec.fail_open_model)
         except (PolicyError, CompileError) as exc:
-            print(
-                f"switchyard: keeping config {self.config.version}; {exc}",
-                file=sys.stderr,
-                flush=True,
-            )
+            _warn(f"keeping config {self.config.version}; {exc}")
             return False
         if config.version == self.config.version:
             return False
         return self.apply(config)
 
     def apply(self, config: pb.RoutingConfig) -> bool:
-        """Deliver ``config`` (make before break); True when Envoy and the ext_proc took it."""
+        """Deliver ``config`` (make before break); True when Envoy and the ext_proc took it.
+
+        A config the data plane rejects, or one with a policy the ext_proc cannot load that
+        loaded before, is reported and the last good config keeps serving.
+        """
         result = self.control.apply(config)
         if result.rejected:
-            print(
-                f"switchyard: keeping config {self.config.version}; {result.rejected}",
-                file=sys.stderr,
-                flush=True,
-            )
+            _warn(f"keeping config {self.config.version}; {result.rejected}")
             return False
-        self.config = config
-        if not (result.envoy_acked and result.extproc_acked):
-            waiting = [
-                n
-                for n, ok in (("envoy", result.envoy_acked), ("ext_proc", result.extproc_acked))
-                if not ok
-            ]
-            print(
-                f"switchyard: config {config.version} not confirmed by {' and '.join(waiting)}",
-                file=sys.stderr,
-                flush=True,
-            )
+        left_out = self.control.left_out(config.version)
+        broken = {k: why for k, why in left_out.items() if k not in self._left_out}
+        if broken:
+            restored = self.control.apply(self.config)
+            reasons = "; ".join(f"policy {k} does not load: {why}" for k, why in broken.items())
+            if restored.rejected or not restored.extproc_acked:
+                _warn(f"config {config.version} is serving without them; {reasons}")
+                self.config, self._left_out = config, left_out
+            else:
+                _warn(f"keeping config {self.config.version}; {reasons}")
+            return False
+        self.config, self._left_out = config, left_out
+        waiting = [
+            n
+            for n, ok in (("envoy", result.envoy_acked), ("ext_proc", result.extproc_acked))
+            if not ok
+        ]
+        if waiting:
+            _warn(f"config {config.version} not confirmed by {' and '.join(waiting)}")
             return False
         print(f"switchyard: config {config.version} applied", flush=True)
         return True

@@ -116,3 +116,21 @@ def test_renaming_and_removing_models_under_load_fails_no_request(gateway: Gatew
     assert load.models["lite"] and load.models["light"]  # the edits did reach the traffic
     response = httpx.post(f"{gateway.base_url}/chat/completions", json=SHORT, timeout=30)
     assert response.headers["x-switchyard-model"] == "light"
+
+
+def test_an_edit_the_extproc_cannot_load_is_reported_and_the_last_good_config_serves(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    original = policy_for_ports(gateway.demo_ports)
+    broken = copy.deepcopy(original)
+    broken["spec"]["strategy"]["router"]["bundle"] = str(tmp_path / "no-such-bundle")
+    _write(gateway.policy_file, broken)
+    line = gateway.wait_for_output("keeping config", timeout=30)
+    assert "default/default" in line and "no-such-bundle" in line
+    url = f"{gateway.base_url}/chat/completions"
+    response = httpx.post(url, json=SHORT, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-switchyard-model"] == "light"
+    _write(gateway.policy_file, _renamed(original, "light", "lite"))  # a good edit still applies
+    gateway.wait_for_output(" applied", timeout=30)
+    assert httpx.post(url, json=SHORT, timeout=30).headers["x-switchyard-model"] == "lite"
