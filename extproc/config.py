@@ -80,6 +80,15 @@ class CompiledPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class AliasEntry:
+    """One policy answering an alias that a left-out policy (``policy`` None) also answers."""
+
+    match_headers: tuple[tuple[str, str], ...]
+    policy: CompiledPolicy | None
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledConfig:
     """Lookup tables for one config version."""
 
@@ -93,12 +102,17 @@ class CompiledConfig:
     policy_errors: Mapping[str, str] = field(default_factory=dict)
     """Policy key → why it was left out (the policy is not served)."""
     unavailable: Mapping[str, str] = field(default_factory=dict)
-    """Alias or model name of a left-out policy → that policy's key (read on the 404 path)."""
+    """Model name of a left-out policy → that policy's key (read on the 404 path)."""
+    guarded: Mapping[str, tuple[AliasEntry, ...]] = field(default_factory=dict)
+    """Aliases a left-out policy answers, with every policy answering them, most specific first
+    (read on the 404 path): a request the left-out one would have taken gets a 503, never a
+    less specific policy's routing."""
 
     @property
     def served_names(self) -> list[str]:
         """Aliases and concrete model names a client may send, sorted."""
-        return sorted({*self.policies_by_alias, *self.models_by_name})
+        guarded = (a for a, group in self.guarded.items() if any(e.policy for e in group))
+        return sorted({*self.policies_by_alias, *guarded, *self.models_by_name})
 
 
 def _model(policy_key: str, m: pb.Model) -> ModelRoute:
@@ -214,15 +228,7 @@ def build_config(
             errors[key] = str(exc)
         except Exception as exc:  # isolate the unforeseen too: the rest must still load
             errors[key] = f"{type(exc).__name__}: {exc}"
-    by_alias: dict[str, list[CompiledPolicy]] = {}
-    for policy in policies:
-        for alias in policy.aliases:
-            by_alias.setdefault(alias, []).append(policy)
-    # Policies with more header conditions are more specific and are tried first.
-    ordered = {
-        alias: tuple(sorted(group, key=lambda p: -len(p.match_headers)))
-        for alias, group in by_alias.items()
-    }
+    ordered, guarded = _by_alias(config, {p.key: p for p in policies})
     by_name: dict[str, ModelRoute] = {}
     short_names: dict[str, list[ModelRoute]] = {}
     for policy in policies:
@@ -230,7 +236,7 @@ def build_config(
             by_name[f"{policy.key}/{model.name}"] = model
             short_names.setdefault(model.name, []).append(model)
     for name, group in short_names.items():
-        if len(group) == 1 and name not in ordered:
+        if len(group) == 1 and name not in ordered and name not in guarded:
             by_name[name] = group[0]
     bundles = {p.key: p.router_bundle for p in policies if p.needs_scores}
     return CompiledConfig(
@@ -242,22 +248,43 @@ def build_config(
         policy_bundles=bundles,
         policy_errors=errors,
         unavailable=_unavailable(config, errors, by_name),
+        guarded=guarded,
     )
+
+
+def _by_alias(
+    config: pb.RoutingConfig, served: Mapping[str, CompiledPolicy]
+) -> tuple[dict[str, tuple[CompiledPolicy, ...]], dict[str, tuple[AliasEntry, ...]]]:
+    """Alias → the policies answering it, most header conditions (most specific) first; the
+    aliases a left-out policy answers are returned apart, as ``CompiledConfig.guarded``."""
+    groups: dict[str, list[AliasEntry]] = {}
+    for p in config.policies:
+        key = f"{p.namespace}/{p.name}"
+        policy = served.get(key)
+        headers = policy.match_headers if policy else tuple(sorted(p.match_headers.items()))
+        for alias in dict.fromkeys(p.aliases):
+            groups.setdefault(alias, []).append(AliasEntry(headers, policy, key))
+    ordered: dict[str, tuple[CompiledPolicy, ...]] = {}
+    guarded: dict[str, tuple[AliasEntry, ...]] = {}
+    for alias, group in groups.items():
+        group.sort(key=lambda e: -len(e.match_headers))
+        picked = [e.policy for e in group if e.policy is not None]
+        if len(picked) == len(group):
+            ordered[alias] = tuple(picked)
+        else:
+            guarded[alias] = tuple(group)
+    return ordered, guarded
 
 
 def _unavailable(
     config: pb.RoutingConfig, errors: Mapping[str, str], served_models: Mapping[str, object]
 ) -> dict[str, str]:
-    """Names a left-out policy answers: alias or model name → its key. Aliases stay even when
-    another policy serves them (under other headers): a request none of those matches is
-    more likely meant for the left-out one than a typo."""
+    """Model names only a left-out policy answers → its key."""
     names: dict[str, str] = {}
     for p in config.policies:
         key = f"{p.namespace}/{p.name}"
         if key not in errors:
             continue
-        for alias in p.aliases:
-            names.setdefault(alias, key)
         for m in p.models:
             names.setdefault(m.name, key)
             names[f"{key}/{m.name}"] = key

@@ -14,7 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from switchyard.api.v1.routing_pb2 import Strategy
-from switchyard.extproc.config import CompiledConfig, CompiledPolicy, CompiledRule, ModelRoute
+from switchyard.extproc.config import (
+    AliasEntry,
+    CompiledConfig,
+    CompiledPolicy,
+    CompiledRule,
+    ModelRoute,
+)
 from switchyard.extproc.errors import GatewayError, policy_unavailable
 from switchyard.extproc.request import ParsedRequest
 from switchyard.extproc.scoring import RouterScores
@@ -34,22 +40,19 @@ def select_target(
     config: CompiledConfig, request: ParsedRequest, headers: Mapping[str, str]
 ) -> CompiledPolicy | ModelRoute:
     """The policy answering the requested alias, or the concrete model named; 404 otherwise
-    (503 for a name of a policy that did not load)."""
+    (503 for a name of a policy that did not load). Names of a policy that did not load are
+    only read on the 404 path, so the lookup of a served name costs what it did."""
     policies = config.policies_by_alias.get(request.model)
     if policies:
         for policy in policies:
             if all(headers.get(k) == v for k, v in policy.match_headers):
                 return policy
-        if request.model in config.unavailable:
-            raise policy_unavailable(request.model, config.unavailable[request.model])
-        raise GatewayError(
-            404,
-            f"no route policy for model '{request.model}' matches this request's headers",
-            code="model_not_found",
-            param="model",
-        )
+        raise _no_match(request.model)
     model = config.models_by_name.get(request.model)
     if model is None:
+        guarded = config.guarded.get(request.model)
+        if guarded is not None:
+            return _guarded(guarded, request.model, headers)
         if request.model in config.unavailable:
             raise policy_unavailable(request.model, config.unavailable[request.model])
         raise GatewayError(
@@ -60,6 +63,27 @@ def select_target(
             param="model",
         )
     return model
+
+
+def _no_match(alias: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"no route policy for model '{alias}' matches this request's headers",
+        code="model_not_found",
+        param="model",
+    )
+
+
+def _guarded(
+    group: tuple[AliasEntry, ...], alias: str, headers: Mapping[str, str]
+) -> CompiledPolicy:
+    """An alias a left-out policy shares: the policy that matches, 503 if it is left out."""
+    for entry in group:
+        if all(headers.get(k) == v for k, v in entry.match_headers):
+            if entry.policy is None:
+                raise policy_unavailable(alias, entry.key)
+            return entry.policy
+    raise _no_match(alias)
 
 
 class _Constraints:

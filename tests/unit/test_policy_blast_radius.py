@@ -377,3 +377,19 @@ def test_a_replica_that_acks_later_updates_the_status(policy_doc: dict[str, Any]
     plane.stream.policy_errors["pod-3"] = (version, {})
     ready = reconciler.data_plane_changes()["default/default"][0]
     assert (ready.status, ready.reason) == ("True", "Programmed")
+
+
+def test_requests_for_a_left_out_specific_policy_do_not_fall_to_a_generic_one(
+    policy_doc: dict[str, Any],
+) -> None:
+    generic = _named(policy_doc, "generic")
+    specific = _named(policy_doc, "acme", headers={"x-tenant": "acme"})
+    proto = compile_config([parse_policy(generic), parse_policy(specific)])
+    proto.policies[0].strategy.rules[0].when.regex = "("  # default/acme sorts first
+    config = build_config(proto)
+    assert list(config.policy_errors) == ["default/acme"]
+    with pytest.raises(GatewayError, match="RoutePolicy default/acme") as raised:
+        _target(config, "auto", **{"x-tenant": "acme"})
+    assert raised.value.status == 503
+    assert _target(config, "auto", **{"x-tenant": "other"}).key == "default/generic"
+    assert "auto" in config.served_names
