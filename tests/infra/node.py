@@ -284,15 +284,22 @@ class KubeNode:
 
     # -- commands in the netns --------------------------------------------------------------------
 
+    def netns_argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` wrapped to run inside the node's netns and in the node's cgroup
+        ``clients``, so that ``down()`` ends it too if it still runs (for subprocess.Popen)."""
+        procs = f"/sys/fs/cgroup/pids/{self.netns}/clients/cgroup.procs"
+        enter = 'echo $$ > "$0" && exec ip netns exec "$@"'  # the host's /sys, before the netns'
+        return ["sh", "-c", enter, procs, self.netns, *map(str, argv)]
+
     def run(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside the node's netns (Service ClusterIPs reachable, names resolved by
-        CoreDNS); ``kwargs`` go to subprocess.run (default: text, output captured, 300 s)."""
+        CoreDNS), as ``netns_argv``; ``kwargs`` go to subprocess.run (default: text, output
+        captured, 300 s)."""
         kwargs.setdefault("text", True)
         if "stdout" not in kwargs and "stderr" not in kwargs:
             kwargs.setdefault("capture_output", True)
         kwargs.setdefault("timeout", 300)
-        full = ["ip", "netns", "exec", self.netns, *map(str, argv)]
-        result: subprocess.CompletedProcess[str] = subprocess.run(full, **kwargs)
+        result: subprocess.CompletedProcess[str] = subprocess.run(self.netns_argv(argv), **kwargs)
         return result
 
     def _checked(

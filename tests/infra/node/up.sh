@@ -38,6 +38,8 @@ ip -n "$NODE" link set node0-peer up
 ip -n "$NODE" addr add 172.30.0.2/24 dev node0
 ip -n "$NODE" link set node0 up
 ip -n "$NODE" route add default via 172.30.0.1 dev node0 onlink
+# Clients run in the netns (KubeNode.run) join this cgroup, so stop.sh ends them with the node.
+mkdir -p "/sys/fs/cgroup/pids/$NODE/clients"
 # `ip netns exec` bind-mounts /etc/netns/<name>/resolv.conf over /etc/resolv.conf: commands run
 # in the netns (tests' clients) resolve Service names through CoreDNS, and nothing else.
 [[ -d /etc/netns ]] || { mkdir /etc/netns && touch "$N/made-etc-netns"; }
