@@ -13,7 +13,8 @@ log() { echo "$(date -u +%T) stop: $*"; }
 procs() { find "$CG/pids/$NODE" -name cgroup.procs -exec cat {} + 2>/dev/null; }
 
 # Every process the node started (components, containerd's shims, containers) and every client
-# run through KubeNode.run is in a cgroup under pids:/$NODE. SIGKILL them all until none is left (kill races with forks: repeat).
+# run through KubeNode.run is in a cgroup under pids:/$NODE. SIGKILL them all until none is left
+# (kill races with forks: repeat).
 deadline=$((SECONDS + 30))
 while left=$(procs) && [[ -n $left ]]; do
   # shellcheck disable=SC2086  # one pid per word
