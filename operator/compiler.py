@@ -34,6 +34,10 @@ class CompileError(ValueError):
     """The set of policies cannot be served together (e.g. an unknown fail-open model)."""
 
 
+class FailOpenModelMissing(CompileError):
+    """No policy has the fail-open model (not yet, or no longer)."""
+
+
 def backend_key(policy: RoutePolicy, model_name: str) -> str:
     """Globally unique key of one model of one policy: routing header value and cluster name."""
     raw = f"{policy.metadata.namespace}.{policy.metadata.name}.{model_name}"
@@ -226,9 +230,11 @@ def _resolve_model_key(config: pb.RoutingConfig, ref: str) -> str:
         for m in p.models
         if ref in (m.name, f"{p.namespace}/{p.name}/{m.name}")
     ]
+    if not matches:
+        raise FailOpenModelMissing(f"failOpenModel: {ref!r} matches no model")
     if len(matches) != 1:
-        found = "no model" if not matches else f"{len(matches)} models"
         raise CompileError(
-            f"failOpenModel: {ref!r} matches {found}; use a unique name or namespace/policy/model"
+            f"failOpenModel: {ref!r} matches {len(matches)} models; use a unique name or "
+            "namespace/policy/model"
         )
     return str(matches[0])

@@ -23,6 +23,7 @@ from typing import Any
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.compiler import (
     CompileError,
+    FailOpenModelMissing,
     ServiceEndpoints,
     alias_conflict,
     compile_config,
@@ -229,9 +230,16 @@ class Reconciler:
         return {(p.namespace, p.name): endpoint_counts(p) for p in self.config.policies}
 
     def _compile(self) -> pb.RoutingConfig:
-        return compile_config(
-            self.policies.values(), self.fail_open_model, self.endpoints, self.topology()
-        )
+        topology = self.topology()
+        try:
+            return compile_config(
+                self.policies.values(), self.fail_open_model, self.endpoints, topology
+            )
+        except FailOpenModelMissing as error:
+            # Before the policy holding it exists, or after it is deleted, fail closed rather
+            # than refuse every policy (or the operator's start).
+            log.warning("%s; the gateway fails closed until a policy has it", error)
+            return compile_config(self.policies.values(), "", self.endpoints, topology)
 
     def data_plane_changes(self) -> dict[str, list[Condition]]:
         """Policies whose data-plane verdict changed since their status was last written (an

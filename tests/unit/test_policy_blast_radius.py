@@ -393,3 +393,28 @@ def test_requests_for_a_left_out_specific_policy_do_not_fall_to_a_generic_one(
     assert raised.value.status == 503
     assert _target(config, "auto", **{"x-tenant": "other"}).key == "default/generic"
     assert "auto" in config.served_names
+
+
+def test_the_policy_with_the_fail_open_model_is_not_needed_by_the_others(
+    policy_doc: dict[str, Any],
+) -> None:
+    reconciler = Reconciler(_Plane(), fail_open_model="light")  # type: ignore[arg-type]
+    other = _named(policy_doc, "other", models=["other"])
+    other["spec"]["models"][0]["name"] = "small"
+    other["spec"]["models"][0]["fallbacks"] = []
+    other["spec"]["strategy"]["tiers"][0]["model"] = "small"
+    other["spec"]["strategy"]["rules"][0]["route"] = "small"
+
+    async def scenario() -> list[Any]:
+        await reconciler.restore([])  # an empty cluster: fails closed, starts
+        with_it = await reconciler.upsert(policy_doc)
+        fail_open = reconciler.config.fail_open_backend
+        await reconciler.delete("default", "default")
+        return [with_it, fail_open, reconciler.config, await reconciler.upsert(other)]
+
+    with_it, fail_open, after_delete, outcome = asyncio.run(scenario())
+    assert with_it.conditions[0].status == "True"
+    assert fail_open == "default.default.light"
+    assert (len(after_delete.policies), after_delete.fail_open_backend) == (0, "")
+    assert outcome.conditions[0].status == "True"
+    assert reconciler.config.fail_open_backend == ""
