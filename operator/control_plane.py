@@ -5,7 +5,10 @@ Applying a config is ordered so that no request ever meets a half-applied change
 1. the new listener, routes and clusters are pushed together with the old config's backend
    routes and clusters (make before break), so both configs' decisions are served;
 2. once every Envoy has ACKed that, the ext_proc replicas get the new RoutingConfig, so no
-   decision names a route Envoy does not know yet;
+   decision names a route Envoy does not know yet. Envoy matches a request against the route
+   table it had when the request's headers arrived, so when the change adds routes, requests
+   that arrived before it are first given time to reach the ext_proc (the ext_proc message
+   timeout; only a body still uploading after that can meet the old table);
 3. once they have ACKed, and a decision begun under the old config can no longer arrive (the
    ext_proc message timeout), the routes and clusters nothing uses any more are removed.
 A rejection (an Envoy NACK in step 1, an ext_proc NACK in step 2) restores the previous config
@@ -38,6 +41,7 @@ from switchyard.operator.xds_server import (
     ROUTE,
     AdsServer,
     Resources,
+    backend_routes,
     bridge,
     build_snapshot,
     pack,
@@ -140,6 +144,8 @@ class ControlPlane:
                 await self._publish(previous)
                 seconds = time.monotonic() - started
                 return ApplyResult(config.version, False, False, seconds, rejection)
+            if backend_routes(final) - backend_routes(previous):
+                await self._drain()
             await self.stream.publish(config)
             extproc_ok = await self._wait(
                 lambda: (
@@ -153,10 +159,15 @@ class ControlPlane:
                 await self._restore(previous, previous_config)
                 return ApplyResult(config.version, envoy_ok, False, seconds, rejection)
             if bridged is not final:
-                await asyncio.sleep(self.settings.extproc_message_timeout_ms / 1000)
+                await self._drain()
                 await self._publish(final)
                 envoy_ok = await self._wait(lambda: self._envoy_has(final)) and envoy_ok
             return ApplyResult(config.version, envoy_ok, extproc_ok, seconds)
+
+    async def _drain(self) -> None:
+        """Wait out the requests an ext_proc may be deciding right now (the longest Envoy
+        waits for a decision)."""
+        await asyncio.sleep(self.settings.extproc_message_timeout_ms / 1000)
 
     async def _restore(self, snapshot: dict[str, Resources], config: pb.RoutingConfig) -> None:
         """An ext_proc rejected a config: every replica back to ``config``, then Envoy back to

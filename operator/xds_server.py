@@ -17,15 +17,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    grpc_service_pb2,
+    protocol_pb2,
+)
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as http_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2, json_format
 from google.protobuf.message import Message
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.envoy_config import (
+    ADS,
     CATCH_ALL_ROUTES,
     ApiKeys,
     GatewaySettings,
@@ -34,7 +45,7 @@ from switchyard.operator.envoy_config import (
     build_route_config,
 )
 from switchyard.operator.races import first_completed
-from switchyard.operator.xds_types import packed
+from switchyard.operator.xds_types import packed, protocol_options
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +57,7 @@ ROUTE = _T + "route.v3.RouteConfiguration"
 # Envoy wants clusters before the listeners and routes that use them, and an EDS cluster's
 # endpoints right after the cluster (it stays warming until they arrive).
 PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+XDS_CLUSTER = "switchyard_xds"
 
 
 @dataclass(frozen=True)
@@ -190,60 +202,65 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         )
 
 
-def ads_bootstrap(node_id: str, admin_port: int, xds_host: str, xds_port: int) -> dict[str, Any]:
+def ads_bootstrap_message(
+    node_id: str, admin_port: int, xds_host: str, xds_port: int
+) -> bootstrap_pb2.Bootstrap:
     """Envoy bootstrap that takes listeners, routes and clusters from this ADS server."""
-    ads = {"ads": {}, "resource_api_version": "V3"}
-    return {
-        "node": {"id": node_id, "cluster": "switchyard"},
-        "admin": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
-        },
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "set_node_on_first_message_only": True,
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "switchyard_xds"}}],
-            },
-            "lds_config": ads,
-            "cds_config": ads,
-        },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": "switchyard_xds",
-                    "type": "STRICT_DNS",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
-                            "HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "switchyard_xds",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": xds_host,
-                                                    "port_value": xds_port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ]
-        },
-    }
+    h2 = http_pb2.HttpProtocolOptions(
+        explicit_http_config=http_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    xds = cluster_pb2.Cluster(
+        name=XDS_CLUSTER,
+        type=cluster_pb2.Cluster.STRICT_DNS,
+        connect_timeout=duration_pb2.Duration(seconds=1),
+        typed_extension_protocol_options=protocol_options(h2),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=XDS_CLUSTER,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(
+                                address=_socket(xds_host, xds_port)
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
+    grpc_service = grpc_service_pb2.GrpcService(
+        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)
+    )
+    return bootstrap_pb2.Bootstrap(
+        node=base_pb2.Node(id=node_id, cluster="switchyard"),
+        admin=bootstrap_pb2.Admin(address=_socket("127.0.0.1", admin_port)),
+        dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(
+            ads_config=config_source_pb2.ApiConfigSource(
+                api_type=config_source_pb2.ApiConfigSource.GRPC,
+                transport_api_version=config_source_pb2.V3,
+                set_node_on_first_message_only=True,
+                grpc_services=[grpc_service],
+            ),
+            lds_config=ADS,
+            cds_config=ADS,
+        ),
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[xds]),
+    )
+
+
+def ads_bootstrap(node_id: str, admin_port: int, xds_host: str, xds_port: int) -> dict[str, Any]:
+    """``ads_bootstrap_message`` as the JSON Envoy reads with ``-c``."""
+    message = ads_bootstrap_message(node_id, admin_port, xds_host, xds_port)
+    return dict(json_format.MessageToDict(message, preserving_proto_field_name=True))
+
+
+def _socket(host: str, port: int) -> address_pb2.Address:
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=host, port_value=port)
+    )
 
 
 def build_snapshot(
@@ -277,6 +294,15 @@ def bridge(old: dict[str, Resources], new: dict[str, Resources]) -> dict[str, Re
         if routes is not None:
             bridged[ROUTE] = _versioned((routes,))
     return new if bridged == new else bridged
+
+
+def backend_routes(snapshot: dict[str, Resources]) -> set[str]:
+    """Names of the backend routes (one per model) in a snapshot."""
+    if ROUTE not in snapshot:
+        return set()
+    config = route_pb2.RouteConfiguration()
+    snapshot[ROUTE].resources[0].Unpack(config)
+    return {r.name for h in config.virtual_hosts for r in h.routes if r.match.dynamic_metadata}
 
 
 def _bridge_routes(old: any_pb2.Any, new: any_pb2.Any) -> any_pb2.Any | None:

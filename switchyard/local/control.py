@@ -5,20 +5,26 @@ synchronous runner and tests can drive it."""
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from envoy.extensions.resource_monitors.downstream_connections.v3 import (
+    downstream_connections_pb2,
+)
+from google.protobuf import json_format
+
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.control_plane import ApplyResult, ControlPlane
 from switchyard.operator.envoy_config import GatewaySettings
-from switchyard.operator.xds_server import ads_bootstrap
+from switchyard.operator.xds_server import ads_bootstrap_message
+from switchyard.operator.xds_types import packed
 
 T = TypeVar("T")
 NODE_ID = "switchyard-local"
 ACK_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 50000
 
 
 class LocalControlPlane:
@@ -33,8 +39,8 @@ class LocalControlPlane:
         self.port = 0
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        # Bounded by the plane's own waits: one apply waits for ACKs at most four times.
-        timeout = 4 * self.plane.ack_timeout_s + 30
+        # Bounded by the plane's own waits: one apply waits for ACKs at most five times.
+        timeout = 5 * self.plane.ack_timeout_s + 30
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def start(self, config: pb.RoutingConfig) -> int:
@@ -61,18 +67,17 @@ class LocalControlPlane:
 
     def write_bootstrap(self, directory: Path, admin_port: int) -> Path:
         """Envoy's bootstrap: everything but the control plane itself comes over ADS."""
-        bootstrap = ads_bootstrap(NODE_ID, admin_port, "127.0.0.1", self.port)
-        bootstrap["layered_runtime"] = {
-            "layers": [
-                {
-                    "name": "static",
-                    "static_layer": {"overload.global_downstream_max_connections": 50000},
-                }
-            ]
-        }
+        bootstrap = ads_bootstrap_message(NODE_ID, admin_port, "127.0.0.1", self.port)
+        limit = downstream_connections_pb2.DownstreamConnectionsConfig(
+            max_active_downstream_connections=MAX_CONNECTIONS
+        )
+        bootstrap.overload_manager.resource_monitors.add(
+            name="envoy.resource_monitors.global_downstream_max_connections",
+            typed_config=packed(limit),
+        )
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "bootstrap.json"
-        path.write_text(json.dumps(bootstrap, indent=1))
+        path.write_text(json_format.MessageToJson(bootstrap, preserving_proto_field_name=True))
         return path
 
     def stop(self) -> None:
@@ -80,3 +85,5 @@ class LocalControlPlane:
             self._run(self.plane.stop())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+            if not self._thread.is_alive():
+                self._loop.close()

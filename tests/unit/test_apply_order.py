@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from switchyard.operator.policy import parse_policy
 from switchyard.operator.xds_server import CLUSTER, LISTENER, ROUTE, NodeStatus, Resources
 
 Event = tuple[str, Any]
+DRAIN_MS = 50
 
 
 def _backend_routes(snapshot: dict[str, Resources]) -> set[str]:
@@ -27,20 +29,25 @@ def _backend_routes(snapshot: dict[str, Resources]) -> set[str]:
 
 
 @pytest.fixture
-async def plane() -> AsyncIterator[tuple[ControlPlane, list[Event], set[str]]]:
+async def plane() -> AsyncIterator[tuple[ControlPlane, list[Event], set[str], list[float]]]:
     """A plane whose one Envoy ACKs every snapshot and whose one ext_proc ACKs every config
-    but the versions in the returned set (it NACKs those); every publish is recorded."""
-    plane = ControlPlane(GatewaySettings(extproc_message_timeout_ms=10), ack_timeout_s=2)
+    but the versions in the returned set (it NACKs those); every publish is recorded, with
+    its time."""
+    settings = GatewaySettings(extproc_message_timeout_ms=DRAIN_MS)
+    plane = ControlPlane(settings, ack_timeout_s=2)
     events: list[Event] = []
+    times: list[float] = []
     rejected: set[str] = set()
     publish_envoy, publish_config = plane.ads.publish, plane.stream.publish
 
     async def to_envoy(snapshot: dict[str, Resources]) -> None:
         events.append(("envoy", snapshot))
+        times.append(time.monotonic())
         await publish_envoy(snapshot)
 
     async def to_extproc(config: pb.RoutingConfig) -> None:
         events.append(("ext_proc", config.version))
+        times.append(time.monotonic())
         await publish_config(config)
 
     plane.ads.publish = to_envoy  # type: ignore[method-assign]
@@ -59,7 +66,7 @@ async def plane() -> AsyncIterator[tuple[ControlPlane, list[Event], set[str]]]:
             await asyncio.sleep(0.001)
 
     peer = asyncio.create_task(answer())
-    yield plane, events, rejected
+    yield plane, events, rejected, times
     peer.cancel()
 
 
@@ -76,11 +83,12 @@ def _renamed(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_old_routes_leave_only_after_the_extprocs_switched(
-    plane: tuple[ControlPlane, list[Event], set[str]], policy_doc: dict[str, Any]
+    plane: tuple[ControlPlane, list[Event], set[str], list[float]], policy_doc: dict[str, Any]
 ) -> None:
-    control, events, _ = plane
+    control, events, _, times = plane
     await control.prime(_config(policy_doc))
     events.clear()
+    times.clear()
     new = _config(_renamed(policy_doc))
     result = await control.apply(new)
     assert result.envoy_acked and result.extproc_acked and not result.rejected
@@ -89,12 +97,16 @@ async def test_old_routes_leave_only_after_the_extprocs_switched(
     assert {"default.default.light", "default.default.lite"} <= _backend_routes(bridge)
     assert "default.default.light" not in _backend_routes(final)
     assert events[1][1] == new.version
+    # New routes: requests that arrived before them get to their decision first, and the
+    # old routes stay until decisions begun under the old config are done.
+    assert times[1] - times[0] >= DRAIN_MS / 1000
+    assert times[2] - times[1] >= DRAIN_MS / 1000
 
 
 async def test_an_extproc_rejection_restores_the_previous_config_everywhere(
-    plane: tuple[ControlPlane, list[Event], set[str]], policy_doc: dict[str, Any]
+    plane: tuple[ControlPlane, list[Event], set[str], list[float]], policy_doc: dict[str, Any]
 ) -> None:
-    control, events, rejected = plane
+    control, events, rejected, _ = plane
     old = _config(policy_doc)
     await control.prime(old)
     before = control.ads.snapshot
