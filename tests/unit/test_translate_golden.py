@@ -23,11 +23,17 @@ from google.protobuf import json_format
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.compiler import ServiceEndpoints, compile_config
-from switchyard.operator.control_plane import ControlPlane
-from switchyard.operator.envoy_config import GatewaySettings
+from switchyard.operator.envoy_config import GatewaySettings, extproc_load_assignment
 from switchyard.operator.multicluster import Topology
 from switchyard.operator.policy import load_documents, parse_policy
-from switchyard.operator.xds_server import CLUSTER, LISTENER, ROUTE, Resources, build_snapshot
+from switchyard.operator.xds_server import (
+    CLUSTER,
+    LISTENER,
+    ROUTE,
+    Resources,
+    build_snapshot,
+    pack,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TESTDATA = Path(__file__).parent / "testdata" / "translate"
@@ -77,8 +83,7 @@ def translate(source: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     }
     if settings.extproc_eds:
         found = [tuple(e) for e in case.get("extprocEndpoints", [])]
-        plane = ControlPlane(settings)
-        out["extproc_endpoints"] = _unpacked(plane._endpoints_resource(sorted(found)))
+        out["extproc_endpoints"] = _unpacked(pack([extproc_load_assignment(sorted(found))]))
     return out
 
 
