@@ -10,6 +10,8 @@ import asyncio
 import base64
 import datetime
 import logging
+import os
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import kopf
 import kubernetes
 import yaml
+from kopf._core.engines.peering import Identity
 
 from switchyard.operator.autoscaling import (
     ScaleTarget,
@@ -534,6 +537,8 @@ def run_operator(settings: OperatorSettings) -> int:
             namespaces=settings.namespaces,
             standalone=True,
             liveness_endpoint=liveness,
+            # Not kopf's default (user@host): a pod may run as a uid with no user name.
+            identity=Identity(os.environ.get("POD_NAME") or socket.gethostname()),
         )
     )
     return 0
