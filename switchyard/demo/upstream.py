@@ -3,7 +3,9 @@
 It answers chat and text completions with a short, deterministic reply that names the demo
 model. It reports token usage, streams server-sent events chunk by chunk, and can be slowed
 down or made to fail at a configurable rate. It remembers the last request it received
-(``GET /_demo/last_request``), so tests can check what the gateway forwarded.
+(``GET /_demo/last_request``), so tests can check what the gateway forwarded. Faults can be
+changed while it runs: ``POST /_demo/faults {"status": 429, "rate": 1.0, "latency_ms": 0}``
+answers that status at that rate and/or after that latency; ``{}`` restores the start settings.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def _tokens(text: str) -> int:
 
 def _dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
+
+
+_ERROR_KINDS = {429: ("rate_limit_error", "rate_limit_exceeded")}
 
 
 def _error(name: str, status: int, message: str, type_: str, code: str) -> web.Response:
@@ -84,7 +89,26 @@ class DemoModel:
         self.name = name
         self.latency_s = latency_ms / 1000
         self.failure_rate = failure_rate
+        self.failure_status = 503
         self.random = random.Random(seed)
+        self._start = (self.latency_s, failure_rate)
+
+    async def faults(self, request: web.Request) -> web.Response:
+        """Replace the injected faults: ``status`` (400-599) at ``rate`` (default 1.0) and
+        ``latency_ms``; fields left out take their start values."""
+        try:
+            body = orjson.loads(await request.read() or b"{}")
+            status = int(body.get("status", 503))
+            rate = float(body.get("rate", 1.0 if "status" in body else self._start[1]))
+            latency_s = float(body.get("latency_ms", self._start[0] * 1000)) / 1000
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            return self._invalid("expected {status, rate, latency_ms}", "invalid_faults")
+        if not (400 <= status <= 599 and 0 <= rate <= 1 and latency_s >= 0):
+            return self._invalid("status 400-599, rate 0-1, latency_ms >= 0", "invalid_faults")
+        self.failure_status, self.failure_rate, self.latency_s = status, rate, latency_s
+        return web.json_response(
+            {"status": status, "rate": rate, "latency_ms": latency_s * 1000}, dumps=_dumps
+        )
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._complete(request, chat=True)
@@ -124,7 +148,9 @@ class DemoModel:
             await asyncio.sleep(self.latency_s)
         if self.failure_rate and self.random.random() < self.failure_rate:
             message = f"demo model {self.name} is failing on purpose"
-            return _error(self.name, 503, message, "server_error", "demo_failure")
+            status = self.failure_status
+            type_, code = _ERROR_KINDS.get(status, ("server_error", "demo_failure"))
+            return _error(self.name, status, message, type_, code)
         text, question = _prompt_text(payload, chat)
         limit = payload.get("max_completion_tokens") or payload.get("max_tokens")
         reply = _reply(self.name, question, limit if isinstance(limit, int) else None)
@@ -218,6 +244,7 @@ def build_app(
     app.router.add_post("/v1/completions", model.completions)
     app.router.add_get("/v1/models", model.models)
     app.router.add_get("/_demo/last_request", model.last_request)
+    app.router.add_post("/_demo/faults", model.faults)
     return app
 
 

@@ -232,6 +232,42 @@ async def test_latency_delays_the_answer() -> None:
     assert elapsed >= 0.2
 
 
+async def test_faults_change_at_runtime_and_empty_restores_the_start() -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with TestClient(TestServer(build_app("f", seed=0))) as client:
+        assert (await client.post("/v1/chat/completions", json=chat)).status == 200
+        set_429 = await client.post("/_demo/faults", json={"status": 429, "rate": 1.0})
+        assert await set_429.json() == {"status": 429, "rate": 1.0, "latency_ms": 0.0}
+        limited = await client.post("/v1/chat/completions", json=chat)
+        assert limited.status == 429
+        error = (await limited.json())["error"]
+        assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+        await client.post("/_demo/faults", json={"status": 500})
+        failed = await client.post("/v1/chat/completions", json=chat)
+        assert failed.status == 500
+        assert (await failed.json())["error"]["type"] == "server_error"
+        await client.post("/_demo/faults", json={"latency_ms": 200})
+        started = time.monotonic()
+        slow = await client.post("/v1/chat/completions", json=chat)
+        assert slow.status == 200 and time.monotonic() - started >= 0.2
+        await client.post("/_demo/faults", json={})
+        started = time.monotonic()
+        assert (await client.post("/v1/chat/completions", json=chat)).status == 200
+        assert time.monotonic() - started < 0.2
+
+
+@pytest.mark.parametrize(
+    "body", [b"{nope", b"[1]", b'{"status": 200}', b'{"rate": 2}', b'{"latency_ms": -1}']
+)
+async def test_invalid_faults_get_400_and_change_nothing(body: bytes) -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with TestClient(TestServer(build_app("f", seed=0))) as client:
+        response = await client.post("/_demo/faults", data=body)
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "invalid_faults"
+        assert (await client.post("/v1/chat/completions", json=chat)).status == 200
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
