@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 EXAMPLES ?= examples/
 
-.PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router bench-control-plane train-router k8s-tools crd clean
+.PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router bench-control-plane train-router k8s-tools crd clean jaeger
 
 install: $(STAMP)
 
@@ -37,7 +37,11 @@ up: $(STAMP)
 h2spec:
 	bash tests/infra/build_h2spec.sh
 
-test: $(STAMP) $(TRAIN_STAMP) node-tools k8s-tools h2spec
+## Build Jaeger (trace store + UI, tests/integration/test_tracing.py) from the Go module proxy.
+jaeger:
+	bash tests/infra/build_jaeger.sh
+
+test: $(STAMP) $(TRAIN_STAMP) node-tools k8s-tools h2spec jaeger
 	$(PY) -m pytest tests -q
 
 test-unit: $(STAMP)

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
+from urllib.parse import urlsplit
 
 from switchyard.api.v1 import routing_pb2 as pb
 
@@ -34,6 +35,8 @@ class ModelRoute:
     data_classes: frozenset[str]
     fallbacks: tuple[str, ...]
     weight: float
+    provider: str = ""
+    """The GenAI provider (OpenTelemetry ``gen_ai.provider.name``) its URL names; "" unknown."""
 
     def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """USD for a request of this size on this model."""
@@ -128,7 +131,31 @@ def _model(policy_key: str, m: pb.Model) -> ModelRoute:
         data_classes=frozenset(m.data_classes),
         fallbacks=tuple(m.fallbacks),
         weight=m.weight,
+        provider=provider_of(m.backend.url),
     )
+
+
+# Hosts of the providers' public APIs → OpenTelemetry GenAI ``gen_ai.provider.name`` values.
+_PROVIDERS = {
+    "api.openai.com": "openai",
+    "api.anthropic.com": "anthropic",
+    "generativelanguage.googleapis.com": "gcp.gemini",
+    "api.mistral.ai": "mistral_ai",
+    "api.groq.com": "groq",
+    "api.deepseek.com": "deepseek",
+    "api.x.ai": "x_ai",
+    "api.cohere.com": "cohere",
+    "api.perplexity.ai": "perplexity",
+}
+_PROVIDER_SUFFIXES = {".openai.azure.com": "azure.ai.openai"}
+
+
+def provider_of(url: str) -> str:
+    """The provider a backend URL's host names, or "" (in-cluster and other servers)."""
+    host = urlsplit(url).hostname or "" if url else ""
+    if host in _PROVIDERS:
+        return _PROVIDERS[host]
+    return next((p for suffix, p in _PROVIDER_SUFFIXES.items() if host.endswith(suffix)), "")
 
 
 class PolicyLoadError(ValueError):

@@ -103,6 +103,17 @@ class _Constraints:
             and self.data_class in model.data_classes
         )
 
+    def why_not(self, model: ModelRoute) -> str:
+        """Why ``model`` may not take the request; "" when it may (traces, not the hot path)."""
+        if self.data_class not in model.data_classes:
+            return f"data class {self.data_class} not allowed"
+        missing = sorted(self.capabilities - model.capabilities)
+        if missing:
+            return f"lacks {', '.join(missing)}"
+        if model.context_window < self.needed_tokens:
+            return f"context window {model.context_window} < {self.needed_tokens} tokens needed"
+        return ""
+
     def rejection(self, models: list[ModelRoute]) -> GatewayError:
         """The clearest error explaining why none of ``models`` may take the request."""
         if not any(self.data_class in m.data_classes for m in models):
@@ -227,6 +238,15 @@ def session_view(
         return request, None
     digest = hashlib.blake2b(session.encode(), digest_size=8).digest()
     return replace(request, prompt=request.first_prompt), int.from_bytes(digest) / 2**64
+
+
+def exclusions(
+    target: CompiledPolicy | ModelRoute, request: ParsedRequest, headers: Mapping[str, str]
+) -> dict[str, str]:
+    """Each candidate model of ``target`` → why the hard constraints exclude it ("" allowed)."""
+    constraints = _Constraints(request, headers)
+    models = [target] if isinstance(target, ModelRoute) else list(target.models.values())
+    return {m.name: constraints.why_not(m) for m in models}
 
 
 def decide(

@@ -70,6 +70,9 @@ class StreamHandler(Protocol):
         """Answer one request message: (serialized response, True when the call is over)."""
         ...
 
+    # Optional: ``on_headers(state, headers)``, an attribute, is called with each new stream's
+    # decoded request header list when it is not None (the processor sets it when tracing).
+
 
 @types.coroutine
 def _resume(coro: Coroutine[Any, Any, Any], pending: Any) -> Generator[Any, Any, Any]:
@@ -96,6 +99,7 @@ class GrpcConnection(asyncio.Protocol):
         self.path = path
         self.handler = handler
         self.h2 = Connection(path, handler.open, self._dispatch, self._abandon)
+        self.h2.on_headers = getattr(handler, "on_headers", None)  # request headers, if wanted
         self.transport: asyncio.Transport | None = None
         # handlers waiting on this read's batch (batching.BATCH), resumed when it has run
         self.parked: list[tuple[Stream, Coroutine[Any, Any, tuple[bytes, bool]]]] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import orjson
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
@@ -24,6 +25,11 @@ from switchyard.extproc.metrics import REJECTIONS
 from switchyard.extproc.request import Endpoint, parse_request
 from switchyard.extproc.state import RuntimeState
 from switchyard.headers import EXTPROC_FILTER, METADATA_NAMESPACE
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
+    from switchyard.extproc.tracing import RouteTracer
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +93,22 @@ def _endpoint(headers: Mapping[str, str]) -> Endpoint:
 class StreamState:
     """What one stream has learned so far (headers arrive before or with the body)."""
 
-    __slots__ = ("endpoint", "headers")
+    __slots__ = ("endpoint", "headers", "trace")
 
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
         self.endpoint: Endpoint | None = None
+        self.trace: Context | None = None  # a sampled trace's parent (tracing.RouteTracer)
 
 
 class Processor:
     """Handles ext_proc streams against the current RuntimeState."""
 
-    def __init__(self, state: RuntimeState) -> None:
+    def __init__(self, state: RuntimeState, tracer: RouteTracer | None = None) -> None:
         self.state = state
+        self.tracer = tracer
+        # The HTTP/2 layer hands a new stream's headers to this hook only when it is set.
+        self.on_headers = None if tracer is None else tracer.on_headers
 
     def open(self) -> StreamState:
         """State for a new ext_proc stream (``StreamHandler``)."""
@@ -126,7 +136,9 @@ class Processor:
                     stream.endpoint = _endpoint(stream.headers)
                 except GatewayError as error:
                     return immediate(error), True
-            response = await self.route(stream.endpoint, stream.headers, message.request_body.body)
+            response = await self.route(
+                stream.endpoint, stream.headers, message.request_body.body, stream.trace
+            )
             return response, response.HasField("immediate_response")
         if kind == "request_headers":
             stream.headers = _headers(message.request_headers)
@@ -148,10 +160,16 @@ class Processor:
         return response, False
 
     async def route(
-        self, endpoint: Endpoint, headers: Mapping[str, str], body: bytes
+        self,
+        endpoint: Endpoint,
+        headers: Mapping[str, str],
+        body: bytes,
+        trace: Context | None = None,
     ) -> ep.ProcessingResponse:
-        """Decide one request; every failure becomes an OpenAI-style immediate response."""
+        """Decide one request; every failure becomes an OpenAI-style immediate response.
+        With a sampled ``trace`` parent, a ``switchyard.route`` span records the decision."""
         state = self.state
+        span = None if trace is None or self.tracer is None else self.tracer.start(trace, endpoint)
         try:
             request = parse_request(endpoint, body)
             config = state.config
@@ -159,16 +177,22 @@ class Processor:
             routed, draw = session_view(target, request, headers)
             scores = None
             if getattr(target, "needs_scores", False):
-                scores = await state.scorer_for(target.router_bundle).score(  # type: ignore[union-attr]
-                    routed.prompt
-                )
+                scorer = state.scorer_for(target.router_bundle)  # type: ignore[union-attr]
+                if span is None:
+                    scores = await scorer.score(routed.prompt)
+                else:
+                    scores = await span.score(scorer, routed.prompt)
             decision = decide(
                 target, routed, headers, scores, random.random() if draw is None else draw
             )
         except GatewayError as error:
+            if span is not None:
+                span.failed(error)
             return immediate(error)
         except Exception:
             log.exception("routing failed")
+            if span is not None:
+                span.failed(None)
             return immediate(
                 GatewayError(
                     500,
@@ -200,4 +224,6 @@ class Processor:
             meta["difficulty"].number_value = round(scores.difficulty, 3)
             meta["category"].string_value = scores.category
         state.record(decision, request)
+        if span is not None:
+            span.decided(config, target, routed, headers, scores, decision)
         return response

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.extproc import tracing
 from switchyard.extproc.config_client import ConfigStreamClient
 from switchyard.extproc.h2grpc import GrpcConnection
 from switchyard.extproc.health import ReadyFlag, WorkerReadiness
@@ -109,7 +110,8 @@ async def serve(
     else:
         watcher = ConfigFileWatcher(Path(config_source), state, loop)
         await asyncio.to_thread(watcher.load_once)
-    processor = Processor(state)
+    tracer = tracing.from_environment()  # None unless OTEL_EXPORTER_OTLP_ENDPOINT is set
+    processor = Processor(state, tracer)
     connections: weakref.WeakSet[GrpcConnection] = weakref.WeakSet()
 
     def connection() -> GrpcConnection:
@@ -146,6 +148,8 @@ async def serve(
     for conn in connections:
         conn.goaway()
     await asyncio.sleep(0.2)  # let in-flight streams answer
+    if tracer is not None:
+        await asyncio.to_thread(tracer.shutdown)  # export the spans still queued
 
 
 def _worker(config_path: str, listen: str, execution_provider: str, flag: ReadyFlag) -> None:

@@ -58,7 +58,7 @@ from google.protobuf.message import Message
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.headers import BACKEND_HEADER, EXTPROC_FILTER, METADATA_NAMESPACE
-from switchyard.operator import fallback
+from switchyard.operator import fallback, tracing
 from switchyard.operator.multicluster import service_dns_name
 from switchyard.operator.xds_types import (
     ADD_IF_ABSENT,
@@ -104,6 +104,11 @@ class GatewaySettings:
     route_timeout_s: int = 300
     # CA bundle (a path on Envoy's filesystem) that verifies https backends without caBundle.
     system_ca_file: str = field(default_factory=lambda: system_ca_file())
+    # OpenTelemetry traces (operator/tracing.py): an OTLP/gRPC collector (host:port or URL;
+    # empty: no tracing config at all), the share of requests traced, the spans' service name.
+    otlp_endpoint: str = ""
+    trace_sampling: float = 1.0
+    trace_service_name: str = tracing.DEFAULT_SERVICE
 
 
 _CA_FILES = (
@@ -451,6 +456,10 @@ def build_listener(config: pb.RoutingConfig, settings: GatewaySettings) -> liste
             _filter("envoy.filters.http.router", router_pb2.Router()),
         ],
     )
+    if settings.otlp_endpoint:
+        hcm.tracing.CopyFrom(
+            tracing.hcm_tracing(settings.trace_sampling, settings.trace_service_name)
+        )
     return listener_pb2.Listener(
         name=LISTENER_NAME,
         address=_address(settings.listen_address, settings.listen_port),
@@ -670,4 +679,6 @@ def build_clusters(
             if len(members) > 1:
                 keys = [_api_key(policy, m, api_keys) for m in members]
                 clusters.append(fallback.aggregate_cluster(members, keys))
+    if settings.otlp_endpoint:
+        clusters.append(tracing.collector_cluster(settings.otlp_endpoint, settings.system_ca_file))
     return clusters

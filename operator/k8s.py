@@ -71,6 +71,10 @@ class OperatorSettings:
     extproc_workers: int = 1
     # host:port of kopf's liveness endpoint (GET /healthz); "" = none.
     health_listen: str = ""
+    # OpenTelemetry traces from the gateway Envoy (operator/tracing.py); "" = none.
+    otlp_endpoint: str = ""
+    trace_sampling: float = 1.0
+    trace_service_name: str = "switchyard"
 
 
 SETTINGS = OperatorSettings()
@@ -93,6 +97,9 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
             extproc_endpoints=SETTINGS.extproc_endpoints,
             extproc_eds=bool(SETTINGS.extproc_service),
             system_ca_file=SETTINGS.upstream_ca_file or system_ca_file(),
+            otlp_endpoint=SETTINGS.otlp_endpoint,
+            trace_sampling=SETTINGS.trace_sampling,
+            trace_service_name=SETTINGS.trace_service_name,
         ),
     )
     directory = EndpointDirectory(SETTINGS.cluster_name, SETTINGS.region)

@@ -98,6 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="system CA bundle path inside the gateway Envoy (verifies https backends)",
     )
+    op.add_argument(
+        "--otlp-endpoint",
+        default="",
+        help="OTLP/gRPC collector (host:port or http(s)://host:port) Envoy exports traces to; "
+        "'' = no tracing",
+    )
+    op.add_argument(
+        "--trace-sampling", type=float, default=1.0, help="share of requests traced, 0..1"
+    )
+    op.add_argument("--trace-service-name", default="switchyard", help="service of Envoy's spans")
 
     router = sub.add_parser("router", help="router model tools (score, eval)", add_help=False)
     router.add_argument("rest", nargs=argparse.REMAINDER)
@@ -131,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.command == "operator":
         from switchyard.operator.k8s import OperatorSettings, run_operator
+        from switchyard.operator.tracing import collector_address
+
+        if not 0.0 <= args.trace_sampling <= 1.0:
+            op.error(f"--trace-sampling {args.trace_sampling}: expected 0..1")
+        if args.otlp_endpoint:
+            try:
+                collector_address(args.otlp_endpoint)
+            except ValueError as exc:
+                op.error(str(exc))
 
         endpoints = [
             (host, int(port)) for host, _, port in (e.rpartition(":") for e in args.extproc)
@@ -152,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                 extproc_port=args.extproc_port,
                 extproc_workers=args.extproc_workers,
                 health_listen=args.health_listen,
+                otlp_endpoint=args.otlp_endpoint,
+                trace_sampling=args.trace_sampling,
+                trace_service_name=args.trace_service_name,
             )
         )
     if args.command == "router":

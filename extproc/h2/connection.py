@@ -100,6 +100,8 @@ class Connection:
         self.open_stream = open_stream
         self.dispatch = dispatch  # a complete request message for a stream that is not busy
         self.abandon = abandon  # a busy stream was reset: stop its handler
+        # (stream state, request headers) of each new stream, when set (tracing reads them)
+        self.on_headers: Callable[[Any, list[tuple[str, str]]], None] | None = None
         self.clock = clock
         self.hpack = HpackDecoder(max_list=limits.MAX_HEADER_LIST_SIZE)
         self.streams: dict[int, Stream] = {}
@@ -286,6 +288,8 @@ class Connection:
             self._answer_only(stream, flags, GRPC_UNIMPLEMENTED, f"unknown method {path}")
             return
         stream.state = self.open_stream()
+        if self.on_headers is not None:
+            self.on_headers(stream.state, headers)
         self.streams[stream_id] = stream
         if flags & END_STREAM:
             self._end_of_data(stream)

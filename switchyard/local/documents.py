@@ -27,6 +27,16 @@ class DemoUpstream(_Doc):
     failure_rate: float = Field(default=0, ge=0, le=1)
 
 
+class Tracing(_Doc):
+    """OpenTelemetry traces; the OTEL_* environment variables override each field."""
+
+    otlp_endpoint: str = Field(
+        default="", description="OTLP/gRPC collector, host:port or http(s)://host:port; empty: off"
+    )
+    sampling_ratio: float = Field(default=1.0, ge=0, le=1, description="share of requests traced")
+    service_name: str = Field(default="switchyard", min_length=1)
+
+
 class LocalGatewaySpec(_Doc):
     listen_address: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
@@ -48,6 +58,7 @@ class LocalGatewaySpec(_Doc):
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     extproc_timeout_ms: int = Field(default=500, ge=10)
     demo_upstreams: list[DemoUpstream] = Field(default_factory=list)
+    tracing: Tracing = Field(default_factory=Tracing)
 
 
 class LocalGateway(_Doc):

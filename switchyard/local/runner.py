@@ -29,6 +29,7 @@ from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.server import worker_addresses
 from switchyard.local.control import LocalControlPlane
 from switchyard.local.documents import LocalGatewaySpec, LocalInputs, load_inputs, policy_files
+from switchyard.operator import tracing
 from switchyard.operator.compiler import CompileError, compile_config
 from switchyard.operator.envoy_config import GatewaySettings
 from switchyard.operator.policy import PolicyError
@@ -119,6 +120,34 @@ class EnvoyAdmin:
         return clusters, routes, listeners
 
 
+def _trace_settings(spec: LocalGatewaySpec) -> tracing.TraceSettings:
+    """The document's tracing, overridden by the OTEL_* environment; PolicyError if invalid."""
+    doc = spec.tracing
+    try:
+        traces = tracing.from_environment(
+            tracing.TraceSettings(doc.otlp_endpoint, doc.sampling_ratio, doc.service_name),
+            os.environ,
+        )
+        if traces.otlp_endpoint:
+            tracing.collector_address(traces.otlp_endpoint)
+    except ValueError as exc:
+        raise PolicyError(f"tracing: {exc}") from None
+    return traces
+
+
+def _extproc_environment(traces: tracing.TraceSettings) -> dict[str, str] | None:
+    """The ext_proc's environment: exporting where Envoy does, following Envoy's sampling."""
+    if not traces.otlp_endpoint:
+        return None
+    host, port, tls = tracing.collector_address(traces.otlp_endpoint)
+    return {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"{'https' if tls else 'http'}://{host}:{port}",
+        "OTEL_SERVICE_NAME": f"{traces.service_name}-extproc",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+    }
+
+
 def _warn(message: str) -> None:
     print(f"switchyard: {message}", file=sys.stderr, flush=True)
 
@@ -141,12 +170,16 @@ class LocalGateway:
         else:
             self.extproc_listen = f"127.0.0.1:{self.spec.extproc_port}"
         self.extproc_addresses = worker_addresses(self.extproc_listen, self.workers)
+        self.traces = _trace_settings(self.spec)
         self.settings = GatewaySettings(
             listen_address=self.spec.listen_address,
             listen_port=self.spec.port,
             extproc_endpoints=[_endpoint(a) for a in self.extproc_addresses],
             max_request_bytes=self.spec.max_request_bytes,
             extproc_message_timeout_ms=self.spec.extproc_timeout_ms,
+            otlp_endpoint=self.traces.otlp_endpoint,
+            trace_sampling=self.traces.sampling,
+            trace_service_name=self.traces.service_name,
         )
         self.state_dir = state_dir.resolve()
         self.control = LocalControlPlane(self.settings)
@@ -157,8 +190,8 @@ class LocalGateway:
         self._left_out: dict[str, str] = {}
         self._stop = threading.Event()
 
-    def _spawn(self, args: list[str]) -> subprocess.Popen[bytes]:
-        child = subprocess.Popen(args, start_new_session=True)
+    def _spawn(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(args, start_new_session=True, env=env)
         self.children.append(child)
         return child
 
@@ -192,7 +225,8 @@ class LocalGateway:
                 str(self.workers),
                 "--metrics-port",
                 str(self.spec.metrics_port),
-            ]
+            ],
+            env=_extproc_environment(self.traces),
         )
         bootstrap = self.control.write_bootstrap(self.state_dir, self.spec.admin_port)
         concurrency = self.spec.envoy_concurrency or os.cpu_count() or 1

@@ -697,3 +697,38 @@ def check_the_prestop_drain(
         held.close()
     time.sleep(1)
     assert envoy.poll() is None, log.read_text()  # skip_exit: SIGTERM ends it, not the drain
+
+
+def test_tracing_values_reach_the_operator_and_the_extproc(
+    default_docs: list[dict[str, Any]],
+) -> None:
+    def tracing(docs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, str]]]:
+        args = [a for a in container(docs, "operator")["args"] if "otlp" in a or "trace" in a]
+        env = [e for e in container(docs, "extproc")["env"] if e["name"].startswith("OTEL_")]
+        return args, env
+
+    assert tracing(default_docs) == ([], [])  # off by default: no tracing config at all
+    docs = render(values={"tracing": {"otlpEndpoint": "otel.obs:4317", "samplingRatio": 0.01}})
+    assert tracing(docs) == (
+        [
+            "--otlp-endpoint=otel.obs:4317",
+            "--trace-sampling=0.01",
+            "--trace-service-name=switchyard",
+        ],
+        [
+            {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel.obs:4317"},
+            {"name": "OTEL_SERVICE_NAME", "value": "switchyard-extproc"},
+            {"name": "OTEL_TRACES_SAMPLER", "value": "parentbased_always_on"},
+        ],
+    )
+    https = render(values={"tracing": {"otlpEndpoint": "https://otel.example"}})
+    assert tracing(https)[1][0]["value"] == "https://otel.example"
+    for bad in ({"samplingRatio": 2}, {"otlpEndpoint": "not an endpoint"}, {"serviceName": ""}):
+        result = subprocess.run(
+            [str(k8s_bin_dir() / "helm"), "template", RELEASE, str(CHART), "--values", "-"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            input=json.dumps({"tracing": bad}),
+        )
+        assert result.returncode != 0 and "/tracing/" in result.stderr, (bad, result.stderr)
