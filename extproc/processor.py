@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING
 import orjson
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf.message import DecodeError
 
 from switchyard.extproc.engine import decide, select_target, session_view
-from switchyard.extproc.errors import GatewayError
+from switchyard.extproc.errors import GatewayError, invalid_request
 from switchyard.extproc.metrics import REJECTIONS
-from switchyard.extproc.request import Endpoint, parse_request
+from switchyard.extproc.request import Endpoint, parse_request, unwritable
 from switchyard.extproc.state import RuntimeState
 from switchyard.headers import EXTPROC_FILTER, METADATA_NAMESPACE
 
@@ -90,6 +91,54 @@ def _endpoint(headers: Mapping[str, str]) -> Endpoint:
     return endpoint
 
 
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def _attribute_value(data: bytes, at: int) -> bytes:
+    """The string of the ``Struct.fields`` map entry whose key ends at ``at``: the entry's
+    value (field 2, a ``Value``) holding ``string_value`` (field 3)."""
+    if data[at] != 0x12:
+        raise IndexError(at)
+    _, at = _varint(data, at + 1)
+    if data[at] != 0x1A:
+        raise IndexError(at)
+    length, at = _varint(data, at + 1)
+    return data[at : at + length]
+
+
+def undecodable(payload: bytes) -> GatewayError:
+    """400 for a message protobuf refuses. From Envoy that is a header routing reads (an
+    attribute) whose value is not UTF-8: Envoy copies header bytes into attribute strings as
+    they came, and a protobuf string must be UTF-8. The header is named when it can be found."""
+    start = 0
+    while (start := payload.find(_HEADER_ATTRIBUTE.encode(), start)) != -1:
+        end = payload.find(b"']", start)
+        if end == -1:
+            break
+        name = payload[start + len(_HEADER_ATTRIBUTE) : end].decode("ascii", "replace")
+        try:
+            _attribute_value(payload, end + 2).decode()
+        except UnicodeDecodeError:
+            return invalid_request(
+                f"header {name} is not valid UTF-8", param=name, code="invalid_header"
+            )
+        except IndexError:  # not a map entry after all; look further
+            pass
+        start = end + 2
+    return invalid_request(
+        "the request could not be decoded: a header or the path is not valid UTF-8",
+        code="invalid_header",
+    )
+
+
 class StreamState:
     """What one stream has learned so far (headers arrive before or with the body)."""
 
@@ -120,7 +169,10 @@ class Processor:
         The call ends after the body: the filter sends no later phase, so closing the stream
         saves Envoy's half-close round trip.
         """
-        request = ep.ProcessingRequest.FromString(payload)
+        try:
+            request = ep.ProcessingRequest.FromString(payload)
+        except DecodeError:
+            return immediate(undecodable(payload)).SerializeToString(), True
         response, done = await self.handle(stream, request)
         return response.SerializeToString(), done or request.HasField("request_body")
 
@@ -212,7 +264,10 @@ class Processor:
         common.header_mutation.SetInParent()
         if request.model != model.upstream_model:
             request.payload["model"] = model.upstream_model
-            common.body_mutation.body = orjson.dumps(request.payload)
+            try:
+                common.body_mutation.body = orjson.dumps(request.payload)
+            except orjson.JSONEncodeError:
+                return immediate(unwritable(request.payload))
         # Direct field writes: Struct.update() costs several times more per request.
         meta = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
         meta["backend"].string_value = model.backend_key

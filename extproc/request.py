@@ -13,10 +13,13 @@ from typing import Any
 
 import orjson
 
-from switchyard.extproc.errors import invalid_request
+from switchyard.extproc.errors import GatewayError, invalid_request
 
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
+MAX_WRITTEN_DEPTH = 254
+"""The deepest nesting of arrays and objects (the body's own object counted) that orjson writes.
+It reads 1,024 levels, so a body between the two parses but cannot be written back."""
 
 
 class Endpoint(Enum):
@@ -165,3 +168,16 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ParsedRequest:
         stream=stream,
         capabilities=_capabilities(payload, images),
     )
+
+
+def unwritable(payload: dict[str, Any]) -> GatewayError:
+    """400 for a body that parsed but cannot be written back after "model" is rewritten: it
+    nests deeper than orjson writes (``MAX_WRITTEN_DEPTH``). Names the field that does."""
+    for key, value in payload.items():
+        try:
+            orjson.dumps([value])  # the value at the depth it has inside the body
+        except orjson.JSONEncodeError:
+            return invalid_request(
+                f"'{key}' is nested deeper than {MAX_WRITTEN_DEPTH} levels", param=key
+            )
+    return invalid_request(f"the request body is nested deeper than {MAX_WRITTEN_DEPTH} levels")
