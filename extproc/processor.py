@@ -267,7 +267,10 @@ class Processor:
             try:
                 common.body_mutation.body = orjson.dumps(request.payload)
             except orjson.JSONEncodeError:
-                return immediate(unwritable(request.payload))
+                error = unwritable(request.payload)
+                if span is not None:
+                    span.failed(error)
+                return immediate(error)
         # Direct field writes: Struct.update() costs several times more per request.
         meta = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
         meta["backend"].string_value = model.backend_key
