@@ -267,10 +267,10 @@ class Processor:
             try:
                 common.body_mutation.body = orjson.dumps(request.payload)
             except orjson.JSONEncodeError:
-                error = unwritable(request.payload)
+                too_deep = unwritable(request.payload)
                 if span is not None:
-                    span.failed(error)
-                return immediate(error)
+                    span.failed(too_deep)
+                return immediate(too_deep)
         # Direct field writes: Struct.update() costs several times more per request.
         meta = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
         meta["backend"].string_value = model.backend_key

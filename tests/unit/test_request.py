@@ -117,7 +117,7 @@ def _undecodable_message(attribute: str) -> bytes:
     fields["request.path"].string_value = "/v1/chat/completions"
     fields["request.headers['x-priority']"].string_value = "low"
     fields[attribute].string_value = "\x01\x02\x03"
-    raw = message.SerializeToString()
+    raw: bytes = message.SerializeToString()
     assert raw.count(b"\x01\x02\x03") == 1
     return raw.replace(b"\x01\x02\x03", b"\xff\xfe\x80")
 
