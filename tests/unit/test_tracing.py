@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import grpc
@@ -23,8 +24,11 @@ from switchyard.extproc.h2grpc import GrpcConnection
 from switchyard.extproc.processor import Processor
 from switchyard.extproc.state import RuntimeState
 from switchyard.extproc.tracing import RouteTracer, from_environment, parent_context
+from switchyard.local import runner
+from switchyard.local.documents import LocalGatewaySpec
 from switchyard.operator import tracing as envoy_tracing
 from switchyard.operator.envoy_config import GatewaySettings, build_clusters, build_listener
+from switchyard.operator.policy import PolicyError
 from switchyard.operator.tracing import TraceSettings
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -241,3 +245,26 @@ def test_collector_addresses() -> None:
     assert envoy_tracing.collector_address("https://otel.example") == ("otel.example", 443, True)
     with pytest.raises(ValueError):
         envoy_tracing.collector_address("ftp://otel:21")
+
+
+def test_local_mode_reads_the_document_then_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    doc = {"tracing": {"otlpEndpoint": "127.0.0.1:4317", "samplingRatio": 0.25}}
+    spec = LocalGatewaySpec.model_validate(doc)
+    traces = runner._trace_settings(spec)
+    assert traces == TraceSettings("127.0.0.1:4317", 0.25, "switchyard")
+    env = runner._extproc_environment(traces)
+    assert env is not None and env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://127.0.0.1:4317"
+    assert env["OTEL_SERVICE_NAME"] == "switchyard-extproc"
+    assert runner._extproc_environment(runner._trace_settings(LocalGatewaySpec())) is None
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector.example:4317")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.01")
+    traces = runner._trace_settings(spec)
+    assert traces == TraceSettings("https://collector.example:4317", 0.01, "switchyard")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://nope")
+    with pytest.raises(PolicyError, match="tracing"):
+        runner._trace_settings(spec)
