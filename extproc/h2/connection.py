@@ -649,9 +649,11 @@ class Connection:
         self.send_window -= len(data)
         stream.window -= len(data)
         limit = self.peer_max_frame
-        if len(data) <= limit:
+        # Trailers only (no data) writes no DATA frame: one before a reply's first HEADERS is a
+        # protocol error to the peer.
+        if 0 < len(data) <= limit:
             self.out.append(frame(DATA, 0, stream.id, data))
-        else:
+        elif data:
             for start in range(0, len(data), limit):
                 self.out.append(frame(DATA, 0, stream.id, data[start : start + limit]))
         if trailers is not None:

@@ -474,3 +474,27 @@ def test_the_state_machine_alone_bytes_in_calls_and_bytes_out() -> None:
     assert frames(h2.out[-1]) == [(PING, 1, 0, b"12345678")]
     h2.receive(frame(GOAWAY, 0, 1, bytes(8)))
     assert h2.closed and frames(h2.out[-1])[-1][0] == GOAWAY and not abandoned
+
+
+def test_an_error_before_any_reply_is_trailers_only_with_no_data_frame() -> None:
+    """A DATA frame before a response's first HEADERS is a protocol error to Envoy, which then
+    resets every stream in flight on the connection."""
+    other = b"".join(
+        literal(name, value)
+        for name, value in [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/test.Echo/Other"),
+            (b"te", b"trailers"),
+        ]
+    )
+    conn, transport = connect()
+    transport.written.clear()
+    conn.data_received(
+        frame(HEADERS, END_HEADERS, 1, other) + frame(DATA, END_STREAM, 1, message(b"x"))
+    )
+    on_stream = [
+        (kind, flags) for kind, flags, stream, _ in frames(transport.written) if stream == 1
+    ]
+    assert on_stream and on_stream[0] == (HEADERS, END_HEADERS | END_STREAM), on_stream
+    assert all(kind != DATA for kind, _ in on_stream)
