@@ -374,6 +374,9 @@ def _local_reply_config() -> hcm_pb2.LocalReplyConfig:
     # Left after the upstream flags: a local 503 is the ext_proc failing closed.
     unavailable = mapper(_status_is(503), "server_error", "router_unavailable")
     unavailable.body.inline_string = "the routing service is unavailable; retry shortly"
+    # ...and a local 504 the ext_proc not answering in time (its reply has no body).
+    late = mapper(_status_is(504), "server_error", "router_timeout")
+    late.body.inline_string = "the routing service did not answer in time; retry shortly"
     return hcm_pb2.LocalReplyConfig(
         mappers=[
             mapper(_status_is(413), "invalid_request_error", "request_too_large"),
@@ -385,6 +388,7 @@ def _local_reply_config() -> hcm_pb2.LocalReplyConfig:
                 "%RESPONSE_CODE_DETAILS%",
             ),
             unavailable,
+            late,
         ]
     )
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from urllib.parse import urlsplit
 
-from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -260,8 +260,12 @@ def aggregate_cluster(members: list[pb.Model], api_keys: list[str]) -> cluster_p
         use_downstream_protocol_config=http_pb2.HttpProtocolOptions.UseDownstreamHttpConfig(),
         http_filters=attempt_filters(members, api_keys),
     )
+    # Envoy allows 3 concurrent retries per cluster by default: under load, a failing model's
+    # requests beyond that got its error instead of their fallback.
+    unlimited = circuit_breaker_pb2.CircuitBreakers.Thresholds(max_retries=u32(100000))
     return cluster_pb2.Cluster(
         name=aggregate_name(members[0]),
+        circuit_breakers=circuit_breaker_pb2.CircuitBreakers(thresholds=[unlimited]),
         connect_timeout=seconds(5),
         lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
         cluster_type=cluster_pb2.Cluster.CustomClusterType(
