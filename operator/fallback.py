@@ -178,6 +178,7 @@ function envoy_on_request(handle)
   if current == member.model or (current == nil and key == ROUTED) then return end
   local body = handle:body()
   if body == nil then return end
+  headers = handle:headers()  -- body() waits for the body: the old header object is stale
   local raw = body:getBytes(0, body:length())
   local replacement = '"model":' .. member.model_json
   local rewritten, count = string.gsub(
