@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 EXAMPLES ?= examples/
 
-.PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router bench-control-plane train-router k8s-tools crd clean jaeger
+.PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router bench-control-plane bench-faults train-router k8s-tools crd clean jaeger
 
 install: $(STAMP)
 
@@ -78,6 +78,11 @@ bench-router: $(STAMP)
 ## kubectl apply -> serving latency (p50/p95 over 20 changes) and compile + push of 1,000 policies.
 bench-control-plane: $(STAMP)
 	$(PY) tests/bench/bench_control_plane.py
+
+## Steady traffic through the local gateway while upstreams, an ext_proc worker, the control
+## plane and the policy fail in turn; per fault: ok, failed over, failed, hung, time to recover.
+bench-faults: $(STAMP)
+	$(PY) tests/bench/bench_faults.py
 
 ## Build kube-apiserver, etcd, kubectl and helm from the Go module proxy (cached outside the repo).
 k8s-tools:
