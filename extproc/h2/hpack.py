@@ -388,23 +388,42 @@ def _huffman_fsm() -> tuple[list[tuple[int, bytes, bool]], list[bool]]:
 _FSM, _ACCEPT = _huffman_fsm()
 
 
+def _byte_fsm() -> list[tuple[int, bytes, bool]]:
+    """The nibble automaton composed into 8-bit steps: (state << 8 | byte) → the same triple."""
+    table = []
+    for state in range(len(_FSM) >> 4):
+        for byte in range(256):
+            middle, first, valid = _FSM[(state << 4) | (byte >> 4)]
+            if not valid:
+                table.append((0, b"", False))
+                continue
+            node, second, valid = _FSM[(middle << 4) | (byte & 15)]
+            table.append((node, first + second, valid))
+    return table
+
+
+_BYTE_FSM = _byte_fsm()
+
+
 def huffman_decode(data: bytes) -> bytes:
-    """Decode one Huffman-coded string, a nibble at a time (decoded blocks are also cached)."""
+    """Decode one Huffman-coded string, a byte at a time (decoded strings and blocks are also
+    cached: ``_string``, ``HpackDecoder.decode``)."""
     out = bytearray()
     state = 0
-    fsm = _FSM
+    fsm = _BYTE_FSM
     for byte in data:
-        state, emitted, valid = fsm[(state << 4) | (byte >> 4)]
-        if not valid:
-            raise HpackError("EOS in a Huffman string")
-        out += emitted
-        state, emitted, valid = fsm[(state << 4) | (byte & 15)]
+        state, emitted, valid = fsm[(state << 8) | byte]
         if not valid:
             raise HpackError("EOS in a Huffman string")
         out += emitted
     if not _ACCEPT[state]:
         raise HpackError("bad Huffman padding")
     return bytes(out)
+
+
+# Huffman strings already decoded. A header block that changes the dynamic table (Envoy's
+# per-request ``traceparent`` when tracing) is not cached whole, but most strings in it repeat.
+_STRINGS: dict[bytes, str] = {}
 
 
 def _integer(block: bytes, i: int, prefix: int) -> tuple[int, int]:
@@ -433,7 +452,15 @@ def _string(block: bytes, i: int) -> tuple[str, int]:
     raw = block[i : i + length]
     if len(raw) != length:
         raise HpackError("truncated string")
-    return (huffman_decode(raw) if huffman else raw).decode("latin-1"), i + length
+    if not huffman:
+        return raw.decode("latin-1"), i + length
+    text = _STRINGS.get(raw)
+    if text is None:
+        text = huffman_decode(raw).decode("latin-1")
+        if len(_STRINGS) >= 256:
+            _STRINGS.clear()
+        _STRINGS[raw] = text
+    return text, i + length
 
 
 def encode_integer(value: int, prefix: int, first: int = 0) -> bytes:
