@@ -512,6 +512,7 @@ def extproc_cluster(settings: GatewaySettings) -> cluster_pb2.Cluster:
         connect_timeout=seconds(1),
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
         typed_extension_protocol_options=protocol_options(h2),
+        outlier_detection=_dead_worker_ejection(),
     )
     if settings.extproc_eds:
         cluster.type = cluster_pb2.Cluster.EDS
@@ -525,6 +526,24 @@ def extproc_cluster(settings: GatewaySettings) -> cluster_pb2.Cluster:
     cluster.type = cluster_pb2.Cluster.STRICT_DNS if named else cluster_pb2.Cluster.STATIC
     cluster.load_assignment.CopyFrom(extproc_load_assignment(settings.extproc_endpoints))
     return cluster
+
+
+def _dead_worker_ejection() -> outlier_detection_pb2.OutlierDetection:
+    """A worker that refuses connections (killed, restarting) leaves the rotation at its first
+    failure, and again at the next check after each ejection ends while it is still down
+    (Envoy ejects a host for consecutive failures only once)."""
+    return outlier_detection_pb2.OutlierDetection(
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=u32(1),
+        enforcing_failure_percentage_local_origin=u32(100),
+        failure_percentage_threshold=u32(50),
+        failure_percentage_minimum_hosts=u32(1),
+        failure_percentage_request_volume=u32(1),
+        interval=millis(200),
+        base_ejection_time=seconds(1),
+        max_ejection_time=seconds(5),
+        max_ejection_percent=u32(50),
+    )
 
 
 def extproc_load_assignment(endpoints: list[tuple[str, int]]) -> endpoint_pb2.ClusterLoadAssignment:

@@ -123,7 +123,8 @@ class FaultGateway:
         for process in [*self.replacements, *self.upstreams.values()]:
             _end(process)
         self.gateway.stop()
-        self._watcher.join(timeout=5)
+        if self._watcher.is_alive():
+            self._watcher.join(timeout=5)
         # The ext_proc parent does not stop its other workers once one was killed (its SIGTERM
         # forwarding raises on the dead one), so stop them here.
         for pid in self.workers:

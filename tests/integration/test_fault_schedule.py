@@ -2,9 +2,9 @@
 the local gateway loses nothing while an upstream dies, answers 429, 500 or slowly, the control
 plane is down and a policy edit renames and removes models; every failure is an OpenAI error.
 
-One known gap is pinned rather than hidden: while an ext_proc worker is dead, Envoy keeps
-sending it streams and those requests fail closed (503 router_unavailable) although the other
-worker is healthy."""
+One known gap is pinned rather than hidden: while an ext_proc worker is dead, some requests
+still reach it and fail closed (503 router_unavailable) although the other worker is healthy:
+Envoy ejects it (outlier detection) but does not retry an ext_proc stream elsewhere."""
 
 from __future__ import annotations
 
