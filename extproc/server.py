@@ -8,6 +8,7 @@ once it serves with a routing config, which the metrics port's ``/readyz`` repor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -218,8 +219,11 @@ def _run(
 
     def forward(signum: int, _frame: object) -> None:
         for proc in procs:
-            if proc.pid is not None:
-                os.kill(proc.pid, signum)
+            # A worker that died and was reaped is skipped: signalling it raised here and left
+            # the others running with no parent.
+            if proc.pid is not None and proc.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

@@ -161,10 +161,15 @@ def test_a_dead_worker_fails_both_probes(extproc: ExtProc) -> None:
     wait_until(lambda: extproc.probe("/readyz").status_code == 200, 60, "readiness")
     workers = _workers(extproc.process.pid)
     assert len(workers) == 2, workers
-    os.kill(workers[-1], signal.SIGKILL)
+    # The first: the parent, waiting on it, reaps it at once.
+    os.kill(workers[0], signal.SIGKILL)
     wait_until(lambda: extproc.probe("/healthz").status_code == 503, 30, "liveness failing")
     assert "exited" in extproc.probe("/healthz").text
     assert extproc.probe("/readyz").status_code == 503
+    # Stopping the parent still stops the worker that is left (none is orphaned).
+    extproc.process.send_signal(signal.SIGTERM)
+    extproc.process.wait(timeout=30)
+    wait_until(lambda: not Path(f"/proc/{workers[1]}").exists(), 30, "the other worker's exit")
 
 
 def test_ready_once_the_config_stream_delivered_to_every_worker(tmp_path: Path) -> None:
