@@ -41,6 +41,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
@@ -350,20 +351,44 @@ def _method(method: str) -> rc.HeaderMatcher:
     return rc.HeaderMatcher(name=":method", string_match=string_pb2.StringMatcher(exact=method))
 
 
-def _status_is(status: int) -> accesslog.AccessLogFilter:
+def _status(status: int, op: int = accesslog.ComparisonFilter.EQ) -> accesslog.AccessLogFilter:
     return accesslog.AccessLogFilter(
         status_code_filter=accesslog.StatusCodeFilter(
             comparison=accesslog.ComparisonFilter(
-                op=accesslog.ComparisonFilter.EQ,
+                op=op,
                 value=base_pb2.RuntimeUInt32(default_value=status, runtime_key=f"sy_{status}"),
             )
         )
     )
 
 
+def _status_is(status: int) -> accesslog.AccessLogFilter:
+    return _status(status)
+
+
+# Replies that already carry an OpenAI-style body: the ext_proc's own (their details are
+# switchyard_<code>) and the config's direct responses (/v1/models, unknown paths).
+_OWN_REPLIES = accesslog.AccessLogFilter(
+    extension_filter=accesslog.ExtensionFilter(
+        name="envoy.access_loggers.extension_filters.cel",
+        typed_config=packed(
+            cel_pb2.ExpressionFilter(
+                expression="response.code_details.startsWith('switchyard_') || "
+                "response.code_details == 'direct_response'"
+            )
+        ),
+    )
+)
+
+
 def _local_reply_config() -> hcm_pb2.LocalReplyConfig:
-    def mapper(filter_: accesslog.AccessLogFilter, type_: str, code: str) -> hcm_pb2.ResponseMapper:
-        body = {"message": "%LOCAL_REPLY_BODY%", "type": type_, "code": code, "param": None}
+    def mapper(
+        filter_: accesslog.AccessLogFilter,
+        type_: str,
+        code: str,
+        message: str = "%LOCAL_REPLY_BODY%",
+    ) -> hcm_pb2.ResponseMapper:
+        body = {"message": message, "type": type_, "code": code, "param": None}
         return hcm_pb2.ResponseMapper(
             filter=filter_,
             body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
@@ -377,18 +402,30 @@ def _local_reply_config() -> hcm_pb2.LocalReplyConfig:
     # ...and a local 504 the ext_proc not answering in time (its reply has no body).
     late = mapper(_status_is(504), "server_error", "router_timeout")
     late.body.inline_string = "the routing service did not answer in time; retry shortly"
+    # Envoy's own answers to broken HTTP (431 headers too large, codec 400s, 426 HTTP/1.0, 501
+    # for an unknown transfer coding: a client error, so 400) get the same shape. Their body
+    # may be empty, so the message names the response code details.
+    refused = "the gateway refused the request: %RESPONSE_CODE_DETAILS%"
+    details = "%RESPONSE_CODE_DETAILS%"
+    not_implemented = mapper(_status_is(501), "invalid_request_error", details, refused)
+    not_implemented.status_code.value = 400
+    at_least = accesslog.ComparisonFilter.GE
     return hcm_pb2.LocalReplyConfig(
         mappers=[
+            hcm_pb2.ResponseMapper(filter=_OWN_REPLIES),  # left as they are
             mapper(_status_is(413), "invalid_request_error", "request_too_large"),
             mapper(
                 accesslog.AccessLogFilter(
                     response_flag_filter=accesslog.ResponseFlagFilter(flags=_UPSTREAM_FLAGS)
                 ),
                 "upstream_error",
-                "%RESPONSE_CODE_DETAILS%",
+                details,
             ),
             unavailable,
             late,
+            not_implemented,
+            mapper(_status(500, at_least), "server_error", details, refused),
+            mapper(_status(400, at_least), "invalid_request_error", details, refused),
         ]
     )
 

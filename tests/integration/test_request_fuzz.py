@@ -528,12 +528,6 @@ def all_cases() -> tuple[list[Case], list[Case]]:
 
 # -- checking answers ----------------------------------------------------------------------------
 KNOWN_ISSUES: dict[str, Callable[[Case, httpx.Response], bool]] = {
-    # Envoy's own 431 (request headers over max_request_headers_kb) is text/plain: the local
-    # reply config (operator/envoy_config.py) maps only 413, upstream failures and 503.
-    # Reproduced alone by test_envoy_431_is_openai_style.
-    "envoy 431 is text/plain": lambda case, response: (
-        response.status_code == 431 and response.headers.get("content-type") == "text/plain"
-    ),
     # A body that parses as plain JSON is routed and forwarded with the client's
     # Content-Encoding (gzip, br, ...); the model server then fails to decode it (the demo
     # upstream: aiohttp's 500 text/plain, or a 400 text/plain for br). The gateway reads the body
@@ -846,7 +840,6 @@ def test_malformed_http1_gets_2xx_or_4xx(gateway: Gateway, name: str) -> None:
 
 
 # -- found, outside the parser (reported; strict: they fail loudly once fixed) --------------------
-@pytest.mark.xfail(strict=True, reason="operator/envoy_config.py: no local reply mapper for 431")
 def test_envoy_431_is_openai_style(gateway: Gateway) -> None:
     headers = [(b"content-type", b"application/json"), (b"x-huge", b"h" * 70_000)]
     with new_client(gateway) as client:
@@ -877,7 +870,6 @@ def test_generator_is_deterministic(seed: int) -> None:
     assert len(set(first)) > 190  # and varied
 
 
-@pytest.mark.xfail(strict=True, reason="Envoy's HTTP/1 codec errors are text/plain (no mapper)")
 def test_envoy_codec_errors_are_openai_style(gateway: Gateway) -> None:
     status, headers, body = raw_exchange(gateway, RAW_REQUESTS["header without a colon"])
     assert status == 400
@@ -885,7 +877,6 @@ def test_envoy_codec_errors_are_openai_style(gateway: Gateway) -> None:
     assert_openai_error(body)
 
 
-@pytest.mark.xfail(strict=True, reason="Envoy answers 501 for a transfer coding it lacks")
 def test_unknown_transfer_coding_is_a_4xx(gateway: Gateway) -> None:
     status, _, body = raw_exchange(gateway, UNKNOWN_TRANSFER_CODING)
     assert 400 <= status < 500, (status, body)
