@@ -9,6 +9,7 @@ before left (pytest runs a module's tests in order)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -37,6 +38,8 @@ WAIT_READY = (
     "kubectl wait --namespace switchyard routepolicy/assistant --for=condition=Ready --timeout=60s"
 )
 UNINSTALL = "helm uninstall switchyard --namespace switchyard --wait"
+PORT_FORWARD = "kubectl -n switchyard port-forward svc/switchyard-gateway 8080:80"
+FIRST_REQUEST = "curl -s http://127.0.0.1:8080/v1/chat/completions"
 
 
 def _words(command: str) -> list[str]:
@@ -140,7 +143,7 @@ def install(kube_node: KubeNode, images: dict[str, str]) -> Iterator[Install]:
 
 def test_the_readme_commands_are_the_ones_run() -> None:
     section = README.split("## Install on Kubernetes", 1)[1].split("\n## ", 1)[0]
-    for command in (INSTALL, APPLY, WAIT_READY, UNINSTALL):
+    for command in (INSTALL, APPLY, WAIT_READY, PORT_FORWARD, FIRST_REQUEST, UNINSTALL):
         assert command in section, command
 
 
@@ -173,6 +176,35 @@ def test_a_policy_applied_with_kubectl_routes_the_openai_client(install: Install
     assert seen["bad_messages"]["status"] == 400
     assert seen["bad_messages"]["class"] == "BadRequestError"
     assert seen["bad_json"]["status"] == 400 and seen["bad_json"]["error"]["message"]
+
+
+def test_the_first_request_through_port_forward(install: Install) -> None:
+    """What the README (and NOTES.txt) tell a person to type, from the node's network."""
+    node = install.node
+    env = {**os.environ, "KUBECONFIG": str(node.kubeconfig)}
+    forward = subprocess.Popen(
+        node.netns_argv([str(node.bin_dir / "kubectl"), *_words(PORT_FORWARD)]),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert forward.stdout is not None
+        # kubectl prints this once it listens.
+        assert "Forwarding from 127.0.0.1:8080" in forward.stdout.readline()
+        body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "Hi!"}]})
+        answer = node.run(
+            [*FIRST_REQUEST.split(), "-i", "-H", "content-type: application/json", "-d", body]
+        )
+        assert answer.returncode == 0, answer.stderr
+        head, _, payload = answer.stdout.partition("\n\n")  # text mode: \r\n read as \n
+        assert head.startswith("HTTP/1.1 200"), head
+        assert "x-switchyard-model: light" in head.lower()
+        assert json.loads(payload)["choices"][0]["message"]["content"]
+    finally:
+        forward.terminate()
+        forward.wait(timeout=30)
 
 
 def test_a_deleted_model_pod_fails_over_then_recovers(install: Install) -> None:
