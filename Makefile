@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet -e '.[dev]'
+	@# xds-protos ships an old copy of opentelemetry-proto's files; whichever installs last wins.
+	$(PIP) install --quiet --force-reinstall --no-deps "opentelemetry-proto==$$($(PY) -c \
+		'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	@touch $(STAMP)
 
 # The router's training-only wheels (hash-pinned): make train-router, and the tests of the

@@ -163,7 +163,14 @@ def from_environment(
     if exporter is None:
         if not endpoint:
             return None
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        except ImportError as error:
+            raise RuntimeError(
+                "the OTLP exporter cannot load opentelemetry-proto's messages: xds-protos "
+                "ships an older copy of the same files and was installed after it; run "
+                "pip install --force-reinstall --no-deps opentelemetry-proto==<its version>"
+            ) from error
 
         exporter = OTLPSpanExporter(endpoint if "://" in endpoint else f"http://{endpoint}")
     service = env.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE
