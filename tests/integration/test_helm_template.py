@@ -636,8 +636,11 @@ def test_gateway_bootstrap_runs_ready_only_with_the_operators_config(tmp_path: P
         envoy = subprocess.Popen(envoy_command(docs, config), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{health}"
     try:
-        time.sleep(3)
-        with pytest.raises(OSError):  # no config yet: not even the health listener is up
+        # Envoy is up (its loopback admin answers) but waits for the operator's first config:
+        # not ready, and not even the health listener is up.
+        wait_for(f"http://127.0.0.1:{admin}/server_info", envoy, log_path)
+        assert get(f"http://127.0.0.1:{admin}/ready")[0] == 503
+        with pytest.raises(OSError):
             get(f"{base}/healthz")
         asyncio.run_coroutine_threadsafe(plane.start(f"127.0.0.1:{xds}"), loop).result(30)
         asyncio.run_coroutine_threadsafe(plane.prime(pb.RoutingConfig()), loop).result(30)
@@ -655,7 +658,7 @@ def test_gateway_bootstrap_runs_ready_only_with_the_operators_config(tmp_path: P
         status, _ = get(f"http://127.0.0.1:{http}/v1/models")
         assert status < 500, log_path.read_text()
         assert f"address: 127.0.0.1, port_value: {admin}" in text
-        check_the_prestop_drain(docs, http, envoy, log_path)
+        check_the_prestop_drain(docs, http, admin, envoy, log_path)
     finally:
         envoy.terminate()
         envoy.wait(timeout=30)
@@ -664,7 +667,7 @@ def test_gateway_bootstrap_runs_ready_only_with_the_operators_config(tmp_path: P
 
 
 def check_the_prestop_drain(
-    docs: list[dict[str, Any]], http: int, envoy: subprocess.Popen[bytes], log: Path
+    docs: list[dict[str, Any]], http: int, admin: int, envoy: subprocess.Popen[bytes], log: Path
 ) -> None:
     """The gateway's preStop hook, run as the kubelet runs it (bash -c) against the live Envoy:
     it drains (responses carry `connection: close`), waits for the request in flight, returns,
@@ -674,11 +677,24 @@ def check_the_prestop_drain(
     # A request in flight: its headers are not finished yet.
     held = socket.create_connection(("127.0.0.1", http), timeout=10)
     held.sendall(b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\n")
-    time.sleep(0.5)
+
+    def envoy_holds_it() -> bool:
+        stats = get(f"http://127.0.0.1:{admin}/stats?filter=downstream_cx_active$")[1]
+        return any(
+            line.startswith("http.switchyard.") and line.rsplit(" ", 1)[-1] == "1"
+            for line in stats.splitlines()
+        )
+
+    deadline = time.monotonic() + 30
+    while not envoy_holds_it():
+        assert time.monotonic() < deadline, "Envoy never counted the held connection"
+        time.sleep(0.05)  # poll interval, bounded by the deadline
     started = time.monotonic()
     pre_stop = subprocess.Popen(hook, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        time.sleep(3)  # drainSeconds is 1: the hook now waits for the held request only
+        # Not synchronisation: a bounded negative check. Past drainSeconds (1 s) the hook must
+        # still be running, waiting for the held request.
+        time.sleep(3)
         assert pre_stop.poll() is None, pre_stop.communicate()[0]
         connection = http_client.HTTPConnection("127.0.0.1", http, timeout=10)
         connection.request("GET", "/v1/models")
@@ -695,7 +711,7 @@ def check_the_prestop_drain(
         if pre_stop.poll() is None:
             pre_stop.kill()
         held.close()
-    time.sleep(1)
+    time.sleep(1)  # a bounded negative check: the drain alone must not end Envoy
     assert envoy.poll() is None, log.read_text()  # skip_exit: SIGTERM ends it, not the drain
 
 
