@@ -319,6 +319,34 @@ def build_route_config(
                 response_headers_to_add=json_header,
             )
         ),
+        # The ext_proc reads the body as plain JSON, so a compressed one is refused rather than
+        # routed on garbage and forwarded with an encoding the model server may not read.
+        _no_extproc(
+            rc.Route(
+                name="content_encoding",
+                match=rc.RouteMatch(
+                    prefix="/",
+                    headers=[
+                        rc.HeaderMatcher(name="content-encoding", present_match=True),
+                        rc.HeaderMatcher(
+                            name="content-encoding",
+                            string_match=string_pb2.StringMatcher(
+                                exact="identity", ignore_case=True
+                            ),
+                            invert_match=True,
+                        ),
+                    ],
+                ),
+                direct_response=_error(
+                    415,
+                    "compressed request bodies are not supported; send the JSON uncompressed "
+                    "(no content-encoding)",
+                    "invalid_request_error",
+                    "unsupported_content_encoding",
+                ),
+                response_headers_to_add=json_header,
+            )
+        ),
     ]
     for policy in config.policies:
         routes.extend(_backend_route(policy, m, settings, api_keys) for m in policy.models)

@@ -528,16 +528,6 @@ def all_cases() -> tuple[list[Case], list[Case]]:
 
 # -- checking answers ----------------------------------------------------------------------------
 KNOWN_ISSUES: dict[str, Callable[[Case, httpx.Response], bool]] = {
-    # A body that parses as plain JSON is routed and forwarded with the client's
-    # Content-Encoding (gzip, br, ...); the model server then fails to decode it (the demo
-    # upstream: aiohttp's 500 text/plain, or a 400 text/plain for br). The gateway reads the body
-    # as identity, so it should refuse or strip other codings. Reproduced alone by
-    # test_forwarded_content_encoding_is_refused.
-    "content-encoding forwarded": lambda case, response: (
-        "x-switchyard-model" in response.headers
-        and any(k == b"content-encoding" and v != b"identity" for k, v in case.headers)
-        and not response.headers.get("content-type", "").startswith("application/json")
-    ),
     # A header line over 8,190 bytes passes Envoy (60 KiB limit) and the demo upstream
     # (aiohttp's default max_field_size) answers 400 text/plain, which Envoy passes through.
     "upstream header line limit": lambda case, response: (
@@ -849,15 +839,18 @@ def test_envoy_431_is_openai_style(gateway: Gateway) -> None:
     assert_openai_error(response.content)
 
 
-@pytest.mark.xfail(strict=True, reason="the gateway forwards Content-Encoding it did not decode")
 def test_forwarded_content_encoding_is_refused(gateway: Gateway) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")]
+    """The body is read as plain JSON: a compressed one is refused, never forwarded."""
     with new_client(gateway) as client:
-        response = client.post("/v1/chat/completions", content=GOOD_CHAT, headers=headers)
-    # Fixed either way: refused with an OpenAI-style 4xx (415), or decoded/stripped and served.
-    if response.status_code != 200:
-        assert response.status_code in CLIENT_ERRORS, (response.status_code, response.text)
-        assert_openai_error(response.content)
+        for coding in (b"gzip", b"br", b"GZIP"):
+            headers = [(b"content-type", b"application/json"), (b"content-encoding", coding)]
+            response = client.post("/v1/chat/completions", content=GOOD_CHAT, headers=headers)
+            assert response.status_code == 415, (coding, response.text)
+            assert_openai_error(response.content)
+            assert response.json()["error"]["code"] == "unsupported_content_encoding"
+        identity = [(b"content-type", b"application/json"), (b"content-encoding", b"identity")]
+        response = client.post("/v1/chat/completions", content=GOOD_CHAT, headers=identity)
+        assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("seed", [1, 2])
