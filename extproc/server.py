@@ -26,6 +26,7 @@ from switchyard.extproc.health import ReadyFlag, WorkerReadiness
 from switchyard.extproc.metrics import MetricsServer
 from switchyard.extproc.processor import Processor
 from switchyard.extproc.state import RuntimeState
+from switchyard.extproc.tally import TALLY
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ async def serve(
         host, _, port = listen.rpartition(":")
         server = await loop.create_server(connection, host.strip("[]"), int(port))
     log.info("ext_proc worker %d serving on %s", os.getpid(), listen)
+    TALLY.start(loop)
     if ready is not None:
         ready.set()
     if watcher is not None:
@@ -149,6 +151,7 @@ async def serve(
     for conn in connections:
         conn.goaway()
     await asyncio.sleep(0.2)  # let in-flight streams answer
+    TALLY.stop()
     if tracer is not None:
         await asyncio.to_thread(tracer.shutdown)  # export the spans still queued
 

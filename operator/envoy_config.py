@@ -58,7 +58,12 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf.message import Message
 
 from switchyard.api.v1 import routing_pb2 as pb
-from switchyard.headers import BACKEND_HEADER, EXTPROC_FILTER, METADATA_NAMESPACE
+from switchyard.headers import (
+    BACKEND_HEADER,
+    EXTPROC_FILTER,
+    METADATA_NAMESPACE,
+    RESPONSE_ATTRIBUTES,
+)
 from switchyard.operator import fallback, tracing
 from switchyard.operator.multicluster import service_dns_name
 from switchyard.operator.xds_types import (
@@ -129,9 +134,11 @@ def _error(status: int, message: str, type_: str, code: str) -> rc.DirectRespons
     return rc.DirectResponseAction(status=status, body=inline(body))
 
 
-def _no_extproc(route: rc.Route) -> rc.Route:
+def _with_extproc(route: rc.Route) -> rc.Route:
+    """Enable the ext_proc (off by default on the listener) on a route requests start on."""
+    enabled = ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides())
     route.typed_per_filter_config[EXTPROC_FILTER].CopyFrom(
-        packed(ext_proc_pb2.ExtProcPerRoute(disabled=True))
+        packed(rc.FilterConfig(config=packed(enabled)))
     )
     return route
 
@@ -299,72 +306,62 @@ def build_route_config(
         name=":method", string_match=string_pb2.StringMatcher(exact="POST"), invert_match=True
     )
     routes = [
-        _no_extproc(
-            rc.Route(
-                name="models",
-                match=rc.RouteMatch(path="/v1/models", headers=[_method("GET")]),
-                direct_response=rc.DirectResponseAction(
-                    status=200, body=inline(_models_list(config))
-                ),
-                response_headers_to_add=json_header,
-            )
+        rc.Route(
+            name="models",
+            match=rc.RouteMatch(path="/v1/models", headers=[_method("GET")]),
+            direct_response=rc.DirectResponseAction(status=200, body=inline(_models_list(config))),
+            response_headers_to_add=json_header,
         ),
-        _no_extproc(
-            rc.Route(
-                name="method_not_allowed",
-                match=rc.RouteMatch(safe_regex=inference, headers=[not_post]),
-                direct_response=_error(
-                    405, "use POST on this path", "invalid_request_error", "method_not_allowed"
-                ),
-                response_headers_to_add=json_header,
-            )
+        rc.Route(
+            name="method_not_allowed",
+            match=rc.RouteMatch(safe_regex=inference, headers=[not_post]),
+            direct_response=_error(
+                405, "use POST on this path", "invalid_request_error", "method_not_allowed"
+            ),
+            response_headers_to_add=json_header,
         ),
         # The ext_proc reads the body as plain JSON, so a compressed one is refused rather than
         # routed on garbage and forwarded with an encoding the model server may not read.
-        _no_extproc(
-            rc.Route(
-                name="content_encoding",
-                match=rc.RouteMatch(
-                    prefix="/",
-                    headers=[
-                        rc.HeaderMatcher(name="content-encoding", present_match=True),
-                        rc.HeaderMatcher(
-                            name="content-encoding",
-                            string_match=string_pb2.StringMatcher(
-                                exact="identity", ignore_case=True
-                            ),
-                            invert_match=True,
-                        ),
-                    ],
-                ),
-                direct_response=_error(
-                    415,
-                    "compressed request bodies are not supported; send the JSON uncompressed "
-                    "(no content-encoding)",
-                    "invalid_request_error",
-                    "unsupported_content_encoding",
-                ),
-                response_headers_to_add=json_header,
-            )
+        rc.Route(
+            name="content_encoding",
+            match=rc.RouteMatch(
+                prefix="/",
+                headers=[
+                    rc.HeaderMatcher(name="content-encoding", present_match=True),
+                    rc.HeaderMatcher(
+                        name="content-encoding",
+                        string_match=string_pb2.StringMatcher(exact="identity", ignore_case=True),
+                        invert_match=True,
+                    ),
+                ],
+            ),
+            direct_response=_error(
+                415,
+                "compressed request bodies are not supported; send the JSON uncompressed "
+                "(no content-encoding)",
+                "invalid_request_error",
+                "unsupported_content_encoding",
+            ),
+            response_headers_to_add=json_header,
         ),
     ]
     for policy in config.policies:
         routes.extend(_backend_route(policy, m, settings, api_keys) for m in policy.models)
-    routes.append(_unrouted(config, rc.RouteMatch(safe_regex=inference)))
+    # The only route a request starts on with the ext_proc: codec errors and the direct
+    # responses above never open an ext_proc stream, not even for their response.
+    routes.append(_with_extproc(_unrouted(config, rc.RouteMatch(safe_regex=inference))))
     routes.append(
-        _no_extproc(
-            rc.Route(
-                name="not_found",
-                match=rc.RouteMatch(prefix="/"),
-                direct_response=_error(
-                    404,
-                    "unknown path; this gateway serves /v1/chat/completions, "
-                    "/v1/completions and /v1/models",
-                    "invalid_request_error",
-                    "unknown_url",
-                ),
-                response_headers_to_add=json_header,
-            )
+        rc.Route(
+            name="not_found",
+            match=rc.RouteMatch(prefix="/"),
+            direct_response=_error(
+                404,
+                "unknown path; this gateway serves /v1/chat/completions, "
+                "/v1/completions and /v1/models",
+                "invalid_request_error",
+                "unknown_url",
+            ),
+            response_headers_to_add=json_header,
         )
     )
     return route_pb2.RouteConfiguration(
@@ -476,7 +473,9 @@ def _ext_proc(
             request_header_mode=mode.SKIP,
             response_header_mode=mode.SKIP,
             request_body_mode=mode.BUFFERED,
-            response_body_mode=mode.NONE,
+            # The response passes chunk by chunk (never buffered): usage and cost are read
+            # from it, and a usage chunk the client did not ask for is removed.
+            response_body_mode=mode.STREAMED,
             request_trailer_mode=mode.SKIP,
             response_trailer_mode=mode.SKIP,
         ),
@@ -486,12 +485,13 @@ def _ext_proc(
             )
         ),
         request_attributes=request_attributes(config),
+        response_attributes=list(RESPONSE_ATTRIBUTES),
         allow_mode_override=False,
     )
 
 
-def _filter(name: str, config: Message) -> hcm_pb2.HttpFilter:
-    return hcm_pb2.HttpFilter(name=name, typed_config=packed(config))
+def _filter(name: str, config: Message, disabled: bool = False) -> hcm_pb2.HttpFilter:
+    return hcm_pb2.HttpFilter(name=name, typed_config=packed(config), disabled=disabled)
 
 
 def build_listener(config: pb.RoutingConfig, settings: GatewaySettings) -> listener_pb2.Listener:
@@ -513,7 +513,7 @@ def build_listener(config: pb.RoutingConfig, settings: GatewaySettings) -> liste
         local_reply_config=_local_reply_config(),
         http_filters=[
             _filter("envoy.filters.http.header_mutation", strip_backend),
-            _filter(EXTPROC_FILTER, _ext_proc(config, settings)),
+            _filter(EXTPROC_FILTER, _ext_proc(config, settings), disabled=True),
             # Holds the request headers until the whole body has passed the ext_proc, so the
             # router sees the routing header the ext_proc set from the body.
             _filter(
@@ -578,6 +578,7 @@ def extproc_cluster(settings: GatewaySettings) -> cluster_pb2.Cluster:
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
         typed_extension_protocol_options=protocol_options(h2),
         outlier_detection=_dead_worker_ejection(),
+        circuit_breakers=_EXTPROC_STREAMS,
     )
     if settings.extproc_eds:
         cluster.type = cluster_pb2.Cluster.EDS
@@ -591,6 +592,19 @@ def extproc_cluster(settings: GatewaySettings) -> cluster_pb2.Cluster:
     cluster.type = cluster_pb2.Cluster.STRICT_DNS if named else cluster_pb2.Cluster.STATIC
     cluster.load_assignment.CopyFrom(extproc_load_assignment(settings.extproc_endpoints))
     return cluster
+
+
+# A routed request holds its ext_proc stream until its response ends (usage is read from the
+# response), so concurrent streams = requests in flight, long LLM responses included. Envoy's
+# default of 1,024 would cap the gateway there; workers bound each connection to
+# MAX_CONCURRENT_STREAMS (extproc/h2/limits.py) and Envoy opens more connections past it.
+_EXTPROC_STREAMS = circuit_breaker_pb2.CircuitBreakers(
+    thresholds=[
+        circuit_breaker_pb2.CircuitBreakers.Thresholds(
+            max_requests=u32(1 << 20), max_pending_requests=u32(1 << 16)
+        )
+    ]
+)
 
 
 def _dead_worker_ejection() -> outlier_detection_pb2.OutlierDetection:

@@ -183,6 +183,14 @@ def test_envoy_and_extproc_spans_form_one_trace(
     assert 0 <= tags["switchyard.router.difficulty"] <= 1
     assert tags["switchyard.router.category"]
     assert tags["switchyard.classifier.duration_ms"] >= 0
+    # the request's span carries the usage and cost read from the response
+    ingress = _tags(spans[grand["spanID"]])
+    usage = response.json()["usage"]
+    assert int(ingress["gen_ai.usage.input_tokens"]) == usage["prompt_tokens"]
+    assert int(ingress["gen_ai.usage.output_tokens"]) == usage["completion_tokens"]
+    assert ingress["gen_ai.response.model"] == response.headers["x-switchyard-upstream-model"]
+    assert ingress["switchyard.served_model"] == response.headers["x-switchyard-model"]
+    assert float(ingress["switchyard.cost_usd"]) > 0
     # the prompt text is in no span of the trace, Envoy's or ours
     for span in trace["spans"]:
         for key, value in _tags(span).items():
@@ -199,3 +207,61 @@ def test_sampling_zero_makes_no_extproc_span(
     finally:
         _stop(gateway)  # the ext_proc has flushed: a span it made would be in Jaeger now
     assert jaeger.traces("sy-none-extproc") == []
+
+
+def test_a_fallback_shows_both_attempts(
+    tmp_path_factory: pytest.TempPathFactory, jaeger: Jaeger
+) -> None:
+    first = free_port_block(2)
+    ports = {"failing": first, "steady": first + 1}
+    models = [
+        {
+            "name": name,
+            "backend": {"url": f"http://127.0.0.1:{port}"},
+            "upstreamModel": f"{name}-v1",
+            "pricing": {"inputPer1M": 1, "outputPer1M": 2},
+            **({"fallbacks": ["steady"]} if name == "failing" else {}),
+        }
+        for name, port in ports.items()
+    ]
+    policy = {
+        "apiVersion": "switchyard.dev/v1alpha1",
+        "kind": "RoutePolicy",
+        "metadata": {"name": "resilient", "namespace": "default"},
+        "spec": {
+            "match": {"models": ["auto"]},
+            "models": models,
+            "strategy": {"type": "rules", "default": "failing"},
+        },
+    }
+    demo = [
+        {"name": "failing", "port": ports["failing"], "failureRate": 1.0},
+        {"name": "steady", "port": ports["steady"]},
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    tracing = {"otlpEndpoint": f"127.0.0.1:{jaeger.otlp_port}", "serviceName": "sy-fallback"}
+    with mock.patch.dict(os.environ, env, clear=True):
+        gateway = start_gateway(
+            tmp_path_factory.mktemp("fallback"), policy, demoUpstreams=demo, tracing=tracing
+        )
+    try:
+        body = {"model": "failing", "messages": [{"role": "user", "content": "hello"}]}
+        response = httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-switchyard-model"] == "steady"
+        (trace,) = jaeger.wait(lambda: jaeger.traces("sy-fallback"), "Envoy's spans")
+    finally:
+        _stop(gateway)
+    attempts = sorted(
+        (s for s in trace["spans"] if s["operationName"].startswith("router ")),
+        key=lambda s: s["startTime"],
+    )
+    assert [_tags(s)["switchyard.upstream.model"] for s in attempts] == ["failing", "steady"]
+    assert [_tags(s)["http.status_code"] for s in attempts] == ["503", "200"]
+    (ingress,) = [s for s in trace["spans"] if s["operationName"] == "ingress"]
+    tags = _tags(ingress)
+    assert (tags["switchyard.model"], tags["switchyard.served_model"]) == ("failing", "steady")
+    usage = response.json()["usage"]
+    assert int(tags["gen_ai.usage.output_tokens"]) == usage["completion_tokens"]
+    cost = (usage["prompt_tokens"] * 1 + usage["completion_tokens"] * 2) / 1e6
+    assert float(tags["switchyard.cost_usd"]) == pytest.approx(cost)
