@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 EXAMPLES ?= examples/
 
-.PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router bench-control-plane bench-faults train-router k8s-tools crd clean jaeger
+.PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router bench-control-plane bench-faults train-router k8s-tools crd clean jaeger prometheus
 
 install: $(STAMP)
 
@@ -44,7 +44,11 @@ h2spec:
 jaeger:
 	bash tests/infra/build_jaeger.sh
 
-test: $(STAMP) $(TRAIN_STAMP) node-tools k8s-tools h2spec jaeger
+## Build Prometheus (scrapes the operator in tests/integration) from the Go module proxy.
+prometheus:
+	bash tests/infra/build_prometheus.sh
+
+test: $(STAMP) $(TRAIN_STAMP) node-tools k8s-tools h2spec jaeger prometheus
 	$(PY) -m pytest tests -q
 
 test-unit: $(STAMP)

@@ -34,6 +34,7 @@ from switchyard.api.v1 import config_stream_pb2_grpc as cs_grpc
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.config_stream import ConfigStreamServer
 from switchyard.operator.envoy_config import ApiKeys, GatewaySettings, extproc_load_assignment
+from switchyard.operator.metrics import OperatorMetrics
 from switchyard.operator.xds_server import (
     CLUSTER,
     ENDPOINT,
@@ -73,12 +74,15 @@ class ControlPlane:
         on_envoy_nack: Callable[[str, str, str, str], None] | None = None,
         on_extproc_nack: Callable[[str, str, str], None] | None = None,
         api_keys: ApiKeys | None = None,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.api_keys = api_keys
         self.ack_timeout_s = ack_timeout_s
-        self.ads = AdsServer(on_envoy_nack)
-        self.stream = ConfigStreamServer(on_extproc_nack)
+        self.metrics = metrics or OperatorMetrics()
+        self.ads = AdsServer(on_envoy_nack, self.metrics)
+        self.stream = ConfigStreamServer(on_extproc_nack, self.metrics)
+        self.metrics.follow(self.ads, self.stream)
         self._server: grpc.aio.Server | None = None
         self._lock = asyncio.Lock()
         self._extproc_endpoints: Resources | None = None
@@ -122,12 +126,19 @@ class ControlPlane:
         """The first config, published before any Envoy or ext_proc is connected (no
         ordering to keep, nobody to wait for)."""
         async with self._lock:
+            self.metrics.config_started()
             await self._publish(build_snapshot(config, self.settings, self.api_keys))
             await self.stream.publish(config)
 
     async def apply(self, config: pb.RoutingConfig) -> ApplyResult:
         """Deliver ``config`` to every Envoy and ext_proc, in the order described above."""
+        result = await self._apply(config)
+        self.metrics.applied(result)
+        return result
+
+    async def _apply(self, config: pb.RoutingConfig) -> ApplyResult:
         async with self._lock:
+            self.metrics.config_started()
             started = time.monotonic()
             final = build_snapshot(config, self.settings, self.api_keys)
             previous, previous_config = self.ads.snapshot, self.stream.config

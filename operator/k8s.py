@@ -30,6 +30,7 @@ from switchyard.operator.autoscaling import (
 from switchyard.operator.control_plane import ControlPlane
 from switchyard.operator.crd import GROUP, PLURAL, VERSION
 from switchyard.operator.envoy_config import GatewaySettings, system_ca_file
+from switchyard.operator.metrics import MetricsServer
 from switchyard.operator.multicluster import (
     CLUSTER_LABEL,
     KUBECONFIG_KEY,
@@ -71,6 +72,8 @@ class OperatorSettings:
     extproc_workers: int = 1
     # host:port of kopf's liveness endpoint (GET /healthz); "" = none.
     health_listen: str = ""
+    # host:port of the Prometheus endpoint (GET /metrics, operator/metrics.py); "" = none.
+    metrics_listen: str = ""
     # OpenTelemetry traces from the gateway Envoy (operator/tracing.py); "" = none.
     otlp_endpoint: str = ""
     trace_sampling: float = 1.0
@@ -122,6 +125,9 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
     for document in documents:
         await asyncio.to_thread(load_api_keys, document["metadata"]["namespace"], document["spec"])
     await reconciler.restore(documents)
+    if SETTINGS.metrics_listen:
+        _state["metrics"] = MetricsServer(plane.metrics, SETTINGS.metrics_listen)
+        await _state["metrics"].start()
     port = await plane.start(SETTINGS.xds_listen)
     log.info("xDS and config stream on port %d; %d policies restored", port, len(documents))
 
@@ -162,6 +168,8 @@ async def _stop(**_: Any) -> None:
     if "extproc_watch" in _state:
         _state["extproc_watch"].stop()
     await _reconciler().plane.stop()
+    if "metrics" in _state:
+        await _state["metrics"].stop()
 
 
 def policy_document(body: kopf.Body | dict[str, Any]) -> dict[str, Any]:

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument(
         "--health-listen", default="", help="host:port serving GET /healthz (liveness); '' = off"
     )
+    op.add_argument(
+        "--metrics-listen", default="", help="host:port serving Prometheus GET /metrics; '' = off"
+    )
     op.add_argument("--namespace", action="append", default=[], help="watch only these")
     op.add_argument("--fail-open-model", default="", help="model served when ext_proc is down")
     op.add_argument(
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 extproc_port=args.extproc_port,
                 extproc_workers=args.extproc_workers,
                 health_listen=args.health_listen,
+                metrics_listen=args.metrics_listen,
                 otlp_endpoint=args.otlp_endpoint,
                 trace_sampling=args.trace_sampling,
                 trace_service_name=args.trace_service_name,

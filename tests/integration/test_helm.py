@@ -53,6 +53,7 @@ def test_helm_install_creates_the_data_and_control_plane(kube: KubeControlPlane)
     assert "--extproc-port=9002" in args
     assert "--extproc-workers=1" in args
     assert "--health-listen=0.0.0.0:8081" in args
+    assert "--metrics-listen=0.0.0.0:9464" in args
     assert not [a for a in args if a.startswith("--extproc=")]
     assert "--data-plane-namespace=switchyard" in args
     assert "--gateway-deployment=sy-gateway" in args

@@ -110,6 +110,9 @@ def test_helm_lint_passes_strictly() -> None:
         (["gateway.service.type=External"], ["/gateway/service/type", "LoadBalancer"]),
         (["extproc.workers=0"], ["/extproc/workers", "minimum"]),
         (["extproc.metricsPort=0"], ["/extproc/metricsPort", "minimum"]),
+        (["operator.metricsPort=0"], ["/operator/metricsPort", "minimum"]),
+        (["metrics.serviceMonitor.interval=soon"], ["/metrics/serviceMonitor/interval"]),
+        (["metrics.serviceMonitor.enable=true"], ["/metrics/serviceMonitor", "enable"]),
         (["networkPolicy.enabled=maybe"], ["/networkPolicy/enabled", "boolean"]),
         (["ingress.enabled=true"], ["/ingress/hosts", "minItems"]),
         (["httpRoute.enabled=true"], ["/httpRoute/parentRefs", "minItems"]),
@@ -138,7 +141,8 @@ def test_bad_values_fail_with_a_message_naming_the_value(
             ["extproc.workers=3", "extproc.metricsPort=9004"],
             "must not be one of the workers' ports",
         ),
-        (["operator.healthPort=18000"], "operator.xdsPort and operator.healthPort must differ"),
+        (["operator.healthPort=18000"], "operator.xdsPort (18000), operator.healthPort (18000)"),
+        (["operator.metricsPort=8081"], "and operator.metricsPort (8081) must differ"),
     ],
 )
 def test_colliding_ports_are_refused(sets: list[str], message: str) -> None:
@@ -333,6 +337,48 @@ def test_operator_follows_the_headless_extproc_service(default_docs: list[dict[s
     }
 
 
+def test_operator_metrics_are_served_and_scrapable(default_docs: list[dict[str, Any]]) -> None:
+    operator = container(default_docs, "operator")
+    assert "--metrics-listen=0.0.0.0:9464" in operator["args"]
+    assert named_port(operator, "metrics") == 9464
+    annotations = deployment(default_docs, "operator")["spec"]["template"]["metadata"]
+    assert annotations["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9464",
+        "prometheus.io/path": "/metrics",
+    }
+    service = one(default_docs, "Service", f"{RELEASE}-xds")
+    assert {"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"} in (
+        service["spec"]["ports"]
+    )
+    assert not find(default_docs, "ServiceMonitor")
+    docs = render(
+        values={
+            "operator": {"metricsPort": 9100, "podAnnotations": {"team": "llm"}},
+            "metrics": {"serviceMonitor": {"enabled": True, "interval": "15s",
+                                           "labels": {"release": "kube-prometheus"}}},
+        }
+    )  # fmt: skip
+    assert "--metrics-listen=0.0.0.0:9100" in container(docs, "operator")["args"]
+    pod = deployment(docs, "operator")["spec"]["template"]["metadata"]["annotations"]
+    assert pod["prometheus.io/port"] == "9100" and pod["team"] == "llm"
+    monitor = one(docs, "ServiceMonitor", f"{RELEASE}-operator")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus"
+    service = one(docs, "Service", f"{RELEASE}-xds")
+    # the ServiceMonitor selects exactly the Service that has the metrics port
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    matching = [
+        s for s in find(docs, "Service")
+        if selector.items() <= s["metadata"]["labels"].items()
+    ]  # fmt: skip
+    assert matching == [service]
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "15s"}
+    assert any(p["name"] == "metrics" and p["port"] == 9100 for p in service["spec"]["ports"])
+
+
 def test_extproc_flags_and_gpu(default_docs: list[dict[str, Any]]) -> None:
     args = container(default_docs, "extproc")["args"]
     assert args[0] == "extproc"
@@ -438,11 +484,15 @@ def test_network_policies(default_docs: list[dict[str, Any]]) -> None:
         "ports": [{"port": 9464, "protocol": "TCP"}],
         "from": [{"namespaceSelector": {}}],
     }
-    # operator xDS: only from the gateway and ext_proc pods, nothing else
-    (xds,) = policies[f"{RELEASE}-operator"]["ingress"]
+    # operator xDS: only from the gateway and ext_proc pods; metrics: from the metrics namespaces
+    xds, operator_metrics = policies[f"{RELEASE}-operator"]["ingress"]
     assert xds == {
         "from": [{"podSelector": selects("gateway")}, {"podSelector": selects("extproc")}],
         "ports": [{"port": 18000, "protocol": "TCP"}],
+    }
+    assert operator_metrics == {
+        "ports": [{"port": 9464, "protocol": "TCP"}],
+        "from": [{"namespaceSelector": {}}],
     }
     # gateway HTTP: from everyone by default; its health listener (/stats/prometheus): metrics
     http, health = policies[f"{RELEASE}-gateway"]["ingress"]
@@ -475,6 +525,7 @@ def test_network_policies_follow_their_values() -> None:
     assert gateway["ingress"][1]["from"] == [{"namespaceSelector": monitoring}]
     assert extproc["ingress"][0]["ports"] == [{"port": 9002, "endPort": 9005, "protocol": "TCP"}]
     assert extproc["ingress"][1]["from"] == [{"namespaceSelector": monitoring}]
+    assert operator["ingress"][1]["from"] == [{"namespaceSelector": monitoring}]
     dns = {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
     for spec in (gateway, extproc, operator):
         assert spec["policyTypes"] == ["Ingress", "Egress"]

@@ -117,7 +117,8 @@ topologySpreadConstraints:
 {{- if and (ge (int $e.metricsPort) (int $e.port)) (le (int $e.metricsPort) (int $last)) -}}
 {{- fail (printf "extproc.metricsPort (%v) must not be one of the workers' ports %v-%v (extproc.port + worker)" $e.metricsPort $e.port $last) -}}
 {{- end -}}
-{{- if eq (int .Values.operator.xdsPort) (int .Values.operator.healthPort) -}}
-{{- fail (printf "operator.xdsPort and operator.healthPort must differ (both %v)" .Values.operator.xdsPort) -}}
+{{- $o := .Values.operator -}}
+{{- if or (eq (int $o.xdsPort) (int $o.healthPort)) (eq (int $o.xdsPort) (int $o.metricsPort)) (eq (int $o.healthPort) (int $o.metricsPort)) -}}
+{{- fail (printf "operator.xdsPort (%v), operator.healthPort (%v) and operator.metricsPort (%v) must differ" $o.xdsPort $o.healthPort $o.metricsPort) -}}
 {{- end -}}
 {{- end -}}
