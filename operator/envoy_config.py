@@ -60,6 +60,7 @@ from google.protobuf.message import Message
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.headers import BACKEND_HEADER, EXTPROC_FILTER, METADATA_NAMESPACE
 from switchyard.operator import fallback, tracing
+from switchyard.operator.envoy_tls import EnvoyMtls, upstream_mtls
 from switchyard.operator.multicluster import service_dns_name
 from switchyard.operator.xds_types import (
     ADD_IF_ABSENT,
@@ -110,6 +111,8 @@ class GatewaySettings:
     otlp_endpoint: str = ""
     trace_sampling: float = 1.0
     trace_service_name: str = tracing.DEFAULT_SERVICE
+    # mTLS to the ext_proc workers (operator/envoy_tls.py); None: plaintext.
+    extproc_tls: EnvoyMtls | None = None
 
 
 _CA_FILES = (
@@ -579,6 +582,8 @@ def extproc_cluster(settings: GatewaySettings) -> cluster_pb2.Cluster:
         typed_extension_protocol_options=protocol_options(h2),
         outlier_detection=_dead_worker_ejection(),
     )
+    if settings.extproc_tls is not None:
+        cluster.transport_socket.CopyFrom(upstream_mtls(settings.extproc_tls))
     if settings.extproc_eds:
         cluster.type = cluster_pb2.Cluster.EDS
         cluster.eds_cluster_config.eds_config.CopyFrom(ADS)
