@@ -172,9 +172,7 @@ def test_peers_without_a_certificate_from_the_ca_are_refused(
     # The workers are still up and serving, holding no more sockets and barely more memory.
     for _ in range(4):
         chat(mtls_gateway)
-    wait_until(
-        lambda: _ext_proc_usage(mtls_gateway)[0] <= fds_before, 10, "refused sockets closed"
-    )
+    wait_until(lambda: _ext_proc_usage(mtls_gateway)[0] <= fds_before, 10, "refused sockets closed")
     fds_after, rss_after = _ext_proc_usage(mtls_gateway)
     assert rss_after - rss_before < 8 * 1024, (rss_before, rss_after)
     assert fds_after <= fds_before
