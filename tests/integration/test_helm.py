@@ -130,6 +130,7 @@ def test_helm_upgrade_keeps_selectors_and_adds_an_ingress(kube: KubeControlPlane
     base = ["--namespace", "upgrade", "--create-namespace"]
     helm(kube, "install", "up", str(CHART), *base)
     before = json.loads(kube.kubectl("get", "deploy", "-n", "upgrade", "-o", "json"))["items"]
+    tls_before = kube.kubectl("get", "secret", "up-tls", "-n", "upgrade", "-o=jsonpath={.data}")
     helm(
         kube, "upgrade", "up", str(CHART), *base, "--reuse-values",
         "--set", "extproc.workers=2",
@@ -146,6 +147,10 @@ def test_helm_upgrade_keeps_selectors_and_adds_an_ingress(kube: KubeControlPlane
     assert {d["metadata"]["name"]: d["spec"]["selector"] for d in before} == {
         d["metadata"]["name"]: d["spec"]["selector"] for d in after
     }
+    # The generated mTLS certificates are found again (lookup), not generated anew.
+    tls_after = kube.kubectl("get", "secret", "up-tls", "-n", "upgrade", "-o=jsonpath={.data}")
+    assert "ca.crt" in json.loads(tls_before)
+    assert tls_after == tls_before
     extproc = next(d for d in after if d["metadata"]["name"] == "up-extproc")
     spec = extproc["spec"]["template"]["spec"]
     assert "--workers=2" in spec["containers"][0]["args"]
@@ -156,7 +161,7 @@ def test_helm_upgrade_keeps_selectors_and_adds_an_ingress(kube: KubeControlPlane
     assert ingress["spec"]["rules"][0]["host"] == "llm.example.com"
     assert "2" in helm(kube, "history", "up", "-n", "upgrade")
     helm(kube, "uninstall", "up", "-n", "upgrade")
-    kinds = "deploy,svc,ingress,networkpolicy,configmap,role,rolebinding,sa"
+    kinds = "deploy,svc,ingress,networkpolicy,configmap,secret,role,rolebinding,sa"
     left = kube.kubectl(
         "get", kinds, "-n", "upgrade", "-l", "app.kubernetes.io/instance=up", "-o", "name"
     )
