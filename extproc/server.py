@@ -130,11 +130,11 @@ async def serve(
         connections.add(conn)
         return conn
 
-    context = tls.server_context() if tls is not None else None
     secure: dict[str, Any] = {}
-    if context is not None:
+    if tls is not None:
+        context = tls.server_context()
         secure = {"ssl": context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S}
-        background.append(asyncio.create_task(_reload_tls(tls, context)))  # type: ignore[arg-type]
+        background.append(asyncio.create_task(_reload_tls(tls, context)))
     if listen.startswith("unix:"):
         path = Path(listen.removeprefix("unix:"))
         path.unlink(missing_ok=True)  # left by a worker that was killed
