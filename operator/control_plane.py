@@ -47,6 +47,7 @@ from switchyard.operator.xds_server import (
     build_snapshot,
     pack,
 )
+from switchyard.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,16 @@ class ControlPlane:
             self._extproc_endpoints = self._endpoints_resource([])
         self.port = 0
 
-    async def start(self, address: str = "127.0.0.1:0") -> int:
-        """Listen on ``address``; returns the bound port."""
+    async def start(self, address: str = "127.0.0.1:0", tls: TlsFiles | None = None) -> int:
+        """Listen on ``address`` (mTLS with ``tls``: client certificates required); returns
+        the bound port."""
         server = grpc.aio.server()
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, server)
         cs_grpc.add_ConfigStreamServicer_to_server(self.stream, server)
-        self.port = server.add_insecure_port(address)
+        if tls is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, tls.grpc_server_credentials())
         await server.start()
         self._server = server
         return self.port

@@ -65,6 +65,7 @@ from switchyard.headers import (
     RESPONSE_ATTRIBUTES,
 )
 from switchyard.operator import fallback, tracing
+from switchyard.operator.envoy_tls import EnvoyMtls, upstream_mtls
 from switchyard.operator.multicluster import service_dns_name
 from switchyard.operator.xds_types import (
     ADD_IF_ABSENT,
@@ -115,6 +116,8 @@ class GatewaySettings:
     otlp_endpoint: str = ""
     trace_sampling: float = 1.0
     trace_service_name: str = tracing.DEFAULT_SERVICE
+    # mTLS to the ext_proc workers (operator/envoy_tls.py); None: plaintext.
+    extproc_tls: EnvoyMtls | None = None
 
 
 _CA_FILES = (
@@ -580,6 +583,8 @@ def extproc_cluster(settings: GatewaySettings) -> cluster_pb2.Cluster:
         outlier_detection=_dead_worker_ejection(),
         circuit_breakers=_EXTPROC_STREAMS,
     )
+    if settings.extproc_tls is not None:
+        cluster.transport_socket.CopyFrom(upstream_mtls(settings.extproc_tls))
     if settings.extproc_eds:
         cluster.type = cluster_pb2.Cluster.EDS
         cluster.eds_cluster_config.eds_config.CopyFrom(ADS)

@@ -30,6 +30,7 @@ from switchyard.operator.autoscaling import (
 from switchyard.operator.control_plane import ControlPlane
 from switchyard.operator.crd import GROUP, PLURAL, VERSION
 from switchyard.operator.envoy_config import GatewaySettings, system_ca_file
+from switchyard.operator.envoy_tls import EnvoyMtls
 from switchyard.operator.metrics import MetricsServer
 from switchyard.operator.multicluster import (
     CLUSTER_LABEL,
@@ -43,6 +44,7 @@ from switchyard.operator.multicluster import (
 )
 from switchyard.operator.policy import Autoscaling, RoutePolicy
 from switchyard.operator.reconciler import Condition, ModelEndpoints, Outcome, Reconciler
+from switchyard.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,20 @@ class OperatorSettings:
     otlp_endpoint: str = ""
     trace_sampling: float = 1.0
     trace_service_name: str = "switchyard"
+    # mTLS (switchyard/tls.py): the operator's certificate directory ("" = plaintext), where
+    # the gateway Envoy finds its SDS files, and the name the ext_proc's certificate carries.
+    tls_dir: str = ""
+    gateway_sds_dir: str = "/etc/envoy"
+    extproc_server_name: str = ""
+
+    def extproc_tls(self) -> EnvoyMtls | None:
+        """How the gateway reaches the ext_proc over mTLS; None without ``tls_dir``."""
+        if not self.tls_dir:
+            return None
+        name = self.extproc_server_name or "localhost"
+        if not self.extproc_server_name and self.extproc_service:
+            name = f"{self.extproc_service}.{self.data_plane_namespace}.svc"
+        return EnvoyMtls(sds_dir=self.gateway_sds_dir, server_name=name)
 
 
 SETTINGS = OperatorSettings()
@@ -103,6 +119,7 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
             otlp_endpoint=SETTINGS.otlp_endpoint,
             trace_sampling=SETTINGS.trace_sampling,
             trace_service_name=SETTINGS.trace_service_name,
+            extproc_tls=SETTINGS.extproc_tls(),
         ),
     )
     directory = EndpointDirectory(SETTINGS.cluster_name, SETTINGS.region)
@@ -128,7 +145,8 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
     if SETTINGS.metrics_listen:
         _state["metrics"] = MetricsServer(plane.metrics, SETTINGS.metrics_listen)
         await _state["metrics"].start()
-    port = await plane.start(SETTINGS.xds_listen)
+    tls = TlsFiles.from_dir(SETTINGS.tls_dir) if SETTINGS.tls_dir else None
+    port = await plane.start(SETTINGS.xds_listen, tls)
     log.info("xDS and config stream on port %d; %d policies restored", port, len(documents))
 
 
@@ -545,6 +563,11 @@ def run_operator(settings: OperatorSettings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if settings.extproc_service and not settings.data_plane_namespace:
         raise SystemExit("--extproc-service needs --data-plane-namespace (where it runs)")
+    if settings.tls_dir:
+        try:
+            TlsFiles.from_dir(settings.tls_dir).check()
+        except FileNotFoundError as exc:
+            raise SystemExit(f"--tls-dir: {exc}") from None
     liveness = f"http://{settings.health_listen}/healthz" if settings.health_listen else None
     asyncio.run(
         kopf.operator(

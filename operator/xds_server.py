@@ -44,6 +44,7 @@ from switchyard.operator.envoy_config import (
     build_listener,
     build_route_config,
 )
+from switchyard.operator.envoy_tls import EnvoyMtls, upstream_mtls
 from switchyard.operator.metrics import ENVOY, OperatorMetrics
 from switchyard.operator.races import first_completed
 from switchyard.operator.xds_types import packed, protocol_options
@@ -213,9 +214,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
 
 def ads_bootstrap_message(
-    node_id: str, admin_port: int, xds_host: str, xds_port: int
+    node_id: str, admin_port: int, xds_host: str, xds_port: int, tls: EnvoyMtls | None = None
 ) -> bootstrap_pb2.Bootstrap:
-    """Envoy bootstrap that takes listeners, routes and clusters from this ADS server."""
+    """Envoy bootstrap that takes listeners, routes and clusters from this ADS server (over
+    mTLS with ``tls``)."""
     h2 = http_pb2.HttpProtocolOptions(
         explicit_http_config=http_pb2.HttpProtocolOptions.ExplicitHttpConfig(
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
@@ -241,6 +243,8 @@ def ads_bootstrap_message(
             ],
         ),
     )
+    if tls is not None:
+        xds.transport_socket.CopyFrom(upstream_mtls(tls))
     grpc_service = grpc_service_pb2.GrpcService(
         envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)
     )

@@ -8,6 +8,7 @@ import sys
 
 EXECUTION_PROVIDERS = ("auto", "cpu", "cuda")
 EXECUTION_PROVIDER_ENV = "SWITCHYARD_EXECUTION_PROVIDER"
+TLS_DIR_ENV = "SWITCHYARD_TLS_DIR"  # switchyard.tls.TLS_DIR_ENV (not imported: it loads grpc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get(EXECUTION_PROVIDER_ENV, "cpu"),
         help=f"where router bundles run (default: ${EXECUTION_PROVIDER_ENV} or cpu); auto: CUDA "
         "for encoder bundles when available; CUDA without a GPU falls back to CPU with a warning",
+    )
+    extproc.add_argument(
+        "--tls-dir",
+        default=os.environ.get(TLS_DIR_ENV, ""),
+        help=f"serve mTLS (and use it for the config stream) with tls.crt, tls.key and ca.crt "
+        f"in this directory (default: ${TLS_DIR_ENV}; '' = plaintext)",
     )
 
     demo = sub.add_parser("demo-upstream", help="run one OpenAI-compatible demo model server")
@@ -111,6 +118,23 @@ def main(argv: list[str] | None = None) -> int:
         "--trace-sampling", type=float, default=1.0, help="share of requests traced, 0..1"
     )
     op.add_argument("--trace-service-name", default="switchyard", help="service of Envoy's spans")
+    op.add_argument(
+        "--tls-dir",
+        default="",
+        help="mTLS on the xDS/config stream port and from Envoy to the ext_proc, with tls.crt, "
+        "tls.key and ca.crt in this directory; '' = plaintext",
+    )
+    op.add_argument(
+        "--gateway-sds-dir",
+        default="/etc/envoy",
+        help="where the gateway Envoy finds its SDS files (sds-certificate.json, sds-ca.json)",
+    )
+    op.add_argument(
+        "--extproc-server-name",
+        default="",
+        help="DNS name Envoy expects in the ext_proc's certificate (and sends as SNI); default: "
+        "<extproc-service>.<data-plane-namespace>.svc, or localhost",
+    )
 
     router = sub.add_parser("router", help="router model tools (score, eval)", add_help=False)
     router.add_argument("rest", nargs=argparse.REMAINDER)
@@ -122,6 +146,16 @@ def main(argv: list[str] | None = None) -> int:
         return run_local(args.file, port=args.port, state_dir=args.state_dir)
     if args.command == "extproc":
         from switchyard.extproc.server import run_workers
+
+        if args.tls_dir:
+            from switchyard.tls import TlsFiles
+
+            try:
+                TlsFiles.from_dir(args.tls_dir).check()
+            except FileNotFoundError as exc:
+                extproc.error(str(exc))
+            # The worker processes (spawned) read it from their environment.
+            os.environ[TLS_DIR_ENV] = args.tls_dir
 
         if args.execution_provider not in EXECUTION_PROVIDERS:  # argparse skips the default
             extproc.error(
@@ -178,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                 otlp_endpoint=args.otlp_endpoint,
                 trace_sampling=args.trace_sampling,
                 trace_service_name=args.trace_service_name,
+                tls_dir=args.tls_dir,
+                gateway_sds_dir=args.gateway_sds_dir,
+                extproc_server_name=args.extproc_server_name,
             )
         )
     if args.command == "router":

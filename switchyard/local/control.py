@@ -18,8 +18,10 @@ from google.protobuf import json_format
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.control_plane import ApplyResult, ControlPlane
 from switchyard.operator.envoy_config import GatewaySettings
+from switchyard.operator.envoy_tls import EnvoyMtls
 from switchyard.operator.xds_server import ads_bootstrap_message
 from switchyard.operator.xds_types import packed
+from switchyard.tls import TlsFiles
 
 T = TypeVar("T")
 NODE_ID = "switchyard-local"
@@ -30,8 +32,14 @@ MAX_CONNECTIONS = 50000
 class LocalControlPlane:
     """A ControlPlane serving on 127.0.0.1 (a free port) from a background thread."""
 
-    def __init__(self, settings: GatewaySettings, ack_timeout_s: float = ACK_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        ack_timeout_s: float = ACK_TIMEOUT_S,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.plane = ControlPlane(settings, ack_timeout_s)
+        self.tls = tls
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="control-plane", daemon=True
@@ -46,7 +54,7 @@ class LocalControlPlane:
     def start(self, config: pb.RoutingConfig) -> int:
         """Listen and serve ``config`` to whoever connects; returns the port."""
         self._thread.start()
-        self.port = self._run(self.plane.start("127.0.0.1:0"))
+        self.port = self._run(self.plane.start("127.0.0.1:0", self.tls))
         self._run(self.plane.prime(config))
         return self.port
 
@@ -65,9 +73,12 @@ class LocalControlPlane:
         rejected = self.plane.stream.rejected_policies(version)
         return {key: sorted(set(why.values()))[0] for key, why in sorted(rejected.items())}
 
-    def write_bootstrap(self, directory: Path, admin_port: int) -> Path:
-        """Envoy's bootstrap: everything but the control plane itself comes over ADS."""
-        bootstrap = ads_bootstrap_message(NODE_ID, admin_port, "127.0.0.1", self.port)
+    def write_bootstrap(
+        self, directory: Path, admin_port: int, tls: EnvoyMtls | None = None
+    ) -> Path:
+        """Envoy's bootstrap: everything but the control plane itself comes over ADS (over
+        mTLS with ``tls``)."""
+        bootstrap = ads_bootstrap_message(NODE_ID, admin_port, "127.0.0.1", self.port, tls)
         limit = downstream_connections_pb2.DownstreamConnectionsConfig(
             max_active_downstream_connections=MAX_CONNECTIONS
         )

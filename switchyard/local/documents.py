@@ -58,6 +58,12 @@ class LocalGatewaySpec(_Doc):
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     extproc_timeout_ms: int = Field(default=500, ge=10)
     demo_upstreams: list[DemoUpstream] = Field(default_factory=list)
+    tls_dir: str = Field(
+        default="",
+        description="mTLS between Envoy, the ext_proc and the control plane with the "
+        "certificates in this directory (tls.crt, tls.key, ca.crt; the certificate names "
+        "localhost and 127.0.0.1, for server and client use); empty: plaintext",
+    )
     tracing: Tracing = Field(default_factory=Tracing)
 
 

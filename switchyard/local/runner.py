@@ -32,13 +32,17 @@ from switchyard.local.documents import LocalGatewaySpec, LocalInputs, load_input
 from switchyard.operator import tracing
 from switchyard.operator.compiler import CompileError, compile_config
 from switchyard.operator.envoy_config import GatewaySettings
+from switchyard.operator.envoy_tls import EnvoyMtls, write_sds_files
 from switchyard.operator.policy import PolicyError
+from switchyard.tls import TlsFiles
 
 log = logging.getLogger("switchyard.up")
 
 WATCH_SECONDS = 0.2
 _MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 START_TIMEOUT_S = 60.0
+LOCAL_SERVER_NAME = "localhost"
+"""The DNS name Envoy expects in the ext_proc's certificate in local mode (tlsDir)."""
 
 
 def envoy_binary() -> str:
@@ -148,6 +152,19 @@ def _extproc_environment(traces: tracing.TraceSettings) -> dict[str, str] | None
     }
 
 
+def _tls(spec: LocalGatewaySpec, state_dir: Path) -> tuple[TlsFiles | None, EnvoyMtls | None]:
+    """The spec's ``tlsDir`` as the Python sides' files and Envoy's SDS settings (the SDS
+    files go to ``state_dir/sds``); PolicyError when a file is missing."""
+    if not spec.tls_dir:
+        return None, None
+    files = TlsFiles.from_dir(Path(spec.tls_dir).resolve())
+    try:
+        files.check()
+    except FileNotFoundError as exc:
+        raise PolicyError(f"tlsDir: {exc}") from None
+    return files, EnvoyMtls(sds_dir=str(state_dir / "sds"), server_name=LOCAL_SERVER_NAME)
+
+
 def _warn(message: str) -> None:
     print(f"switchyard: {message}", file=sys.stderr, flush=True)
 
@@ -171,6 +188,8 @@ class LocalGateway:
             self.extproc_listen = f"127.0.0.1:{self.spec.extproc_port}"
         self.extproc_addresses = worker_addresses(self.extproc_listen, self.workers)
         self.traces = _trace_settings(self.spec)
+        self.state_dir = state_dir.resolve()
+        self.tls, self.envoy_tls = _tls(self.spec, self.state_dir)
         self.settings = GatewaySettings(
             listen_address=self.spec.listen_address,
             listen_port=self.spec.port,
@@ -180,9 +199,9 @@ class LocalGateway:
             otlp_endpoint=self.traces.otlp_endpoint,
             trace_sampling=self.traces.sampling,
             trace_service_name=self.traces.service_name,
+            extproc_tls=self.envoy_tls,
         )
-        self.state_dir = state_dir.resolve()
-        self.control = LocalControlPlane(self.settings)
+        self.control = LocalControlPlane(self.settings, tls=self.tls)
         self.admin = EnvoyAdmin(self.spec.admin_port)
         self.children: list[subprocess.Popen[bytes]] = []
         self.config = compile_config(inputs.policies, self.spec.fail_open_model)
@@ -225,10 +244,15 @@ class LocalGateway:
                 str(self.workers),
                 "--metrics-port",
                 str(self.spec.metrics_port),
+                *(["--tls-dir", str(self.tls.cert.parent)] if self.tls is not None else []),
             ],
             env=_extproc_environment(self.traces),
         )
-        bootstrap = self.control.write_bootstrap(self.state_dir, self.spec.admin_port)
+        if self.tls is not None:
+            write_sds_files(self.state_dir / "sds", str(self.tls.cert.parent))
+        bootstrap = self.control.write_bootstrap(
+            self.state_dir, self.spec.admin_port, self.envoy_tls
+        )
         concurrency = self.spec.envoy_concurrency or os.cpu_count() or 1
         self._spawn(
             [

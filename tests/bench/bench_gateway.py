@@ -225,10 +225,12 @@ def bench_policy(upstream_port: int, bundle: str) -> dict[str, object]:
 
 @contextmanager
 def gateway(
-    directory: Path, policy: dict[str, object], workers: int, concurrency: int
+    directory: Path, policy: dict[str, object], workers: int, concurrency: int, **spec: object
 ) -> Iterator[Gateway]:
-    """`switchyard up` serving ``policy``."""
-    running = start_gateway(directory, policy, extprocWorkers=workers, envoyConcurrency=concurrency)
+    """`switchyard up` serving ``policy`` (``spec``: more LocalGateway fields)."""
+    running = start_gateway(
+        directory, policy, extprocWorkers=workers, envoyConcurrency=concurrency, **spec
+    )
     try:
         yield running
     finally:
@@ -432,6 +434,53 @@ def _span(values: list[float], fmt: str) -> str:
     return format(low, fmt) if f"{low:{fmt}}" == f"{high:{fmt}}" else f"{low:{fmt}}-{high:{fmt}}"
 
 
+def tls_ab(args: argparse.Namespace) -> int:
+    """Plaintext vs mTLS between Envoy, the ext_proc and the control plane: two gateways
+    with the ext_proc on TCP (as in Kubernetes), wrk against each in turn, ``rounds`` times."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "infra"))
+    from certs import ThrowawayCA
+
+    upstream_port = free_port_block()
+    policy = bench_policy(upstream_port, args.bundle)
+    setups: dict[str, tuple[str, dict[str, list[int]]]] = {}
+    runs: dict[str, list[dict[str, float]]] = {"plaintext": [], "mtls": []}
+    with (
+        envoy(instant_upstream(upstream_port), 1, upstream_port) as upstream,
+        tempfile.TemporaryDirectory() as tmp,
+        ExitStack() as stack,
+    ):
+        tls_dir = ThrowawayCA.new().write_dir(Path(tmp) / "tls")
+        for name, extra in [("plaintext", {}), ("mtls", {"tlsDir": str(tls_dir)})]:
+            (Path(tmp) / name).mkdir()
+            running = stack.enter_context(
+                gateway(Path(tmp) / name, policy, args.workers, args.concurrency,
+                        extprocTransport="tcp", **extra)
+            )  # fmt: skip
+            parts = {**gateway_components(running), "upstream": [upstream.pid]}
+            setups[name] = (f"{running.base_url}/chat/completions", parts)
+        workers = len(setups["mtls"][1]["ext_proc"])
+        for _ in range(args.rounds):
+            for name, (url, parts) in setups.items():
+                runs[name].append(run_wrk(url, args.seconds, args.connections, parts))
+    print(
+        f"\nwrk 1 thread, {args.connections} connections, {args.seconds}s per run after a 2s "
+        f"warm-up, {os.cpu_count()} cores; Envoy --concurrency {args.concurrency}, {workers} "
+        f"ext_proc worker(s) on TCP, router {args.bundle}"
+    )
+    print(f"{'setup':<18}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'steal%':>7}{'others%':>8}")
+    for plain, mtls in zip(runs["plaintext"], runs["mtls"], strict=True):
+        print(_row("plaintext", plain))
+        print(_row("mtls", mtls))
+    ratios = [m["rps"] / p["rps"] for p, m in zip(runs["plaintext"], runs["mtls"], strict=True)]
+    extra = [
+        m["cpu ext_proc"] - p["cpu ext_proc"]
+        for p, m in zip(runs["plaintext"], runs["mtls"], strict=True)
+    ]
+    print(f"throughput ratio (mtls / plaintext): {_span(ratios, '.3f')}")
+    print(f"ext_proc CPU added per request by mTLS: {_span(extra, '.3f')} ms")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=10)
@@ -449,7 +498,14 @@ def main() -> int:
         action="store_false",
         help="skip Envoy + the Go no-op ext_proc (the floor of any external processor)",
     )
+    parser.add_argument(
+        "--tls-ab",
+        action="store_true",
+        help="only compare the gateway with plaintext and with mTLS to its ext_proc (TCP)",
+    )
     args = parser.parse_args()
+    if args.tls_ab:
+        return tls_ab(args)
     upstream_port, direct_port = free_port_block(), free_port_block()
     pairs: list[tuple[dict[str, float], dict[str, float]]] = []
     single: list[tuple[dict[str, float], dict[str, float]]] = []

@@ -6,6 +6,7 @@ installs the chart into a real kube-apiserver."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client as http_client
 import json
 import socket
@@ -20,7 +21,9 @@ from typing import Any
 
 import pytest
 import yaml
+from certs import ThrowawayCA
 from gateway_harness import REPO
+from google.protobuf import json_format
 from kube import k8s_bin_dir
 
 from switchyard.api.v1 import routing_pb2 as pb
@@ -28,10 +31,13 @@ from switchyard.local.ports import free_port_block
 from switchyard.local.runner import envoy_binary
 from switchyard.operator.control_plane import ControlPlane
 from switchyard.operator.envoy_config import GatewaySettings
+from switchyard.operator.envoy_tls import EnvoyMtls, sds_documents, upstream_mtls
+from switchyard.tls import TlsFiles
 
 CHART = REPO / "helm" / "switchyard"
 RELEASE, NAMESPACE = "sy", "switchyard"
 COMPONENTS = ("operator", "gateway", "extproc")
+XDS_HOST, EXTPROC_HOST = f"{RELEASE}-xds.{NAMESPACE}.svc", f"{RELEASE}-extproc.{NAMESPACE}.svc"
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -612,6 +618,18 @@ def bootstrap(docs: list[dict[str, Any]]) -> str:
     return config_map["data"]["envoy.yaml"]  # type: ignore[no-any-return]
 
 
+def mounted_config(docs: list[dict[str, Any]], tmp_path: Path) -> Path:
+    """The Envoy ConfigMap in ``tmp_path/envoy`` and a certificate naming the Services in
+    ``tmp_path/tls`` (the Secret's mount), paths pointed there; the bootstrap's path."""
+    envoy_dir, tls = tmp_path / "envoy", tmp_path / "tls"
+    ThrowawayCA.new().write_dir(tls, hosts=[XDS_HOST, EXTPROC_HOST])
+    envoy_dir.mkdir()
+    for name, content in one(docs, "ConfigMap", f"{RELEASE}-envoy")["data"].items():
+        local = content.replace("/etc/switchyard/tls", str(tls))
+        (envoy_dir / name).write_text(local.replace("/etc/envoy", str(envoy_dir)))
+    return envoy_dir / "envoy.yaml"
+
+
 def envoy_command(docs: list[dict[str, Any]], config: Path) -> list[str]:
     """The gateway container's command line as the pod runs it, the bootstrap at ``config``."""
     c = container(docs, "gateway")
@@ -621,11 +639,12 @@ def envoy_command(docs: list[dict[str, Any]], config: Path) -> list[str]:
     return [envoy_binary(), *args]
 
 
-@pytest.mark.parametrize("sets", [[], ["gateway.concurrency=2", "gateway.healthPort=9000"]])
+@pytest.mark.parametrize(
+    "sets", [[], ["gateway.concurrency=2", "gateway.healthPort=9000"], ["tls.enabled=false"]]
+)
 def test_rendered_bootstrap_passes_envoy_validate(sets: list[str], tmp_path: Path) -> None:
     docs = render(*sets)
-    config = tmp_path / "envoy.yaml"
-    config.write_text(bootstrap(docs))
+    config = mounted_config(docs, tmp_path)
     result = subprocess.run(
         [*envoy_command(docs, config), "--mode", "validate"],
         capture_output=True,
@@ -660,9 +679,9 @@ def wait_for(url: str, envoy: subprocess.Popen[bytes], log: Path, timeout: float
 
 def test_gateway_bootstrap_runs_ready_only_with_the_operators_config(tmp_path: Path) -> None:
     """Envoy on the rendered bootstrap and command line, fed by the operator's control plane
-    (primed with no policy, as the operator starts): not ready before the config, ready after;
-    the health listener serves /healthz, /ready and /stats/prometheus and nothing else of the
-    admin interface."""
+    (primed with no policy, as the operator starts) over mTLS with the chart's SDS files: not
+    ready before the config, ready after; the health listener serves /healthz, /ready and
+    /stats/prometheus and nothing else of the admin interface."""
     first = free_port_block(4)
     http, health, admin, xds = first, first + 1, first + 2, first + 3
     docs = render(
@@ -672,16 +691,25 @@ def test_gateway_bootstrap_runs_ready_only_with_the_operators_config(tmp_path: P
         f"operator.xdsPort={xds}",
         "gateway.drainSeconds=1",
     )
-    # The only change: the xDS Service's name resolves to loopback here.
+    # The only changes: the xDS Service's name resolves to loopback here, and the ConfigMap and
+    # the certificate's Secret are folders of tmp_path.
     text = bootstrap(docs)
     assert "address: sy-xds.switchyard.svc," in text
-    config = tmp_path / "envoy.yaml"
-    config.write_text(text.replace("address: sy-xds.switchyard.svc,", "address: 127.0.0.1,"))
+    config = mounted_config(docs, tmp_path)
+    envoy_dir, tls = config.parent, tmp_path / "tls"
+    config.write_text(
+        config.read_text().replace("address: sy-xds.switchyard.svc,", "address: 127.0.0.1,")
+    )
     log_path = tmp_path / "envoy.log"
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     plane = ControlPlane(
-        GatewaySettings(listen_address="127.0.0.1", listen_port=http, extproc_eds=True)
+        GatewaySettings(
+            listen_address="127.0.0.1",
+            listen_port=http,
+            extproc_eds=True,
+            extproc_tls=EnvoyMtls(str(envoy_dir), EXTPROC_HOST),
+        )
     )
     with log_path.open("w") as log:
         envoy = subprocess.Popen(envoy_command(docs, config), stdout=log, stderr=subprocess.STDOUT)
@@ -693,7 +721,8 @@ def test_gateway_bootstrap_runs_ready_only_with_the_operators_config(tmp_path: P
         assert get(f"http://127.0.0.1:{admin}/ready")[0] == 503
         with pytest.raises(OSError):
             get(f"{base}/healthz")
-        asyncio.run_coroutine_threadsafe(plane.start(f"127.0.0.1:{xds}"), loop).result(30)
+        serving = plane.start(f"127.0.0.1:{xds}", TlsFiles.from_dir(tls))
+        asyncio.run_coroutine_threadsafe(serving, loop).result(30)
         asyncio.run_coroutine_threadsafe(plane.prime(pb.RoutingConfig()), loop).result(30)
         wait_for(f"{base}/healthz", envoy, log_path)
         assert get(f"{base}/ready") == (200, "LIVE\n")
@@ -709,6 +738,13 @@ def test_gateway_bootstrap_runs_ready_only_with_the_operators_config(tmp_path: P
         status, _ = get(f"http://127.0.0.1:{http}/v1/models")
         assert status < 500, log_path.read_text()
         assert f"address: 127.0.0.1, port_value: {admin}" in text
+        # over mTLS, and the operator's ext_proc cluster took the chart's SDS files
+        assert (
+            "cluster.switchyard_xds.ssl.handshake: 1"
+            in get(f"http://127.0.0.1:{admin}/stats?filter=switchyard_xds.ssl.handshake")[1]
+        )
+        clusters = get(f"http://127.0.0.1:{admin}/config_dump?resource=dynamic_active_clusters")
+        assert "switchyard_certificate" in clusters[1]
         check_the_prestop_drain(docs, http, admin, envoy, log_path)
     finally:
         envoy.terminate()
@@ -799,3 +835,90 @@ def test_tracing_values_reach_the_operator_and_the_extproc(
             input=json.dumps({"tracing": bad}),
         )
         assert result.returncode != 0 and "/tracing/" in result.stderr, (bad, result.stderr)
+
+
+# --- mTLS: where the certificate comes from, and who mounts it ------------------------------
+
+TLS_DIR = "/etc/switchyard/tls"
+
+
+def tls_secret_names(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """Component → the Secret its ``tls`` volume mounts (read-only at TLS_DIR)."""
+    found = {}
+    for component in COMPONENTS:
+        volumes = {v["name"]: v for v in pod_spec(docs, component)["volumes"]}
+        mounts = {m["name"]: m for m in container(docs, component)["volumeMounts"]}
+        if "tls" in volumes:
+            assert mounts["tls"] == {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}
+            assert volumes["tls"]["secret"]["defaultMode"] == 0o440
+            found[component] = volumes["tls"]["secret"]["secretName"]
+        else:
+            assert "tls" not in mounts
+    return found
+
+
+def test_tls_by_default_with_certificates_helm_generates(
+    default_docs: list[dict[str, Any]],
+) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    assert tls_secret_names(default_docs) == {c: f"{RELEASE}-tls" for c in COMPONENTS}
+    secret = one(default_docs, "Secret", f"{RELEASE}-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    pems = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    cert = x509.load_pem_x509_certificate(pems["tls.crt"])
+    ca = x509.load_pem_x509_certificate(pems["ca.crt"])
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {XDS_HOST, EXTPROC_HOST} <= set(names.get_values_for_type(x509.DNSName))
+    usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(usages)
+    assert not find(default_docs, "Certificate")
+    # Every side is told to use it, and expects the names the certificate carries.
+    assert f"--tls-dir={TLS_DIR}" in container(default_docs, "extproc")["args"]
+    operator_args = container(default_docs, "operator")["args"]
+    assert {f"--tls-dir={TLS_DIR}", f"--extproc-server-name={EXTPROC_HOST}",
+            "--gateway-sds-dir=/etc/envoy"} <= set(operator_args)  # fmt: skip
+    config_map = one(default_docs, "ConfigMap", f"{RELEASE}-envoy")["data"]
+    # The chart's SDS files and xDS transport socket are those the operator builds.
+    for name, document in sds_documents(TLS_DIR).items():
+        assert json.loads(config_map[name]) == document
+    xds = yaml.safe_load(config_map["envoy.yaml"])["static_resources"]["clusters"][1]
+    built = upstream_mtls(EnvoyMtls("/etc/envoy", XDS_HOST))
+    assert xds["transport_socket"] == json_format.MessageToDict(
+        built, preserving_proto_field_name=True
+    )
+
+
+def test_tls_from_an_existing_secret() -> None:
+    docs = render("tls.existingSecret=my-certs")
+    assert tls_secret_names(docs) == {c: "my-certs" for c in COMPONENTS}
+    assert not find(docs, "Secret") and not find(docs, "Certificate")
+
+
+def test_tls_from_a_cert_manager_issuer() -> None:
+    docs = render(
+        "tls.certManager.issuer.name=internal-ca", "tls.certManager.issuer.kind=ClusterIssuer"
+    )
+    assert tls_secret_names(docs) == {c: f"{RELEASE}-tls" for c in COMPONENTS}
+    assert not find(docs, "Secret")
+    certificate = one(docs, "Certificate", f"{RELEASE}-tls")
+    spec = certificate["spec"]
+    assert spec["secretName"] == f"{RELEASE}-tls"
+    assert {XDS_HOST, EXTPROC_HOST} <= set(spec["dnsNames"])
+    assert {"server auth", "client auth"} <= set(spec["usages"])
+    assert spec["issuerRef"] == {
+        "name": "internal-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"
+    }  # fmt: skip
+
+
+def test_tls_off_leaves_every_link_plaintext() -> None:
+    docs = render("tls.enabled=false")
+    assert tls_secret_names(docs) == {}
+    assert not find(docs, "Secret") and not find(docs, "Certificate")
+    for component in COMPONENTS:
+        assert not any(a.startswith("--tls-dir") for a in container(docs, component)["args"])
+    config_map = one(docs, "ConfigMap", f"{RELEASE}-envoy")["data"]
+    assert set(config_map) == {"envoy.yaml"}
+    assert "transport_socket" not in config_map["envoy.yaml"]
