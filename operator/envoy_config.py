@@ -260,12 +260,33 @@ def request_attributes(config: pb.RoutingConfig) -> list[str]:
     return ["request.path", *(f"request.headers['{h}']" for h in config.request_headers)]
 
 
-def _unrouted(config: pb.RoutingConfig, match: rc.RouteMatch) -> rc.Route:
-    """The inference route before the ext_proc decides, and for requests it did not route.
+def _unrouted(config: pb.RoutingConfig, match: rc.RouteMatch) -> list[rc.Route]:
+    """The inference routes before the ext_proc decides, and for requests it did not route.
 
-    The ext_proc runs here with the attributes this config needs. Requests reach the route's
-    own action only when the ext_proc was skipped (no body) or, failing open, unreachable.
+    A request that says its body is empty (``content-length: 0``) never reaches the ext_proc
+    (it reads bodies): it gets a 400 here. Every other request starts on the last route, with
+    the ext_proc, and reaches that route's own action only when the ext_proc did not route it:
+    the ext_proc failed (unreachable, timed out), or the request had no body yet no length (an
+    HTTP/1 POST with neither a length nor chunked encoding, an HTTP/2 request ended with its
+    headers). The filter always fails open, so that a failing ext_proc never cuts a response it
+    is reading (usage accounting); this action is where the configured fail mode applies: the
+    fail-open model, or a 503 whose message names both causes.
     """
+    json_header = [header("content-type", "application/json")]
+    zero_length = rc.HeaderMatcher(
+        name="content-length", string_match=string_pb2.StringMatcher(exact="0")
+    )
+    empty = rc.Route(
+        name="empty_body",
+        match=rc.RouteMatch(safe_regex=match.safe_regex, headers=[zero_length]),
+        direct_response=_error(
+            400,
+            "the request body is empty; send a JSON object",
+            "invalid_request_error",
+            "empty_body",
+        ),
+        response_headers_to_add=json_header,
+    )
     if config.fail_open_backend:
         model = next(
             m
@@ -285,18 +306,20 @@ def _unrouted(config: pb.RoutingConfig, match: rc.RouteMatch) -> rc.Route:
         route.typed_per_filter_config[LUA_FILTER].CopyFrom(
             packed(_rewrite_model_lua(model.upstream_model))
         )
-        return route
-    return rc.Route(
-        name="unrouted",
-        match=match,
-        direct_response=_error(
-            400,
-            "the request body is empty; send a JSON object",
-            "invalid_request_error",
-            "empty_body",
-        ),
-        response_headers_to_add=[header("content-type", "application/json")],
-    )
+    else:
+        route = rc.Route(
+            name="unrouted",
+            match=match,
+            direct_response=_error(
+                503,
+                "the routing service is unavailable; retry shortly (or, if the request had no "
+                "body, send a JSON object)",
+                "server_error",
+                "router_unavailable",
+            ),
+            response_headers_to_add=json_header,
+        )
+    return [empty, _with_extproc(route)]
 
 
 def build_route_config(
@@ -352,7 +375,7 @@ def build_route_config(
         routes.extend(_backend_route(policy, m, settings, api_keys) for m in policy.models)
     # The only route a request starts on with the ext_proc: codec errors and the direct
     # responses above never open an ext_proc stream, not even for their response.
-    routes.append(_with_extproc(_unrouted(config, rc.RouteMatch(safe_regex=inference))))
+    routes.extend(_unrouted(config, rc.RouteMatch(safe_regex=inference)))
     routes.append(
         rc.Route(
             name="not_found",
@@ -468,8 +491,10 @@ def _ext_proc(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER),
             timeout=timeout,
         ),
-        # Unreachable ext_proc: continue unrouted to the fail-open model, or answer 503.
-        failure_mode_allow=bool(config.fail_open_backend),
+        # An ext_proc that fails lets the request continue unrouted, to the inference route's
+        # own action (the fail-open model, or a 503), and a response it was reading continue
+        # unread: a failing worker never cuts a response in flight.
+        failure_mode_allow=True,
         status_on_error=http_status_pb2.HttpStatus(code=http_status_pb2.ServiceUnavailable),
         message_timeout=timeout,
         processing_mode=mode(
