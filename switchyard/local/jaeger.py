@@ -54,12 +54,19 @@ def cached_binary() -> Path | None:
     return binary if fresh and os.access(binary, os.X_OK) else None
 
 
+GO_FALLBACKS: tuple[str, ...] = ("/usr/local/go/bin/go",)
+"""Where Go's own installer puts it, when ``go`` is not on PATH."""
+
+
 def _go() -> str | None:
-    found = os.environ.get("GO") or shutil.which("go")
+    """The go command: ``$GO``, else ``go`` on PATH, else a usual install location."""
+    named = os.environ.get("GO")
+    if named:
+        return named if os.access(named, os.X_OK) else None
+    found = shutil.which("go")
     if found:
         return found
-    default = Path("/usr/local/go/bin/go")
-    return str(default) if default.exists() else None
+    return next((path for path in GO_FALLBACKS if os.access(path, os.X_OK)), None)
 
 
 def jaeger_binary(say: Callable[[str], None]) -> str:
