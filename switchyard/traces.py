@@ -93,7 +93,7 @@ class JaegerQuery:
         now = time.time()
         found: list[Trace] = []
         for window in _WINDOWS_S:
-            found = self.traces(service, _SEARCH_LIMIT, window, now)
+            found = self.traces(service, max(_SEARCH_LIMIT, count), window, now)
             if len(found) >= count:
                 break
         return sorted(found, key=trace_start)[-count:] if count > 0 else []
