@@ -40,9 +40,9 @@ up: $(STAMP)
 h2spec:
 	bash tests/infra/build_h2spec.sh
 
-## Build Jaeger (trace store + UI, tests/integration/test_tracing.py) from the Go module proxy.
+## Build Jaeger (trace store + query API: switchyard up --jaeger, switchyard traces) from the Go module proxy.
 jaeger:
-	bash tests/infra/build_jaeger.sh
+	bash switchyard/local/build_jaeger.sh
 
 ## Build Prometheus (scrapes the operator in tests/integration) from the Go module proxy.
 prometheus:

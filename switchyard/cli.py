@@ -20,6 +20,27 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("-f", "--file", action="append", required=True, help="policy file or folder")
     up.add_argument("--port", type=int, default=None, help="gateway listen port (overrides file)")
     up.add_argument("--state-dir", default=".switchyard", help="where generated config lives")
+    up.add_argument(
+        "--jaeger",
+        action="store_true",
+        help="run a local Jaeger (built from the Go module proxy on first use, or "
+        "$SWITCHYARD_JAEGER) and trace every request into it (LocalGateway spec.tracing.jaeger)",
+    )
+
+    traces = sub.add_parser(
+        "traces", help="print the last requests as span trees, from Jaeger's query API"
+    )
+    traces.add_argument("--last", type=int, default=5, help="how many requests (default 5)")
+    traces.add_argument(
+        "--jaeger",
+        default="",
+        help="Jaeger's query URL (default: the one `switchyard up --jaeger` runs with "
+        "--state-dir, else http://127.0.0.1:16686)",
+    )
+    traces.add_argument(
+        "--service", default="switchyard", help="service name of the gateway's spans"
+    )
+    traces.add_argument("--state-dir", default=".switchyard", help="`switchyard up`'s state dir")
 
     extproc = sub.add_parser("extproc", help="run ext_proc worker processes")
     extproc.add_argument(
@@ -143,7 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         from switchyard.local.runner import run_local
 
-        return run_local(args.file, port=args.port, state_dir=args.state_dir)
+        return run_local(args.file, port=args.port, state_dir=args.state_dir, jaeger=args.jaeger)
+    if args.command == "traces":
+        from pathlib import Path
+
+        from switchyard.local.jaeger import running_url
+        from switchyard.traces import DEFAULT_URL, run_traces
+
+        if args.last < 1:
+            traces.error(f"--last {args.last}: expected 1 or more")
+        url = args.jaeger or running_url(Path(args.state_dir)) or DEFAULT_URL
+        return run_traces(url, args.service, args.last)
     if args.command == "extproc":
         from switchyard.extproc.server import run_workers
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from envoy.extensions.resource_monitors.downstream_connections.v3 import (
     downstream_connections_pb2,
 )
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.control_plane import ApplyResult, ControlPlane
@@ -74,11 +74,20 @@ class LocalControlPlane:
         return {key: sorted(set(why.values()))[0] for key, why in sorted(rejected.items())}
 
     def write_bootstrap(
-        self, directory: Path, admin_port: int, tls: EnvoyMtls | None = None
+        self,
+        directory: Path,
+        admin_port: int,
+        tls: EnvoyMtls | None = None,
+        trace_flush_ms: int | None = None,
     ) -> Path:
         """Envoy's bootstrap: everything but the control plane itself comes over ADS (over
-        mTLS with ``tls``)."""
+        mTLS with ``tls``). ``trace_flush_ms``: how often Envoy exports its buffered spans
+        (its default is 5 s)."""
         bootstrap = ads_bootstrap_message(NODE_ID, admin_port, "127.0.0.1", self.port, tls)
+        if trace_flush_ms is not None:
+            runtime = struct_pb2.Struct()
+            runtime.update({"tracing.opentelemetry.flush_interval_ms": trace_flush_ms})
+            bootstrap.layered_runtime.layers.add(name="static", static_layer=runtime)
         limit = downstream_connections_pb2.DownstreamConnectionsConfig(
             max_active_downstream_connections=MAX_CONNECTIONS
         )

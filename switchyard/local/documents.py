@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 from switchyard.operator.policy import PolicyError, RoutePolicy, load_documents, parse_policy
@@ -35,6 +35,20 @@ class Tracing(_Doc):
     )
     sampling_ratio: float = Field(default=1.0, ge=0, le=1, description="share of requests traced")
     service_name: str = Field(default="switchyard", min_length=1)
+    jaeger: bool = Field(
+        default=False,
+        description="run a local Jaeger (switchyard up --jaeger) and export to it; "
+        "otlpEndpoint must then be empty",
+    )
+    jaeger_port: int = Field(
+        default=16686, ge=0, le=65535, description="the local Jaeger's query API/UI port; 0: free"
+    )
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> Tracing:
+        if self.jaeger and self.otlp_endpoint:
+            raise ValueError("jaeger: true exports to the local Jaeger; leave otlpEndpoint empty")
+        return self
 
 
 class LocalGatewaySpec(_Doc):

@@ -19,8 +19,8 @@ JOBS="${SWITCHYARD_BUILD_JOBS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2
 MODULE=github.com/prometheus/prometheus
 
 build() {  # build WORKDIR
-  # A wrapper module, as build_jaeger.sh: copy any replace directives of upstream's go.mod
-  # (v0.316.0 has none) so the build matches upstream's dependency versions.
+  # A wrapper module, as switchyard/local/build_jaeger.sh: copy any replace directives of
+  # upstream's go.mod (v0.316.0 has none) so the build matches upstream's dependency versions.
   "$GO" mod download -json "${MODULE}@${PROMETHEUS_VERSION}" >/dev/null
   local gomod semver
   gomod="$("$GO" env GOMODCACHE)/cache/download/${MODULE}/@v/${PROMETHEUS_VERSION}.mod"

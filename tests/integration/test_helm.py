@@ -212,6 +212,10 @@ def test_the_optional_parts_are_accepted_by_the_api(kube: KubeControlPlane) -> N
             "tls": [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}],
         },
         "demo": {"enabled": True},
+        "jaeger": {
+            "enabled": True,
+            "queryFrom": [{"podSelector": {"matchLabels": {"app": "grafana"}}}],
+        },
     }
     result = subprocess.run(
         [str(k8s_bin_dir() / "helm"), "--kubeconfig", str(kube.kubeconfig_path),
@@ -222,6 +226,8 @@ def test_the_optional_parts_are_accepted_by_the_api(kube: KubeControlPlane) -> N
     assert result.returncode == 0, result.stderr
     kinds = kube.kubectl("get", "deploy,svc,ingress,networkpolicy", "-n", "optional", "-o", "name")
     assert "ingress.networking.k8s.io/all-gateway" in kinds.split()
+    for kind in ("deployment.apps", "service", "networkpolicy.networking.k8s.io"):
+        assert f"{kind}/all-jaeger" in kinds.split(), kind
     extproc = json.loads(
         kube.kubectl("get", "deploy", "all-extproc", "-n", "optional", "-o", "json")
     )
@@ -240,3 +246,16 @@ def test_notes_say_where_the_mtls_certificate_comes_from(kube: KubeControlPlane)
     for sets, line in expected.items():
         notes = helm(kube, *base, *(a for s in sets for a in ("--set", s)))
         assert line in notes, notes
+
+
+def test_notes_say_how_to_reach_the_charts_jaeger(kube: KubeControlPlane) -> None:
+    base = ["install", "traced", str(CHART), "--namespace", "traced", "--dry-run=server"]
+    notes = helm(kube, *base, "--set", "jaeger.enabled=true")
+    assert "export OTLP to traced-jaeger.traced.svc:4317" in notes, notes
+    assert "kubectl -n traced port-forward svc/traced-jaeger 16686" in notes, notes
+    assert "switchyard traces --jaeger http://127.0.0.1:16686" in notes, notes
+    elsewhere = helm(
+        kube, *base, "--set", "jaeger.enabled=true", "--set", "tracing.otlpEndpoint=otel:4317"
+    )
+    assert "export OTLP to otel:4317" in elsewhere
+    assert "it receives nothing while tracing.otlpEndpoint names another collector" in elsewhere

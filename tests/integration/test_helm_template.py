@@ -185,9 +185,12 @@ def all_pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, A
 
 def test_every_pod_and_container_is_locked_down() -> None:
     docs = render(
-        "extproc.bundles.image.repository=localhost/bundles", "extproc.bundles.image.tag=1"
+        "extproc.bundles.image.repository=localhost/bundles",
+        "extproc.bundles.image.tag=1",
+        "jaeger.enabled=true",
     )
-    assert {name for name, _ in all_pod_specs(docs)} == {f"{RELEASE}-{c}" for c in COMPONENTS}
+    components = (*COMPONENTS, "jaeger")
+    assert {name for name, _ in all_pod_specs(docs)} == {f"{RELEASE}-{c}" for c in components}
     seen = 0
     for name, spec in all_pod_specs(docs):
         pod = spec["securityContext"]
@@ -208,7 +211,7 @@ def test_every_pod_and_container_is_locked_down() -> None:
             if c["name"] != "bundles":
                 tmp = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
                 assert tmp and tmp[0]["name"] in tmp_volumes, f"{where}: no emptyDir at /tmp"
-    assert seen == 4  # three containers and the bundle init container
+    assert seen == 5  # four containers and the bundle init container
     pods = {name: spec for name, spec in all_pod_specs(docs)}
     assert pods[f"{RELEASE}-gateway"]["automountServiceAccountToken"] is False
     assert pods[f"{RELEASE}-extproc"]["automountServiceAccountToken"] is False
@@ -922,3 +925,159 @@ def test_tls_off_leaves_every_link_plaintext() -> None:
     config_map = one(docs, "ConfigMap", f"{RELEASE}-envoy")["data"]
     assert set(config_map) == {"envoy.yaml"}
     assert "transport_socket" not in config_map["envoy.yaml"]
+
+
+# --- the optional Jaeger ------------------------------------------------------------------------
+
+JAEGER_OTLP = f"{RELEASE}-jaeger.{NAMESPACE}.svc:4317"
+
+
+def test_jaeger_is_off_by_default(default_docs: list[dict[str, Any]]) -> None:
+    assert not [d for d in default_docs if d["metadata"]["name"] == f"{RELEASE}-jaeger"]
+
+
+def test_jaeger_runs_locked_down_and_receives_the_traces() -> None:
+    docs = render("jaeger.enabled=true", "jaeger.maxTraces=5000")
+    jaeger = deployment(docs, "jaeger")
+    spec = jaeger["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (c,) = pod["containers"]
+    assert c["image"] == "jaegertracing/jaeger:2.13.0"
+    assert c["args"] == ["--config", "file:/etc/jaeger/config.yaml"]
+    sc = c["securityContext"]
+    assert (sc["runAsUser"], sc["readOnlyRootFilesystem"]) == (65532, True)
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["allowPrivilegeEscalation"] is False
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert volumes[mounts["/etc/jaeger"]]["configMap"]["name"] == f"{RELEASE}-jaeger"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/api/services", "port": "query"}
+    assert c["resources"]["limits"]["memory"] == "512Mi"
+    config = yaml.safe_load(one(docs, "ConfigMap", f"{RELEASE}-jaeger")["data"]["config.yaml"])
+    assert config["extensions"]["jaeger_storage"]["backends"]["memstore"] == {
+        "memory": {"max_traces": 5000}
+    }
+    assert config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"] == "0.0.0.0:4317"
+    service = one(docs, "Service", f"{RELEASE}-jaeger")["spec"]
+    assert {p["name"]: p["port"] for p in service["ports"]} == {
+        "otlp-grpc": 4317,
+        "query": 16686,
+        "query-grpc": 16685,
+    }
+    # tracing.otlpEndpoint defaults to it, for Envoy (through the operator) and the ext_proc
+    assert f"--otlp-endpoint={JAEGER_OTLP}" in container(docs, "operator")["args"]
+    env = {e["name"]: e.get("value") for e in container(docs, "extproc")["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://{JAEGER_OTLP}"
+    # a new config rolls the pod
+    other = deployment(render("jaeger.enabled=true", "jaeger.maxTraces=6000"), "jaeger")
+    annotation = "checksum/config"
+    assert (
+        other["spec"]["template"]["metadata"]["annotations"][annotation]
+        != spec["template"]["metadata"]["annotations"][annotation]
+    )
+
+
+def test_an_external_collector_wins_over_the_charts_jaeger() -> None:
+    docs = render(
+        "jaeger.enabled=true",
+        "tracing.otlpEndpoint=otel.obs:4317",
+        "networkPolicy.egress.enabled=true",
+    )
+    assert "--otlp-endpoint=otel.obs:4317" in container(docs, "operator")["args"]
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
+    for component in ("gateway", "extproc"):
+        rules = policies[f"{RELEASE}-{component}"]["egress"]
+        assert not [r for r in rules if {"port": 4317, "protocol": "TCP"} in r.get("ports", [])]
+
+
+def test_jaeger_network_policies() -> None:
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "obs"}}}
+    docs = render(
+        values={
+            "jaeger": {"enabled": True, "queryFrom": [peer]},
+            "networkPolicy": {"egress": {"enabled": True}},
+        }
+    )
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
+    jaeger = policies[f"{RELEASE}-jaeger"]
+    otlp, query = jaeger["ingress"]
+    senders = [p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in otlp["from"]]
+    assert senders == [f"{RELEASE}-gateway", f"{RELEASE}-extproc"]
+    assert otlp["ports"] == [{"port": 4317, "protocol": "TCP"}]
+    assert query["from"] == [peer]
+    assert [p["port"] for p in query["ports"]] == [16686, 16685]
+    assert jaeger["policyTypes"] == ["Ingress", "Egress"]
+    for component in ("gateway", "extproc"):
+        rules = policies[f"{RELEASE}-{component}"]["egress"]
+        (to_jaeger,) = [r for r in rules if {"port": 4317, "protocol": "TCP"} in r["ports"]]
+        assert to_jaeger["to"] == [
+            {"podSelector": {"matchLabels": {"app.kubernetes.io/name": f"{RELEASE}-jaeger"}}}
+        ]
+    # by default nothing in the cluster reaches the query API (port-forward does)
+    default = render("jaeger.enabled=true")
+    (only_otlp,) = one(default, "NetworkPolicy", f"{RELEASE}-jaeger")["spec"]["ingress"]
+    assert only_otlp["ports"] == [{"port": 4317, "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize(
+    ("values", "mentions"),
+    [
+        ({"maxTraces": 5}, ["/jaeger/maxTraces", "minimum"]),
+        ({"enabled": "yes"}, ["/jaeger/enabled", "boolean"]),
+        ({"storage": "badger"}, ["/jaeger", "storage"]),
+        ({"image": {"repository": "", "tag": "1", "pullPolicy": "Always"}}, ["/jaeger/image"]),
+    ],
+)
+def test_bad_jaeger_values_are_refused(values: dict[str, Any], mentions: list[str]) -> None:
+    result = subprocess.run(
+        [str(k8s_bin_dir() / "helm"), "template", RELEASE, str(CHART), "--values", "-"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=json.dumps({"jaeger": values}),
+    )
+    assert result.returncode != 0, values
+    for text in mentions:
+        assert text in result.stderr, result.stderr
+
+
+def test_the_charts_jaeger_config_runs_in_the_real_jaeger(tmp_path: Path) -> None:
+    """The rendered config, on loopback ports, started by the Jaeger `switchyard up --jaeger`
+    builds (the same release as the chart's image): it loads, receives OTLP and answers."""
+    from switchyard.local.jaeger import jaeger_binary
+    from switchyard.traces import JaegerError, JaegerQuery
+
+    docs = render("jaeger.enabled=true")
+    text = one(docs, "ConfigMap", f"{RELEASE}-jaeger")["data"]["config.yaml"]
+    first = free_port_block(3)
+    for port, new in ((4317, first), (16686, first + 1), (16685, first + 2)):
+        text = text.replace(f"0.0.0.0:{port}", f"127.0.0.1:{new}")
+    (tmp_path / "config.yaml").write_text(text)
+    log = (tmp_path / "jaeger.log").open("wb")
+    process = subprocess.Popen(
+        [jaeger_binary(print), "--config", f"file:{tmp_path / 'config.yaml'}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        query = JaegerQuery(f"http://127.0.0.1:{first + 1}", timeout=1)
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, (tmp_path / "jaeger.log").read_text()
+            try:
+                services = query.services()
+                break
+            except JaegerError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert services == []
+        with socket.create_connection(("127.0.0.1", first), timeout=5):
+            pass  # the OTLP receiver listens
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()

@@ -106,6 +106,18 @@ topologySpreadConstraints:
 - ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]
 {{- end -}}
 
+{{/*
+Where the gateway and the ext_proc send traces: tracing.otlpEndpoint, else the chart's Jaeger
+(jaeger.enabled), else nowhere ("": no tracing config at all).
+*/}}
+{{- define "switchyard.otlpEndpoint" -}}
+{{- if .Values.tracing.otlpEndpoint -}}
+{{ .Values.tracing.otlpEndpoint }}
+{{- else if .Values.jaeger.enabled -}}
+{{ include "switchyard.fullname" (dict "root" . "component" "jaeger") }}.{{ .Release.Namespace }}.svc:4317
+{{- end -}}
+{{- end -}}
+
 {{/* Value checks the schema cannot express: ports that would collide inside one pod. */}}
 {{- define "switchyard.validate" -}}
 {{- $g := .Values.gateway -}}
