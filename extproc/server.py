@@ -120,9 +120,7 @@ async def serve(
     background: list[asyncio.Task[None]] = []
     watcher: ConfigFileWatcher | None = None
     if config_source.startswith("grpc://"):
-        client = ConfigStreamClient(
-            config_source.removeprefix("grpc://"), replica_id(), state, tls
-        )
+        client = ConfigStreamClient(config_source.removeprefix("grpc://"), replica_id(), state, tls)
         background.append(asyncio.create_task(client.run()))
         # Serve only once a config is loaded, so no request meets an empty table.
         await client.first_config.wait()
