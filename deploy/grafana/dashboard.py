@@ -491,7 +491,7 @@ def variable(name: str, label: str, query: str, regex: str = "") -> dict[str, An
         "type": "query",
         "datasource": DATASOURCE,
         "definition": query,
-        "query": {"qryType": 1, "query": query, "refId": f"{name}-variable"},
+        "query": query,  # the classic string form: every Grafana version migrates it itself
         "regex": regex,
         "refresh": 2,
         "sort": 1,
