@@ -1,7 +1,7 @@
 """Switchyard's Grafana dashboard, generated: ``python deploy/grafana/dashboard.py`` (or
 ``make dashboard``) writes helm/switchyard/dashboards/switchyard-dashboard.json, which the chart
 ships as a ConfigMap and deploy/grafana/switchyard-dashboard.json links to.
-tests/unit/test_dashboard.py fails while the file differs from what this script writes, and
+tests/unit/test_dashboard_json.py fails while the file differs from what this script writes, and
 tests/integration/test_dashboard.py runs every query against a real Prometheus.
 
 Every series is described in docs/architecture.md ("Metrics"). Envoy names a model's cluster

@@ -63,7 +63,10 @@ class LocalControlPlane:
         self._thread.start()
         if metrics_port:
             self._metrics_server = MetricsServer(self.plane.metrics, f"127.0.0.1:{metrics_port}")
-            self._run(self._metrics_server.start())
+            try:
+                self._run(self._metrics_server.start())
+            except OSError as exc:  # the runner reports RuntimeErrors and exits 1
+                raise RuntimeError(f"controlPlaneMetricsPort {metrics_port}: {exc}") from None
         self.port = self._run(self.plane.start("127.0.0.1:0", self.tls))
         self._run(self.plane.prime(config))
         return self.port
