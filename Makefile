@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 EXAMPLES ?= examples/
 
-.PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router bench-control-plane bench-faults train-router k8s-tools crd clean jaeger prometheus
+.PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router bench-control-plane bench-faults train-router k8s-tools crd dashboard clean jaeger prometheus
 
 install: $(STAMP)
 
@@ -107,6 +107,10 @@ node-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 			apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+## Regenerate the Grafana dashboard (helm/switchyard/dashboards/, linked from deploy/grafana/).
+dashboard: $(STAMP)
+	$(PY) deploy/grafana/dashboard.py
 
 ## Regenerate the RoutePolicy CRD (deploy/ and the Helm chart) from the policy schema.
 crd: $(STAMP)

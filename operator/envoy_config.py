@@ -763,6 +763,7 @@ def model_cluster(model: pb.Model, system_ca: str = "") -> cluster_pb2.Cluster:
     unlimited = u32(100000)
     cluster = cluster_pb2.Cluster(
         name=model.backend_key,
+        alt_stat_name=fallback.stats_name(model.backend_key),
         type=kind,
         dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED,
         connect_timeout=seconds(5),

@@ -65,6 +65,12 @@ class LocalGatewaySpec(_Doc):
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="ext_proc Prometheus /metrics port; 0: off"
     )
+    control_plane_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="control plane Prometheus /metrics port (the operator's series); 0: off",
+    )
     envoy_concurrency: int = Field(default=0, ge=0, description="0: one per CPU core")
     fail_open_model: str = Field(
         default="", description="Model served when the ext_proc is down; empty answers 503."

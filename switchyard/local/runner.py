@@ -306,7 +306,7 @@ class LocalGateway:
                     str(demo.failure_rate),
                 ]
             )
-        self.control.start(self.config)
+        self.control.start(self.config, self.spec.control_plane_metrics_port)
         self._spawn(
             [
                 *cli,
@@ -352,6 +352,7 @@ class LocalGateway:
             wait_until(partial(self._alive_and, check), START_TIMEOUT_S, name)
         wait_until(partial(self._alive_and, self.admin.ready), START_TIMEOUT_S, "envoy")
         self._left_out = self.control.left_out(self.config.version)
+        self.control.policies_served(self.config, self._left_out)
         for key, why in self._left_out.items():
             _warn(f"policy {key} is not served: {why}")
         print(
@@ -401,6 +402,9 @@ class LocalGateway:
             config = compile_config(inputs.policies, self.spec.fail_open_model)
         except (PolicyError, CompileError) as exc:
             _warn(f"keeping config {self.config.version}; {exc}")
+            self.control.reconcile_error(
+                "InvalidSpec" if isinstance(exc, PolicyError) else "CompileError"
+            )
             return False
         if config.version == self.config.version:
             return False
@@ -415,19 +419,23 @@ class LocalGateway:
         result = self.control.apply(config)
         if result.rejected:
             _warn(f"keeping config {self.config.version}; {result.rejected}")
+            self.control.reconcile_error("EnvoyRejected")
             return False
         left_out = self.control.left_out(config.version)
         broken = {k: why for k, why in left_out.items() if k not in self._left_out}
         if broken:
             restored = self.control.apply(self.config)
             reasons = "; ".join(f"policy {k} does not load: {why}" for k, why in broken.items())
+            self.control.reconcile_error("DataPlaneRejected")
             if restored.rejected or not restored.extproc_acked:
                 _warn(f"config {config.version} is serving without them; {reasons}")
                 self.config, self._left_out = config, left_out
+                self.control.policies_served(config, left_out)
             else:
                 _warn(f"keeping config {self.config.version}; {reasons}")
             return False
         self.config, self._left_out = config, left_out
+        self.control.policies_served(config, left_out)
         waiting = [
             n
             for n, ok in (("envoy", result.envoy_acked), ("ext_proc", result.extproc_acked))

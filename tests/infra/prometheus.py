@@ -4,10 +4,10 @@
         prom.wait_scraped("operator", after=time.time())
         prom.query('switchyard_operator_config_generation')  # -> [Sample(labels, value)]
 
-Each job scrapes its targets every second on ``metrics_path``. Waiting is polling with a
-deadline: ``wait_scraped`` returns once Prometheus finished a scrape of every target of a job
-that began after a given moment, so a query then sees what the targets exposed at that moment
-or later.
+Each job scrapes its targets every second on ``metrics_path`` (or its own, in ``paths``).
+Waiting is polling with a deadline: ``wait_scraped`` returns once Prometheus finished a scrape
+of every target of a job that began after a given moment, so a query then sees what the
+targets exposed at that moment or later.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class Prometheus:
         jobs: Mapping[str, Sequence[str]],
         metrics_path: str = "/metrics",
         interval_s: float = 1.0,
+        paths: Mapping[str, str] | None = None,
     ) -> None:
         self.directory = directory
         self.port = free_port_block()
@@ -71,7 +72,7 @@ class Prometheus:
             "scrape_configs": [
                 {
                     "job_name": job,
-                    "metrics_path": metrics_path,
+                    "metrics_path": (paths or {}).get(job, metrics_path),
                     "static_configs": [{"targets": list(targets)}],
                 }
                 for job, targets in jobs.items()

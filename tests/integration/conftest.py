@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -18,7 +19,8 @@ from kube_fixtures import kube, namespace, remote_kube  # noqa: F401 (fixtures)
 from prometheus import Prometheus
 from prometheus import build as build_prometheus
 
-StartPrometheus = Callable[[Mapping[str, Sequence[str]]], Prometheus]
+StartPrometheus = Callable[..., Prometheus]
+"""start(jobs, **Prometheus keyword arguments) -> a ready Prometheus."""
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +63,9 @@ def prometheus(
     when returned); every one started is stopped after the test."""
     started: list[Prometheus] = []
 
-    def start(jobs: Mapping[str, Sequence[str]]) -> Prometheus:
+    def start(jobs: Mapping[str, Sequence[str]], **kwargs: Any) -> Prometheus:
         directory = tmp_path_factory.mktemp("prometheus")
-        started.append(Prometheus.start(prometheus_binary, directory, jobs))
+        started.append(Prometheus.start(prometheus_binary, directory, jobs, **kwargs))
         return started[-1]
 
     yield start

@@ -79,6 +79,11 @@ def test_helm_install_creates_the_data_and_control_plane(kube: KubeControlPlane)
     assert '"model": "auto"' in notes
     assert "/stats/prometheus" in notes and ":9464/metrics" in notes
     assert "tracing.otlpEndpoint" in notes
+    assert "ConfigMap sy-dashboard" in notes and 'grafana_dashboard="1"' in notes
+    dashboards = kube.kubectl(
+        "get", "configmap", "-n", "switchyard", "-l", "grafana_dashboard=1", "-o", "name"
+    )
+    assert dashboards.split() == ["configmap/sy-dashboard"]
     # the operator may do what it does: its ServiceAccount's permissions, as the API sees them
     sa = "system:serviceaccount:switchyard:sy-operator"
     for verb, resource, namespace in [

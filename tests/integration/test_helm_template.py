@@ -388,6 +388,34 @@ def test_operator_metrics_are_served_and_scrapable(default_docs: list[dict[str, 
     assert any(p["name"] == "metrics" and p["port"] == 9100 for p in service["spec"]["ports"])
 
 
+def test_the_grafana_dashboard_configmap(default_docs: list[dict[str, Any]]) -> None:
+    """On by default, for the Grafana sidecar; the JSON is the chart's file, byte for byte."""
+    dashboard = (CHART / "dashboards" / "switchyard-dashboard.json").read_text(encoding="utf-8")
+    config_map = one(default_docs, "ConfigMap", f"{RELEASE}-dashboard")
+    assert config_map["metadata"]["namespace"] == NAMESPACE
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert "annotations" not in config_map["metadata"]
+    assert config_map["data"]["switchyard.json"] + "\n" == dashboard
+    assert json.loads(config_map["data"]["switchyard.json"])["uid"] == "switchyard"
+    docs = render(
+        values={
+            "grafana": {"dashboard": {
+                "enabled": True, "label": "grafana.example/dashboard", "labelValue": "yes",
+                "namespace": "monitoring", "labels": {"team": "llm"},
+                "annotations": {"grafana_folder": "Switchyard"},
+            }}
+        }
+    )  # fmt: skip
+    meta = one(docs, "ConfigMap", f"{RELEASE}-dashboard")["metadata"]
+    assert meta["namespace"] == "monitoring"
+    assert meta["labels"]["grafana.example/dashboard"] == "yes"
+    assert meta["labels"]["team"] == "llm" and "grafana_dashboard" not in meta["labels"]
+    assert meta["annotations"] == {"grafana_folder": "Switchyard"}
+    assert not find(render("grafana.dashboard.enabled=false"), "ConfigMap", f"{RELEASE}-dashboard")
+    bad = helm("template", RELEASE, str(CHART), "--set", "grafana.dashboard.label=not a label")
+    assert bad.returncode != 0 and "/grafana/dashboard/label" in bad.stderr
+
+
 def test_extproc_flags_and_gpu(default_docs: list[dict[str, Any]]) -> None:
     args = container(default_docs, "extproc")["args"]
     assert args[0] == "extproc"
