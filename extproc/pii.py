@@ -419,7 +419,7 @@ class Scanner:
                     continue
                 searched.add(start)
                 digits = shape.count(b"#", start, end)
-                stop = min(end + 1, size)  # the edge character, for the right-hand lookahead
+                stop = min(end + 2, size)  # what the right-hand lookahead reads past the run
                 for detector in self._numeric:
                     if digits < detector.min_digits or (
                         detector.shapes
