@@ -10,6 +10,7 @@ import orjson
 import pytest
 from conftest import compile_docs
 from test_processor import body_msg, error_of, headers_msg, run, state_for
+from test_tracing_config import _route, _spans, _tracer, traceparent
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.config import CompiledConfig, CompiledPolicy
@@ -257,3 +258,15 @@ async def test_processor_403_when_no_model_may_see_it(policy_doc: dict[str, Any]
     status, error = error_of(responses[1])
     assert (status, error["code"]) == (403, "data_class_not_allowed")
     assert "email" in error["message"] and EMAIL not in error["message"]
+
+
+async def test_the_route_span_names_the_detector_never_the_text() -> None:
+    tracer, exporter = _tracer()
+    body = {"model": "auto", "messages": [{"role": "user", "content": PROMPT}]}
+    await _route(tracer, traceparent(), body)
+    (span,) = _spans(tracer, exporter)
+    attrs = dict(span.attributes or {})
+    assert str(attrs["switchyard.reason"]).endswith("pii: email")
+    assert attrs["switchyard.model"] == "light"
+    assert "capable: data class pii not allowed" in list(attrs["switchyard.excluded"])  # type: ignore[arg-type]
+    assert not any(EMAIL in str(v) for v in attrs.values())
