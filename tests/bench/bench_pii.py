@@ -1,8 +1,10 @@
 """Personal-data detection cost against the router's, on the same 2,000-token prompts; not a
 test, pytest does not collect it.
 
-For each prompt: p50/p99 of ``Scanner.first`` (what routing runs), of ``Scanner.redact`` (the
-redact action), and of the ``builtin:default`` router scoring the same text, one thread.
+For each prompt, sent as one user message: p50/p99 of ``screen`` (what the processor runs per
+request under the default ``route`` action: every message's text, one scan), p50 of
+``Scanner.redact`` (the ``redact`` action), and p50/p99 of the ``builtin:default`` router
+scoring the same text (it reads the first 512 tokens), one thread.
 
     python tests/bench/bench_pii.py [--runs 2000]
 """
@@ -20,9 +22,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import orjson
 from bench_router import prompt_of
 
 from switchyard.extproc.pii import Scanner
+from switchyard.extproc.request import Endpoint, parse_request, screen
 from switchyard.extproc.router.bundle import load_bundle
 from switchyard.extproc.router.runtime import OnnxRouter
 
@@ -78,8 +82,11 @@ def main() -> int:
     print(f"{'prompt':28} {'chars':>6} {'found':>8} {'detect p50':>11} {'p99':>7}"
           f" {'redact p50':>11} {'router p50':>11} {'p99':>7}")  # fmt: skip
     for name, text in prompts.items():
-        found = scanner.first([text]) or "-"
-        detect = timed(lambda t=text: scanner.first([t]), args.runs)
+        body = {"model": "auto", "messages": [{"role": "user", "content": text}]}
+        request = parse_request(Endpoint.CHAT, orjson.dumps(body))
+        screen(request, scanner, redact=False)
+        found = request.personal_data or "-"
+        detect = timed(lambda r=request: screen(r, scanner, redact=False), args.runs)
         redact = timed(lambda t=text: scanner.redact(t), args.runs)
         score = timed(lambda t=text: router.score_batch([t]), max(200, args.runs // 4))
         print(
