@@ -31,7 +31,7 @@ from switchyard.extproc.accounting import (
 from switchyard.extproc.engine import decide, select_target, session_view
 from switchyard.extproc.errors import GatewayError, invalid_request
 from switchyard.extproc.metrics import REJECTIONS
-from switchyard.extproc.request import Endpoint, parse_request, unwritable
+from switchyard.extproc.request import Endpoint, parse_request, screen, unwritable
 from switchyard.extproc.state import RuntimeState
 from switchyard.headers import EXTPROC_FILTER, METADATA_NAMESPACE
 
@@ -255,6 +255,9 @@ class Processor:
             request = parse_request(endpoint, body)
             config = state.config
             target = select_target(config, request, headers)
+            if target.personal_data is not None:
+                rule = target.personal_data
+                screen(request, rule.scanner, rule.redact)
             routed, draw = session_view(target, request, headers)
             scores = None
             if getattr(target, "needs_scores", False):
@@ -302,7 +305,7 @@ class Processor:
             if options is not None:
                 request.payload["stream_options"] = options
                 strip = True
-        if request.model != model.upstream_model or strip:
+        if request.model != model.upstream_model or strip or request.redacted:
             request.payload["model"] = model.upstream_model
             try:
                 common.body_mutation.body = orjson.dumps(request.payload)
