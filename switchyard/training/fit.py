@@ -178,32 +178,43 @@ class Head:
     wb: F64  # [V, models]: the bag columns (beta already applied)
 
 
-def _columns(d: Design, rows: npt.NDArray[np.intp], beta: float) -> F64 | sp.csr_matrix:
+Columns = tuple[F64, sp.csr_matrix | None]
+
+
+def _columns(d: Design, rows: npt.NDArray[np.intp], beta: float) -> Columns:
+    """The design's rows as (dense block, beta x bag block or None)."""
     if beta == 0.0 or d.vocab.size == 0:
-        return d.dense[rows]
-    return sp.hstack([sp.csr_matrix(d.dense[rows]), beta * d.bag[rows]], format="csr")
+        return d.dense[rows], None
+    return d.dense[rows], (beta * d.bag[rows]).tocsr()
 
 
-def ridge_path(x: F64 | sp.csr_matrix, y: F64, alphas: Sequence[float]) -> list[tuple[F64, F64]]:
-    """(weights [p, m], intercepts [m]) of ridge regression for each penalty."""
-    n, p = x.shape
-    mu = np.asarray(x.mean(axis=0)).ravel()
+def ridge_path(x: Columns, y: F64, alphas: Sequence[float]) -> list[tuple[F64, F64]]:
+    """(weights [p, m], intercepts [m]) of ridge regression on [dense | bag] for each penalty."""
+    dx, bx = x
+    n = dx.shape[0]
+    p = dx.shape[1] + (bx.shape[1] if bx is not None else 0)
+    mu = dx.mean(axis=0)
+    if bx is not None:
+        mu = np.r_[mu, np.asarray(bx.mean(axis=0)).ravel()]
     ybar = y.mean(axis=0)
-    yc = y - ybar
     out = []
-    if n >= p:
-        xty = np.asarray(x.T @ y) - n * np.outer(mu, ybar)
-        xtx = x.T @ x
-        dense_xtx = xtx.toarray() if sp.issparse(xtx) else np.asarray(xtx)  # type: ignore[union-attr]
-        lam, v = np.linalg.eigh(dense_xtx - n * np.outer(mu, mu))
-        vr = v.T @ xty
+    if n >= p:  # primal, X'X by blocks (BLAS for the dense block, sparse products for the bag)
+        xtx = dx.T @ dx
+        xty = dx.T @ y
+        if bx is not None:
+            bd = np.asarray(bx.T @ dx)
+            xtx = np.block([[xtx, bd.T], [bd, np.asarray((bx.T @ bx).toarray())]])
+            xty = np.vstack([xty, np.asarray(bx.T @ y)])
+        lam, v = np.linalg.eigh(xtx - n * np.outer(mu, mu))
+        vr = v.T @ (xty - n * np.outer(mu, ybar))
         for a in alphas:
             w = v @ (vr / (np.maximum(lam, 0.0) + a)[:, None])
             out.append((w, ybar - mu @ w))
     else:
-        xc = (x.toarray() if sp.issparse(x) else np.asarray(x)) - mu  # type: ignore[union-attr]
+        full = dx if bx is None else np.hstack([dx, bx.toarray()])
+        xc = full - mu
         s, u = np.linalg.eigh(xc @ xc.T)
-        uy = u.T @ yc
+        uy = u.T @ (y - ybar)
         for a in alphas:
             w = xc.T @ (u @ (uy / (np.maximum(s, 0.0) + a)[:, None]))
             out.append((w, ybar - mu @ w))
@@ -504,6 +515,17 @@ def fit(
         len(hold_rows),
         {"features": t_feat, "cv": t_cv, "total": time.perf_counter() - t0},
     )
+
+
+def predict_texts(res: FitResult, featurizer: Featurizer, texts: Sequence[str]) -> F64:
+    """Each model's expected score for new prompts (what the exported graph computes)."""
+    dense, counts = featurizer(texts)
+    d = res.design
+    ntok = np.maximum(np.asarray(counts.sum(axis=1)).ravel(), 1.0)
+    bag = sp.diags(1.0 / ntok) @ counts[:, d.vocab] @ sp.diags(d.weight)
+    h = res.head
+    lin = h.wd[0] + ((dense - d.mean) / d.scale) @ h.wd[1:] + np.asarray(bag @ h.wb)
+    return np.asarray(np.clip(lin, 0.0, 1.0))
 
 
 # --- export --------------------------------------------------------------------------------
