@@ -30,6 +30,8 @@ class RouterScores:
     difficulty: float
     category: str
     categories: Mapping[str, float] = field(default_factory=dict)
+    predicted: Mapping[str, float] | None = None
+    """Each model's expected score in [0, 1] (bundles fitted by ``switchyard router fit``)."""
 
 
 class Scorer(Protocol):

@@ -10,8 +10,10 @@
     model: model.onnx
     tokenizer: tokenizer.json
     inputs: {input_ids: input_ids, attention_mask: attention_mask}   # or {embedding: ...}
-    outputs: {difficulty: difficulty, categories: categories}
+    outputs: {difficulty: difficulty, categories: categories}   # + predicted: predicted
     labels: {categories: [math, code, reasoning, knowledge, writing, extraction, chat]}
+                            # + models: [a, b, c]  (a fitted bundle: `predicted` [batch, 3]
+                            #   is each model's expected score in [0, 1], in this order)
     truncation: {max_tokens: 512, head: 384, tail: 128}
     special_tokens: false   # add [CLS]/[SEP] around the ids
     encoder:                # kind: encoder only: a file inside an installed Python package
@@ -80,6 +82,8 @@ class Bundle:
     special_tokens: bool
     encoder: Encoder | None
     meta: dict[str, Any] = field(default_factory=dict)
+    models: tuple[str, ...] = ()
+    """Models whose expected score the ``predicted`` output gives (``router fit`` bundles)."""
 
 
 def resolve(ref: str) -> Path:
@@ -170,6 +174,15 @@ def load_bundle(ref: str) -> Bundle:
     cats = tuple(_need(labels, "categories", list, where))
     if sorted(cats) != sorted(CATEGORIES):
         raise BundleError(f"{where}: labels.categories must be a permutation of {CATEGORIES}")
+    models = tuple(labels.get("models") or ())
+    if models and (
+        "predicted" not in outputs
+        or not all(isinstance(m, str) and m for m in models)
+        or len(set(models)) != len(models)
+    ):
+        raise BundleError(
+            f"{where}: labels.models must be distinct model names and outputs must name 'predicted'"
+        )
     trunc_doc = doc.get("truncation") or {}
     trunc = Truncation(**{k: int(v) for k, v in trunc_doc.items()})
     if trunc.head + trunc.tail != trunc.max_tokens or min(trunc.head, trunc.tail) < 0:
@@ -191,4 +204,5 @@ def load_bundle(ref: str) -> Bundle:
         special_tokens=bool(doc.get("special_tokens", False)),
         encoder=encoder,
         meta=doc,
+        models=models,
     )

@@ -1,4 +1,5 @@
-"""``switchyard router score|eval``: score prompts with a bundle; evaluate it on the dev split."""
+"""``switchyard router score|eval|fit``: score prompts with a bundle; evaluate it on the dev
+split; fit a bundle that predicts each model's expected score from outcome records."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ DEFAULT_BUNDLE = "builtin:default"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchyard router", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    score = sub.add_parser("score", help='JSON lines {"id","prompt"} on stdin -> scores on stdout')
+    score = sub.add_parser(
+        "score", help='JSON lines {"id","prompt"|"messages"} on stdin -> scores on stdout'
+    )
     score.add_argument("--bundle", default=DEFAULT_BUNDLE)
     score.add_argument("--providers", default=None, help="comma list, e.g. cuda,cpu")
     score.add_argument("--batch", type=int, default=64)
@@ -27,6 +30,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=0, help="at most N dev prompts per data set")
     ev.add_argument("--data", type=Path, default=None, help="data/routing folder")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
+    fit = sub.add_parser(
+        "fit",
+        help="fit a bundle predicting each model's expected score from outcome records",
+        description="Outcome records (JSON lines): "
+        '{"id", "prompt" | "messages", "model", "score" in [0, 1]} plus optional cost_usd, '
+        "latency_ms, ts. See docs/router-model.md.",
+    )
+    fit.add_argument("--outcomes", type=Path, nargs="+", required=True, metavar="FILE")
+    fit.add_argument("--out", type=Path, required=True, metavar="DIR")
+    fit.add_argument("--models", default=None, help="comma list (default: every model present)")
+    fit.add_argument("--name", default="fitted", help="bundle name (router.yaml)")
+    fit.add_argument("--base", default="builtin:default", help="static bundle giving features")
+    fit.add_argument("--vocab", type=int, default=2048, help="token-bag size (0: none)")
+    fit.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    fit.add_argument(
+        "--force", action="store_true", help="write the bundle even if it loses to length"
+    )
     return parser
 
 
@@ -35,6 +55,9 @@ def _providers(value: str | None) -> list[str] | None:
 
 
 def _read_prompts(stream: IO[str]) -> list[tuple[Any, str]]:
+    """``{"id", "prompt" | "messages", ...}`` lines (outcome records are accepted as they are)."""
+    from switchyard.training.outcomes import parse_record
+
     rows: list[tuple[Any, str]] = []
     for lineno, line in enumerate(stream, start=1):
         if not line.strip():
@@ -43,11 +66,8 @@ def _read_prompts(stream: IO[str]) -> list[tuple[Any, str]]:
             doc = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
             raise ValueError(f"line {lineno}: not valid JSON ({exc})") from exc
-        if not isinstance(doc, dict) or "id" not in doc or "prompt" not in doc:
-            raise ValueError(f'line {lineno}: expected an object with "id" and "prompt"')
-        if not isinstance(doc["prompt"], str):
-            raise ValueError(f'line {lineno}: "prompt" must be a string')
-        rows.append((doc["id"], doc["prompt"]))
+        rec = parse_record(doc, f"line {lineno}", need_model=False)
+        rows.append((rec.id, rec.text))
     return rows
 
 
@@ -64,6 +84,14 @@ def cmd_score(args: argparse.Namespace, stdin: IO[str], stdout: IO[str]) -> int:
     finally:
         router.close()
     for (rid, _), s in zip(rows, scores, strict=True):
+        if s.predicted is not None:  # a fitted bundle: expected score per model
+            fitted = {
+                "id": rid,
+                "predicted": {k: round(v, 6) for k, v in s.predicted.items()},
+                "difficulty": round(s.difficulty, 6),
+            }
+            stdout.write(orjson.dumps(fitted).decode() + "\n")
+            continue
         out = {
             "id": rid,
             "difficulty": round(s.difficulty, 6),
@@ -194,6 +222,55 @@ def cmd_eval(args: argparse.Namespace, stdout: IO[str]) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace, stdout: IO[str]) -> int:
+    from switchyard.training import fit, outcomes
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    outs = outcomes.load(args.outcomes, models)
+    stdout.write(
+        f"{outs.n_records} records: {len(outs.texts)} prompts, {outs.n_outcomes} outcomes, "
+        f"models {', '.join(outs.models)}\n"
+    )
+    featurizer = fit.Featurizer(args.base)
+    res = fit.fit(outs, featurizer, max_vocab=args.vocab, folds=args.folds)
+    cvm, hm = res.cv_figures["mean"], res.figures["mean"]
+    stdout.write(
+        f"cross-validation ({res.cv.folds} folds): alpha {res.cv.alpha:g}, token-bag weight "
+        f"{res.cv.beta:g}; {res.seconds['total']:.1f} s\n"
+    )
+    for label, m in (("cross-validated", cvm), (f"held-out ({res.n_holdout} prompts)", hm)):
+        if m:
+            stdout.write(
+                f"{label} mean APGR over {len(res.cv_figures['pairs'])} pair(s): fitted "
+                f"{m['fitted']['apgr']:.3f}, length {m['length']['apgr']:.3f}, "
+                f"default {m['default']['apgr']:.3f}; strong calls for 95 %: fitted "
+                f"{m['fitted']['calls_at_95']:.2f}, length {m['length']['calls_at_95']:.2f}\n"
+            )
+    if not res.cv_figures["pairs"]:
+        stdout.write(
+            f"no two models differ by {fit.MIN_GAP} or more in mean score on these outcomes: "
+            "there is no routing decision to learn\n"
+        )
+    if not res.beats_length:
+        msg = (
+            f"too few outcomes to beat the length router: with {res.n_outcomes} outcomes on "
+            f"{res.n_prompts} prompts the fitted router's cross-validated mean APGR "
+            f"({cvm.get('fitted', {}).get('apgr', float('nan')):.3f}) is not above the length "
+            f"router's ({cvm.get('length', {}).get('apgr', float('nan')):.3f}); collect more "
+            "outcomes (see docs/router-model.md for the learning curve)"
+        )
+        if not args.force:
+            raise fit.TooFewOutcomes(msg + "; nothing written (--force writes it anyway)")
+        stdout.write("warning: " + msg + "\n")
+    command = "switchyard router fit " + " ".join(
+        [*(f"--outcomes {p}" for p in args.outcomes), f"--out {args.out}"]
+        + ([f"--models {args.models}"] if args.models else [])
+    )
+    fit.write_bundle(args.out, res, outs, featurizer, args.name, command)
+    stdout.write(f"bundle written to {args.out}\n")
+    return 0
+
+
 def main(argv: list[str], stdin: IO[str] | None = None, stdout: IO[str] | None = None) -> int:
     """``switchyard router ...``; returns the exit status."""
     stdin = stdin or sys.stdin
@@ -204,6 +281,8 @@ def main(argv: list[str], stdin: IO[str] | None = None, stdout: IO[str] | None =
     try:
         if args.command == "score":
             return cmd_score(args, stdin, stdout)
+        if args.command == "fit":
+            return cmd_fit(args, stdout)
         return cmd_eval(args, stdout)
     except (ValueError, BundleError, FileNotFoundError, ImportError) as exc:
         print(f"switchyard router {args.command}: error: {exc}", file=sys.stderr)

@@ -147,6 +147,9 @@ class OnnxRouter:
                 ", ".join(self.providers),
             )
         self._out = [bundle.outputs["difficulty"], bundle.outputs["categories"]]
+        self.models = bundle.models
+        if self.models:  # a fitted bundle: each model's expected score as well
+            self._out.append(bundle.outputs["predicted"])
         self._ids_name = bundle.inputs.get("input_ids", "input_ids")
         self._mask_name = bundle.inputs.get("attention_mask")
         self._ones_buf = np.ones((1, bundle.truncation.max_tokens), dtype=np.int64)
@@ -181,6 +184,11 @@ class OnnxRouter:
         self, texts: Sequence[str]
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         """Raw outputs: difficulty [n] and category probabilities [n, 7] (bundle label order)."""
+        out = self.infer_all(texts)
+        return out[0], out[1]
+
+    def infer_all(self, texts: Sequence[str]) -> list[npt.NDArray[np.float32]]:
+        """``infer``'s outputs, plus ``predicted`` [n, models] for a fitted bundle."""
         ids, mask = self._pad(texts)
         if self._encoder is None:
             feeds = {self._ids_name: ids}
@@ -198,23 +206,26 @@ class OnnxRouter:
                 self.bundle.inputs["embedding"]: pooled.astype(np.float32),
                 self.bundle.inputs.get("n_tokens", "n_tokens"): n_tokens,
             }
-        difficulty, categories = self._session.run(self._out, feeds)
-        return np.asarray(difficulty, np.float32), np.asarray(categories, np.float32)
+        return [np.asarray(o, np.float32) for o in self._session.run(self._out, feeds)]
 
     def score_batch(self, texts: Sequence[str]) -> list[RouterScores]:
         """Score prompts synchronously, ``max_batch`` at a time."""
         out: list[RouterScores] = []
         for start in range(0, len(texts), self.max_batch):
             chunk = texts[start : start + self.max_batch]
-            difficulty, categories = self.infer(chunk)
+            raw = self.infer_all(chunk)
             # Python floats up front: iterating numpy arrays makes a numpy scalar per element
-            for d, probs in zip(difficulty.tolist(), categories.tolist(), strict=True):
+            preds = raw[2].tolist() if self.models else [None] * len(chunk)
+            for d, probs, pred in zip(raw[0].tolist(), raw[1].tolist(), preds, strict=True):
                 cats = dict(zip(self._cats, probs, strict=True))
                 out.append(
                     RouterScores(
                         difficulty=min(1.0, max(0.0, d)) if math.isfinite(d) else 0.5,
                         category=max(cats, key=cats.__getitem__),
                         categories=cats,
+                        predicted=None
+                        if pred is None
+                        else dict(zip(self.models, pred, strict=True)),
                     )
                 )
         return out

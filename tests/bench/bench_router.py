@@ -3,9 +3,12 @@
 For each bundle: p50/p99 per prompt at batch 1 for 64-, 512- and 2048-token prompts on one CPU
 thread (end to end: tokenisation + padding + onnxruntime + result objects; onnxruntime alone;
 tokenisation alone, word cache warm), and
-throughput at batch 32 (512-token prompts).
+throughput at batch 32 (512-token prompts). Then the ``router fit`` sections
+(``bench_router_fit.py``: quality on the shared dev pairs against length and TF-IDF + ridge,
+the learning curve, fit time, scoring latency for 2/4/8 models).
 
     python tests/bench/bench_router.py [--bundles builtin:default,builtin:minilm] [--runs 500]
+        [--fit-sections latency,time,quality,curve] [--seeds 2]
 """
 
 from __future__ import annotations
@@ -131,10 +134,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundles", default="builtin:default,builtin:minilm")
     parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument(
+        "--fit-sections",
+        default="latency,time,quality,curve",
+        help="router fit sections (bench_router_fit.py); empty: none",
+    )
+    parser.add_argument("--seeds", type=int, default=2, help="random splits / draws per figure")
     args = parser.parse_args()
     print(f"median of {args.runs} runs; prompts are synthetic words, exact token counts")
     for ref in args.bundles.split(","):
-        bench(ref, args.runs)
+        if ref:
+            bench(ref, args.runs)
+    if args.fit_sections:
+        import bench_router_fit
+
+        bench_router_fit.run(args)
     return 0
 
 

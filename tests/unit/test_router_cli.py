@@ -32,8 +32,10 @@ def test_score_round_trip() -> None:
     ("bad", "message"),
     [
         ("not json", "line 2: not valid JSON"),
-        ('{"id": 3}', 'line 2: expected an object with "id" and "prompt"'),
-        ('{"id": 3, "prompt": 5}', 'line 2: "prompt" must be a string'),
+        ('{"id": 3}', "line 2: needs a 'prompt' or a 'messages' field"),
+        ('{"prompt": "p"}', "line 2: missing field 'id'"),
+        ('{"id": 3, "prompt": 5}', "line 2: field 'prompt' must be a string"),
+        ('{"id": 3, "messages": []}', "line 2: field 'messages' must be a non-empty array"),
     ],
 )
 def test_bad_input_line_is_named(
