@@ -29,6 +29,7 @@ from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_de
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import (
     address_pb2,
+    backoff_pb2,
     base_pb2,
     config_source_pb2,
     grpc_service_pb2,
@@ -50,6 +51,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as http_pb2
@@ -77,6 +79,7 @@ from switchyard.operator.xds_types import (
 LISTENER_NAME = "switchyard_http"
 ROUTE_CONFIG_NAME = "switchyard_routes"
 EXTPROC_CLUSTER = "switchyard_extproc"
+EXTPROC_RETRY_BACKOFF_MS = 10  # first retry of an ext_proc stream within 0-10 ms
 CATCH_ALL_ROUTES = frozenset({"fail_open", "unrouted", "not_found"})
 """The routes after the backend routes, taking what no backend route matched."""
 LUA_FILTER = "envoy.filters.http.lua"
@@ -467,6 +470,7 @@ def _ext_proc(
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER),
             timeout=timeout,
+            retry_policy=_extproc_retry(settings.extproc_message_timeout_ms),
         ),
         # Unreachable ext_proc: continue unrouted to the fail-open model, or answer 503.
         failure_mode_allow=bool(config.fail_open_backend),
@@ -487,6 +491,26 @@ def _ext_proc(
         ),
         request_attributes=request_attributes(config),
         allow_mode_override=False,
+    )
+
+
+def _extproc_retry(timeout_ms: int) -> base_pb2.RetryPolicy:
+    """An ext_proc stream that a worker refused or reset before answering (killed, restarting)
+    starts over on another worker; the filter buffers what it sent for that. Envoy takes the
+    back-off's ``max_interval`` as the per-try timeout, so that is the message timeout."""
+    return base_pb2.RetryPolicy(
+        retry_on="connect-failure,refused-stream,reset",
+        num_retries=u32(2),
+        retry_back_off=backoff_pb2.BackoffStrategy(
+            base_interval=millis(EXTPROC_RETRY_BACKOFF_MS), max_interval=millis(timeout_ms)
+        ),
+        retry_host_predicate=[
+            base_pb2.RetryPolicy.RetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=packed(previous_hosts_pb2.PreviousHostsPredicate()),
+            )
+        ],
+        host_selection_retry_max_attempts=3,
     )
 
 
@@ -578,6 +602,10 @@ def extproc_cluster(settings: GatewaySettings) -> cluster_pb2.Cluster:
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
         typed_extension_protocol_options=protocol_options(h2),
         outlier_detection=_dead_worker_ejection(),
+        circuit_breakers=_extproc_retry_limit(),
+        # Health changes (ejections, returns) reach the load balancers at once, not merged
+        # over Envoy's default 1 s: a stale view kept sending to a worker known dead.
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(update_merge_window=millis(0)),
     )
     if settings.extproc_eds:
         cluster.type = cluster_pb2.Cluster.EDS
@@ -593,10 +621,21 @@ def extproc_cluster(settings: GatewaySettings) -> cluster_pb2.Cluster:
     return cluster
 
 
+def _extproc_retry_limit() -> circuit_breaker_pb2.CircuitBreakers:
+    """Every stream that a dying worker or pod resets at once may retry (Envoy allows 3
+    concurrent retries per cluster by default; the rest failed closed). Each stream retries at
+    most twice, and only on refused or reset streams."""
+    retries = circuit_breaker_pb2.CircuitBreakers.Thresholds(max_retries=u32(100000))
+    return circuit_breaker_pb2.CircuitBreakers(thresholds=[retries])
+
+
 def _dead_worker_ejection() -> outlier_detection_pb2.OutlierDetection:
-    """A worker that refuses connections (killed, restarting) leaves the rotation at its first
-    failure, and again at the next check after each ejection ends while it is still down
-    (Envoy ejects a host for consecutive failures only once)."""
+    """A worker that refuses connections (killed, restarting) or times out leaves the rotation
+    at its first failure, and again at the next check after each ejection ends while it is down
+    (Envoy ejects for consecutive failures only once). Every worker may be ejected: with at most
+    half, a restarted worker that was still ejected kept a newly dead one in rotation, alone, and
+    every retry went there; with all ejected Envoy's panic mode uses every worker and a
+    stream's retries (``_extproc_retry``) find one that lives."""
     return outlier_detection_pb2.OutlierDetection(
         split_external_local_origin_errors=True,
         consecutive_local_origin_failure=u32(1),
@@ -607,7 +646,7 @@ def _dead_worker_ejection() -> outlier_detection_pb2.OutlierDetection:
         interval=millis(200),
         base_ejection_time=seconds(1),
         max_ejection_time=seconds(5),
-        max_ejection_percent=u32(50),
+        max_ejection_percent=u32(100),
     )
 
 
