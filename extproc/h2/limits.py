@@ -56,8 +56,9 @@ the RFC allows, stream errors (RST_STREAM). The outbound side is bounded by the 
 driver stops reading while the socket's write buffer is over its high-water mark.
 
 Why 1,024 streams: Envoy multiplexes a worker thread's ext_proc streams on few connections, and
-its ext_proc cluster sets no circuit breaker, so Envoy's default ``max_requests`` of 1,024 caps
-the streams of the whole cluster: no one connection from Envoy can reach the limit.
+its ext_proc cluster leaves ``max_requests`` at Envoy's default of 1,024 (its circuit breaker
+sets only ``max_retries``), which caps the streams of the whole cluster: no one connection from
+Envoy can reach the limit.
 """
 
 from __future__ import annotations

@@ -150,6 +150,7 @@ class FaultGateway:
         workers = _spawned_children(extproc.pid)
         assert len(workers) == WORKERS, workers
         victim = _listening_pid(port, workers)
+        assert victim is not None, f"no worker listens on {port}"
         self.kills.append(time.monotonic())
         os.kill(victim, signal.SIGKILL)
 
