@@ -51,7 +51,6 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as http_pb2
@@ -504,13 +503,6 @@ def _extproc_retry(timeout_ms: int) -> base_pb2.RetryPolicy:
         retry_back_off=backoff_pb2.BackoffStrategy(
             base_interval=millis(EXTPROC_RETRY_BACKOFF_MS), max_interval=millis(timeout_ms)
         ),
-        retry_host_predicate=[
-            base_pb2.RetryPolicy.RetryHostPredicate(
-                name="envoy.retry_host_predicates.previous_hosts",
-                typed_config=packed(previous_hosts_pb2.PreviousHostsPredicate()),
-            )
-        ],
-        host_selection_retry_max_attempts=3,
     )
 
 
