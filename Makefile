@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 EXAMPLES ?= examples/
 
-.PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router bench-control-plane bench-faults train-router k8s-tools crd clean jaeger
+.PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router bench-control-plane bench-faults train-router k8s-tools crd dashboard clean jaeger prometheus
 
 install: $(STAMP)
 
@@ -40,11 +40,15 @@ up: $(STAMP)
 h2spec:
 	bash tests/infra/build_h2spec.sh
 
-## Build Jaeger (trace store + UI, tests/integration/test_tracing.py) from the Go module proxy.
+## Build Jaeger (trace store + query API: switchyard up --jaeger, switchyard traces) from the Go module proxy.
 jaeger:
-	bash tests/infra/build_jaeger.sh
+	bash switchyard/local/build_jaeger.sh
 
-test: $(STAMP) $(TRAIN_STAMP) node-tools k8s-tools h2spec jaeger
+## Build Prometheus (scrapes the operator in tests/integration) from the Go module proxy.
+prometheus:
+	bash tests/infra/build_prometheus.sh
+
+test: $(STAMP) $(TRAIN_STAMP) node-tools k8s-tools h2spec jaeger prometheus
 	$(PY) -m pytest tests -q
 
 test-unit: $(STAMP)
@@ -103,6 +107,10 @@ node-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 			apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+## Regenerate the Grafana dashboard (helm/switchyard/dashboards/, linked from deploy/grafana/).
+dashboard: $(STAMP)
+	$(PY) deploy/grafana/dashboard.py
 
 ## Regenerate the RoutePolicy CRD (deploy/ and the Helm chart) from the policy schema.
 crd: $(STAMP)

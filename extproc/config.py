@@ -18,6 +18,20 @@ from itertools import accumulate
 from urllib.parse import urlsplit
 
 from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.extproc.pii import Scanner
+
+
+@dataclass(frozen=True, slots=True)
+class PersonalDataRule:
+    """A policy's personal-data detection (``spec.personalData``), ready for the hot path."""
+
+    scanner: Scanner
+    redact: bool
+    """Replace matches in the body sent upstream instead of raising the data class."""
+    data_class: str
+    """The class a request with personal data gets (not redacting) ..."""
+    raise_from: frozenset[str]
+    """... when its declared class is one of these; any other declared class is kept."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +51,8 @@ class ModelRoute:
     weight: float
     provider: str = ""
     """The GenAI provider (OpenTelemetry ``gen_ai.provider.name``) its URL names; "" unknown."""
+    personal_data: PersonalDataRule | None = None
+    """Its policy's detection, for requests that name this model directly (None: off)."""
 
     def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """USD for a request of this size on this model."""
@@ -80,6 +96,8 @@ class CompiledPolicy:
     weighted_cumulative: tuple[float, ...]
     needs_scores: bool
     session_header: str = ""
+    personal_data: PersonalDataRule | None = None
+    """Personal-data detection (None: off)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +136,7 @@ class CompiledConfig:
         return sorted({*self.policies_by_alias, *guarded, *self.models_by_name})
 
 
-def _model(policy_key: str, m: pb.Model) -> ModelRoute:
+def _model(policy_key: str, m: pb.Model, personal: PersonalDataRule | None) -> ModelRoute:
     return ModelRoute(
         name=m.name,
         policy=policy_key,
@@ -132,6 +150,7 @@ def _model(policy_key: str, m: pb.Model) -> ModelRoute:
         fallbacks=tuple(m.fallbacks),
         weight=m.weight,
         provider=provider_of(m.backend.url),
+        personal_data=personal,
     )
 
 
@@ -211,9 +230,25 @@ def _check_references(p: pb.Policy, models: Mapping[str, ModelRoute]) -> None:
         raise PolicyLoadError("models: the weighted strategy needs a model with weight > 0")
 
 
+def _personal_data(p: pb.PersonalData) -> PersonalDataRule | None:
+    if not p.detectors:
+        return None
+    try:
+        scanner = Scanner(p.detectors)
+    except ValueError as exc:  # a detector this ext_proc does not have: never serve without
+        raise PolicyLoadError(f"personal_data.detectors: {exc}") from None
+    return PersonalDataRule(
+        scanner=scanner,
+        redact=p.action == pb.PersonalData.REDACT,
+        data_class=p.data_class or "pii",
+        raise_from=frozenset(p.raise_from),
+    )
+
+
 def _policy(p: pb.Policy) -> CompiledPolicy:
     key = f"{p.namespace}/{p.name}"
-    models = {m.name: _model(key, m) for m in p.models}
+    personal = _personal_data(p.personal_data)
+    models = {m.name: _model(key, m, personal) for m in p.models}
     _check_references(p, models)
     rules = tuple(_rule(i, r) for i, r in enumerate(p.strategy.rules))
     weighted = tuple(m for m in models.values() if m.weight > 0)
@@ -233,6 +268,7 @@ def _policy(p: pb.Policy) -> CompiledPolicy:
         weighted_cumulative=tuple(accumulate(m.weight for m in weighted)),
         needs_scores=kind == pb.Strategy.CLASSIFIER or any(r.needs_scores for r in rules),
         session_header=p.session_header,
+        personal_data=personal,
     )
 
 

@@ -19,6 +19,7 @@ from switchyard.api.v1 import config_stream_pb2 as cs
 from switchyard.api.v1 import config_stream_pb2_grpc as cs_grpc
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.state import RuntimeState
+from switchyard.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,16 @@ MAX_BACKOFF_S = 5.0
 
 
 class ConfigStreamClient:
-    """Keeps ``state`` in step with the config stream at ``target`` (host:port)."""
+    """Keeps ``state`` in step with the config stream at ``target`` (host:port), over mTLS
+    with ``tls`` (the files are read again at each reconnect, so renewals are picked up)."""
 
-    def __init__(self, target: str, node: str, state: RuntimeState) -> None:
+    def __init__(
+        self, target: str, node: str, state: RuntimeState, tls: TlsFiles | None = None
+    ) -> None:
         self.target = target
         self.node = node
         self.state = state
+        self.tls = tls
         self.first_config = asyncio.Event()
 
     async def run(self) -> None:
@@ -43,6 +48,8 @@ class ConfigStreamClient:
                 backoff = 0.1
             except grpc.aio.AioRpcError as error:
                 log.warning("config stream %s: %s", self.target, error.code().name)
+            except OSError as error:  # certificate files unreadable (mid-rotation)
+                log.warning("config stream %s: %s", self.target, error)
             await asyncio.sleep(backoff)
             backoff = min(MAX_BACKOFF_S, backoff * 2)
 
@@ -54,7 +61,12 @@ class ConfigStreamClient:
             while True:
                 yield await acks.get()
 
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        if self.tls is None:
+            channel = grpc.aio.insecure_channel(self.target)
+        else:
+            credentials = await asyncio.to_thread(self.tls.grpc_channel_credentials)
+            channel = grpc.aio.secure_channel(self.target, credentials)
+        async with channel:
             stub = cs_grpc.ConfigStreamStub(channel)
             async for config in stub.Subscribe(outgoing()):
                 await acks.put(await self.apply(config))

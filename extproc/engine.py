@@ -3,7 +3,9 @@
 No I/O, no clocks, no randomness of its own (the weighted strategy takes a draw in [0, 1)).
 Hard constraints come first: the prompt must fit the model's context window, the model must
 support what the request uses (tools, JSON mode, images), and the request's data class must
-be allowed on the model. Strategies then choose among the models that pass.
+be allowed on the model. The data class is the declared one (``x-switchyard-data-class``),
+raised by the policy's personal-data rule when the processor found personal data
+(``ParsedRequest.personal_data``). Strategies then choose among the models that pass.
 """
 
 from __future__ import annotations
@@ -89,12 +91,27 @@ def _guarded(
 class _Constraints:
     """The hard constraints of one request, checked against candidate models."""
 
-    __slots__ = ("capabilities", "data_class", "needed_tokens")
+    __slots__ = ("capabilities", "data_class", "detected", "needed_tokens")
 
-    def __init__(self, request: ParsedRequest, headers: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        request: ParsedRequest,
+        headers: Mapping[str, str],
+        target: CompiledPolicy | ModelRoute,
+    ) -> None:
         self.needed_tokens = request.prompt_tokens + request.max_output_tokens
         self.capabilities = request.capabilities
         self.data_class = headers.get(DATA_CLASS_HEADER) or DEFAULT_DATA_CLASS
+        self.detected = ""  # the detector that raised the data class
+        rule = target.personal_data
+        if (
+            request.personal_data
+            and not request.redacted
+            and rule is not None
+            and self.data_class in rule.raise_from
+        ):
+            self.data_class = rule.data_class
+            self.detected = request.personal_data
 
     def allows(self, model: ModelRoute) -> bool:
         return (
@@ -117,9 +134,11 @@ class _Constraints:
     def rejection(self, models: list[ModelRoute]) -> GatewayError:
         """The clearest error explaining why none of ``models`` may take the request."""
         if not any(self.data_class in m.data_classes for m in models):
+            why = f" (personal data detected: {self.detected})" if self.detected else ""
             return GatewayError(
                 403,
-                f"data class '{self.data_class}' is not allowed on any model this request may use",
+                f"data class '{self.data_class}'{why} is not allowed on any model this request "
+                "may use",
                 code="data_class_not_allowed",
                 type_="permission_error",
             )
@@ -244,7 +263,7 @@ def exclusions(
     target: CompiledPolicy | ModelRoute, request: ParsedRequest, headers: Mapping[str, str]
 ) -> dict[str, str]:
     """Each candidate model of ``target`` → why the hard constraints exclude it ("" allowed)."""
-    constraints = _Constraints(request, headers)
+    constraints = _Constraints(request, headers, target)
     models = [target] if isinstance(target, ModelRoute) else list(target.models.values())
     return {m.name: constraints.why_not(m) for m in models}
 
@@ -259,9 +278,25 @@ def decide(
     """Pick the model for one request; raise GatewayError when no model may take it.
 
     ``scores`` is required when ``target.needs_scores``; ``draw`` in [0, 1) drives the
-    weighted strategy.
+    weighted strategy. The reason ends with ``, pii: <detector>`` when personal data was
+    found, ``, pii redacted: <detector>`` when it was redacted (never the text; a comma, so
+    the reason's kind, what precedes the first ":" or ",", stays the strategy's).
     """
-    constraints = _Constraints(request, headers)
+    decision = _decide(target, request, headers, scores, draw)
+    if request.personal_data:
+        how = "pii redacted" if request.redacted else "pii"
+        return replace(decision, reason=f"{decision.reason}, {how}: {request.personal_data}")
+    return decision
+
+
+def _decide(
+    target: CompiledPolicy | ModelRoute,
+    request: ParsedRequest,
+    headers: Mapping[str, str],
+    scores: RouterScores | None,
+    draw: float,
+) -> Decision:
+    constraints = _Constraints(request, headers, target)
     if isinstance(target, ModelRoute):
         if not constraints.allows(target):
             raise constraints.rejection([target])

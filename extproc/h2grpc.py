@@ -71,7 +71,8 @@ class StreamHandler(Protocol):
         ...
 
     # Optional: ``on_headers(state, headers)``, an attribute, is called with each new stream's
-    # decoded request header list when it is not None (the processor sets it when tracing).
+    # decoded request header list when it is not None (the processor sets it when tracing);
+    # ``closed(state)``, a method, once its stream is over, however it ended.
 
 
 @types.coroutine
@@ -100,6 +101,7 @@ class GrpcConnection(asyncio.Protocol):
         self.handler = handler
         self.h2 = Connection(path, handler.open, self._dispatch, self._abandon)
         self.h2.on_headers = getattr(handler, "on_headers", None)  # request headers, if wanted
+        self.h2.on_close = getattr(handler, "closed", None)
         self.transport: asyncio.Transport | None = None
         # handlers waiting on this read's batch (batching.BATCH), resumed when it has run
         self.parked: list[tuple[Stream, Coroutine[Any, Any, tuple[bytes, bool]]]] = []

@@ -8,6 +8,19 @@ worker serves with a routing config; 503 with the reason until then).
   adapter; see the Helm chart's values).
 * ``switchyard_rejections_total{status, code}``: requests the ext_proc answered itself with an
   OpenAI-style error.
+* ``switchyard_responses_total{policy, model, outcome}``: routed requests whose response
+  ended, by the model that answered; ``outcome`` is complete, incomplete (the client hung up or
+  the upstream failed mid-body) or error (an HTTP error status).
+* ``switchyard_tokens_total{policy, model, direction}``: tokens (``direction`` input or
+  output) as the provider reported them, or estimated for incomplete responses.
+* ``switchyard_cost_usd_total{policy, model}``: those tokens at the policy's prices.
+* ``switchyard_fallbacks_total{policy, from_model, to_model}``: responses from another model
+  than the one the ext_proc chose (Envoy retried on a fallback).
+* ``switchyard_decision_duration_seconds{policy}`` and
+  ``switchyard_classifier_duration_seconds{bundle}``: time to route a request (from its body
+  to the decision) and the router model's share of it.
+
+The full table, with Envoy's own series, is in docs/architecture.md ("Metrics").
 
 Workers are separate processes. With more than one, prometheus_client runs in multiprocess
 mode: the parent points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before it starts the
@@ -26,7 +39,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, make_wsgi_app, multiprocess
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    make_wsgi_app,
+    multiprocess,
+)
 from prometheus_client.exposition import ThreadingWSGIServer
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -44,6 +64,54 @@ REJECTIONS = Counter(
     "switchyard_rejections",
     "Requests the ext_proc answered itself with an error, by HTTP status and error code.",
     ["status", "code"],
+)
+
+
+RESPONSES = Counter(
+    "switchyard_responses",
+    "Routed requests whose response ended, by policy, answering model and outcome.",
+    ["policy", "model", "outcome"],
+)
+TOKENS = Counter(
+    "switchyard_tokens",
+    "Tokens of routed requests, by policy, answering model and direction (input, output).",
+    ["policy", "model", "direction"],
+)
+COST = Counter(
+    "switchyard_cost_usd",
+    "Cost of routed requests in US dollars at the policy's prices, by policy and model.",
+    ["policy", "model"],
+)
+FALLBACKS = Counter(
+    "switchyard_fallbacks",
+    "Responses from a fallback model instead of the chosen one.",
+    ["policy", "from_model", "to_model"],
+)
+_LATENCY_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+)
+DECISION_SECONDS = Histogram(
+    "switchyard_decision_duration_seconds",
+    "Time from a request's body to its routing decision in the ext_proc.",
+    ["policy"],
+    buckets=_LATENCY_BUCKETS,
+)
+CLASSIFIER_SECONDS = Histogram(
+    "switchyard_classifier_duration_seconds",
+    "Time the router model took to score one request (batching included).",
+    ["bundle"],
+    buckets=_LATENCY_BUCKETS,
 )
 
 

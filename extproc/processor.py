@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 import orjson
@@ -20,10 +21,17 @@ from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf.message import DecodeError
 
+from switchyard.extproc.accounting import (
+    BODY_CONTINUE,
+    BODY_CONTINUE_BYTES,
+    Ledger,
+    ResponseAccount,
+    stream_options_for_usage,
+)
 from switchyard.extproc.engine import decide, select_target, session_view
 from switchyard.extproc.errors import GatewayError, invalid_request
 from switchyard.extproc.metrics import REJECTIONS
-from switchyard.extproc.request import Endpoint, parse_request, unwritable
+from switchyard.extproc.request import Endpoint, parse_request, screen, unwritable
 from switchyard.extproc.state import RuntimeState
 from switchyard.headers import EXTPROC_FILTER, METADATA_NAMESPACE
 
@@ -140,14 +148,16 @@ def undecodable(payload: bytes) -> GatewayError:
 
 
 class StreamState:
-    """What one stream has learned so far (headers arrive before or with the body)."""
+    """What one stream has learned so far (headers arrive before or with the body), and, once
+    routed, what its response is accounted against."""
 
-    __slots__ = ("endpoint", "headers", "trace")
+    __slots__ = ("account", "endpoint", "headers", "trace")
 
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
         self.endpoint: Endpoint | None = None
         self.trace: Context | None = None  # a sampled trace's parent (tracing.RouteTracer)
+        self.account: ResponseAccount | None = None  # set when the request was routed
 
 
 class Processor:
@@ -156,6 +166,7 @@ class Processor:
     def __init__(self, state: RuntimeState, tracer: RouteTracer | None = None) -> None:
         self.state = state
         self.tracer = tracer
+        self.ledger = Ledger()
         # The HTTP/2 layer hands a new stream's headers to this hook only when it is set.
         self.on_headers = None if tracer is None else tracer.on_headers
 
@@ -163,18 +174,27 @@ class Processor:
         """State for a new ext_proc stream (``StreamHandler``)."""
         return StreamState()
 
+    def closed(self, stream: StreamState) -> None:
+        """The stream ended (``StreamHandler``): a response that did not finish (the client
+        hung up, the upstream failed mid-body) is accounted for what was delivered."""
+        account = stream.account
+        if account is not None and not account.done:
+            account.finish(complete=False)
+
     async def message(self, stream: StreamState, payload: bytes) -> tuple[bytes, bool]:
         """Answer one serialized ProcessingRequest (``StreamHandler``).
 
-        The call ends after the body: the filter sends no later phase, so closing the stream
-        saves Envoy's half-close round trip.
+        A routed request's call stays open for its response body (usage and cost); the call
+        ends with the body's last chunk, or at once with an immediate response.
         """
         try:
             request = ep.ProcessingRequest.FromString(payload)
         except DecodeError:
             return immediate(undecodable(payload)).SerializeToString(), True
         response, done = await self.handle(stream, request)
-        return response.SerializeToString(), done or request.HasField("request_body")
+        if response is BODY_CONTINUE:  # most response chunks
+            return BODY_CONTINUE_BYTES, done
+        return response.SerializeToString(), done
 
     async def handle(
         self, stream: StreamState, message: ep.ProcessingRequest
@@ -189,9 +209,15 @@ class Processor:
                 except GatewayError as error:
                     return immediate(error), True
             response = await self.route(
-                stream.endpoint, stream.headers, message.request_body.body, stream.trace
+                stream.endpoint, stream.headers, message.request_body.body, stream.trace, stream
             )
-            return response, response.HasField("immediate_response")
+            # Not routed (answered here): nothing comes back, end the call now.
+            return response, stream.account is None
+        if kind == "response_body":
+            account = stream.account
+            if account is None:  # not a request this processor routed: pass it through
+                return BODY_CONTINUE, message.response_body.end_of_stream
+            return account.body(message), message.response_body.end_of_stream
         if kind == "request_headers":
             stream.headers = _headers(message.request_headers)
             try:
@@ -217,23 +243,32 @@ class Processor:
         headers: Mapping[str, str],
         body: bytes,
         trace: Context | None = None,
+        stream: StreamState | None = None,
     ) -> ep.ProcessingResponse:
         """Decide one request; every failure becomes an OpenAI-style immediate response.
-        With a sampled ``trace`` parent, a ``switchyard.route`` span records the decision."""
+        With a sampled ``trace`` parent, a ``switchyard.route`` span records the decision; with
+        a ``stream``, its response is accounted (``stream.account``)."""
         state = self.state
+        started = perf_counter()
         span = None if trace is None or self.tracer is None else self.tracer.start(trace, endpoint)
         try:
             request = parse_request(endpoint, body)
             config = state.config
             target = select_target(config, request, headers)
+            if target.personal_data is not None:
+                rule = target.personal_data
+                screen(request, rule.scanner, rule.redact)
             routed, draw = session_view(target, request, headers)
             scores = None
             if getattr(target, "needs_scores", False):
-                scorer = state.scorer_for(target.router_bundle)  # type: ignore[union-attr]
+                bundle = target.router_bundle  # type: ignore[union-attr]
+                scorer = state.scorer_for(bundle)
+                scoring = perf_counter()
                 if span is None:
                     scores = await scorer.score(routed.prompt)
                 else:
                     scores = await span.score(scorer, routed.prompt)
+                self.ledger.scored(bundle, perf_counter() - scoring)
             decision = decide(
                 target, routed, headers, scores, random.random() if draw is None else draw
             )
@@ -262,7 +297,15 @@ class Processor:
         common = response.request_body.response
         common.clear_route_cache = True
         common.header_mutation.SetInParent()
-        if request.model != model.upstream_model:
+        strip = False
+        if request.stream and stream is not None:
+            # Usage is read from the stream's last chunk; a client that did not ask for it gets
+            # the stream without it (usage.UsageMeter strips it).
+            options = stream_options_for_usage(request.payload.get("stream_options"))
+            if options is not None:
+                request.payload["stream_options"] = options
+                strip = True
+        if request.model != model.upstream_model or strip or request.redacted:
             request.payload["model"] = model.upstream_model
             try:
                 common.body_mutation.body = orjson.dumps(request.payload)
@@ -282,6 +325,9 @@ class Processor:
             meta["difficulty"].number_value = round(scores.difficulty, 3)
             meta["category"].string_value = scores.category
         state.record(decision, request)
+        self.ledger.decided(decision.policy, perf_counter() - started)
+        if stream is not None:
+            stream.account = ResponseAccount(self.ledger, config, target, decision, request, strip)
         if span is not None:
             span.decided(config, target, routed, headers, scores, decision)
         return response

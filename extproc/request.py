@@ -7,6 +7,7 @@ hand-written on the hot path: a full schema validation would cost more than the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import orjson
 
 from switchyard.extproc.errors import GatewayError, invalid_request
+from switchyard.extproc.pii import Scanner
 
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
@@ -43,6 +45,10 @@ class ParsedRequest:
     max_output_tokens: int
     stream: bool
     capabilities: frozenset[str]
+    personal_data: str = ""
+    """The personal-data detector that matched the messages; "" none (``screen``)."""
+    redacted: bool = False
+    """Matches were replaced in ``payload``: the body must be written back."""
 
 
 def _content_text(content: object, param: str, images: list[bool]) -> str:
@@ -181,3 +187,45 @@ def unwritable(payload: dict[str, Any]) -> GatewayError:
                 f"'{key}' is nested deeper than {MAX_WRITTEN_DEPTH} levels", param=key
             )
     return invalid_request(f"the request body is nested deeper than {MAX_WRITTEN_DEPTH} levels")
+
+
+def _slots(payload: dict[str, Any]) -> Iterator[tuple[Any, Any, str]]:
+    """(container, key, text) for every text a model reads: each message's content, all
+    roles, and the arguments of earlier tool calls; or the completion prompt(s). The shapes
+    parse_request checked are relied on; anything else it passed through is skipped."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        prompt = payload.get("prompt")
+        if isinstance(prompt, str):
+            yield payload, "prompt", prompt
+        elif isinstance(prompt, list):
+            yield from ((prompt, i, p) for i, p in enumerate(prompt) if isinstance(p, str))
+        return
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            yield message, "content", content
+        elif isinstance(content, list):
+            yield from ((p, "text", p["text"]) for p in content if p.get("type") == "text")
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                yield function, "arguments", function["arguments"]
+
+
+def screen(request: ParsedRequest, scanner: Scanner, redact: bool) -> None:
+    """Personal-data detection on every text of ``request`` (one scan over all of them):
+    sets ``personal_data`` to the detector that matched; with ``redact``, replaces the
+    matches in ``payload`` and sets ``redacted``."""
+    if not redact:
+        request.personal_data = scanner.first([text for _, _, text in _slots(request.payload)])
+        return
+    found = ""
+    for container, key, text in list(_slots(request.payload)):
+        clean, detector = scanner.redact(text)
+        if detector:
+            container[key] = clean
+            found = found or detector
+    request.personal_data = found
+    request.redacted = bool(found)

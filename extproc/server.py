@@ -13,11 +13,14 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
+import ssl
 import threading
 import weakref
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc import tracing
@@ -28,10 +31,15 @@ from switchyard.extproc.metrics import MetricsServer
 from switchyard.extproc.processor import Processor
 from switchyard.extproc.state import RuntimeState
 from switchyard.extproc.supervisor import Supervisor
+from switchyard.extproc.tally import TALLY
+from switchyard.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1
+TLS_POLL_SECONDS = 30.0
+# A peer gets this long to finish its TLS handshake (a stalled one holds a socket meanwhile).
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -91,22 +99,30 @@ class ConfigFileWatcher:
         self._stop.set()
 
 
+def replica_id() -> str:
+    """This worker's name on the config stream (ACKs, operator metrics): unique across pods,
+    whose process ids repeat."""
+    return f"{os.environ.get('POD_NAME') or socket.gethostname()}/{os.getpid()}"
+
+
 async def serve(
     config_source: str,
     listen: str,
     ready: threading.Event | None = None,
     execution_provider: str = "cpu",
     configured: Callable[[], None] | None = None,
+    tls: TlsFiles | None = None,
 ) -> None:
     """Run one worker until signalled. ``config_source``: a routing.pb file, or
     ``grpc://host:port`` of the control plane's config stream. ``ready`` is set once the worker
-    listens; ``configured`` is called once it listens with a routing config loaded."""
+    listens; ``configured`` is called once it listens with a routing config loaded. With
+    ``tls`` the worker serves mTLS (client certificate required) and uses it for the stream."""
     loop = asyncio.get_running_loop()
     state = RuntimeState(execution_provider=execution_provider)
     background: list[asyncio.Task[None]] = []
     watcher: ConfigFileWatcher | None = None
     if config_source.startswith("grpc://"):
-        client = ConfigStreamClient(config_source.removeprefix("grpc://"), f"{os.getpid()}", state)
+        client = ConfigStreamClient(config_source.removeprefix("grpc://"), replica_id(), state, tls)
         background.append(asyncio.create_task(client.run()))
         # Serve only once a config is loaded, so no request meets an empty table.
         await client.first_config.wait()
@@ -122,14 +138,20 @@ async def serve(
         connections.add(conn)
         return conn
 
+    secure: dict[str, Any] = {}
+    if tls is not None:
+        context = tls.server_context()
+        secure = {"ssl": context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S}
+        background.append(asyncio.create_task(_reload_tls(tls, context)))
     if listen.startswith("unix:"):
         path = Path(listen.removeprefix("unix:"))
         path.unlink(missing_ok=True)  # left by a worker that was killed
-        server = await loop.create_unix_server(connection, str(path))
+        server = await loop.create_unix_server(connection, str(path), **secure)
     else:
         host, _, port = listen.rpartition(":")
-        server = await loop.create_server(connection, host.strip("[]"), int(port))
+        server = await loop.create_server(connection, host.strip("[]"), int(port), **secure)
     log.info("ext_proc worker %d serving on %s", os.getpid(), listen)
+    TALLY.start(loop)
     if ready is not None:
         ready.set()
     if watcher is not None:
@@ -151,15 +173,34 @@ async def serve(
     for conn in connections:
         conn.goaway()
     await asyncio.sleep(0.2)  # let in-flight streams answer
+    TALLY.stop()
     if tracer is not None:
         await asyncio.to_thread(tracer.shutdown)  # export the spans still queued
+
+
+async def _reload_tls(tls: TlsFiles, context: ssl.SSLContext) -> None:
+    """Load renewed certificate files into ``context`` (new handshakes use them); the
+    connections Envoy holds keep theirs."""
+    seen = await asyncio.to_thread(tls.signature)
+    while True:
+        await asyncio.sleep(TLS_POLL_SECONDS)
+        try:
+            signature = await asyncio.to_thread(tls.signature)
+            if signature != seen:
+                tls.load(context)
+                seen = signature
+                log.info("TLS certificate reloaded from %s", tls.cert.parent)
+        except (OSError, ssl.SSLError) as error:  # mid-rotation: keep the last good one
+            log.warning("keeping the current TLS certificate: %s", error)
 
 
 def _worker(config_path: str, listen: str, execution_provider: str, flag: ReadyFlag) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s extproc %(message)s")
     import uvloop
 
-    uvloop.run(serve(config_path, listen, None, execution_provider, flag.set))
+    # TLS comes through the environment (the CLI sets it) so worker supervision passes nothing.
+    tls = TlsFiles.from_environment()
+    uvloop.run(serve(config_path, listen, None, execution_provider, flag.set, tls))
 
 
 def worker_addresses(listen: str, workers: int) -> list[str]:

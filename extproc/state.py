@@ -24,6 +24,7 @@ from switchyard.extproc.engine import Decision
 from switchyard.extproc.metrics import DECISIONS, decision_kind
 from switchyard.extproc.request import ParsedRequest
 from switchyard.extproc.scoring import HeuristicScorer, Scorer
+from switchyard.extproc.tally import TALLY
 
 log = logging.getLogger(__name__)
 
@@ -102,4 +103,4 @@ class RuntimeState:
         counter = self._decision_counters.get(key)
         if counter is None:
             counter = self._decision_counters[key] = DECISIONS.labels(*key)
-        counter.inc()
+        TALLY.add(counter)

@@ -16,6 +16,8 @@ from switchyard.headers import DATA_CLASS_HEADER
 from switchyard.operator.multicluster import Topology, place_endpoints
 from switchyard.operator.policy import (
     ModelSpec,
+    PersonalData,
+    PersonalDataAction,
     Retries,
     RoutePolicy,
     Rule,
@@ -116,6 +118,18 @@ def _retries(retries: Retries) -> pb.Retries:
     )
 
 
+def _personal_data(spec: PersonalData) -> pb.PersonalData:
+    """Detection off compiles to no detectors."""
+    return pb.PersonalData(
+        detectors=spec.detectors if spec.detect else [],
+        action=pb.PersonalData.REDACT
+        if spec.action is PersonalDataAction.REDACT
+        else pb.PersonalData.ROUTE,
+        data_class=spec.data_class,
+        raise_from=sorted(spec.raise_from),
+    )
+
+
 def compile_policy(policy: RoutePolicy) -> pb.Policy:
     """One RoutePolicy → its compiled form."""
     spec = policy.spec
@@ -142,6 +156,7 @@ def compile_policy(policy: RoutePolicy) -> pb.Policy:
         retries=_retries(spec.retries),
         timeout_ms=duration_ms(spec.timeout),
         session_header=spec.session_affinity.header if spec.session_affinity else "",
+        personal_data=_personal_data(spec.personal_data),
     )
 
 

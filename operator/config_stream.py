@@ -15,6 +15,7 @@ import grpc
 from switchyard.api.v1 import config_stream_pb2 as cs
 from switchyard.api.v1 import config_stream_pb2_grpc as cs_grpc
 from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.operator.metrics import EXTPROC, ROUTING_CONFIG, OperatorMetrics
 from switchyard.operator.races import first_completed
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,9 @@ PolicyErrorsCallback = Callable[[str, str, dict[str, str]], None]
 class ConfigStreamServer(cs_grpc.ConfigStreamServicer):  # type: ignore[misc]
     """Holds the current RoutingConfig and streams every new version to subscribers."""
 
-    def __init__(self, on_nack: NackCallback | None = None) -> None:
+    def __init__(
+        self, on_nack: NackCallback | None = None, metrics: OperatorMetrics | None = None
+    ) -> None:
         self._config = pb.RoutingConfig()
         self._changed = asyncio.Event()
         self.acked: dict[str, str] = {}
@@ -37,6 +40,7 @@ class ConfigStreamServer(cs_grpc.ConfigStreamServicer):  # type: ignore[misc]
         """Replica → (the version it ACKed, policy key → why it left that policy out)."""
         self.on_policy_errors: PolicyErrorsCallback | None = None
         self._on_nack = on_nack
+        self._metrics = metrics or OperatorMetrics()
 
     @property
     def config(self) -> pb.RoutingConfig:
@@ -44,6 +48,7 @@ class ConfigStreamServer(cs_grpc.ConfigStreamServicer):  # type: ignore[misc]
 
     async def publish(self, config: pb.RoutingConfig) -> None:
         self._config = config
+        self._metrics.config_current(config.version)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -72,6 +77,7 @@ class ConfigStreamServer(cs_grpc.ConfigStreamServicer):  # type: ignore[misc]
 
         reader = asyncio.create_task(read())
         sent = ""
+        self._metrics.stream_opened(EXTPROC)
         try:
             while True:
                 if self._config.version and self._config.version != sent:
@@ -84,9 +90,12 @@ class ConfigStreamServer(cs_grpc.ConfigStreamServicer):  # type: ignore[misc]
                 ack = getter.result()
                 if ack is None:
                     return
+                if ack.node and ack.node != node:
+                    self._metrics.client_named(EXTPROC, ack.node, node)
                 node = ack.node or node
                 if not ack.version:
                     continue
+                self._metrics.response(EXTPROC, node, ROUTING_CONFIG, acked=not ack.error)
                 if ack.error:
                     self.nacked[node] = (ack.version, ack.error)
                     log.warning("%s rejected routing config %s: %s", node, ack.version, ack.error)
@@ -104,3 +113,4 @@ class ConfigStreamServer(cs_grpc.ConfigStreamServicer):  # type: ignore[misc]
             reader.cancel()
             self.acked.pop(node, None)
             self.policy_errors.pop(node, None)
+            self._metrics.stream_closed(EXTPROC, node)

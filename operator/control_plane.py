@@ -34,6 +34,7 @@ from switchyard.api.v1 import config_stream_pb2_grpc as cs_grpc
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.config_stream import ConfigStreamServer
 from switchyard.operator.envoy_config import ApiKeys, GatewaySettings, extproc_load_assignment
+from switchyard.operator.metrics import OperatorMetrics
 from switchyard.operator.xds_server import (
     CLUSTER,
     ENDPOINT,
@@ -46,6 +47,7 @@ from switchyard.operator.xds_server import (
     build_snapshot,
     pack,
 )
+from switchyard.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +75,15 @@ class ControlPlane:
         on_envoy_nack: Callable[[str, str, str, str], None] | None = None,
         on_extproc_nack: Callable[[str, str, str], None] | None = None,
         api_keys: ApiKeys | None = None,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.api_keys = api_keys
         self.ack_timeout_s = ack_timeout_s
-        self.ads = AdsServer(on_envoy_nack)
-        self.stream = ConfigStreamServer(on_extproc_nack)
+        self.metrics = metrics or OperatorMetrics()
+        self.ads = AdsServer(on_envoy_nack, self.metrics)
+        self.stream = ConfigStreamServer(on_extproc_nack, self.metrics)
+        self.metrics.follow(self.ads, self.stream)
         self._server: grpc.aio.Server | None = None
         self._lock = asyncio.Lock()
         self._extproc_endpoints: Resources | None = None
@@ -86,12 +91,16 @@ class ControlPlane:
             self._extproc_endpoints = self._endpoints_resource([])
         self.port = 0
 
-    async def start(self, address: str = "127.0.0.1:0") -> int:
-        """Listen on ``address``; returns the bound port."""
+    async def start(self, address: str = "127.0.0.1:0", tls: TlsFiles | None = None) -> int:
+        """Listen on ``address`` (mTLS with ``tls``: client certificates required); returns
+        the bound port."""
         server = grpc.aio.server()
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, server)
         cs_grpc.add_ConfigStreamServicer_to_server(self.stream, server)
-        self.port = server.add_insecure_port(address)
+        if tls is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, tls.grpc_server_credentials())
         await server.start()
         self._server = server
         return self.port
@@ -122,12 +131,19 @@ class ControlPlane:
         """The first config, published before any Envoy or ext_proc is connected (no
         ordering to keep, nobody to wait for)."""
         async with self._lock:
+            self.metrics.config_started()
             await self._publish(build_snapshot(config, self.settings, self.api_keys))
             await self.stream.publish(config)
 
     async def apply(self, config: pb.RoutingConfig) -> ApplyResult:
         """Deliver ``config`` to every Envoy and ext_proc, in the order described above."""
+        result = await self._apply(config)
+        self.metrics.applied(result)
+        return result
+
+    async def _apply(self, config: pb.RoutingConfig) -> ApplyResult:
         async with self._lock:
+            self.metrics.config_started()
             started = time.monotonic()
             final = build_snapshot(config, self.settings, self.api_keys)
             previous, previous_config = self.ads.snapshot, self.stream.config

@@ -191,6 +191,14 @@ WHEN_RULES = [
         "message": "maxPromptTokens must not be below minPromptTokens",
     },
 ]
+PERSONAL_DATA_RULES = [
+    {
+        "rule": "!((has(self.dataClass) ? self.dataClass : 'pii') in "
+        "(has(self.raiseFrom) ? self.raiseFrom : ['public', 'internal']))",
+        "message": "raiseFrom must not contain dataClass (nothing to raise)",
+        "fieldPath": ".raiseFrom",
+    }
+]
 AUTOSCALING_RULES = [
     {
         "rule": "self.minReplicas <= self.maxReplicas",
@@ -205,6 +213,7 @@ RULES_BY_DEF = {
     "RuleWhen": WHEN_RULES,
     "Match": [{**HEADER_RULE}],
     "Autoscaling": AUTOSCALING_RULES,
+    "PersonalData": PERSONAL_DATA_RULES,
 }
 
 
@@ -266,6 +275,9 @@ def spec_schema() -> dict[str, Any]:
     models["x-kubernetes-list-type"] = "map"
     models["x-kubernetes-list-map-keys"] = ["name"]
     schema["properties"]["match"]["properties"]["models"]["x-kubernetes-list-type"] = "set"
+    personal = schema["properties"]["personalData"]["properties"]
+    personal["detectors"]["x-kubernetes-list-type"] = "set"
+    personal["raiseFrom"]["x-kubernetes-list-type"] = "set"
     return schema
 
 

@@ -59,8 +59,14 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf.message import Message
 
 from switchyard.api.v1 import routing_pb2 as pb
-from switchyard.headers import BACKEND_HEADER, EXTPROC_FILTER, METADATA_NAMESPACE
+from switchyard.headers import (
+    BACKEND_HEADER,
+    EXTPROC_FILTER,
+    METADATA_NAMESPACE,
+    RESPONSE_ATTRIBUTES,
+)
 from switchyard.operator import fallback, tracing
+from switchyard.operator.envoy_tls import EnvoyMtls, upstream_mtls
 from switchyard.operator.multicluster import service_dns_name
 from switchyard.operator.xds_types import (
     ADD_IF_ABSENT,
@@ -112,6 +118,8 @@ class GatewaySettings:
     otlp_endpoint: str = ""
     trace_sampling: float = 1.0
     trace_service_name: str = tracing.DEFAULT_SERVICE
+    # mTLS to the ext_proc workers (operator/envoy_tls.py); None: plaintext.
+    extproc_tls: EnvoyMtls | None = None
 
 
 _CA_FILES = (
@@ -131,9 +139,11 @@ def _error(status: int, message: str, type_: str, code: str) -> rc.DirectRespons
     return rc.DirectResponseAction(status=status, body=inline(body))
 
 
-def _no_extproc(route: rc.Route) -> rc.Route:
+def _with_extproc(route: rc.Route) -> rc.Route:
+    """Enable the ext_proc (off by default on the listener) on a route requests start on."""
+    enabled = ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides())
     route.typed_per_filter_config[EXTPROC_FILTER].CopyFrom(
-        packed(ext_proc_pb2.ExtProcPerRoute(disabled=True))
+        packed(rc.FilterConfig(config=packed(enabled)))
     )
     return route
 
@@ -252,12 +262,33 @@ def request_attributes(config: pb.RoutingConfig) -> list[str]:
     return ["request.path", *(f"request.headers['{h}']" for h in config.request_headers)]
 
 
-def _unrouted(config: pb.RoutingConfig, match: rc.RouteMatch) -> rc.Route:
-    """The inference route before the ext_proc decides, and for requests it did not route.
+def _unrouted(config: pb.RoutingConfig, match: rc.RouteMatch) -> list[rc.Route]:
+    """The inference routes before the ext_proc decides, and for requests it did not route.
 
-    The ext_proc runs here with the attributes this config needs. Requests reach the route's
-    own action only when the ext_proc was skipped (no body) or, failing open, unreachable.
+    A request that says its body is empty (``content-length: 0``) never reaches the ext_proc
+    (it reads bodies): it gets a 400 here. Every other request starts on the last route, with
+    the ext_proc, and reaches that route's own action only when the ext_proc did not route it:
+    the ext_proc failed (unreachable, timed out), or the request had no body yet no length (an
+    HTTP/1 POST with neither a length nor chunked encoding, an HTTP/2 request ended with its
+    headers). The filter always fails open, so that a failing ext_proc never cuts a response it
+    is reading (usage accounting); this action is where the configured fail mode applies: the
+    fail-open model, or a 503 whose message names both causes.
     """
+    json_header = [header("content-type", "application/json")]
+    zero_length = rc.HeaderMatcher(
+        name="content-length", string_match=string_pb2.StringMatcher(exact="0")
+    )
+    empty = rc.Route(
+        name="empty_body",
+        match=rc.RouteMatch(safe_regex=match.safe_regex, headers=[zero_length]),
+        direct_response=_error(
+            400,
+            "the request body is empty; send a JSON object",
+            "invalid_request_error",
+            "empty_body",
+        ),
+        response_headers_to_add=json_header,
+    )
     if config.fail_open_backend:
         model = next(
             m
@@ -277,18 +308,20 @@ def _unrouted(config: pb.RoutingConfig, match: rc.RouteMatch) -> rc.Route:
         route.typed_per_filter_config[LUA_FILTER].CopyFrom(
             packed(_rewrite_model_lua(model.upstream_model))
         )
-        return route
-    return rc.Route(
-        name="unrouted",
-        match=match,
-        direct_response=_error(
-            400,
-            "the request body is empty; send a JSON object",
-            "invalid_request_error",
-            "empty_body",
-        ),
-        response_headers_to_add=[header("content-type", "application/json")],
-    )
+    else:
+        route = rc.Route(
+            name="unrouted",
+            match=match,
+            direct_response=_error(
+                503,
+                "the routing service is unavailable; retry shortly (or, if the request had no "
+                "body, send a JSON object)",
+                "server_error",
+                "router_unavailable",
+            ),
+            response_headers_to_add=json_header,
+        )
+    return [empty, _with_extproc(route)]
 
 
 def build_route_config(
@@ -301,72 +334,62 @@ def build_route_config(
         name=":method", string_match=string_pb2.StringMatcher(exact="POST"), invert_match=True
     )
     routes = [
-        _no_extproc(
-            rc.Route(
-                name="models",
-                match=rc.RouteMatch(path="/v1/models", headers=[_method("GET")]),
-                direct_response=rc.DirectResponseAction(
-                    status=200, body=inline(_models_list(config))
-                ),
-                response_headers_to_add=json_header,
-            )
+        rc.Route(
+            name="models",
+            match=rc.RouteMatch(path="/v1/models", headers=[_method("GET")]),
+            direct_response=rc.DirectResponseAction(status=200, body=inline(_models_list(config))),
+            response_headers_to_add=json_header,
         ),
-        _no_extproc(
-            rc.Route(
-                name="method_not_allowed",
-                match=rc.RouteMatch(safe_regex=inference, headers=[not_post]),
-                direct_response=_error(
-                    405, "use POST on this path", "invalid_request_error", "method_not_allowed"
-                ),
-                response_headers_to_add=json_header,
-            )
+        rc.Route(
+            name="method_not_allowed",
+            match=rc.RouteMatch(safe_regex=inference, headers=[not_post]),
+            direct_response=_error(
+                405, "use POST on this path", "invalid_request_error", "method_not_allowed"
+            ),
+            response_headers_to_add=json_header,
         ),
         # The ext_proc reads the body as plain JSON, so a compressed one is refused rather than
         # routed on garbage and forwarded with an encoding the model server may not read.
-        _no_extproc(
-            rc.Route(
-                name="content_encoding",
-                match=rc.RouteMatch(
-                    prefix="/",
-                    headers=[
-                        rc.HeaderMatcher(name="content-encoding", present_match=True),
-                        rc.HeaderMatcher(
-                            name="content-encoding",
-                            string_match=string_pb2.StringMatcher(
-                                exact="identity", ignore_case=True
-                            ),
-                            invert_match=True,
-                        ),
-                    ],
-                ),
-                direct_response=_error(
-                    415,
-                    "compressed request bodies are not supported; send the JSON uncompressed "
-                    "(no content-encoding)",
-                    "invalid_request_error",
-                    "unsupported_content_encoding",
-                ),
-                response_headers_to_add=json_header,
-            )
+        rc.Route(
+            name="content_encoding",
+            match=rc.RouteMatch(
+                prefix="/",
+                headers=[
+                    rc.HeaderMatcher(name="content-encoding", present_match=True),
+                    rc.HeaderMatcher(
+                        name="content-encoding",
+                        string_match=string_pb2.StringMatcher(exact="identity", ignore_case=True),
+                        invert_match=True,
+                    ),
+                ],
+            ),
+            direct_response=_error(
+                415,
+                "compressed request bodies are not supported; send the JSON uncompressed "
+                "(no content-encoding)",
+                "invalid_request_error",
+                "unsupported_content_encoding",
+            ),
+            response_headers_to_add=json_header,
         ),
     ]
     for policy in config.policies:
         routes.extend(_backend_route(policy, m, settings, api_keys) for m in policy.models)
-    routes.append(_unrouted(config, rc.RouteMatch(safe_regex=inference)))
+    # The only route a request starts on with the ext_proc: codec errors and the direct
+    # responses above never open an ext_proc stream, not even for their response.
+    routes.extend(_unrouted(config, rc.RouteMatch(safe_regex=inference)))
     routes.append(
-        _no_extproc(
-            rc.Route(
-                name="not_found",
-                match=rc.RouteMatch(prefix="/"),
-                direct_response=_error(
-                    404,
-                    "unknown path; this gateway serves /v1/chat/completions, "
-                    "/v1/completions and /v1/models",
-                    "invalid_request_error",
-                    "unknown_url",
-                ),
-                response_headers_to_add=json_header,
-            )
+        rc.Route(
+            name="not_found",
+            match=rc.RouteMatch(prefix="/"),
+            direct_response=_error(
+                404,
+                "unknown path; this gateway serves /v1/chat/completions, "
+                "/v1/completions and /v1/models",
+                "invalid_request_error",
+                "unknown_url",
+            ),
+            response_headers_to_add=json_header,
         )
     )
     return route_pb2.RouteConfiguration(
@@ -471,15 +494,19 @@ def _ext_proc(
             timeout=timeout,
             retry_policy=_extproc_retry(settings.extproc_message_timeout_ms),
         ),
-        # Unreachable ext_proc: continue unrouted to the fail-open model, or answer 503.
-        failure_mode_allow=bool(config.fail_open_backend),
+        # An ext_proc that fails lets the request continue unrouted, to the inference route's
+        # own action (the fail-open model, or a 503), and a response it was reading continue
+        # unread: a failing worker never cuts a response in flight.
+        failure_mode_allow=True,
         status_on_error=http_status_pb2.HttpStatus(code=http_status_pb2.ServiceUnavailable),
         message_timeout=timeout,
         processing_mode=mode(
             request_header_mode=mode.SKIP,
             response_header_mode=mode.SKIP,
             request_body_mode=mode.BUFFERED,
-            response_body_mode=mode.NONE,
+            # The response passes chunk by chunk (never buffered): usage and cost are read
+            # from it, and a usage chunk the client did not ask for is removed.
+            response_body_mode=mode.STREAMED,
             request_trailer_mode=mode.SKIP,
             response_trailer_mode=mode.SKIP,
         ),
@@ -489,6 +516,7 @@ def _ext_proc(
             )
         ),
         request_attributes=request_attributes(config),
+        response_attributes=list(RESPONSE_ATTRIBUTES),
         allow_mode_override=False,
     )
 
@@ -506,8 +534,8 @@ def _extproc_retry(timeout_ms: int) -> base_pb2.RetryPolicy:
     )
 
 
-def _filter(name: str, config: Message) -> hcm_pb2.HttpFilter:
-    return hcm_pb2.HttpFilter(name=name, typed_config=packed(config))
+def _filter(name: str, config: Message, disabled: bool = False) -> hcm_pb2.HttpFilter:
+    return hcm_pb2.HttpFilter(name=name, typed_config=packed(config), disabled=disabled)
 
 
 def build_listener(config: pb.RoutingConfig, settings: GatewaySettings) -> listener_pb2.Listener:
@@ -529,7 +557,7 @@ def build_listener(config: pb.RoutingConfig, settings: GatewaySettings) -> liste
         local_reply_config=_local_reply_config(),
         http_filters=[
             _filter("envoy.filters.http.header_mutation", strip_backend),
-            _filter(EXTPROC_FILTER, _ext_proc(config, settings)),
+            _filter(EXTPROC_FILTER, _ext_proc(config, settings), disabled=True),
             # Holds the request headers until the whole body has passed the ext_proc, so the
             # router sees the routing header the ext_proc set from the body.
             _filter(
@@ -594,11 +622,13 @@ def extproc_cluster(settings: GatewaySettings) -> cluster_pb2.Cluster:
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
         typed_extension_protocol_options=protocol_options(h2),
         outlier_detection=_dead_worker_ejection(),
-        circuit_breakers=_extproc_retry_limit(),
+        circuit_breakers=_EXTPROC_STREAMS,
         # Health changes (ejections, returns) reach the load balancers at once, not merged
         # over Envoy's default 1 s: a stale view kept sending to a worker known dead.
         common_lb_config=cluster_pb2.Cluster.CommonLbConfig(update_merge_window=millis(0)),
     )
+    if settings.extproc_tls is not None:
+        cluster.transport_socket.CopyFrom(upstream_mtls(settings.extproc_tls))
     if settings.extproc_eds:
         cluster.type = cluster_pb2.Cluster.EDS
         cluster.eds_cluster_config.eds_config.CopyFrom(ADS)
@@ -613,12 +643,20 @@ def extproc_cluster(settings: GatewaySettings) -> cluster_pb2.Cluster:
     return cluster
 
 
-def _extproc_retry_limit() -> circuit_breaker_pb2.CircuitBreakers:
-    """Every stream that a dying worker or pod resets at once may retry (Envoy allows 3
-    concurrent retries per cluster by default; the rest failed closed). Each stream retries at
-    most twice, and only on refused or reset streams."""
-    retries = circuit_breaker_pb2.CircuitBreakers.Thresholds(max_retries=u32(100000))
-    return circuit_breaker_pb2.CircuitBreakers(thresholds=[retries])
+# A routed request holds its ext_proc stream until its response ends (usage is read from the
+# response), so concurrent streams = requests in flight, long LLM responses included. Envoy's
+# default of 1,024 would cap the gateway there; workers bound each connection to
+# MAX_CONCURRENT_STREAMS (extproc/h2/limits.py) and Envoy opens more connections past it.
+# Every stream that a dying worker or pod resets before answering may retry (``_extproc_retry``;
+# Envoy's default allows 3 concurrent retries per cluster and the rest failed closed); each
+# retries at most twice, and only on refused or reset streams.
+_EXTPROC_STREAMS = circuit_breaker_pb2.CircuitBreakers(
+    thresholds=[
+        circuit_breaker_pb2.CircuitBreakers.Thresholds(
+            max_requests=u32(1 << 20), max_pending_requests=u32(1 << 16), max_retries=u32(1 << 20)
+        )
+    ]
+)
 
 
 def _dead_worker_ejection() -> outlier_detection_pb2.OutlierDetection:
@@ -750,6 +788,7 @@ def model_cluster(model: pb.Model, system_ca: str = "") -> cluster_pb2.Cluster:
     unlimited = u32(100000)
     cluster = cluster_pb2.Cluster(
         name=model.backend_key,
+        alt_stat_name=fallback.stats_name(model.backend_key),
         type=kind,
         dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED,
         connect_timeout=seconds(5),

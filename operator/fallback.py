@@ -63,6 +63,15 @@ def aggregate_name(model: pb.Model) -> str:
     return model.backend_key + SUFFIX
 
 
+def stats_name(cluster: str) -> str:
+    """The name a model's cluster (or its aggregate) has in Envoy's stats:
+    ``namespace/policy/model`` (``...~fallbacks``), the ext_proc's ``policy`` and ``model``
+    labels joined by ``/``. Envoy's Prometheus output cuts the ``envoy_cluster_name`` tag at
+    the first dot, so the backend key itself would put the policy and model into the metric
+    name (``envoy_cluster_metered_light_upstream_rq_total{envoy_cluster_name="default"}``)."""
+    return cluster.replace(".", "/")
+
+
 def _covers(fallback: pb.Model, model: pb.Model) -> bool:
     return (
         set(model.data_classes) <= set(fallback.data_classes)
@@ -266,6 +275,7 @@ def aggregate_cluster(members: list[pb.Model], api_keys: list[str]) -> cluster_p
     unlimited = circuit_breaker_pb2.CircuitBreakers.Thresholds(max_retries=u32(100000))
     return cluster_pb2.Cluster(
         name=aggregate_name(members[0]),
+        alt_stat_name=stats_name(aggregate_name(members[0])),
         circuit_breakers=circuit_breaker_pb2.CircuitBreakers(thresholds=[unlimited]),
         connect_timeout=seconds(5),
         lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,

@@ -30,6 +30,8 @@ from switchyard.operator.autoscaling import (
 from switchyard.operator.control_plane import ControlPlane
 from switchyard.operator.crd import GROUP, PLURAL, VERSION
 from switchyard.operator.envoy_config import GatewaySettings, system_ca_file
+from switchyard.operator.envoy_tls import EnvoyMtls
+from switchyard.operator.metrics import MetricsServer
 from switchyard.operator.multicluster import (
     CLUSTER_LABEL,
     KUBECONFIG_KEY,
@@ -42,6 +44,7 @@ from switchyard.operator.multicluster import (
 )
 from switchyard.operator.policy import Autoscaling, RoutePolicy
 from switchyard.operator.reconciler import Condition, ModelEndpoints, Outcome, Reconciler
+from switchyard.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +74,26 @@ class OperatorSettings:
     extproc_workers: int = 1
     # host:port of kopf's liveness endpoint (GET /healthz); "" = none.
     health_listen: str = ""
+    # host:port of the Prometheus endpoint (GET /metrics, operator/metrics.py); "" = none.
+    metrics_listen: str = ""
     # OpenTelemetry traces from the gateway Envoy (operator/tracing.py); "" = none.
     otlp_endpoint: str = ""
     trace_sampling: float = 1.0
     trace_service_name: str = "switchyard"
+    # mTLS (switchyard/tls.py): the operator's certificate directory ("" = plaintext), where
+    # the gateway Envoy finds its SDS files, and the name the ext_proc's certificate carries.
+    tls_dir: str = ""
+    gateway_sds_dir: str = "/etc/envoy"
+    extproc_server_name: str = ""
+
+    def extproc_tls(self) -> EnvoyMtls | None:
+        """How the gateway reaches the ext_proc over mTLS; None without ``tls_dir``."""
+        if not self.tls_dir:
+            return None
+        name = self.extproc_server_name or "localhost"
+        if not self.extproc_server_name and self.extproc_service:
+            name = f"{self.extproc_service}.{self.data_plane_namespace}.svc"
+        return EnvoyMtls(sds_dir=self.gateway_sds_dir, server_name=name)
 
 
 SETTINGS = OperatorSettings()
@@ -100,6 +119,7 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
             otlp_endpoint=SETTINGS.otlp_endpoint,
             trace_sampling=SETTINGS.trace_sampling,
             trace_service_name=SETTINGS.trace_service_name,
+            extproc_tls=SETTINGS.extproc_tls(),
         ),
     )
     directory = EndpointDirectory(SETTINGS.cluster_name, SETTINGS.region)
@@ -122,7 +142,11 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
     for document in documents:
         await asyncio.to_thread(load_api_keys, document["metadata"]["namespace"], document["spec"])
     await reconciler.restore(documents)
-    port = await plane.start(SETTINGS.xds_listen)
+    if SETTINGS.metrics_listen:
+        _state["metrics"] = MetricsServer(plane.metrics, SETTINGS.metrics_listen)
+        await _state["metrics"].start()
+    tls = TlsFiles.from_dir(SETTINGS.tls_dir) if SETTINGS.tls_dir else None
+    port = await plane.start(SETTINGS.xds_listen, tls)
     log.info("xDS and config stream on port %d; %d policies restored", port, len(documents))
 
 
@@ -162,6 +186,8 @@ async def _stop(**_: Any) -> None:
     if "extproc_watch" in _state:
         _state["extproc_watch"].stop()
     await _reconciler().plane.stop()
+    if "metrics" in _state:
+        await _state["metrics"].stop()
 
 
 def policy_document(body: kopf.Body | dict[str, Any]) -> dict[str, Any]:
@@ -537,6 +563,11 @@ def run_operator(settings: OperatorSettings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if settings.extproc_service and not settings.data_plane_namespace:
         raise SystemExit("--extproc-service needs --data-plane-namespace (where it runs)")
+    if settings.tls_dir:
+        try:
+            TlsFiles.from_dir(settings.tls_dir).check()
+        except FileNotFoundError as exc:
+            raise SystemExit(f"--tls-dir: {exc}") from None
     liveness = f"http://{settings.health_listen}/healthz" if settings.health_listen else None
     asyncio.run(
         kopf.operator(

@@ -15,7 +15,7 @@ import functools
 import re
 from collections.abc import Iterable
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -63,6 +63,8 @@ MAX_ITEMS = {
     "keywords": 64,
     "category": 16,
     "on": 8,
+    "detectors": 8,
+    "raiseFrom": 16,
 }
 HEURISTIC_BUNDLE = "builtin:heuristic"
 """The placeholder scorer (``switchyard.extproc.state``), not a directory."""
@@ -127,6 +129,19 @@ class Capability(StrEnum):
     TOOLS = "tools"
     JSON = "json"
     IMAGES = "images"
+
+
+Detector = Literal[
+    "email", "phone", "payment-card", "iban", "us-ssn", "uk-nino", "de-tax-id", "es-dni"
+]
+"""The built-in personal-data detectors (``switchyard.extproc.pii.DETECTORS``; a unit test
+keeps them in step)."""
+DataClass = Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
+
+
+class PersonalDataAction(StrEnum):
+    ROUTE = "route"
+    REDACT = "redact"
 
 
 class StrategyType(StrEnum):
@@ -205,7 +220,7 @@ class ModelSpec(_Spec):
         default_factory=list, max_length=MAX_ITEMS["capabilities"]
     )
     tier: str | None = None
-    data_classes: list[Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]] = Field(
+    data_classes: list[DataClass] = Field(
         default_factory=lambda: ["public"], max_length=MAX_ITEMS["dataClasses"]
     )
     fallbacks: list[str] = Field(default_factory=list, max_length=MAX_ITEMS["fallbacks"])
@@ -332,6 +347,57 @@ class SessionAffinity(_Spec):
         return header.lower()
 
 
+class PersonalData(_Spec):
+    """Built-in personal-data detection on every message: it can only make a class stricter."""
+
+    detect: bool = Field(
+        default=True, description="Scan requests for personal data (default true)."
+    )
+    action: PersonalDataAction = Field(
+        default=PersonalDataAction.ROUTE,
+        description=(
+            "route: raise the request's data class to dataClass, so only models allowing it "
+            "are candidates (403 data_class_not_allowed when none may take it); redact: "
+            "replace each match with [REDACTED:<detector>] in the body sent upstream and keep "
+            "the declared class."
+        ),
+    )
+    detectors: list[Detector] = Field(
+        default_factory=lambda: list(get_args(Detector)),
+        min_length=1,
+        max_length=MAX_ITEMS["detectors"],
+        description=(
+            "Detectors to run (default all): email, phone, payment-card (Luhn), iban "
+            "(mod-97), us-ssn, uk-nino, de-tax-id (Steuer-ID check digit), es-dni (DNI/NIE "
+            "check letter)."
+        ),
+    )
+    data_class: DataClass = Field(
+        default="pii", description="route: the data class a request with personal data gets."
+    )
+    raise_from: list[DataClass] = Field(
+        default_factory=lambda: ["public", "internal"],
+        max_length=MAX_ITEMS["raiseFrom"],
+        description=(
+            "route: the declared classes (unset means public) that detection raises to "
+            "dataClass; any other declared class is kept, as at least as strict."
+        ),
+    )
+
+    @field_validator("detectors")
+    @classmethod
+    def _unique(cls, detectors: list[str]) -> list[str]:
+        if len(set(detectors)) != len(detectors):
+            raise ValueError("detectors must not repeat")
+        return detectors
+
+    @model_validator(mode="after")
+    def _strict_class(self) -> PersonalData:
+        if self.data_class in self.raise_from:
+            raise ValueError("raiseFrom must not contain dataClass (nothing to raise)")
+        return self
+
+
 class RetryOn(StrEnum):
     CONNECT_FAILURE = "connect-failure"
     RESET = "reset"
@@ -367,6 +433,7 @@ class RoutePolicySpec(_Spec):
     models: list[ModelSpec] = Field(min_length=1, max_length=MAX_ITEMS["models"])
     strategy: Strategy
     session_affinity: SessionAffinity | None = None
+    personal_data: PersonalData = Field(default_factory=PersonalData)
     retries: Retries = Field(default_factory=Retries)
     timeout: str = Field(default="300s", pattern=_DURATION, max_length=32)
     autoscaling: Autoscaling | None = None

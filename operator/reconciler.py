@@ -102,9 +102,15 @@ class Reconciler:
         key = f"{meta.get('namespace', 'default')}/{meta.get('name')}"
         self._reconciling.add(key)
         try:
-            return await self._upsert(key, document)
+            outcome = await self._upsert(key, document)
+        except Exception as error:
+            self.plane.metrics.reconcile_errors.labels(type(error).__name__).inc()
+            raise
         finally:
             self._reconciling.discard(key)
+        ready = outcome.conditions[0]
+        self.plane.metrics.reconciled(key, ready.status == "True", ready.reason)
+        return outcome
 
     async def _upsert(self, key: str, document: dict[str, Any]) -> Outcome:
         try:
@@ -252,6 +258,7 @@ class Reconciler:
             if key in self._reconciling or now == self._verdicts.get(key, {}):
                 continue  # a running reconcile writes this policy's status itself
             self._verdicts[key] = now
+            self.plane.metrics.policy_state(key, not now)
             if now:
                 changes[key] = data_plane_rejected(now)
             else:
@@ -261,6 +268,7 @@ class Reconciler:
 
     async def delete(self, namespace: str, name: str) -> None:
         """Forget a policy and publish the rest."""
+        self.plane.metrics.policy_deleted(f"{namespace}/{name}")
         self._verdicts.pop(f"{namespace}/{name}", None)
         if self.policies.pop(f"{namespace}/{name}", None) is not None:
             await self._publish(self._compile())

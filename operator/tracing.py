@@ -25,9 +25,12 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as http_pb2
 from envoy.type.matcher.v3 import string_pb2
+from envoy.type.metadata.v3 import metadata_pb2
+from envoy.type.tracing.v3 import custom_tag_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import wrappers_pb2
 
+from switchyard.headers import METADATA_NAMESPACE
 from switchyard.operator.xds_types import millis, packed, protocol_options, seconds
 
 COLLECTOR_CLUSTER = "switchyard_otlp"
@@ -85,9 +88,40 @@ def collector_address(endpoint: str) -> tuple[str, int, bool]:
     return url.hostname, url.port or (443 if tls else 4317), tls
 
 
+SPAN_TAGS = {
+    "gen_ai.usage.input_tokens": "input_tokens",
+    "gen_ai.usage.output_tokens": "output_tokens",
+    "gen_ai.response.model": "served_upstream_model",
+    "switchyard.policy": "policy",
+    "switchyard.model": "model",
+    "switchyard.served_model": "served_model",
+    "switchyard.reason": "reason",
+    "switchyard.cost_usd": "cost_usd",
+    "switchyard.usage_estimated": "usage_estimated",
+}
+"""Attributes of the request's span (Envoy's), from the dynamic metadata the ext_proc writes:
+the decision with the request, usage and cost with the response's last chunk. Envoy reads
+them when the span ends; a key the request never got is left out."""
+
+
+def _metadata_tag(tag: str, key: str, host: bool = False) -> custom_tag_pb2.CustomTag:
+    kind = metadata_pb2.MetadataKind
+    return custom_tag_pb2.CustomTag(
+        tag=tag,
+        metadata=custom_tag_pb2.CustomTag.Metadata(
+            kind=kind(host=kind.Host()) if host else kind(request=kind.Request()),
+            metadata_key=metadata_pb2.MetadataKey(
+                key=METADATA_NAMESPACE,
+                path=[metadata_pb2.MetadataKey.PathSegment(key=key)],
+            ),
+        ),
+    )
+
+
 def hcm_tracing(sampling: float, service_name: str) -> hcm_pb2.HttpConnectionManager.Tracing:
     """The listener's tracing: OpenTelemetry over the collector cluster, ``sampling`` of the
-    requests, and one upstream span per attempt (a retried request shows each try)."""
+    requests, one upstream span per attempt (a retried request shows each try), and the
+    routing decision, usage and cost as attributes of the request's span (``SPAN_TAGS``)."""
     otel = opentelemetry_pb2.OpenTelemetryConfig(
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=COLLECTOR_CLUSTER),
@@ -101,6 +135,11 @@ def hcm_tracing(sampling: float, service_name: str) -> hcm_pb2.HttpConnectionMan
             name="envoy.tracers.opentelemetry", typed_config=packed(otel)
         ),
         spawn_upstream_span=wrappers_pb2.BoolValue(value=True),
+        custom_tags=[
+            *(_metadata_tag(tag, key) for tag, key in SPAN_TAGS.items()),
+            # Which model each attempt went to: its host's endpoint metadata.
+            _metadata_tag("switchyard.upstream.model", "model", host=True),
+        ],
     )
 
 

@@ -44,6 +44,8 @@ from switchyard.operator.envoy_config import (
     build_listener,
     build_route_config,
 )
+from switchyard.operator.envoy_tls import EnvoyMtls, upstream_mtls
+from switchyard.operator.metrics import ENVOY, OperatorMetrics
 from switchyard.operator.races import first_completed
 from switchyard.operator.xds_types import packed, protocol_options
 
@@ -88,12 +90,15 @@ NackCallback = Callable[[str, str, str, str], None]
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     """Serves the current snapshot to every Envoy over ADS."""
 
-    def __init__(self, on_nack: NackCallback | None = None) -> None:
+    def __init__(
+        self, on_nack: NackCallback | None = None, metrics: OperatorMetrics | None = None
+    ) -> None:
         self._snapshot: dict[str, Resources] = {}
         self._changed = asyncio.Event()
         self._nonce = 0
         self.nodes: dict[str, NodeStatus] = {}
         self._on_nack = on_nack
+        self._metrics = metrics or OperatorMetrics()
 
     @property
     def snapshot(self) -> dict[str, Resources]:
@@ -127,12 +132,15 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         node = ""
         subscribed: set[str] = set()
         sent: dict[str, tuple[str, str]] = {}  # type → (version, nonce)
+        self._metrics.stream_opened(ENVOY)
         try:
             while True:
                 request = await self._next(requests, subscribed, sent)
                 if request is False:
                     return
                 if isinstance(request, DiscoveryRequest):
+                    if request.node.id and request.node.id != node:
+                        self._metrics.client_named(ENVOY, request.node.id, node)
                     node = request.node.id or node
                     self._record(node, request, sent)
                     subscribed.add(request.type_url)
@@ -143,6 +151,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         finally:
             reader.cancel()
             self.nodes.pop(node, None)
+            self._metrics.stream_closed(ENVOY, node)
 
     async def _next(
         self,
@@ -174,11 +183,13 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         if request.HasField("error_detail"):
             message = request.error_detail.message
             status.nacked[request.type_url] = (last[0], message)
+            self._metrics.response(ENVOY, node, request.type_url, acked=False)
             log.warning("%s rejected %s %s: %s", node, request.type_url, last[0], message)
             if self._on_nack is not None:
                 self._on_nack(node, request.type_url, last[0], message)
         else:
             status.acked[request.type_url] = request.version_info
+            self._metrics.response(ENVOY, node, request.type_url, acked=True)
 
     def _response_if_due(
         self, type_url: str, subscribed: set[str], sent: dict[str, tuple[str, str]]
@@ -203,9 +214,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
 
 def ads_bootstrap_message(
-    node_id: str, admin_port: int, xds_host: str, xds_port: int
+    node_id: str, admin_port: int, xds_host: str, xds_port: int, tls: EnvoyMtls | None = None
 ) -> bootstrap_pb2.Bootstrap:
-    """Envoy bootstrap that takes listeners, routes and clusters from this ADS server."""
+    """Envoy bootstrap that takes listeners, routes and clusters from this ADS server (over
+    mTLS with ``tls``)."""
     h2 = http_pb2.HttpProtocolOptions(
         explicit_http_config=http_pb2.HttpProtocolOptions.ExplicitHttpConfig(
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
@@ -231,6 +243,8 @@ def ads_bootstrap_message(
             ],
         ),
     )
+    if tls is not None:
+        xds.transport_socket.CopyFrom(upstream_mtls(tls))
     grpc_service = grpc_service_pb2.GrpcService(
         envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)
     )

@@ -8,6 +8,7 @@ import sys
 
 EXECUTION_PROVIDERS = ("auto", "cpu", "cuda")
 EXECUTION_PROVIDER_ENV = "SWITCHYARD_EXECUTION_PROVIDER"
+TLS_DIR_ENV = "SWITCHYARD_TLS_DIR"  # switchyard.tls.TLS_DIR_ENV (not imported: it loads grpc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +20,27 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("-f", "--file", action="append", required=True, help="policy file or folder")
     up.add_argument("--port", type=int, default=None, help="gateway listen port (overrides file)")
     up.add_argument("--state-dir", default=".switchyard", help="where generated config lives")
+    up.add_argument(
+        "--jaeger",
+        action="store_true",
+        help="run a local Jaeger (built from the Go module proxy on first use, or "
+        "$SWITCHYARD_JAEGER) and trace every request into it (LocalGateway spec.tracing.jaeger)",
+    )
+
+    traces = sub.add_parser(
+        "traces", help="print the last requests as span trees, from Jaeger's query API"
+    )
+    traces.add_argument("--last", type=int, default=5, help="how many requests (default 5)")
+    traces.add_argument(
+        "--jaeger",
+        default="",
+        help="Jaeger's query URL (default: the one `switchyard up --jaeger` runs with "
+        "--state-dir, else http://127.0.0.1:16686)",
+    )
+    traces.add_argument(
+        "--service", default="switchyard", help="service name of the gateway's spans"
+    )
+    traces.add_argument("--state-dir", default=".switchyard", help="`switchyard up`'s state dir")
 
     extproc = sub.add_parser("extproc", help="run ext_proc worker processes")
     extproc.add_argument(
@@ -45,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get(EXECUTION_PROVIDER_ENV, "cpu"),
         help=f"where router bundles run (default: ${EXECUTION_PROVIDER_ENV} or cpu); auto: CUDA "
         "for encoder bundles when available; CUDA without a GPU falls back to CPU with a warning",
+    )
+    extproc.add_argument(
+        "--tls-dir",
+        default=os.environ.get(TLS_DIR_ENV, ""),
+        help=f"serve mTLS (and use it for the config stream) with tls.crt, tls.key and ca.crt "
+        f"in this directory (default: ${TLS_DIR_ENV}; '' = plaintext)",
     )
 
     demo = sub.add_parser("demo-upstream", help="run one OpenAI-compatible demo model server")
@@ -80,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument(
         "--health-listen", default="", help="host:port serving GET /healthz (liveness); '' = off"
     )
+    op.add_argument(
+        "--metrics-listen", default="", help="host:port serving Prometheus GET /metrics; '' = off"
+    )
     op.add_argument("--namespace", action="append", default=[], help="watch only these")
     op.add_argument("--fail-open-model", default="", help="model served when ext_proc is down")
     op.add_argument(
@@ -108,6 +139,23 @@ def main(argv: list[str] | None = None) -> int:
         "--trace-sampling", type=float, default=1.0, help="share of requests traced, 0..1"
     )
     op.add_argument("--trace-service-name", default="switchyard", help="service of Envoy's spans")
+    op.add_argument(
+        "--tls-dir",
+        default="",
+        help="mTLS on the xDS/config stream port and from Envoy to the ext_proc, with tls.crt, "
+        "tls.key and ca.crt in this directory; '' = plaintext",
+    )
+    op.add_argument(
+        "--gateway-sds-dir",
+        default="/etc/envoy",
+        help="where the gateway Envoy finds its SDS files (sds-certificate.json, sds-ca.json)",
+    )
+    op.add_argument(
+        "--extproc-server-name",
+        default="",
+        help="DNS name Envoy expects in the ext_proc's certificate (and sends as SNI); default: "
+        "<extproc-service>.<data-plane-namespace>.svc, or localhost",
+    )
 
     router = sub.add_parser("router", help="router model tools (score, eval)", add_help=False)
     router.add_argument("rest", nargs=argparse.REMAINDER)
@@ -116,9 +164,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         from switchyard.local.runner import run_local
 
-        return run_local(args.file, port=args.port, state_dir=args.state_dir)
+        return run_local(args.file, port=args.port, state_dir=args.state_dir, jaeger=args.jaeger)
+    if args.command == "traces":
+        from pathlib import Path
+
+        from switchyard.local.jaeger import running_url
+        from switchyard.traces import DEFAULT_URL, run_traces
+
+        if args.last < 1:
+            traces.error(f"--last {args.last}: expected 1 or more")
+        url = args.jaeger or running_url(Path(args.state_dir)) or DEFAULT_URL
+        return run_traces(url, args.service, args.last)
     if args.command == "extproc":
         from switchyard.extproc.server import run_workers
+
+        if args.tls_dir:
+            from switchyard.tls import TlsFiles
+
+            try:
+                TlsFiles.from_dir(args.tls_dir).check()
+            except FileNotFoundError as exc:
+                extproc.error(str(exc))
+            # The worker processes (spawned) read it from their environment.
+            os.environ[TLS_DIR_ENV] = args.tls_dir
 
         if args.execution_provider not in EXECUTION_PROVIDERS:  # argparse skips the default
             extproc.error(
@@ -171,9 +239,13 @@ def main(argv: list[str] | None = None) -> int:
                 extproc_port=args.extproc_port,
                 extproc_workers=args.extproc_workers,
                 health_listen=args.health_listen,
+                metrics_listen=args.metrics_listen,
                 otlp_endpoint=args.otlp_endpoint,
                 trace_sampling=args.trace_sampling,
                 trace_service_name=args.trace_service_name,
+                tls_dir=args.tls_dir,
+                gateway_sds_dir=args.gateway_sds_dir,
+                extproc_server_name=args.extproc_server_name,
             )
         )
     if args.command == "router":

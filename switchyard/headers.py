@@ -13,3 +13,10 @@ METADATA_NAMESPACE = "switchyard"
 
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"
 """Filter name; also the attribute namespace in ext_proc requests."""
+
+SERVED_MODEL_ATTRIBUTE = "xds.upstream_host_metadata.filter_metadata['switchyard']['model']"
+STATUS_ATTRIBUTE = "response.code"
+RESPONSE_ATTRIBUTES = (STATUS_ATTRIBUTE, SERVED_MODEL_ATTRIBUTE)
+"""What Envoy sends the ext_proc with a response's first body chunk: its status, and the model
+that answered (every model's endpoints carry its name as metadata; after a fallback, the host
+that answered is another model's)."""

@@ -105,6 +105,8 @@ class Connection:
         self.abandon = abandon  # a busy stream was reset: stop its handler
         # (stream state, request headers) of each new stream, when set (tracing reads them)
         self.on_headers: Callable[[Any, list[tuple[str, str]]], None] | None = None
+        # a stream's state once the stream is over, however it ended, when set
+        self.on_close: Callable[[Any], None] | None = None
         self.clock = clock
         self.hpack = HpackDecoder(max_list=limits.MAX_HEADER_LIST_SIZE)
         self.streams: dict[int, Stream] = {}
@@ -608,6 +610,8 @@ class Connection:
             return
         stream.closed = True
         self.streams.pop(stream.id, None)
+        if self.on_close is not None:
+            self.on_close(stream.state)
         if stream.buffer:
             self.buffered -= len(stream.buffer)
             stream.buffer = bytearray()

@@ -55,10 +55,11 @@ FRAME_SIZE_ERROR, FLOW_CONTROL_ERROR, COMPRESSION_ERROR or STREAM_CLOSED, then c
 the RFC allows, stream errors (RST_STREAM). The outbound side is bounded by the transport: the
 driver stops reading while the socket's write buffer is over its high-water mark.
 
-Why 1,024 streams: Envoy multiplexes a worker thread's ext_proc streams on few connections, and
-its ext_proc cluster leaves ``max_requests`` at Envoy's default of 1,024 (its circuit breaker
-sets only ``max_retries``), which caps the streams of the whole cluster: no one connection from
-Envoy can reach the limit.
+Why 1,024 streams: a routed request keeps its ext_proc stream open until its response has
+passed (usage and cost are read from it), so streams are requests in flight, and long LLM
+responses add up. Envoy opens another connection to a worker once one has 1,024 streams open;
+its ext_proc cluster lifts the default circuit breaker of 1,024 requests (operator/envoy_config.py
+``_EXTPROC_STREAMS``) so the cluster as a whole is not capped there.
 """
 
 from __future__ import annotations

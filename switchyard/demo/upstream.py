@@ -90,22 +90,28 @@ class DemoModel:
         self.latency_s = latency_ms / 1000
         self.failure_rate = failure_rate
         self.failure_status = 503
+        self.chunk_gap_s = 0.0  # pause between streamed chunks
         self.random = random.Random(seed)
         self._start = (self.latency_s, failure_rate)
 
     async def faults(self, request: web.Request) -> web.Response:
-        """Replace the injected faults: ``status`` (400-599) at ``rate`` (default 1.0) and
-        ``latency_ms``; fields left out take their start values."""
+        """Replace the injected faults: ``status`` (400-599) at ``rate`` (default 1.0),
+        ``latency_ms`` and ``chunk_gap_ms`` (between streamed chunks); fields left out take
+        their start values."""
         try:
             body = orjson.loads(await request.read() or b"{}")
             status = int(body.get("status", 503))
             rate = float(body.get("rate", 1.0 if "status" in body else self._start[1]))
             latency_s = float(body.get("latency_ms", self._start[0] * 1000)) / 1000
+            chunk_gap_s = float(body.get("chunk_gap_ms", 0)) / 1000
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
             return self._invalid("expected {status, rate, latency_ms}", "invalid_faults")
-        if not (400 <= status <= 599 and 0 <= rate <= 1 and latency_s >= 0):
-            return self._invalid("status 400-599, rate 0-1, latency_ms >= 0", "invalid_faults")
+        if not (400 <= status <= 599 and 0 <= rate <= 1 and latency_s >= 0 <= chunk_gap_s):
+            return self._invalid(
+                "status 400-599, rate 0-1, latency_ms and chunk_gap_ms >= 0", "invalid_faults"
+            )
         self.failure_status, self.failure_rate, self.latency_s = status, rate, latency_s
+        self.chunk_gap_s = chunk_gap_s
         return web.json_response(
             {"status": status, "rate": rate, "latency_ms": latency_s * 1000}, dumps=_dumps
         )
@@ -205,6 +211,9 @@ class DemoModel:
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
 
+        options = payload.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+
         async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
             event = {
                 "id": ident,
@@ -214,6 +223,8 @@ class DemoModel:
                 "choices": choices,
                 **extra,
             }
+            if include_usage and "usage" not in extra:
+                event["usage"] = None  # as OpenAI: every chunk but the last carries a null usage
             await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
 
         if chat:
@@ -221,12 +232,13 @@ class DemoModel:
                 [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
             )
         for piece in _chunks(reply):
+            if self.chunk_gap_s:
+                await asyncio.sleep(self.chunk_gap_s)
             delta: dict[str, Any] = {"delta": {"content": piece}} if chat else {"text": piece}
             await send([{"index": 0, **delta, "finish_reason": None}])
         final: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
         await send([{"index": 0, **final, "finish_reason": "stop"}])
-        options = payload.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
+        if include_usage:
             await send([], usage=usage)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 from switchyard.operator.policy import PolicyError, RoutePolicy, load_documents, parse_policy
@@ -35,6 +35,20 @@ class Tracing(_Doc):
     )
     sampling_ratio: float = Field(default=1.0, ge=0, le=1, description="share of requests traced")
     service_name: str = Field(default="switchyard", min_length=1)
+    jaeger: bool = Field(
+        default=False,
+        description="run a local Jaeger (switchyard up --jaeger) and export to it; "
+        "otlpEndpoint must then be empty",
+    )
+    jaeger_port: int = Field(
+        default=16686, ge=0, le=65535, description="the local Jaeger's query API/UI port; 0: free"
+    )
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> Tracing:
+        if self.jaeger and self.otlp_endpoint:
+            raise ValueError("jaeger: true exports to the local Jaeger; leave otlpEndpoint empty")
+        return self
 
 
 class LocalGatewaySpec(_Doc):
@@ -51,6 +65,12 @@ class LocalGatewaySpec(_Doc):
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="ext_proc Prometheus /metrics port; 0: off"
     )
+    control_plane_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="control plane Prometheus /metrics port (the operator's series); 0: off",
+    )
     envoy_concurrency: int = Field(default=0, ge=0, description="0: one per CPU core")
     fail_open_model: str = Field(
         default="", description="Model served when the ext_proc is down; empty answers 503."
@@ -58,6 +78,12 @@ class LocalGatewaySpec(_Doc):
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     extproc_timeout_ms: int = Field(default=500, ge=10)
     demo_upstreams: list[DemoUpstream] = Field(default_factory=list)
+    tls_dir: str = Field(
+        default="",
+        description="mTLS between Envoy, the ext_proc and the control plane with the "
+        "certificates in this directory (tls.crt, tls.key, ca.crt; the certificate names "
+        "localhost and 127.0.0.1, for server and client use); empty: plaintext",
+    )
     tracing: Tracing = Field(default_factory=Tracing)
 
 

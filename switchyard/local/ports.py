@@ -20,13 +20,14 @@ def free_port_block(count: int = 1) -> int:
     for _ in range(200):
         first = rng.randrange(_LOW, _HIGH - count)
         block = range(first, first + count)
-        if _handed_out.isdisjoint(block) and all(_bindable(port) for port in block):
+        if _handed_out.isdisjoint(block) and all(bindable(port) for port in block):
             _handed_out.update(block)
             return first
     raise RuntimeError(f"no block of {count} free ports")
 
 
-def _bindable(port: int) -> bool:
+def bindable(port: int) -> bool:
+    """Whether a listener could bind ``port`` on 127.0.0.1 right now."""
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))

@@ -10,6 +10,7 @@ Ctrl-C (or SIGTERM) stops every child and exits 0.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,18 +28,26 @@ from pathlib import Path
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.server import worker_addresses
+from switchyard.local import jaeger as local_jaeger
 from switchyard.local.control import LocalControlPlane
 from switchyard.local.documents import LocalGatewaySpec, LocalInputs, load_inputs, policy_files
+from switchyard.local.ports import bindable
 from switchyard.operator import tracing
 from switchyard.operator.compiler import CompileError, compile_config
 from switchyard.operator.envoy_config import GatewaySettings
+from switchyard.operator.envoy_tls import EnvoyMtls, write_sds_files
 from switchyard.operator.policy import PolicyError
+from switchyard.tls import TlsFiles
 
 log = logging.getLogger("switchyard.up")
 
 WATCH_SECONDS = 0.2
 _MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 START_TIMEOUT_S = 60.0
+PROMPT_EXPORT_MS = 1000
+"""How often span batches leave for a local Jaeger (Envoy's and the ext_proc's)."""
+LOCAL_SERVER_NAME = "localhost"
+"""The DNS name Envoy expects in the ext_proc's certificate in local mode (tlsDir)."""
 
 
 def envoy_binary() -> str:
@@ -120,14 +129,21 @@ class EnvoyAdmin:
         return clusters, routes, listeners
 
 
-def _trace_settings(spec: LocalGatewaySpec) -> tracing.TraceSettings:
-    """The document's tracing, overridden by the OTEL_* environment; PolicyError if invalid."""
+def _trace_settings(
+    spec: LocalGatewaySpec, jaeger: local_jaeger.LocalJaeger | None = None
+) -> tracing.TraceSettings:
+    """The document's tracing, overridden by the OTEL_* environment; PolicyError if invalid.
+    With a local ``jaeger`` the traces go there, whatever the environment says."""
     doc = spec.tracing
     try:
         traces = tracing.from_environment(
             tracing.TraceSettings(doc.otlp_endpoint, doc.sampling_ratio, doc.service_name),
             os.environ,
         )
+        if jaeger is not None:
+            if traces.otlp_endpoint:
+                _warn(f"tracing to the local Jaeger, not to {traces.otlp_endpoint}")
+            traces = dataclasses.replace(traces, otlp_endpoint=jaeger.otlp_endpoint)
         if traces.otlp_endpoint:
             tracing.collector_address(traces.otlp_endpoint)
     except ValueError as exc:
@@ -135,17 +151,58 @@ def _trace_settings(spec: LocalGatewaySpec) -> tracing.TraceSettings:
     return traces
 
 
-def _extproc_environment(traces: tracing.TraceSettings) -> dict[str, str] | None:
-    """The ext_proc's environment: exporting where Envoy does, following Envoy's sampling."""
+def _extproc_environment(
+    traces: tracing.TraceSettings, prompt_export: bool = False
+) -> dict[str, str] | None:
+    """The ext_proc's environment: exporting where Envoy does, following Envoy's sampling;
+    with ``prompt_export`` (a local Jaeger a person reads) spans leave within a second, not
+    the SDK's five unless the environment sets the delay."""
     if not traces.otlp_endpoint:
         return None
     host, port, tls = tracing.collector_address(traces.otlp_endpoint)
-    return {
+    env = {
         **os.environ,
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"{'https' if tls else 'http'}://{host}:{port}",
         "OTEL_SERVICE_NAME": f"{traces.service_name}-extproc",
         "OTEL_TRACES_SAMPLER": "parentbased_always_on",
     }
+    if prompt_export:
+        env.setdefault("OTEL_BSP_SCHEDULE_DELAY", str(PROMPT_EXPORT_MS))
+    return env
+
+
+def _local_jaeger(
+    spec: LocalGatewaySpec, state_dir: Path, wanted: bool
+) -> local_jaeger.LocalJaeger | None:
+    """The Jaeger to run (``--jaeger`` or ``spec.tracing.jaeger``), its ports picked now;
+    PolicyError when the document also names a collector or the query port is taken."""
+    doc = spec.tracing
+    if not (wanted or doc.jaeger):
+        return None
+    if doc.otlp_endpoint:
+        raise PolicyError("tracing: --jaeger exports to the local Jaeger; leave otlpEndpoint empty")
+    if doc.jaeger_port and not bindable(doc.jaeger_port):
+        raise PolicyError(
+            f"tracing.jaegerPort: 127.0.0.1:{doc.jaeger_port} is in use (another Jaeger?); "
+            "set spec.tracing.jaegerPort in the LocalGateway document (0: any free port)"
+        )
+    ports = local_jaeger.JaegerPorts.pick(doc.jaeger_port)
+    return local_jaeger.LocalJaeger(
+        state_dir / "jaeger", ports, state_dir / local_jaeger.STATE_FILE
+    )
+
+
+def _tls(spec: LocalGatewaySpec, state_dir: Path) -> tuple[TlsFiles | None, EnvoyMtls | None]:
+    """The spec's ``tlsDir`` as the Python sides' files and Envoy's SDS settings (the SDS
+    files go to ``state_dir/sds``); PolicyError when a file is missing."""
+    if not spec.tls_dir:
+        return None, None
+    files = TlsFiles.from_dir(Path(spec.tls_dir).resolve())
+    try:
+        files.check()
+    except FileNotFoundError as exc:
+        raise PolicyError(f"tlsDir: {exc}") from None
+    return files, EnvoyMtls(sds_dir=str(state_dir / "sds"), server_name=LOCAL_SERVER_NAME)
 
 
 def _warn(message: str) -> None:
@@ -155,7 +212,14 @@ def _warn(message: str) -> None:
 class LocalGateway:
     """The running local gateway and its children."""
 
-    def __init__(self, paths: list[str], inputs: LocalInputs, state_dir: Path, port: int | None):
+    def __init__(
+        self,
+        paths: list[str],
+        inputs: LocalInputs,
+        state_dir: Path,
+        port: int | None,
+        jaeger: bool = False,
+    ):
         self.paths = paths
         self.spec: LocalGatewaySpec = inputs.gateway
         if port is not None:
@@ -170,7 +234,10 @@ class LocalGateway:
         else:
             self.extproc_listen = f"127.0.0.1:{self.spec.extproc_port}"
         self.extproc_addresses = worker_addresses(self.extproc_listen, self.workers)
-        self.traces = _trace_settings(self.spec)
+        self.state_dir = state_dir.resolve()
+        self.jaeger = _local_jaeger(self.spec, self.state_dir, jaeger)
+        self.traces = _trace_settings(self.spec, self.jaeger)
+        self.tls, self.envoy_tls = _tls(self.spec, self.state_dir)
         self.settings = GatewaySettings(
             listen_address=self.spec.listen_address,
             listen_port=self.spec.port,
@@ -180,9 +247,9 @@ class LocalGateway:
             otlp_endpoint=self.traces.otlp_endpoint,
             trace_sampling=self.traces.sampling,
             trace_service_name=self.traces.service_name,
+            extproc_tls=self.envoy_tls,
         )
-        self.state_dir = state_dir.resolve()
-        self.control = LocalControlPlane(self.settings)
+        self.control = LocalControlPlane(self.settings, tls=self.tls)
         self.admin = EnvoyAdmin(self.spec.admin_port)
         self.children: list[subprocess.Popen[bytes]] = []
         self.config = compile_config(inputs.policies, self.spec.fail_open_model)
@@ -195,7 +262,34 @@ class LocalGateway:
         self.children.append(child)
         return child
 
+    def _start_jaeger(self, jaeger: local_jaeger.LocalJaeger) -> None:
+        binary = local_jaeger.jaeger_binary(_warn)
+        jaeger.start(binary)
+
+        def up() -> bool:
+            if jaeger.exited() is not None:
+                raise RuntimeError(
+                    f"jaeger exited with {jaeger.exited()}; {jaeger.log_path}:\n"
+                    + jaeger.log_tail()
+                )
+            return jaeger.ready()
+
+        wait_until(up, START_TIMEOUT_S, "jaeger")
+
+    def _announce_jaeger(self, jaeger: local_jaeger.LocalJaeger) -> None:
+        if jaeger.has_ui():
+            where = f"Jaeger UI on {jaeger.url}"
+        else:  # a build from the Go module proxy: the UI's assets come from elsewhere
+            where = f"Jaeger on {jaeger.url} (query API; this build has no web UI)"
+        print(
+            f"switchyard: traces ({self.traces.sampling * 100:g} % of requests) go to {where}; "
+            "`switchyard traces --last 5` prints the last requests",
+            flush=True,
+        )
+
     def start(self) -> None:
+        if self.jaeger is not None:
+            self._start_jaeger(self.jaeger)
         cli = [sys.executable, "-m", "switchyard.cli"]
         for demo in self.spec.demo_upstreams:
             self._spawn(
@@ -212,7 +306,7 @@ class LocalGateway:
                     str(demo.failure_rate),
                 ]
             )
-        self.control.start(self.config)
+        self.control.start(self.config, self.spec.control_plane_metrics_port)
         self._spawn(
             [
                 *cli,
@@ -225,10 +319,18 @@ class LocalGateway:
                 str(self.workers),
                 "--metrics-port",
                 str(self.spec.metrics_port),
+                *(["--tls-dir", str(self.tls.cert.parent)] if self.tls is not None else []),
             ],
-            env=_extproc_environment(self.traces),
+            env=_extproc_environment(self.traces, prompt_export=self.jaeger is not None),
         )
-        bootstrap = self.control.write_bootstrap(self.state_dir, self.spec.admin_port)
+        if self.tls is not None:
+            write_sds_files(self.state_dir / "sds", str(self.tls.cert.parent))
+        bootstrap = self.control.write_bootstrap(
+            self.state_dir,
+            self.spec.admin_port,
+            self.envoy_tls,
+            trace_flush_ms=PROMPT_EXPORT_MS if self.jaeger is not None else None,
+        )
         concurrency = self.spec.envoy_concurrency or os.cpu_count() or 1
         self._spawn(
             [
@@ -250,6 +352,7 @@ class LocalGateway:
             wait_until(partial(self._alive_and, check), START_TIMEOUT_S, name)
         wait_until(partial(self._alive_and, self.admin.ready), START_TIMEOUT_S, "envoy")
         self._left_out = self.control.left_out(self.config.version)
+        self.control.policies_served(self.config, self._left_out)
         for key, why in self._left_out.items():
             _warn(f"policy {key} is not served: {why}")
         print(
@@ -257,6 +360,8 @@ class LocalGateway:
             f"(config {self.config.version}, {self.workers} ext_proc workers); Ctrl-C stops it",
             flush=True,
         )
+        if self.jaeger is not None:
+            self._announce_jaeger(self.jaeger)
 
     def _alive_and(self, condition: Callable[[], bool]) -> bool:
         """``condition()``, but fail at once if a child died (a crash must not look like a hang)."""
@@ -267,6 +372,10 @@ class LocalGateway:
         for child in self.children:
             if child.poll() is not None:
                 raise RuntimeError(f"{child.args!s} exited with {child.returncode}")
+        if self.jaeger is not None and self.jaeger.exited() is not None:
+            raise RuntimeError(
+                f"jaeger exited with {self.jaeger.exited()} (log: {self.jaeger.log_path})"
+            )
 
     def _file_signatures(self) -> dict[Path, tuple[int, int]]:
         try:
@@ -293,6 +402,9 @@ class LocalGateway:
             config = compile_config(inputs.policies, self.spec.fail_open_model)
         except (PolicyError, CompileError) as exc:
             _warn(f"keeping config {self.config.version}; {exc}")
+            self.control.reconcile_error(
+                "InvalidSpec" if isinstance(exc, PolicyError) else "CompileError"
+            )
             return False
         if config.version == self.config.version:
             return False
@@ -307,19 +419,23 @@ class LocalGateway:
         result = self.control.apply(config)
         if result.rejected:
             _warn(f"keeping config {self.config.version}; {result.rejected}")
+            self.control.reconcile_error("EnvoyRejected")
             return False
         left_out = self.control.left_out(config.version)
         broken = {k: why for k, why in left_out.items() if k not in self._left_out}
         if broken:
             restored = self.control.apply(self.config)
             reasons = "; ".join(f"policy {k} does not load: {why}" for k, why in broken.items())
+            self.control.reconcile_error("DataPlaneRejected")
             if restored.rejected or not restored.extproc_acked:
                 _warn(f"config {config.version} is serving without them; {reasons}")
                 self.config, self._left_out = config, left_out
+                self.control.policies_served(config, left_out)
             else:
                 _warn(f"keeping config {self.config.version}; {reasons}")
             return False
         self.config, self._left_out = config, left_out
+        self.control.policies_served(config, left_out)
         waiting = [
             n
             for n, ok in (("envoy", result.envoy_acked), ("ext_proc", result.extproc_acked))
@@ -348,13 +464,16 @@ class LocalGateway:
                 child.kill()
                 child.wait()
         self.control.stop()
+        if self.jaeger is not None:  # last: the ext_proc's final spans went to it on exit
+            self.jaeger.stop()
 
 
-def run_local(paths: list[str], port: int | None, state_dir: str) -> int:
-    """Run until Ctrl-C; 0 on a clean stop, 1 on invalid input or a child failing."""
+def run_local(paths: list[str], port: int | None, state_dir: str, jaeger: bool = False) -> int:
+    """Run until Ctrl-C; 0 on a clean stop, 1 on invalid input or a child failing. With
+    ``jaeger`` a local Jaeger stores the traces (see switchyard.local.jaeger)."""
     try:
         inputs = load_inputs(paths)
-        gateway = LocalGateway(paths, inputs, Path(state_dir), port)
+        gateway = LocalGateway(paths, inputs, Path(state_dir), port, jaeger)
     except (PolicyError, CompileError) as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 1

@@ -225,10 +225,12 @@ def bench_policy(upstream_port: int, bundle: str) -> dict[str, object]:
 
 @contextmanager
 def gateway(
-    directory: Path, policy: dict[str, object], workers: int, concurrency: int
+    directory: Path, policy: dict[str, object], workers: int, concurrency: int, **spec: object
 ) -> Iterator[Gateway]:
-    """`switchyard up` serving ``policy``."""
-    running = start_gateway(directory, policy, extprocWorkers=workers, envoyConcurrency=concurrency)
+    """`switchyard up` serving ``policy`` (``spec``: more LocalGateway fields)."""
+    running = start_gateway(
+        directory, policy, extprocWorkers=workers, envoyConcurrency=concurrency, **spec
+    )
     try:
         yield running
     finally:
@@ -432,6 +434,80 @@ def _span(values: list[float], fmt: str) -> str:
     return format(low, fmt) if f"{low:{fmt}}" == f"{high:{fmt}}" else f"{low:{fmt}}-{high:{fmt}}"
 
 
+def _ab(
+    args: argparse.Namespace, setups: dict[str, dict[str, object]], title: str, base: str
+) -> dict[str, list[dict[str, float]]]:
+    """Gateways that differ only in ``setups`` (extra LocalGateway fields), ext_proc on TCP (as
+    in Kubernetes), wrk against each in turn, ``rounds`` times; prints each run and, against
+    ``base``, the throughput ratio and the ext_proc CPU added per request."""
+    upstream_port = free_port_block()
+    policy = bench_policy(upstream_port, args.bundle)
+    urls: dict[str, tuple[str, dict[str, list[int]]]] = {}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
+    with (
+        envoy(instant_upstream(upstream_port), 1, upstream_port) as upstream,
+        tempfile.TemporaryDirectory() as tmp,
+        ExitStack() as stack,
+    ):
+        for name, extra in setups.items():
+            directory = Path(tmp) / re.sub(r"\W", "_", name)
+            directory.mkdir()
+            running = stack.enter_context(
+                gateway(directory, policy, args.workers, args.concurrency,
+                        extprocTransport="tcp", **extra)
+            )  # fmt: skip
+            parts = {**gateway_components(running), "upstream": [upstream.pid]}
+            urls[name] = (f"{running.base_url}/chat/completions", parts)
+        workers = len(next(iter(urls.values()))[1]["ext_proc"])
+        for _ in range(args.rounds):
+            for name, (url, parts) in urls.items():
+                runs[name].append(run_wrk(url, args.seconds, args.connections, parts))
+    print(
+        f"\n{title}: wrk 1 thread, {args.connections} connections, {args.seconds}s per run after "
+        f"a 2s warm-up, {os.cpu_count()} cores; Envoy --concurrency {args.concurrency}, "
+        f"{workers} ext_proc worker(s) on TCP, router {args.bundle}"
+    )
+    print(f"{'setup':<18}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'steal%':>7}{'others%':>8}")
+    for i in range(args.rounds):
+        for name in setups:
+            print(_row(name, runs[name][i]))
+    for name in setups:
+        if name == base:
+            continue
+        pairs = list(zip(runs[base], runs[name], strict=True))
+        ratios = [b["rps"] / a["rps"] for a, b in pairs]
+        extra_cpu = [b["cpu ext_proc"] - a["cpu ext_proc"] for a, b in pairs]
+        envoy_cpu = [b["cpu gateway envoy"] - a["cpu gateway envoy"] for a, b in pairs]
+        print(f"throughput ratio ({name} / {base}): {_span(ratios, '.3f')}")
+        print(f"ext_proc CPU added per request by {name}: {_span(extra_cpu, '.3f')} ms")
+        print(f"Envoy CPU added per request by {name}: {_span(envoy_cpu, '.3f')} ms")
+    return runs
+
+
+def tls_ab(args: argparse.Namespace) -> int:
+    """Plaintext vs mTLS between Envoy, the ext_proc and the control plane."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "infra"))
+    from certs import ThrowawayCA
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tls_dir = ThrowawayCA.new().write_dir(Path(tmp) / "tls")
+        setups: dict[str, dict[str, object]] = {"plaintext": {}, "mtls": {"tlsDir": str(tls_dir)}}
+        _ab(args, setups, "plaintext vs mTLS", "plaintext")
+    return 0
+
+
+def tracing_ab(args: argparse.Namespace) -> int:
+    """Tracing off, at 1 % and at 100 % sampling, each gateway exporting to its own local
+    Jaeger (the product's ``tracing.jaeger``)."""
+    setups: dict[str, dict[str, object]] = {"tracing off": {}}
+    for ratio in (0.01, 1.0):
+        setups[f"sampled {ratio:.0%}"] = {
+            "tracing": {"jaeger": True, "jaegerPort": 0, "samplingRatio": ratio}
+        }
+    _ab(args, setups, "tracing off / 1 % / 100 %", "tracing off")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=10)
@@ -449,7 +525,21 @@ def main() -> int:
         action="store_false",
         help="skip Envoy + the Go no-op ext_proc (the floor of any external processor)",
     )
+    parser.add_argument(
+        "--tls-ab",
+        action="store_true",
+        help="only compare the gateway with plaintext and with mTLS to its ext_proc (TCP)",
+    )
+    parser.add_argument(
+        "--tracing-ab",
+        action="store_true",
+        help="only compare the gateway with tracing off, at 1 %% and at 100 %% sampling",
+    )
     args = parser.parse_args()
+    if args.tls_ab:
+        return tls_ab(args)
+    if args.tracing_ab:
+        return tracing_ab(args)
     upstream_port, direct_port = free_port_block(), free_port_block()
     pairs: list[tuple[dict[str, float], dict[str, float]]] = []
     single: list[tuple[dict[str, float], dict[str, float]]] = []

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -79,9 +81,43 @@ def issue_cert(
         builder = builder.add_extension(
             x509.SubjectAlternativeName([_san(h) for h in hosts or ["localhost", "127.0.0.1"]]),
             critical=False,
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    if client:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
+        if not client:
+            builder = builder.add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+            )
+    if client:
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        if server:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
+
+
+@dataclass(frozen=True)
+class ThrowawayCA:
+    """A throw-away CA that writes cert-manager-layout directories (tls.crt, tls.key, ca.crt)."""
+
+    name: x509.Name
+    key: rsa.RSAPrivateKey
+    cert: x509.Certificate
+
+    @classmethod
+    def new(cls, common: str = "switchyard-test-ca") -> ThrowawayCA:
+        key = new_key()
+        name = x509_name(common)
+        return cls(name, key, issue_cert(name, key, name, key, ca=True))
+
+    def write_dir(
+        self, directory: Path, common: str = "switchyard", hosts: list[str] | None = None
+    ) -> Path:
+        """A server-and-client certificate for ``hosts`` (default localhost, 127.0.0.1)."""
+        key = new_key()
+        cert = issue_cert(
+            x509_name(common), key, self.name, self.key, server=True, client=True, hosts=hosts
+        )
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "tls.crt").write_bytes(cert_pem(cert))
+        (directory / "tls.key").write_bytes(key_pem(key))
+        (directory / "ca.crt").write_bytes(cert_pem(self.cert))
+        return directory

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -15,6 +16,11 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "infra"))
 from gateway_harness import REPO, Gateway, start_gateway
 from kube import KubeControlPlane
 from kube_fixtures import kube, namespace, remote_kube  # noqa: F401 (fixtures)
+from prometheus import Prometheus
+from prometheus import build as build_prometheus
+
+StartPrometheus = Callable[..., Prometheus]
+"""start(jobs, **Prometheus keyword arguments) -> a ready Prometheus."""
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +47,27 @@ def routepolicy_crd(kube: KubeControlPlane) -> KubeControlPlane:  # noqa: F811
         "crd/routepolicies.switchyard.dev",
     )  # fmt: skip
     return kube
+
+
+@pytest.fixture(scope="session")
+def prometheus_binary() -> str:
+    """Prometheus, built from the Go module proxy once (tests/infra/build_prometheus.sh)."""
+    return build_prometheus()
+
+
+@pytest.fixture
+def prometheus(
+    prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StartPrometheus]:
+    """Start a real Prometheus scraping ``{job: [host:port, ...]}`` every second (it is ready
+    when returned); every one started is stopped after the test."""
+    started: list[Prometheus] = []
+
+    def start(jobs: Mapping[str, Sequence[str]], **kwargs: Any) -> Prometheus:
+        directory = tmp_path_factory.mktemp("prometheus")
+        started.append(Prometheus.start(prometheus_binary, directory, jobs, **kwargs))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()

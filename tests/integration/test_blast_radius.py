@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -190,7 +191,7 @@ def test_a_policy_the_ext_proc_cannot_load_stops_only_itself(cluster: Cluster) -
     assert all(s.status == 200 for s in after_restart)
 
     # the restarted ext_proc's own ACK is reported on the broken policy's status
-    restarted = f"ext_proc {new.pid}: spec.strategy.router.bundle"
+    restarted = f"ext_proc {socket.gethostname()}/{new.pid}: spec.strategy.router.bundle"
     wait_until(lambda: restarted in cluster.condition("broken")["message"], 30, "new verdict")
     assert cluster.condition("broken")["status"] == "False"
 

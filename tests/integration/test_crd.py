@@ -52,6 +52,12 @@ INVALID = [
     ("spec.match", _DELETE, "spec.match"),
     ("spec.autoscaling", {"minReplicas": 5, "maxReplicas": 2}, "spec.autoscaling"),
     ("spec.timeout", "soon", "spec.timeout"),
+    ("spec.personalData", {"raiseFrom": ["public", "pii"]}, "spec.personalData.raiseFrom"),
+    ("spec.personalData", {"dataClass": "public"}, "spec.personalData.raiseFrom"),
+    ("spec.personalData", {"detectors": ["passport"]}, "spec.personalData.detectors[0]"),
+    ("spec.personalData", {"detectors": ["email", "email"]}, "spec.personalData.detectors"),
+    ("spec.personalData", {"detectors": []}, "spec.personalData.detectors"),
+    ("spec.personalData", {"action": "drop"}, "spec.personalData.action"),
 ]  # fmt: skip
 
 

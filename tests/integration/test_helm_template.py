@@ -6,6 +6,7 @@ installs the chart into a real kube-apiserver."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client as http_client
 import json
 import socket
@@ -20,7 +21,9 @@ from typing import Any
 
 import pytest
 import yaml
+from certs import ThrowawayCA
 from gateway_harness import REPO
+from google.protobuf import json_format
 from kube import k8s_bin_dir
 
 from switchyard.api.v1 import routing_pb2 as pb
@@ -28,10 +31,13 @@ from switchyard.local.ports import free_port_block
 from switchyard.local.runner import envoy_binary
 from switchyard.operator.control_plane import ControlPlane
 from switchyard.operator.envoy_config import GatewaySettings
+from switchyard.operator.envoy_tls import EnvoyMtls, sds_documents, upstream_mtls
+from switchyard.tls import TlsFiles
 
 CHART = REPO / "helm" / "switchyard"
 RELEASE, NAMESPACE = "sy", "switchyard"
 COMPONENTS = ("operator", "gateway", "extproc")
+XDS_HOST, EXTPROC_HOST = f"{RELEASE}-xds.{NAMESPACE}.svc", f"{RELEASE}-extproc.{NAMESPACE}.svc"
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -110,6 +116,9 @@ def test_helm_lint_passes_strictly() -> None:
         (["gateway.service.type=External"], ["/gateway/service/type", "LoadBalancer"]),
         (["extproc.workers=0"], ["/extproc/workers", "minimum"]),
         (["extproc.metricsPort=0"], ["/extproc/metricsPort", "minimum"]),
+        (["operator.metricsPort=0"], ["/operator/metricsPort", "minimum"]),
+        (["metrics.serviceMonitor.interval=soon"], ["/metrics/serviceMonitor/interval"]),
+        (["metrics.serviceMonitor.enable=true"], ["/metrics/serviceMonitor", "enable"]),
         (["networkPolicy.enabled=maybe"], ["/networkPolicy/enabled", "boolean"]),
         (["ingress.enabled=true"], ["/ingress/hosts", "minItems"]),
         (["httpRoute.enabled=true"], ["/httpRoute/parentRefs", "minItems"]),
@@ -138,7 +147,8 @@ def test_bad_values_fail_with_a_message_naming_the_value(
             ["extproc.workers=3", "extproc.metricsPort=9004"],
             "must not be one of the workers' ports",
         ),
-        (["operator.healthPort=18000"], "operator.xdsPort and operator.healthPort must differ"),
+        (["operator.healthPort=18000"], "operator.xdsPort (18000), operator.healthPort (18000)"),
+        (["operator.metricsPort=8081"], "and operator.metricsPort (8081) must differ"),
     ],
 )
 def test_colliding_ports_are_refused(sets: list[str], message: str) -> None:
@@ -175,9 +185,12 @@ def all_pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, A
 
 def test_every_pod_and_container_is_locked_down() -> None:
     docs = render(
-        "extproc.bundles.image.repository=localhost/bundles", "extproc.bundles.image.tag=1"
+        "extproc.bundles.image.repository=localhost/bundles",
+        "extproc.bundles.image.tag=1",
+        "jaeger.enabled=true",
     )
-    assert {name for name, _ in all_pod_specs(docs)} == {f"{RELEASE}-{c}" for c in COMPONENTS}
+    components = (*COMPONENTS, "jaeger")
+    assert {name for name, _ in all_pod_specs(docs)} == {f"{RELEASE}-{c}" for c in components}
     seen = 0
     for name, spec in all_pod_specs(docs):
         pod = spec["securityContext"]
@@ -198,7 +211,7 @@ def test_every_pod_and_container_is_locked_down() -> None:
             if c["name"] != "bundles":
                 tmp = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
                 assert tmp and tmp[0]["name"] in tmp_volumes, f"{where}: no emptyDir at /tmp"
-    assert seen == 4  # three containers and the bundle init container
+    assert seen == 5  # four containers and the bundle init container
     pods = {name: spec for name, spec in all_pod_specs(docs)}
     assert pods[f"{RELEASE}-gateway"]["automountServiceAccountToken"] is False
     assert pods[f"{RELEASE}-extproc"]["automountServiceAccountToken"] is False
@@ -333,6 +346,76 @@ def test_operator_follows_the_headless_extproc_service(default_docs: list[dict[s
     }
 
 
+def test_operator_metrics_are_served_and_scrapable(default_docs: list[dict[str, Any]]) -> None:
+    operator = container(default_docs, "operator")
+    assert "--metrics-listen=0.0.0.0:9464" in operator["args"]
+    assert named_port(operator, "metrics") == 9464
+    annotations = deployment(default_docs, "operator")["spec"]["template"]["metadata"]
+    assert annotations["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9464",
+        "prometheus.io/path": "/metrics",
+    }
+    service = one(default_docs, "Service", f"{RELEASE}-xds")
+    assert {"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"} in (
+        service["spec"]["ports"]
+    )
+    assert not find(default_docs, "ServiceMonitor")
+    docs = render(
+        values={
+            "operator": {"metricsPort": 9100, "podAnnotations": {"team": "llm"}},
+            "metrics": {"serviceMonitor": {"enabled": True, "interval": "15s",
+                                           "labels": {"release": "kube-prometheus"}}},
+        }
+    )  # fmt: skip
+    assert "--metrics-listen=0.0.0.0:9100" in container(docs, "operator")["args"]
+    pod = deployment(docs, "operator")["spec"]["template"]["metadata"]["annotations"]
+    assert pod["prometheus.io/port"] == "9100" and pod["team"] == "llm"
+    monitor = one(docs, "ServiceMonitor", f"{RELEASE}-operator")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus"
+    service = one(docs, "Service", f"{RELEASE}-xds")
+    # the ServiceMonitor selects exactly the Service that has the metrics port
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    matching = [
+        s for s in find(docs, "Service")
+        if selector.items() <= s["metadata"]["labels"].items()
+    ]  # fmt: skip
+    assert matching == [service]
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "15s"}
+    assert any(p["name"] == "metrics" and p["port"] == 9100 for p in service["spec"]["ports"])
+
+
+def test_the_grafana_dashboard_configmap(default_docs: list[dict[str, Any]]) -> None:
+    """On by default, for the Grafana sidecar; the JSON is the chart's file, byte for byte."""
+    dashboard = (CHART / "dashboards" / "switchyard-dashboard.json").read_text(encoding="utf-8")
+    config_map = one(default_docs, "ConfigMap", f"{RELEASE}-dashboard")
+    assert config_map["metadata"]["namespace"] == NAMESPACE
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert "annotations" not in config_map["metadata"]
+    assert config_map["data"]["switchyard.json"] + "\n" == dashboard
+    assert json.loads(config_map["data"]["switchyard.json"])["uid"] == "switchyard"
+    docs = render(
+        values={
+            "grafana": {"dashboard": {
+                "enabled": True, "label": "grafana.example/dashboard", "labelValue": "yes",
+                "namespace": "monitoring", "labels": {"team": "llm"},
+                "annotations": {"grafana_folder": "Switchyard"},
+            }}
+        }
+    )  # fmt: skip
+    meta = one(docs, "ConfigMap", f"{RELEASE}-dashboard")["metadata"]
+    assert meta["namespace"] == "monitoring"
+    assert meta["labels"]["grafana.example/dashboard"] == "yes"
+    assert meta["labels"]["team"] == "llm" and "grafana_dashboard" not in meta["labels"]
+    assert meta["annotations"] == {"grafana_folder": "Switchyard"}
+    assert not find(render("grafana.dashboard.enabled=false"), "ConfigMap", f"{RELEASE}-dashboard")
+    bad = helm("template", RELEASE, str(CHART), "--set", "grafana.dashboard.label=not a label")
+    assert bad.returncode != 0 and "/grafana/dashboard/label" in bad.stderr
+
+
 def test_extproc_flags_and_gpu(default_docs: list[dict[str, Any]]) -> None:
     args = container(default_docs, "extproc")["args"]
     assert args[0] == "extproc"
@@ -438,11 +521,15 @@ def test_network_policies(default_docs: list[dict[str, Any]]) -> None:
         "ports": [{"port": 9464, "protocol": "TCP"}],
         "from": [{"namespaceSelector": {}}],
     }
-    # operator xDS: only from the gateway and ext_proc pods, nothing else
-    (xds,) = policies[f"{RELEASE}-operator"]["ingress"]
+    # operator xDS: only from the gateway and ext_proc pods; metrics: from the metrics namespaces
+    xds, operator_metrics = policies[f"{RELEASE}-operator"]["ingress"]
     assert xds == {
         "from": [{"podSelector": selects("gateway")}, {"podSelector": selects("extproc")}],
         "ports": [{"port": 18000, "protocol": "TCP"}],
+    }
+    assert operator_metrics == {
+        "ports": [{"port": 9464, "protocol": "TCP"}],
+        "from": [{"namespaceSelector": {}}],
     }
     # gateway HTTP: from everyone by default; its health listener (/stats/prometheus): metrics
     http, health = policies[f"{RELEASE}-gateway"]["ingress"]
@@ -475,6 +562,7 @@ def test_network_policies_follow_their_values() -> None:
     assert gateway["ingress"][1]["from"] == [{"namespaceSelector": monitoring}]
     assert extproc["ingress"][0]["ports"] == [{"port": 9002, "endPort": 9005, "protocol": "TCP"}]
     assert extproc["ingress"][1]["from"] == [{"namespaceSelector": monitoring}]
+    assert operator["ingress"][1]["from"] == [{"namespaceSelector": monitoring}]
     dns = {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
     for spec in (gateway, extproc, operator):
         assert spec["policyTypes"] == ["Ingress", "Egress"]
@@ -561,6 +649,18 @@ def bootstrap(docs: list[dict[str, Any]]) -> str:
     return config_map["data"]["envoy.yaml"]  # type: ignore[no-any-return]
 
 
+def mounted_config(docs: list[dict[str, Any]], tmp_path: Path) -> Path:
+    """The Envoy ConfigMap in ``tmp_path/envoy`` and a certificate naming the Services in
+    ``tmp_path/tls`` (the Secret's mount), paths pointed there; the bootstrap's path."""
+    envoy_dir, tls = tmp_path / "envoy", tmp_path / "tls"
+    ThrowawayCA.new().write_dir(tls, hosts=[XDS_HOST, EXTPROC_HOST])
+    envoy_dir.mkdir()
+    for name, content in one(docs, "ConfigMap", f"{RELEASE}-envoy")["data"].items():
+        local = content.replace("/etc/switchyard/tls", str(tls))
+        (envoy_dir / name).write_text(local.replace("/etc/envoy", str(envoy_dir)))
+    return envoy_dir / "envoy.yaml"
+
+
 def envoy_command(docs: list[dict[str, Any]], config: Path) -> list[str]:
     """The gateway container's command line as the pod runs it, the bootstrap at ``config``."""
     c = container(docs, "gateway")
@@ -570,11 +670,12 @@ def envoy_command(docs: list[dict[str, Any]], config: Path) -> list[str]:
     return [envoy_binary(), *args]
 
 
-@pytest.mark.parametrize("sets", [[], ["gateway.concurrency=2", "gateway.healthPort=9000"]])
+@pytest.mark.parametrize(
+    "sets", [[], ["gateway.concurrency=2", "gateway.healthPort=9000"], ["tls.enabled=false"]]
+)
 def test_rendered_bootstrap_passes_envoy_validate(sets: list[str], tmp_path: Path) -> None:
     docs = render(*sets)
-    config = tmp_path / "envoy.yaml"
-    config.write_text(bootstrap(docs))
+    config = mounted_config(docs, tmp_path)
     result = subprocess.run(
         [*envoy_command(docs, config), "--mode", "validate"],
         capture_output=True,
@@ -609,9 +710,9 @@ def wait_for(url: str, envoy: subprocess.Popen[bytes], log: Path, timeout: float
 
 def test_gateway_bootstrap_runs_ready_only_with_the_operators_config(tmp_path: Path) -> None:
     """Envoy on the rendered bootstrap and command line, fed by the operator's control plane
-    (primed with no policy, as the operator starts): not ready before the config, ready after;
-    the health listener serves /healthz, /ready and /stats/prometheus and nothing else of the
-    admin interface."""
+    (primed with no policy, as the operator starts) over mTLS with the chart's SDS files: not
+    ready before the config, ready after; the health listener serves /healthz, /ready and
+    /stats/prometheus and nothing else of the admin interface."""
     first = free_port_block(4)
     http, health, admin, xds = first, first + 1, first + 2, first + 3
     docs = render(
@@ -621,16 +722,25 @@ def test_gateway_bootstrap_runs_ready_only_with_the_operators_config(tmp_path: P
         f"operator.xdsPort={xds}",
         "gateway.drainSeconds=1",
     )
-    # The only change: the xDS Service's name resolves to loopback here.
+    # The only changes: the xDS Service's name resolves to loopback here, and the ConfigMap and
+    # the certificate's Secret are folders of tmp_path.
     text = bootstrap(docs)
     assert "address: sy-xds.switchyard.svc," in text
-    config = tmp_path / "envoy.yaml"
-    config.write_text(text.replace("address: sy-xds.switchyard.svc,", "address: 127.0.0.1,"))
+    config = mounted_config(docs, tmp_path)
+    envoy_dir, tls = config.parent, tmp_path / "tls"
+    config.write_text(
+        config.read_text().replace("address: sy-xds.switchyard.svc,", "address: 127.0.0.1,")
+    )
     log_path = tmp_path / "envoy.log"
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     plane = ControlPlane(
-        GatewaySettings(listen_address="127.0.0.1", listen_port=http, extproc_eds=True)
+        GatewaySettings(
+            listen_address="127.0.0.1",
+            listen_port=http,
+            extproc_eds=True,
+            extproc_tls=EnvoyMtls(str(envoy_dir), EXTPROC_HOST),
+        )
     )
     with log_path.open("w") as log:
         envoy = subprocess.Popen(envoy_command(docs, config), stdout=log, stderr=subprocess.STDOUT)
@@ -642,7 +752,8 @@ def test_gateway_bootstrap_runs_ready_only_with_the_operators_config(tmp_path: P
         assert get(f"http://127.0.0.1:{admin}/ready")[0] == 503
         with pytest.raises(OSError):
             get(f"{base}/healthz")
-        asyncio.run_coroutine_threadsafe(plane.start(f"127.0.0.1:{xds}"), loop).result(30)
+        serving = plane.start(f"127.0.0.1:{xds}", TlsFiles.from_dir(tls))
+        asyncio.run_coroutine_threadsafe(serving, loop).result(30)
         asyncio.run_coroutine_threadsafe(plane.prime(pb.RoutingConfig()), loop).result(30)
         wait_for(f"{base}/healthz", envoy, log_path)
         assert get(f"{base}/ready") == (200, "LIVE\n")
@@ -658,6 +769,13 @@ def test_gateway_bootstrap_runs_ready_only_with_the_operators_config(tmp_path: P
         status, _ = get(f"http://127.0.0.1:{http}/v1/models")
         assert status < 500, log_path.read_text()
         assert f"address: 127.0.0.1, port_value: {admin}" in text
+        # over mTLS, and the operator's ext_proc cluster took the chart's SDS files
+        assert (
+            "cluster.switchyard_xds.ssl.handshake: 1"
+            in get(f"http://127.0.0.1:{admin}/stats?filter=switchyard_xds.ssl.handshake")[1]
+        )
+        clusters = get(f"http://127.0.0.1:{admin}/config_dump?resource=dynamic_active_clusters")
+        assert "switchyard_certificate" in clusters[1]
         check_the_prestop_drain(docs, http, admin, envoy, log_path)
     finally:
         envoy.terminate()
@@ -748,3 +866,246 @@ def test_tracing_values_reach_the_operator_and_the_extproc(
             input=json.dumps({"tracing": bad}),
         )
         assert result.returncode != 0 and "/tracing/" in result.stderr, (bad, result.stderr)
+
+
+# --- mTLS: where the certificate comes from, and who mounts it ------------------------------
+
+TLS_DIR = "/etc/switchyard/tls"
+
+
+def tls_secret_names(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """Component → the Secret its ``tls`` volume mounts (read-only at TLS_DIR)."""
+    found = {}
+    for component in COMPONENTS:
+        volumes = {v["name"]: v for v in pod_spec(docs, component)["volumes"]}
+        mounts = {m["name"]: m for m in container(docs, component)["volumeMounts"]}
+        if "tls" in volumes:
+            assert mounts["tls"] == {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}
+            assert volumes["tls"]["secret"]["defaultMode"] == 0o440
+            found[component] = volumes["tls"]["secret"]["secretName"]
+        else:
+            assert "tls" not in mounts
+    return found
+
+
+def test_tls_by_default_with_certificates_helm_generates(
+    default_docs: list[dict[str, Any]],
+) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    assert tls_secret_names(default_docs) == {c: f"{RELEASE}-tls" for c in COMPONENTS}
+    secret = one(default_docs, "Secret", f"{RELEASE}-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    pems = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    cert = x509.load_pem_x509_certificate(pems["tls.crt"])
+    ca = x509.load_pem_x509_certificate(pems["ca.crt"])
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {XDS_HOST, EXTPROC_HOST} <= set(names.get_values_for_type(x509.DNSName))
+    usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(usages)
+    assert not find(default_docs, "Certificate")
+    # Every side is told to use it, and expects the names the certificate carries.
+    assert f"--tls-dir={TLS_DIR}" in container(default_docs, "extproc")["args"]
+    operator_args = container(default_docs, "operator")["args"]
+    assert {f"--tls-dir={TLS_DIR}", f"--extproc-server-name={EXTPROC_HOST}",
+            "--gateway-sds-dir=/etc/envoy"} <= set(operator_args)  # fmt: skip
+    config_map = one(default_docs, "ConfigMap", f"{RELEASE}-envoy")["data"]
+    # The chart's SDS files and xDS transport socket are those the operator builds.
+    for name, document in sds_documents(TLS_DIR).items():
+        assert json.loads(config_map[name]) == document
+    xds = yaml.safe_load(config_map["envoy.yaml"])["static_resources"]["clusters"][1]
+    built = upstream_mtls(EnvoyMtls("/etc/envoy", XDS_HOST))
+    assert xds["transport_socket"] == json_format.MessageToDict(
+        built, preserving_proto_field_name=True
+    )
+
+
+def test_tls_from_an_existing_secret() -> None:
+    docs = render("tls.existingSecret=my-certs")
+    assert tls_secret_names(docs) == {c: "my-certs" for c in COMPONENTS}
+    assert not find(docs, "Secret") and not find(docs, "Certificate")
+
+
+def test_tls_from_a_cert_manager_issuer() -> None:
+    docs = render(
+        "tls.certManager.issuer.name=internal-ca", "tls.certManager.issuer.kind=ClusterIssuer"
+    )
+    assert tls_secret_names(docs) == {c: f"{RELEASE}-tls" for c in COMPONENTS}
+    assert not find(docs, "Secret")
+    certificate = one(docs, "Certificate", f"{RELEASE}-tls")
+    spec = certificate["spec"]
+    assert spec["secretName"] == f"{RELEASE}-tls"
+    assert {XDS_HOST, EXTPROC_HOST} <= set(spec["dnsNames"])
+    assert {"server auth", "client auth"} <= set(spec["usages"])
+    assert spec["issuerRef"] == {
+        "name": "internal-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"
+    }  # fmt: skip
+
+
+def test_tls_off_leaves_every_link_plaintext() -> None:
+    docs = render("tls.enabled=false")
+    assert tls_secret_names(docs) == {}
+    assert not find(docs, "Secret") and not find(docs, "Certificate")
+    for component in COMPONENTS:
+        assert not any(a.startswith("--tls-dir") for a in container(docs, component)["args"])
+    config_map = one(docs, "ConfigMap", f"{RELEASE}-envoy")["data"]
+    assert set(config_map) == {"envoy.yaml"}
+    assert "transport_socket" not in config_map["envoy.yaml"]
+
+
+# --- the optional Jaeger ------------------------------------------------------------------------
+
+JAEGER_OTLP = f"{RELEASE}-jaeger.{NAMESPACE}.svc:4317"
+
+
+def test_jaeger_is_off_by_default(default_docs: list[dict[str, Any]]) -> None:
+    assert not [d for d in default_docs if d["metadata"]["name"] == f"{RELEASE}-jaeger"]
+
+
+def test_jaeger_runs_locked_down_and_receives_the_traces() -> None:
+    docs = render("jaeger.enabled=true", "jaeger.maxTraces=5000")
+    jaeger = deployment(docs, "jaeger")
+    spec = jaeger["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (c,) = pod["containers"]
+    assert c["image"] == "jaegertracing/jaeger:2.13.0"
+    assert c["args"] == ["--config", "file:/etc/jaeger/config.yaml"]
+    sc = c["securityContext"]
+    assert (sc["runAsUser"], sc["readOnlyRootFilesystem"]) == (65532, True)
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["allowPrivilegeEscalation"] is False
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert volumes[mounts["/etc/jaeger"]]["configMap"]["name"] == f"{RELEASE}-jaeger"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/api/services", "port": "query"}
+    assert c["resources"]["limits"]["memory"] == "512Mi"
+    config = yaml.safe_load(one(docs, "ConfigMap", f"{RELEASE}-jaeger")["data"]["config.yaml"])
+    assert config["extensions"]["jaeger_storage"]["backends"]["memstore"] == {
+        "memory": {"max_traces": 5000}
+    }
+    assert config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"] == "0.0.0.0:4317"
+    service = one(docs, "Service", f"{RELEASE}-jaeger")["spec"]
+    assert {p["name"]: p["port"] for p in service["ports"]} == {
+        "otlp-grpc": 4317,
+        "query": 16686,
+        "query-grpc": 16685,
+    }
+    # tracing.otlpEndpoint defaults to it, for Envoy (through the operator) and the ext_proc
+    assert f"--otlp-endpoint={JAEGER_OTLP}" in container(docs, "operator")["args"]
+    env = {e["name"]: e.get("value") for e in container(docs, "extproc")["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://{JAEGER_OTLP}"
+    # a new config rolls the pod
+    other = deployment(render("jaeger.enabled=true", "jaeger.maxTraces=6000"), "jaeger")
+    annotation = "checksum/config"
+    assert (
+        other["spec"]["template"]["metadata"]["annotations"][annotation]
+        != spec["template"]["metadata"]["annotations"][annotation]
+    )
+
+
+def test_an_external_collector_wins_over_the_charts_jaeger() -> None:
+    docs = render(
+        "jaeger.enabled=true",
+        "tracing.otlpEndpoint=otel.obs:4317",
+        "networkPolicy.egress.enabled=true",
+    )
+    assert "--otlp-endpoint=otel.obs:4317" in container(docs, "operator")["args"]
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
+    for component in ("gateway", "extproc"):
+        rules = policies[f"{RELEASE}-{component}"]["egress"]
+        assert not [r for r in rules if {"port": 4317, "protocol": "TCP"} in r.get("ports", [])]
+
+
+def test_jaeger_network_policies() -> None:
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "obs"}}}
+    docs = render(
+        values={
+            "jaeger": {"enabled": True, "queryFrom": [peer]},
+            "networkPolicy": {"egress": {"enabled": True}},
+        }
+    )
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
+    jaeger = policies[f"{RELEASE}-jaeger"]
+    otlp, query = jaeger["ingress"]
+    senders = [p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in otlp["from"]]
+    assert senders == [f"{RELEASE}-gateway", f"{RELEASE}-extproc"]
+    assert otlp["ports"] == [{"port": 4317, "protocol": "TCP"}]
+    assert query["from"] == [peer]
+    assert [p["port"] for p in query["ports"]] == [16686, 16685]
+    assert jaeger["policyTypes"] == ["Ingress", "Egress"]
+    for component in ("gateway", "extproc"):
+        rules = policies[f"{RELEASE}-{component}"]["egress"]
+        (to_jaeger,) = [r for r in rules if {"port": 4317, "protocol": "TCP"} in r["ports"]]
+        assert to_jaeger["to"] == [
+            {"podSelector": {"matchLabels": {"app.kubernetes.io/name": f"{RELEASE}-jaeger"}}}
+        ]
+    # by default nothing in the cluster reaches the query API (port-forward does)
+    default = render("jaeger.enabled=true")
+    (only_otlp,) = one(default, "NetworkPolicy", f"{RELEASE}-jaeger")["spec"]["ingress"]
+    assert only_otlp["ports"] == [{"port": 4317, "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize(
+    ("values", "mentions"),
+    [
+        ({"maxTraces": 5}, ["/jaeger/maxTraces", "minimum"]),
+        ({"enabled": "yes"}, ["/jaeger/enabled", "boolean"]),
+        ({"storage": "badger"}, ["/jaeger", "storage"]),
+        ({"image": {"repository": "", "tag": "1", "pullPolicy": "Always"}}, ["/jaeger/image"]),
+    ],
+)
+def test_bad_jaeger_values_are_refused(values: dict[str, Any], mentions: list[str]) -> None:
+    result = subprocess.run(
+        [str(k8s_bin_dir() / "helm"), "template", RELEASE, str(CHART), "--values", "-"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=json.dumps({"jaeger": values}),
+    )
+    assert result.returncode != 0, values
+    for text in mentions:
+        assert text in result.stderr, result.stderr
+
+
+def test_the_charts_jaeger_config_runs_in_the_real_jaeger(tmp_path: Path) -> None:
+    """The rendered config, on loopback ports, started by the Jaeger `switchyard up --jaeger`
+    builds (the same release as the chart's image): it loads, receives OTLP and answers."""
+    from switchyard.local.jaeger import jaeger_binary
+    from switchyard.traces import JaegerError, JaegerQuery
+
+    docs = render("jaeger.enabled=true")
+    text = one(docs, "ConfigMap", f"{RELEASE}-jaeger")["data"]["config.yaml"]
+    first = free_port_block(3)
+    for port, new in ((4317, first), (16686, first + 1), (16685, first + 2)):
+        text = text.replace(f"0.0.0.0:{port}", f"127.0.0.1:{new}")
+    (tmp_path / "config.yaml").write_text(text)
+    log = (tmp_path / "jaeger.log").open("wb")
+    process = subprocess.Popen(
+        [jaeger_binary(print), "--config", f"file:{tmp_path / 'config.yaml'}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        query = JaegerQuery(f"http://127.0.0.1:{first + 1}", timeout=1)
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, (tmp_path / "jaeger.log").read_text()
+            try:
+                services = query.services()
+                break
+            except JaegerError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert services == []
+        with socket.create_connection(("127.0.0.1", first), timeout=5):
+            pass  # the OTLP receiver listens
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()

@@ -47,11 +47,18 @@ def test_decisions_and_rejections_of_every_worker_are_counted(
         for _ in range(ROUTED):
             assert client.post("/chat/completions", json=body).status_code == 200
         assert client.post("/chat/completions", content=b"{not json").status_code == 400
-    after = _samples(port)
-    decisions = _total(after, "switchyard_decisions_total") - _total(
-        before, "switchyard_decisions_total"
-    )
-    assert decisions == ROUTED
+    seen: dict[str, dict[tuple[str, frozenset[tuple[str, str]]], float]] = {}
+
+    def decisions() -> float:
+        seen["after"] = _samples(port)
+        return _total(seen["after"], "switchyard_decisions_total") - _total(
+            before, "switchyard_decisions_total"
+        )
+
+    # Workers add their counts to the series once a second (extproc/tally.py).
+    wait_until(lambda: decisions() >= ROUTED, 10, "the decisions to be counted")
+    assert decisions() == ROUTED
+    after = seen["after"]
     light = ("switchyard_decisions_total", frozenset(
         {("policy", "default/default"), ("model", "light"), ("kind", "classifier")}
     ))  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,15 +14,22 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from conftest import StartPrometheus
 from kube import KubeControlPlane
 from operator_harness import Cluster
 
+from switchyard.local.ports import free_port_block
 from switchyard.local.runner import port_open, wait_until
 
 
 @pytest.fixture(scope="module")
-def cluster(routepolicy_crd: KubeControlPlane) -> Iterator[Cluster]:
-    running = Cluster(routepolicy_crd)
+def metrics_port() -> int:
+    return free_port_block()
+
+
+@pytest.fixture(scope="module")
+def cluster(routepolicy_crd: KubeControlPlane, metrics_port: int) -> Iterator[Cluster]:
+    running = Cluster(routepolicy_crd, operator_args=[f"--metrics-listen=127.0.0.1:{metrics_port}"])
     yield running
     running.close()
 
@@ -37,6 +45,28 @@ def test_applied_policy_becomes_ready_and_routes(cluster: Cluster) -> None:
     wait_until(lambda: cluster.model() == "light", 30, "routing")
     printed = cluster.kube.kubectl("get", "rp", "-n", cluster.namespace)
     assert "True" in printed and "classifier" in printed
+
+
+def test_prometheus_scrapes_the_operators_metrics(
+    cluster: Cluster, metrics_port: int, prometheus: StartPrometheus
+) -> None:
+    # Right after the first test: the policy was created once and is Ready.
+    prom = prometheus({"operator": [f"127.0.0.1:{metrics_port}"]})
+    prom.wait_scraped("operator", time.time())
+    assert prom.value('switchyard_operator_policies{state="ready"}') == 1
+    assert prom.value('switchyard_operator_policies{state="not_ready"}') == 0
+    assert prom.value("sum(switchyard_operator_reconcile_errors_total)") is None
+    # restored at start-up (nothing yet), then the policy's create: two configs
+    assert prom.value("switchyard_operator_config_generation") == 2
+    assert prom.value('switchyard_operator_config_applies_total{result="acked"}') == 1
+    assert prom.value('switchyard_operator_connected_clients{kind="envoy"}') == 1
+    assert prom.value('switchyard_operator_connected_clients{kind="extproc"}') == 1
+    assert prom.value("sum(switchyard_operator_clients_behind)") == 0
+    acks = prom.query('switchyard_operator_xds_responses_total{client="gateway-0",result="ack"}')
+    assert {s.labels["type_url"].rsplit(".", 1)[-1] for s in acks} >= {
+        "Cluster", "Listener", "RouteConfiguration"
+    }  # fmt: skip
+    assert all(s.value >= 1 for s in acks)
 
 
 def test_hpa_and_pdb_follow_the_policy(cluster: Cluster) -> None:

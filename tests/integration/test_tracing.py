@@ -1,109 +1,75 @@
 """One trace per request across the real Envoy and the ext_proc, stored by a real Jaeger (built
-from the Go module proxy by tests/infra/build_jaeger.sh) and read back from its query API."""
+from the Go module proxy by switchyard/local/build_jaeger.sh) and read back from its query API;
+and `switchyard up --jaeger` with `switchyard traces` as a person runs them."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import httpx
 import pytest
-import yaml
 from gateway_harness import REPO, Gateway, start_gateway
 
+from switchyard.local.jaeger import JaegerPorts, LocalJaeger, jaeger_binary, running_url
 from switchyard.local.ports import free_port_block
+from switchyard.traces import JaegerError, JaegerQuery
 
 SECRET = "zebra-quartz-7731"  # in every prompt; must appear in no span
+CLI = (sys.executable, "-m", "switchyard.cli")
 PROMPT = f"Prove step by step that {SECRET} is a theorem, then implement it in python."
 
 
+def wait(condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    """Poll until ``condition()`` is truthy (spans arrive by batches, on their own time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 class Jaeger:
-    """A running Jaeger: OTLP/gRPC in on ``otlp_port``, its HTTP query API on ``query_port``."""
+    """A running Jaeger (the product's LocalJaeger): OTLP/gRPC in on ``otlp_port``."""
 
     def __init__(self, binary: str, directory: Path) -> None:
-        self.otlp_port, self.query_port, grpc_port = free_port_block(3), 0, 0
-        self.query_port, grpc_port = self.otlp_port + 1, self.otlp_port + 2
-        config = {
-            "service": {
-                "extensions": ["jaeger_storage", "jaeger_query"],
-                "pipelines": {
-                    "traces": {"receivers": ["otlp"], "exporters": ["jaeger_storage_exporter"]}
-                },
-                "telemetry": {"metrics": {"level": "none"}, "logs": {"level": "warn"}},
-            },
-            "extensions": {
-                "jaeger_storage": {"backends": {"memstore": {"memory": {"max_traces": 10000}}}},
-                "jaeger_query": {
-                    "storage": {"traces": "memstore"},
-                    "http": {"endpoint": f"127.0.0.1:{self.query_port}"},
-                    "grpc": {"endpoint": f"127.0.0.1:{grpc_port}"},
-                },
-            },
-            "receivers": {
-                "otlp": {"protocols": {"grpc": {"endpoint": f"127.0.0.1:{self.otlp_port}"}}}
-            },
-            "exporters": {"jaeger_storage_exporter": {"trace_storage": "memstore"}},
-        }
-        path = directory / "jaeger.yaml"
-        path.write_text(yaml.safe_dump(config))
-        self.log = (directory / "jaeger.log").open("wb")
-        self.process = subprocess.Popen(
-            [binary, "--config", f"file:{path}"], stdout=self.log, stderr=subprocess.STDOUT
-        )
-        self.wait(lambda: self.get("/api/services") is not None, "the Jaeger query API")
-
-    def get(self, path: str) -> Any:
-        url = f"http://127.0.0.1:{self.query_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return json.loads(response.read())
-        except (urllib.error.URLError, ConnectionError):
-            assert self.process.poll() is None, f"jaeger exited with {self.process.returncode}"
-            return None
+        self.local = LocalJaeger(directory, JaegerPorts.pick())
+        self.local.start(binary)
+        self.query = JaegerQuery(self.local.url)
+        self.otlp_port = self.local.ports.otlp
+        wait(self.local.ready, "the Jaeger query API")
 
     def traces(self, service: str) -> list[dict[str, Any]]:
-        found = self.get(f"/api/traces?service={service}&limit=100&lookback=1h")
-        return list((found or {}).get("data") or [])
+        assert self.local.exited() is None, f"jaeger exited: {self.local.log_tail()}"
+        return self.query.traces(service, limit=100, lookback_s=3600)
 
     def trace(self, trace_id: str) -> dict[str, Any] | None:
-        found = self.get(f"/api/traces/{trace_id}")
-        data = (found or {}).get("data") or []
-        return data[0] if data else None
+        return self.query.trace(trace_id)
 
     def wait(self, condition: Any, what: str, timeout: float = 30) -> Any:
-        """Poll until ``condition()`` is truthy (spans arrive by batches, on their own time)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = condition()
-            if result:
-                return result
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}")
+        return wait(condition, what, timeout)
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-        self.log.close()
+        self.local.stop()
 
 
 @pytest.fixture(scope="module")
-def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jaeger]:
-    built = subprocess.run(
-        ["bash", str(REPO / "tests" / "infra" / "build_jaeger.sh")],
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    assert built.returncode == 0, built.stderr
-    running = Jaeger(built.stdout.strip().splitlines()[-1], tmp_path_factory.mktemp("jaeger"))
+def jaeger_bin() -> str:
+    return jaeger_binary(print)  # builds it (minutes) when the cache has none
+
+
+@pytest.fixture(scope="module")
+def jaeger(jaeger_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jaeger]:
+    running = Jaeger(jaeger_bin, tmp_path_factory.mktemp("jaeger"))
     yield running
     running.stop()
 
@@ -183,6 +149,14 @@ def test_envoy_and_extproc_spans_form_one_trace(
     assert 0 <= tags["switchyard.router.difficulty"] <= 1
     assert tags["switchyard.router.category"]
     assert tags["switchyard.classifier.duration_ms"] >= 0
+    # the request's span carries the usage and cost read from the response
+    ingress = _tags(spans[grand["spanID"]])
+    usage = response.json()["usage"]
+    assert int(ingress["gen_ai.usage.input_tokens"]) == usage["prompt_tokens"]
+    assert int(ingress["gen_ai.usage.output_tokens"]) == usage["completion_tokens"]
+    assert ingress["gen_ai.response.model"] == response.headers["x-switchyard-upstream-model"]
+    assert ingress["switchyard.served_model"] == response.headers["x-switchyard-model"]
+    assert float(ingress["switchyard.cost_usd"]) > 0
     # the prompt text is in no span of the trace, Envoy's or ours
     for span in trace["spans"]:
         for key, value in _tags(span).items():
@@ -199,3 +173,119 @@ def test_sampling_zero_makes_no_extproc_span(
     finally:
         _stop(gateway)  # the ext_proc has flushed: a span it made would be in Jaeger now
     assert jaeger.traces("sy-none-extproc") == []
+
+
+def test_a_fallback_shows_both_attempts(
+    tmp_path_factory: pytest.TempPathFactory, jaeger: Jaeger
+) -> None:
+    first = free_port_block(2)
+    ports = {"failing": first, "steady": first + 1}
+    models = [
+        {
+            "name": name,
+            "backend": {"url": f"http://127.0.0.1:{port}"},
+            "upstreamModel": f"{name}-v1",
+            "pricing": {"inputPer1M": 1, "outputPer1M": 2},
+            **({"fallbacks": ["steady"]} if name == "failing" else {}),
+        }
+        for name, port in ports.items()
+    ]
+    policy = {
+        "apiVersion": "switchyard.dev/v1alpha1",
+        "kind": "RoutePolicy",
+        "metadata": {"name": "resilient", "namespace": "default"},
+        "spec": {
+            "match": {"models": ["auto"]},
+            "models": models,
+            "strategy": {"type": "rules", "default": "failing"},
+        },
+    }
+    demo = [
+        {"name": "failing", "port": ports["failing"], "failureRate": 1.0},
+        {"name": "steady", "port": ports["steady"]},
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    tracing = {"otlpEndpoint": f"127.0.0.1:{jaeger.otlp_port}", "serviceName": "sy-fallback"}
+    with mock.patch.dict(os.environ, env, clear=True):
+        gateway = start_gateway(
+            tmp_path_factory.mktemp("fallback"), policy, demoUpstreams=demo, tracing=tracing
+        )
+    try:
+        body = {"model": "failing", "messages": [{"role": "user", "content": "hello"}]}
+        response = httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-switchyard-model"] == "steady"
+        (trace,) = jaeger.wait(lambda: jaeger.traces("sy-fallback"), "Envoy's spans")
+    finally:
+        _stop(gateway)
+    attempts = sorted(
+        (s for s in trace["spans"] if s["operationName"].startswith("router ")),
+        key=lambda s: s["startTime"],
+    )
+    assert [_tags(s)["switchyard.upstream.model"] for s in attempts] == ["failing", "steady"]
+    assert [_tags(s)["http.status_code"] for s in attempts] == ["503", "200"]
+    (ingress,) = [s for s in trace["spans"] if s["operationName"] == "ingress"]
+    tags = _tags(ingress)
+    assert (tags["switchyard.model"], tags["switchyard.served_model"]) == ("failing", "steady")
+    usage = response.json()["usage"]
+    assert int(tags["gen_ai.usage.output_tokens"]) == usage["completion_tokens"]
+    cost = (usage["prompt_tokens"] * 1 + usage["completion_tokens"] * 2) / 1e6
+    assert float(tags["switchyard.cost_usd"]) == pytest.approx(cost)
+
+
+def test_switchyard_traces_shows_the_last_request(
+    tmp_path_factory: pytest.TempPathFactory, jaeger_bin: str
+) -> None:
+    """`switchyard up --jaeger` (here: its document form), one request, then
+    `switchyard traces --last 1` finds that Jaeger through the state dir and prints the tree."""
+    directory = tmp_path_factory.mktemp("jaeger-up")
+    state = directory / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["SWITCHYARD_JAEGER"] = jaeger_bin
+    with mock.patch.dict(os.environ, env, clear=True):
+        gateway = start_gateway(directory, tracing={"jaeger": True, "jaegerPort": 0})
+    try:
+        banner = gateway.wait_for_output("go to Jaeger")
+        url = running_url(state)
+        assert url is not None and f"on {url} " in banner
+        response = _chat(gateway)
+
+        def printed() -> str | None:
+            shown = subprocess.run(
+                [*CLI, "traces", "--last", "1", "--state-dir", str(state)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=REPO,
+            )
+            out = shown.stdout
+            return out if "switchyard.route" in out and "router " in out else None
+
+        # a sampled request's spans reach Jaeger within about a second (--jaeger's flush)
+        text = wait(printed, "the span tree", 30)
+    finally:
+        _stop(gateway)
+    header, ingress, call, route, attempt = text.splitlines()
+    model = response.headers["x-switchyard-model"]
+    usage = response.json()["usage"]
+    assert header.startswith("trace ") and "POST /v1/chat/completions 200" in header
+    assert ingress.startswith("  ingress [switchyard] ")
+    for shown in (
+        f"policy={response.headers['x-switchyard-policy']}",
+        f"model={model}",
+        f"served={model}",
+        f"upstream={response.headers['x-switchyard-upstream-model']}",
+        f"tokens={usage['prompt_tokens']} in/{usage['completion_tokens']} out",
+        "cost=$0.",
+        "status=200",
+    ):
+        assert shown in ingress, (shown, ingress)
+    assert call.startswith("  ├─ ") and "ExternalProcessor.Process" in call
+    assert route.startswith("  │  └─ switchyard.route [switchyard-extproc] ")
+    assert "difficulty=" in route and "category=" in route
+    assert attempt.startswith("  └─ router ") and f"attempt={model} status=200" in attempt
+    assert SECRET not in text
+    # stopped with the gateway: no record left, nothing answering
+    assert running_url(state) is None
+    with pytest.raises(JaegerError):
+        JaegerQuery(url).services()

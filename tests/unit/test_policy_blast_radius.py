@@ -25,6 +25,7 @@ from switchyard.extproc.state import HEURISTIC_BUNDLE, RuntimeState
 from switchyard.operator.compiler import CompileError, compile_config
 from switchyard.operator.config_stream import ConfigStreamServer
 from switchyard.operator.control_plane import ApplyResult
+from switchyard.operator.metrics import OperatorMetrics
 from switchyard.operator.policy import (
     HEURISTIC_BUNDLE as POLICY_HEURISTIC,
 )
@@ -235,7 +236,8 @@ class _Plane:
     /srv/missing, pod-2 serves everything."""
 
     def __init__(self) -> None:
-        self.stream = ConfigStreamServer()
+        self.metrics = OperatorMetrics()
+        self.stream = ConfigStreamServer(metrics=self.metrics)
         self.published: list[pb.RoutingConfig] = []
 
     async def apply(self, config: pb.RoutingConfig) -> ApplyResult:
@@ -281,6 +283,13 @@ def test_only_the_policy_the_data_plane_left_out_is_not_ready(policy_doc: dict[s
     # a new policy has no previous generation: it stays in the config, and every replica (a
     # restarted one too) isolates it the same way until its bundle exists there
     assert sorted(p.name for p in reconciler.config.policies) == ["bad", "good", "later"]
+    metrics = plane.metrics.registry
+    assert metrics.get_sample_value("switchyard_operator_policies", {"state": "ready"}) == 2
+    assert metrics.get_sample_value("switchyard_operator_policies", {"state": "not_ready"}) == 1
+    errors = "switchyard_operator_reconcile_errors_total"
+    assert metrics.get_sample_value(errors, {"reason": "DataPlaneRejected"}) == 1
+    asyncio.run(reconciler.delete("default", "bad"))
+    assert metrics.get_sample_value("switchyard_operator_policies", {"state": "not_ready"}) == 0
 
 
 def test_an_edit_the_data_plane_rejects_rolls_back_to_the_previous_generation(

@@ -106,6 +106,18 @@ topologySpreadConstraints:
 - ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]
 {{- end -}}
 
+{{/*
+Where the gateway and the ext_proc send traces: tracing.otlpEndpoint, else the chart's Jaeger
+(jaeger.enabled), else nowhere ("": no tracing config at all).
+*/}}
+{{- define "switchyard.otlpEndpoint" -}}
+{{- if .Values.tracing.otlpEndpoint -}}
+{{ .Values.tracing.otlpEndpoint }}
+{{- else if .Values.jaeger.enabled -}}
+{{ include "switchyard.fullname" (dict "root" . "component" "jaeger") }}.{{ .Release.Namespace }}.svc:4317
+{{- end -}}
+{{- end -}}
+
 {{/* Value checks the schema cannot express: ports that would collide inside one pod. */}}
 {{- define "switchyard.validate" -}}
 {{- $g := .Values.gateway -}}
@@ -117,7 +129,65 @@ topologySpreadConstraints:
 {{- if and (ge (int $e.metricsPort) (int $e.port)) (le (int $e.metricsPort) (int $last)) -}}
 {{- fail (printf "extproc.metricsPort (%v) must not be one of the workers' ports %v-%v (extproc.port + worker)" $e.metricsPort $e.port $last) -}}
 {{- end -}}
-{{- if eq (int .Values.operator.xdsPort) (int .Values.operator.healthPort) -}}
-{{- fail (printf "operator.xdsPort and operator.healthPort must differ (both %v)" .Values.operator.xdsPort) -}}
+{{- $o := .Values.operator -}}
+{{- if or (eq (int $o.xdsPort) (int $o.healthPort)) (eq (int $o.xdsPort) (int $o.metricsPort)) (eq (int $o.healthPort) (int $o.metricsPort)) -}}
+{{- fail (printf "operator.xdsPort (%v), operator.healthPort (%v) and operator.metricsPort (%v) must differ" $o.xdsPort $o.healthPort $o.metricsPort) -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+mTLS (values tls): the Secret holding tls.crt, tls.key and ca.crt, where pods mount it, and the
+DNS names its certificate carries (Envoy checks the first two: the ext_proc's and the xDS
+Service's; the ext_proc's config client checks the xDS one).
+*/}}
+{{- define "switchyard.tlsSecret" -}}
+{{- .Values.tls.existingSecret | default (include "switchyard.fullname" (dict "root" . "component" "tls")) -}}
+{{- end -}}
+
+{{- define "switchyard.tlsDir" -}}/etc/switchyard/tls{{- end -}}
+
+{{- define "switchyard.extprocHost" -}}
+{{ include "switchyard.fullname" (dict "root" . "component" "extproc") }}.{{ .Release.Namespace }}.svc
+{{- end -}}
+
+{{- define "switchyard.tlsDNSNames" -}}
+- {{ include "switchyard.extprocHost" . }}
+- {{ include "switchyard.xdsHost" . }}
+- {{ include "switchyard.extprocHost" . }}.cluster.local
+- {{ include "switchyard.xdsHost" . }}.cluster.local
+{{- end -}}
+
+{{/* The pod volume and the container mount of the certificate (read-only, group-readable). */}}
+{{- define "switchyard.tlsVolume" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret: {secretName: {{ include "switchyard.tlsSecret" . }}, defaultMode: 0440}
+{{- end }}
+{{- end -}}
+
+{{- define "switchyard.tlsMount" -}}
+{{- if .Values.tls.enabled }}
+- {name: tls, mountPath: {{ include "switchyard.tlsDir" . }}, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{/*
+Envoy's side (operator/envoy_tls.py builds the same): an upstream TLS context whose
+certificate and CA come over SDS from the files sds-certificate.json and sds-ca.json in the
+Envoy ConfigMap (/etc/envoy), checking the server's DNS name. Call with (dict "root" $ "host" NAME).
+*/}}
+{{- define "switchyard.envoyUpstreamMtls" -}}
+{{- $sds := "{resource_api_version: V3, path_config_source: {path: /etc/envoy/%s, watched_directory: {path: /etc/envoy}}}" -}}
+name: envoy.transport_sockets.tls
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+  sni: {{ .host }}
+  common_tls_context:
+    alpn_protocols: [h2]
+    tls_certificate_sds_secret_configs:
+    - {name: switchyard_certificate, sds_config: {{ printf $sds "sds-certificate.json" }}}
+    combined_validation_context:
+      default_validation_context:
+        match_typed_subject_alt_names: [{san_type: DNS, matcher: {exact: {{ .host }}}}]
+      validation_context_sds_secret_config: {name: switchyard_ca, sds_config: {{ printf $sds "sds-ca.json" }}}
 {{- end -}}

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fswitchyard/api/v1/routing.proto\x12\x11switchyard.api.v1\"\x81\x01\n\rRoutingConfig\x12\x0f\n\x07version\x18\x01 \x01(\t\x12+\n\x08policies\x18\x02 \x03(\x0b\x32\x19.switchyard.api.v1.Policy\x12\x19\n\x11\x66\x61il_open_backend\x18\x03 \x01(\t\x12\x17\n\x0frequest_headers\x18\x04 \x03(\t\"\xf9\x02\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x0f\n\x07\x61liases\x18\x04 \x03(\t\x12\x42\n\rmatch_headers\x18\x05 \x03(\x0b\x32+.switchyard.api.v1.Policy.MatchHeadersEntry\x12(\n\x06models\x18\x06 \x03(\x0b\x32\x18.switchyard.api.v1.Model\x12-\n\x08strategy\x18\x07 \x01(\x0b\x32\x1b.switchyard.api.v1.Strategy\x12+\n\x07retries\x18\x08 \x01(\x0b\x32\x1a.switchyard.api.v1.Retries\x12\x12\n\ntimeout_ms\x18\t \x01(\x03\x12\x16\n\x0esession_header\x18\n \x01(\t\x1a\x33\n\x11MatchHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x07Retries\x12\x10\n\x08\x61ttempts\x18\x01 \x01(\r\x12\x1a\n\x12per_try_timeout_ms\x18\x02 \x01(\x03\x12\x10\n\x08retry_on\x18\x03 \x01(\t\x12\x1e\n\x16retriable_status_codes\x18\x04 \x03(\r\"\xb2\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61\x63kend_key\x18\x02 \x01(\t\x12\x16\n\x0eupstream_model\x18\x03 \x01(\t\x12\x14\n\x0cinput_per_1m\x18\x04 \x01(\x01\x12\x15\n\routput_per_1m\x18\x05 \x01(\x01\x12\x16\n\x0e\x63ontext_window\x18\x06 \x01(\x03\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x14\n\x0c\x64\x61ta_classes\x18\x08 \x03(\t\x12\x11\n\tfallbacks\x18\t \x03(\t\x12\x0c\n\x04tier\x18\n \x01(\t\x12\x0e\n\x06weight\x18\x0b \x01(\x01\x12+\n\x07\x62\x61\x63kend\x18\x0c \x01(\x0b\x32\x1a.switchyard.api.v1.Backend\x12\x0e\n\x06region\x18\r \x01(\t\x12\x0f\n\x07\x63luster\x18\x0e \x01(\t\"\xe9\x01\n\x07\x42\x61\x63kend\x12\x0b\n\x03url\x18\x01 \x01(\t\x12.\n\x07service\x18\x02 \x01(\x0b\x32\x1d.switchyard.api.v1.ServiceRef\x12\x13\n\x0b\x61pi_key_env\x18\x03 \x01(\t\x12.\n\tendpoints\x18\x04 \x03(\x0b\x32\x1b.switchyard.api.v1.Endpoint\x12\x37\n\x0e\x61pi_key_secret\x18\x05 \x01(\x0b\x32\x1f.switchyard.api.v1.SecretKeyRef\x12\x10\n\x08resolved\x18\x06 \x01(\x08\x12\x11\n\tca_bundle\x18\x07 \x01(\t\")\n\x0cSecretKeyRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"j\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x05\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0f\n\x07\x63luster\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\r\";\n\nServiceRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\"\xe9\x01\n\x08Strategy\x12.\n\x04type\x18\x01 \x01(\x0e\x32 .switchyard.api.v1.Strategy.Type\x12\x15\n\rrouter_bundle\x18\x02 \x01(\t\x12&\n\x05tiers\x18\x03 \x03(\x0b\x32\x17.switchyard.api.v1.Tier\x12&\n\x05rules\x18\x04 \x03(\x0b\x32\x17.switchyard.api.v1.Rule\x12\x15\n\rdefault_model\x18\x05 \x01(\t\"/\n\x04Type\x12\t\n\x05RULES\x10\x00\x12\x0e\n\nCLASSIFIER\x10\x01\x12\x0c\n\x08WEIGHTED\x10\x02\"-\n\x04Tier\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0emax_difficulty\x18\x02 \x01(\x01\"O\n\x04Rule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x04when\x18\x02 \x01(\x0b\x32\x1c.switchyard.api.v1.RuleMatch\x12\r\n\x05route\x18\x03 \x01(\t\"\xd3\x02\n\tRuleMatch\x12\x0f\n\x07\x61liases\x18\x01 \x03(\t\x12:\n\x07headers\x18\x02 \x03(\x0b\x32).switchyard.api.v1.RuleMatch.HeadersEntry\x12\x19\n\x11min_prompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\x03\x12\x10\n\x08keywords\x18\x05 \x03(\t\x12\r\n\x05regex\x18\x06 \x01(\t\x12\x12\n\ncategories\x18\x07 \x03(\t\x12\x1b\n\x0emin_difficulty\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0emax_difficulty\x18\t \x01(\x01H\x01\x88\x01\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x11\n\x0f_min_difficultyB\x11\n\x0f_max_difficultyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fswitchyard/api/v1/routing.proto\x12\x11switchyard.api.v1\"\x81\x01\n\rRoutingConfig\x12\x0f\n\x07version\x18\x01 \x01(\t\x12+\n\x08policies\x18\x02 \x03(\x0b\x32\x19.switchyard.api.v1.Policy\x12\x19\n\x11\x66\x61il_open_backend\x18\x03 \x01(\t\x12\x17\n\x0frequest_headers\x18\x04 \x03(\t\"\xb1\x03\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x0f\n\x07\x61liases\x18\x04 \x03(\t\x12\x42\n\rmatch_headers\x18\x05 \x03(\x0b\x32+.switchyard.api.v1.Policy.MatchHeadersEntry\x12(\n\x06models\x18\x06 \x03(\x0b\x32\x18.switchyard.api.v1.Model\x12-\n\x08strategy\x18\x07 \x01(\x0b\x32\x1b.switchyard.api.v1.Strategy\x12+\n\x07retries\x18\x08 \x01(\x0b\x32\x1a.switchyard.api.v1.Retries\x12\x12\n\ntimeout_ms\x18\t \x01(\x03\x12\x16\n\x0esession_header\x18\n \x01(\t\x12\x36\n\rpersonal_data\x18\x0b \x01(\x0b\x32\x1f.switchyard.api.v1.PersonalData\x1a\x33\n\x11MatchHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa2\x01\n\x0cPersonalData\x12\x11\n\tdetectors\x18\x01 \x03(\t\x12\x36\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32&.switchyard.api.v1.PersonalData.Action\x12\x12\n\ndata_class\x18\x03 \x01(\t\x12\x12\n\nraise_from\x18\x04 \x03(\t\"\x1f\n\x06\x41\x63tion\x12\t\n\x05ROUTE\x10\x00\x12\n\n\x06REDACT\x10\x01\"i\n\x07Retries\x12\x10\n\x08\x61ttempts\x18\x01 \x01(\r\x12\x1a\n\x12per_try_timeout_ms\x18\x02 \x01(\x03\x12\x10\n\x08retry_on\x18\x03 \x01(\t\x12\x1e\n\x16retriable_status_codes\x18\x04 \x03(\r\"\xb2\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61\x63kend_key\x18\x02 \x01(\t\x12\x16\n\x0eupstream_model\x18\x03 \x01(\t\x12\x14\n\x0cinput_per_1m\x18\x04 \x01(\x01\x12\x15\n\routput_per_1m\x18\x05 \x01(\x01\x12\x16\n\x0e\x63ontext_window\x18\x06 \x01(\x03\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x14\n\x0c\x64\x61ta_classes\x18\x08 \x03(\t\x12\x11\n\tfallbacks\x18\t \x03(\t\x12\x0c\n\x04tier\x18\n \x01(\t\x12\x0e\n\x06weight\x18\x0b \x01(\x01\x12+\n\x07\x62\x61\x63kend\x18\x0c \x01(\x0b\x32\x1a.switchyard.api.v1.Backend\x12\x0e\n\x06region\x18\r \x01(\t\x12\x0f\n\x07\x63luster\x18\x0e \x01(\t\"\xe9\x01\n\x07\x42\x61\x63kend\x12\x0b\n\x03url\x18\x01 \x01(\t\x12.\n\x07service\x18\x02 \x01(\x0b\x32\x1d.switchyard.api.v1.ServiceRef\x12\x13\n\x0b\x61pi_key_env\x18\x03 \x01(\t\x12.\n\tendpoints\x18\x04 \x03(\x0b\x32\x1b.switchyard.api.v1.Endpoint\x12\x37\n\x0e\x61pi_key_secret\x18\x05 \x01(\x0b\x32\x1f.switchyard.api.v1.SecretKeyRef\x12\x10\n\x08resolved\x18\x06 \x01(\x08\x12\x11\n\tca_bundle\x18\x07 \x01(\t\")\n\x0cSecretKeyRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"j\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x05\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0f\n\x07\x63luster\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\r\";\n\nServiceRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\"\xe9\x01\n\x08Strategy\x12.\n\x04type\x18\x01 \x01(\x0e\x32 .switchyard.api.v1.Strategy.Type\x12\x15\n\rrouter_bundle\x18\x02 \x01(\t\x12&\n\x05tiers\x18\x03 \x03(\x0b\x32\x17.switchyard.api.v1.Tier\x12&\n\x05rules\x18\x04 \x03(\x0b\x32\x17.switchyard.api.v1.Rule\x12\x15\n\rdefault_model\x18\x05 \x01(\t\"/\n\x04Type\x12\t\n\x05RULES\x10\x00\x12\x0e\n\nCLASSIFIER\x10\x01\x12\x0c\n\x08WEIGHTED\x10\x02\"-\n\x04Tier\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0emax_difficulty\x18\x02 \x01(\x01\"O\n\x04Rule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x04when\x18\x02 \x01(\x0b\x32\x1c.switchyard.api.v1.RuleMatch\x12\r\n\x05route\x18\x03 \x01(\t\"\xd3\x02\n\tRuleMatch\x12\x0f\n\x07\x61liases\x18\x01 \x03(\t\x12:\n\x07headers\x18\x02 \x03(\x0b\x32).switchyard.api.v1.RuleMatch.HeadersEntry\x12\x19\n\x11min_prompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\x03\x12\x10\n\x08keywords\x18\x05 \x03(\t\x12\r\n\x05regex\x18\x06 \x01(\t\x12\x12\n\ncategories\x18\x07 \x03(\t\x12\x1b\n\x0emin_difficulty\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0emax_difficulty\x18\t \x01(\x01H\x01\x88\x01\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x11\n\x0f_min_difficultyB\x11\n\x0f_max_difficultyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,31 +38,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTINGCONFIG']._serialized_start=55
   _globals['_ROUTINGCONFIG']._serialized_end=184
   _globals['_POLICY']._serialized_start=187
-  _globals['_POLICY']._serialized_end=564
-  _globals['_POLICY_MATCHHEADERSENTRY']._serialized_start=513
-  _globals['_POLICY_MATCHHEADERSENTRY']._serialized_end=564
-  _globals['_RETRIES']._serialized_start=566
-  _globals['_RETRIES']._serialized_end=671
-  _globals['_MODEL']._serialized_start=674
-  _globals['_MODEL']._serialized_end=980
-  _globals['_BACKEND']._serialized_start=983
-  _globals['_BACKEND']._serialized_end=1216
-  _globals['_SECRETKEYREF']._serialized_start=1218
-  _globals['_SECRETKEYREF']._serialized_end=1259
-  _globals['_ENDPOINT']._serialized_start=1261
-  _globals['_ENDPOINT']._serialized_end=1367
-  _globals['_SERVICEREF']._serialized_start=1369
-  _globals['_SERVICEREF']._serialized_end=1428
-  _globals['_STRATEGY']._serialized_start=1431
-  _globals['_STRATEGY']._serialized_end=1664
-  _globals['_STRATEGY_TYPE']._serialized_start=1617
-  _globals['_STRATEGY_TYPE']._serialized_end=1664
-  _globals['_TIER']._serialized_start=1666
-  _globals['_TIER']._serialized_end=1711
-  _globals['_RULE']._serialized_start=1713
-  _globals['_RULE']._serialized_end=1792
-  _globals['_RULEMATCH']._serialized_start=1795
-  _globals['_RULEMATCH']._serialized_end=2134
-  _globals['_RULEMATCH_HEADERSENTRY']._serialized_start=2050
-  _globals['_RULEMATCH_HEADERSENTRY']._serialized_end=2096
+  _globals['_POLICY']._serialized_end=620
+  _globals['_POLICY_MATCHHEADERSENTRY']._serialized_start=569
+  _globals['_POLICY_MATCHHEADERSENTRY']._serialized_end=620
+  _globals['_PERSONALDATA']._serialized_start=623
+  _globals['_PERSONALDATA']._serialized_end=785
+  _globals['_PERSONALDATA_ACTION']._serialized_start=754
+  _globals['_PERSONALDATA_ACTION']._serialized_end=785
+  _globals['_RETRIES']._serialized_start=787
+  _globals['_RETRIES']._serialized_end=892
+  _globals['_MODEL']._serialized_start=895
+  _globals['_MODEL']._serialized_end=1201
+  _globals['_BACKEND']._serialized_start=1204
+  _globals['_BACKEND']._serialized_end=1437
+  _globals['_SECRETKEYREF']._serialized_start=1439
+  _globals['_SECRETKEYREF']._serialized_end=1480
+  _globals['_ENDPOINT']._serialized_start=1482
+  _globals['_ENDPOINT']._serialized_end=1588
+  _globals['_SERVICEREF']._serialized_start=1590
+  _globals['_SERVICEREF']._serialized_end=1649
+  _globals['_STRATEGY']._serialized_start=1652
+  _globals['_STRATEGY']._serialized_end=1885
+  _globals['_STRATEGY_TYPE']._serialized_start=1838
+  _globals['_STRATEGY_TYPE']._serialized_end=1885
+  _globals['_TIER']._serialized_start=1887
+  _globals['_TIER']._serialized_end=1932
+  _globals['_RULE']._serialized_start=1934
+  _globals['_RULE']._serialized_end=2013
+  _globals['_RULEMATCH']._serialized_start=2016
+  _globals['_RULEMATCH']._serialized_end=2355
+  _globals['_RULEMATCH_HEADERSENTRY']._serialized_start=2271
+  _globals['_RULEMATCH_HEADERSENTRY']._serialized_end=2317
 # @@protoc_insertion_point(module_scope)

@@ -20,7 +20,7 @@ class RoutingConfig(_message.Message):
     def __init__(self, version: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., fail_open_backend: _Optional[str] = ..., request_headers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("name", "namespace", "generation", "aliases", "match_headers", "models", "strategy", "retries", "timeout_ms", "session_header")
+    __slots__ = ("name", "namespace", "generation", "aliases", "match_headers", "models", "strategy", "retries", "timeout_ms", "session_header", "personal_data")
     class MatchHeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class Policy(_message.Message):
     RETRIES_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     SESSION_HEADER_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_DATA_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     generation: int
@@ -48,7 +49,26 @@ class Policy(_message.Message):
     retries: Retries
     timeout_ms: int
     session_header: str
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., generation: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., match_headers: _Optional[_Mapping[str, str]] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, _Mapping]] = ..., retries: _Optional[_Union[Retries, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., session_header: _Optional[str] = ...) -> None: ...
+    personal_data: PersonalData
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., generation: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., match_headers: _Optional[_Mapping[str, str]] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, _Mapping]] = ..., retries: _Optional[_Union[Retries, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., session_header: _Optional[str] = ..., personal_data: _Optional[_Union[PersonalData, _Mapping]] = ...) -> None: ...
+
+class PersonalData(_message.Message):
+    __slots__ = ("detectors", "action", "data_class", "raise_from")
+    class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ROUTE: _ClassVar[PersonalData.Action]
+        REDACT: _ClassVar[PersonalData.Action]
+    ROUTE: PersonalData.Action
+    REDACT: PersonalData.Action
+    DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    DATA_CLASS_FIELD_NUMBER: _ClassVar[int]
+    RAISE_FROM_FIELD_NUMBER: _ClassVar[int]
+    detectors: _containers.RepeatedScalarFieldContainer[str]
+    action: PersonalData.Action
+    data_class: str
+    raise_from: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, detectors: _Optional[_Iterable[str]] = ..., action: _Optional[_Union[PersonalData.Action, str]] = ..., data_class: _Optional[str] = ..., raise_from: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Retries(_message.Message):
     __slots__ = ("attempts", "per_try_timeout_ms", "retry_on", "retriable_status_codes")

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Build Jaeger (github.com/jaegertracing/jaeger/cmd/jaeger: the all-in-one trace store, OTLP
-# receiver and query UI) that tests/integration/test_tracing.py exports traces to, from the Go
-# module proxy only (no release downloads, no Docker), cached by version
-# (tests/infra/go_tool.sh; the first build takes minutes). The LAST line on stdout is the
-# binary's path. Knobs: JAEGER_VERSION, SWITCHYARD_CACHE, SWITCHYARD_BUILD_JOBS, GO.
+# Build Jaeger (github.com/jaegertracing/jaeger/cmd/jaeger: the all-in-one OTLP receiver, trace
+# store and query API) from the Go module proxy only (no release downloads, no Docker), cached by
+# version in ${SWITCHYARD_CACHE:-~/.cache/switchyard}/bin (go_tool.sh; the first build takes
+# minutes). `switchyard up --jaeger` runs it when the cache has no Jaeger (switchyard/local/
+# jaeger.py), `make jaeger` and tests/integration/test_tracing.py too. The web UI's assets are
+# built from another repository (jaeger-ui, JavaScript) and are not in the module: this binary
+# serves the query API and a placeholder page. The LAST line on stdout is the binary's path.
+# Knobs: JAEGER_VERSION (keep it equal to jaeger.py's JAEGER_VERSION), SWITCHYARD_CACHE,
+# SWITCHYARD_BUILD_JOBS, GO.
 set -euo pipefail
 source "$(dirname "$0")/go_tool.sh"
 
