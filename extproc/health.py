@@ -1,17 +1,18 @@
 """Liveness and readiness of the ext_proc's workers, for the probes on the metrics port.
 
 Each worker owns one byte of a shared-memory array and sets it once it serves with a routing
-config loaded; the probes read the bytes and check, without reaping, that no worker process
-has exited. Nothing here runs per request.
+config loaded. The parent's supervisor (``supervisor.py``) clears a worker's byte before it
+starts the worker again and tells this object when a worker exits; the probes read both. Nothing
+here runs per request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
-from multiprocessing.process import BaseProcess
 from typing import Any
+
+CRASH_LOOP = 5
+"""Exits in a row (none after the worker had served a while) that fail liveness."""
 
 
 class ReadyFlag:
@@ -29,30 +30,43 @@ class WorkerReadiness:
     """What the parent knows about its ``workers`` workers."""
 
     def __init__(self, workers: int, ctx: BaseContext) -> None:
-        self._flags = ctx.RawArray("b", workers)  # one writer per byte: no lock needed
-        self._sentinels: list[int] = []
+        self._flags = ctx.RawArray("b", workers)
+        # worker → exits in a row, while it is not running. Replaced, never changed in place:
+        # the supervisor (the parent's main thread) writes it, the probes' thread reads it.
+        self._down: dict[int, int] = {}
 
     def flag(self, index: int) -> ReadyFlag:
         return ReadyFlag(self._flags, index)
 
-    def watch(self, processes: Sequence[BaseProcess]) -> None:
-        """Follow these worker processes (index i is worker i)."""
-        self._sentinels = [p.sentinel for p in processes]
+    def ready(self, index: int) -> bool:
+        """Whether worker ``index`` serves with a routing config."""
+        return bool(self._flags[index])
 
-    def _exited(self) -> list[int]:
-        gone = set(wait(self._sentinels, 0)) if self._sentinels else set()
-        return [i for i, s in enumerate(self._sentinels) if s in gone]
+    def starting(self, index: int) -> None:
+        """Worker ``index`` (re)starts: not ready until it sets its flag again."""
+        self._flags[index] = 0  # no worker process owns the byte now
+        self._down = {i: n for i, n in self._down.items() if i != index}
+
+    def exited(self, index: int, in_a_row: int) -> None:
+        """Worker ``index`` exited, its ``in_a_row``-th exit without serving a while between."""
+        self._flags[index] = 0
+        self._down = {**self._down, index: in_a_row}
 
     def not_alive(self) -> str | None:
-        """None while every worker process runs (no worker is ever restarted), else why not."""
-        exited = self._exited()
-        return f"worker(s) {_names(exited)} exited" if exited else None
+        """None unless a worker keeps exiting (a worker restarted once is alive), else why."""
+        looping = sorted(i for i, n in self._down.items() if n >= CRASH_LOOP)  # one snapshot
+        if not looping:
+            return None
+        return f"worker(s) {_names(looping)} exited {CRASH_LOOP} or more times in a row"
 
     def not_ready(self) -> str | None:
         """None once every worker serves with a routing config, else why not."""
         dead = self.not_alive()
         if dead is not None:
             return dead
+        down = sorted(self._down)  # one snapshot
+        if down:
+            return f"worker(s) {_names(down)} exited, restarting"
         waiting = [i for i, flag in enumerate(self._flags) if not flag]
         return f"worker(s) {_names(waiting)} have no routing config yet" if waiting else None
 

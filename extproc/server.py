@@ -2,13 +2,13 @@
 
 Each worker runs the minimal HTTP/2 gRPC server of ``h2grpc`` on uvloop; Envoy balances
 streams across the workers' ports. Each worker raises its flag in a shared ``WorkerReadiness``
-once it serves with a routing config, which the metrics port's ``/readyz`` reports.
+once it serves with a routing config, which the metrics port's ``/readyz`` reports. The parent
+restarts a worker that dies on the same address (``supervisor.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -18,6 +18,7 @@ import ssl
 import threading
 import weakref
 from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from switchyard.extproc.health import ReadyFlag, WorkerReadiness
 from switchyard.extproc.metrics import MetricsServer
 from switchyard.extproc.processor import Processor
 from switchyard.extproc.state import RuntimeState
+from switchyard.extproc.supervisor import Supervisor
 from switchyard.extproc.tally import TALLY
 from switchyard.tls import TlsFiles
 
@@ -216,9 +218,10 @@ def run_workers(
     metrics_port: int = 0,
     execution_provider: str = "cpu",
 ) -> int:
-    """Start ``workers`` processes and wait; SIGINT/SIGTERM stop them all. A ``metrics_port``
-    serves Prometheus metrics of all workers and the /healthz and /readyz probes. Router bundles
-    load on ``execution_provider`` (auto, cpu, cuda)."""
+    """Start ``workers`` processes, restart any that dies (``supervisor.py``), and stop them
+    all on SIGINT/SIGTERM. One worker runs in this process (nothing restarts it). A
+    ``metrics_port`` serves Prometheus metrics of all workers and the /healthz and /readyz
+    probes. Router bundles load on ``execution_provider`` (auto, cpu, cuda)."""
     ctx = multiprocessing.get_context("spawn")
     readiness = WorkerReadiness(max(workers, 1), ctx)
     metrics = None
@@ -246,30 +249,11 @@ def _run(
         _worker(config_path, worker_addresses(listen, 1)[0], execution_provider, readiness.flag(0))
         return 0
     ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(
-            target=_worker,
-            args=(config_path, address, execution_provider, readiness.flag(i)),
-            daemon=False,
-        )
-        for i, address in enumerate(worker_addresses(listen, workers))
-    ]
-    for proc in procs:
-        proc.start()
-    readiness.watch(procs)
+    addresses = worker_addresses(listen, workers)
 
-    def forward(signum: int, _frame: object) -> None:
-        for proc in procs:
-            # A worker that died and was reaped is skipped: signalling it raised here and left
-            # the others running with no parent.
-            if proc.pid is not None and proc.exitcode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signum)
+    def spawn(index: int) -> BaseProcess:
+        args = (config_path, addresses[index], execution_provider, readiness.flag(index))
+        return ctx.Process(target=_worker, args=args, daemon=False)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for proc in procs:
-        proc.join()
-        if metrics is not None and proc.pid is not None:
-            metrics.worker_exited(proc.pid)
-    return max((p.exitcode or 0) for p in procs)
+    exited = metrics.worker_exited if metrics is not None else (lambda _pid: None)
+    return Supervisor(workers, spawn, readiness, exited).run()

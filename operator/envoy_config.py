@@ -29,6 +29,7 @@ from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_de
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import (
     address_pb2,
+    backoff_pb2,
     base_pb2,
     config_source_pb2,
     grpc_service_pb2,
@@ -83,6 +84,7 @@ from switchyard.operator.xds_types import (
 LISTENER_NAME = "switchyard_http"
 ROUTE_CONFIG_NAME = "switchyard_routes"
 EXTPROC_CLUSTER = "switchyard_extproc"
+EXTPROC_RETRY_BACKOFF_MS = 10  # first retry of an ext_proc stream within 0-10 ms
 CATCH_ALL_ROUTES = frozenset({"fail_open", "unrouted", "not_found"})
 """The routes after the backend routes, taking what no backend route matched."""
 LUA_FILTER = "envoy.filters.http.lua"
@@ -490,6 +492,7 @@ def _ext_proc(
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER),
             timeout=timeout,
+            retry_policy=_extproc_retry(settings.extproc_message_timeout_ms),
         ),
         # An ext_proc that fails lets the request continue unrouted, to the inference route's
         # own action (the fail-open model, or a 503), and a response it was reading continue
@@ -515,6 +518,19 @@ def _ext_proc(
         request_attributes=request_attributes(config),
         response_attributes=list(RESPONSE_ATTRIBUTES),
         allow_mode_override=False,
+    )
+
+
+def _extproc_retry(timeout_ms: int) -> base_pb2.RetryPolicy:
+    """An ext_proc stream that a worker refused or reset before answering (killed, restarting)
+    starts over on another worker; the filter buffers what it sent for that. Envoy takes the
+    back-off's ``max_interval`` as the per-try timeout, so that is the message timeout."""
+    return base_pb2.RetryPolicy(
+        retry_on="connect-failure,refused-stream,reset",
+        num_retries=u32(2),
+        retry_back_off=backoff_pb2.BackoffStrategy(
+            base_interval=millis(EXTPROC_RETRY_BACKOFF_MS), max_interval=millis(timeout_ms)
+        ),
     )
 
 
@@ -607,6 +623,9 @@ def extproc_cluster(settings: GatewaySettings) -> cluster_pb2.Cluster:
         typed_extension_protocol_options=protocol_options(h2),
         outlier_detection=_dead_worker_ejection(),
         circuit_breakers=_EXTPROC_STREAMS,
+        # Health changes (ejections, returns) reach the load balancers at once, not merged
+        # over Envoy's default 1 s: a stale view kept sending to a worker known dead.
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(update_merge_window=millis(0)),
     )
     if settings.extproc_tls is not None:
         cluster.transport_socket.CopyFrom(upstream_mtls(settings.extproc_tls))
@@ -628,19 +647,25 @@ def extproc_cluster(settings: GatewaySettings) -> cluster_pb2.Cluster:
 # response), so concurrent streams = requests in flight, long LLM responses included. Envoy's
 # default of 1,024 would cap the gateway there; workers bound each connection to
 # MAX_CONCURRENT_STREAMS (extproc/h2/limits.py) and Envoy opens more connections past it.
+# Every stream that a dying worker or pod resets before answering may retry (``_extproc_retry``;
+# Envoy's default allows 3 concurrent retries per cluster and the rest failed closed); each
+# retries at most twice, and only on refused or reset streams.
 _EXTPROC_STREAMS = circuit_breaker_pb2.CircuitBreakers(
     thresholds=[
         circuit_breaker_pb2.CircuitBreakers.Thresholds(
-            max_requests=u32(1 << 20), max_pending_requests=u32(1 << 16)
+            max_requests=u32(1 << 20), max_pending_requests=u32(1 << 16), max_retries=u32(1 << 20)
         )
     ]
 )
 
 
 def _dead_worker_ejection() -> outlier_detection_pb2.OutlierDetection:
-    """A worker that refuses connections (killed, restarting) leaves the rotation at its first
-    failure, and again at the next check after each ejection ends while it is still down
-    (Envoy ejects a host for consecutive failures only once)."""
+    """A worker that refuses connections (killed, restarting) or times out leaves the rotation
+    at its first failure, and again at the next check after each ejection ends while it is down
+    (Envoy ejects for consecutive failures only once). Every worker may be ejected: with at most
+    half, a restarted worker that was still ejected kept a newly dead one in rotation, alone, and
+    every retry went there; with all ejected Envoy's panic mode uses every worker and a
+    stream's retries (``_extproc_retry``) find one that lives."""
     return outlier_detection_pb2.OutlierDetection(
         split_external_local_origin_errors=True,
         consecutive_local_origin_failure=u32(1),
@@ -651,7 +676,7 @@ def _dead_worker_ejection() -> outlier_detection_pb2.OutlierDetection:
         interval=millis(200),
         base_ejection_time=seconds(1),
         max_ejection_time=seconds(5),
-        max_ejection_percent=u32(50),
+        max_ejection_percent=u32(100),
     )
 
 

@@ -36,6 +36,7 @@ from switchyard.extproc.h2.frames import (
     PING,
     PREFACE,
     PRIORITY,
+    PRIORITY_FLAG,
     PROTOCOL_ERROR,
     PUSH_PROMISE,
     REFUSED_STREAM,
@@ -72,6 +73,8 @@ from switchyard.extproc.h2.requests import (
     request_target,
 )
 from switchyard.extproc.h2.stream import Stream
+
+_PADDED_OR_PRIORITY = PADDED | PRIORITY_FLAG
 
 _RESET, _PEER_CLOSED = 0, 1  # what ``_finished`` remembers of a stream that is not a Stream
 _REMEMBERED = 4 * limits.MAX_CONCURRENT_STREAMS  # finished streams whose late frames we check
@@ -196,7 +199,10 @@ class Connection:
         elif kind == HEADERS:
             if not stream_id:
                 raise ConnectionError_(PROTOCOL_ERROR, "HEADERS on stream 0")
-            fragment, self_dependent = header_fragment(flags, stream_id, payload)
+            if flags & _PADDED_OR_PRIORITY:
+                fragment, self_dependent = header_fragment(flags, stream_id, payload)
+            else:  # Envoy's blocks: no padding, no priority fields
+                fragment, self_dependent = payload, False
             if len(fragment) > _MAX_HEADER_BLOCK:
                 self._check_block(len(fragment))
             if flags & END_HEADERS:

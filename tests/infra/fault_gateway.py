@@ -4,8 +4,8 @@ starts, kills and reconfigures (POST /_demo/faults).
 
 Three interchangeable models, each the others' fallback, so every single fault has a healthy
 fallback: ``fast`` (the default of ``auto``), ``steady`` and ``spare``. A per-try timeout makes a
-slow upstream fail over too. The ext_proc workers listen on TCP so that one killed worker can be
-replaced on its own address (the runner does not restart workers; see run_schedule).
+slow upstream fail over too. The ext_proc workers listen on TCP, each on its own port; a killed
+worker is started again there by the ext_proc's parent.
 """
 
 from __future__ import annotations
@@ -84,8 +84,7 @@ class FaultGateway:
         self.port, self.admin_port = free_port_block(), free_port_block()
         self.extproc_port = free_port_block(WORKERS)
         self.upstreams: dict[str, subprocess.Popen[bytes]] = {}
-        self.replacements: list[subprocess.Popen[bytes]] = []
-        self.workers: list[int] = []
+        self.kills: list[float] = []  # when each ext_proc worker was killed (monotonic)
         spec = {
             "port": self.port,
             "adminPort": self.admin_port,
@@ -120,15 +119,11 @@ class FaultGateway:
         self.stop()
 
     def stop(self) -> None:
-        for process in [*self.replacements, *self.upstreams.values()]:
+        for process in self.upstreams.values():
             _end(process)
         self.gateway.stop()
         if self._watcher.is_alive():
             self._watcher.join(timeout=5)
-        # The ext_proc parent does not stop its other workers once one was killed (its SIGTERM
-        # forwarding raises on the dead one), so stop them here.
-        for pid in self.workers:
-            _end_worker(pid)
 
     # Upstreams
     def start_upstream(self, model: str) -> None:
@@ -147,36 +142,39 @@ class FaultGateway:
         httpx.post(url, json=faults, timeout=5).raise_for_status()
 
     # ext_proc workers
-    def _worker_address(self, index: int) -> int:
-        return self.extproc_port + index
-
-    def kill_worker(self) -> int:
-        """SIGKILL one ext_proc worker process; returns its index once its port refuses."""
+    def kill_worker(self, index: int) -> None:
+        """SIGKILL ext_proc worker ``index``; returns once its parent has started a new worker
+        that listens on the same port (it listens only once it has a routing config)."""
+        port = self.extproc_port + index
         extproc = next(c for c in self.gateway.children if "extproc" in str(c.args))
         workers = _spawned_children(extproc.pid)
         assert len(workers) == WORKERS, workers
-        self.workers = workers
-        os.kill(workers[0], signal.SIGKILL)
-        dead: list[int] = []
+        victim = _listening_pid(port, workers)
+        assert victim is not None, f"no worker listens on {port}"
+        self.kills.append(time.monotonic())
+        os.kill(victim, signal.SIGKILL)
 
-        def one_refuses() -> bool:
-            dead[:] = [
-                i for i in range(WORKERS) if not port_open("127.0.0.1", self._worker_address(i))
-            ]
-            return bool(dead)
+        def replaced() -> bool:
+            now = [pid for pid in _spawned_children(extproc.pid) if pid != victim]
+            return len(now) == WORKERS and _listening_pid(port, now) not in (None, victim)
 
-        wait_until(one_refuses, 10, "the killed worker's port to refuse")
-        return dead[0]
+        wait_until(replaced, 60, f"the parent to restart ext_proc worker {index}")
 
-    def restart_worker(self, index: int) -> None:
-        """A replacement worker on the dead one's address, from the same control plane."""
-        port = self._worker_address(index)
-        config = f"grpc://127.0.0.1:{self.gateway.control.port}"
-        listen = f"127.0.0.1:{port}"
-        self.replacements.append(
-            _spawn(["extproc", "--config", config, "--listen", listen, "--workers", "1"])
-        )
-        wait_until(lambda: port_open("127.0.0.1", port), 60, "the replacement worker")
+    def extproc_stats(self) -> dict[str, int]:
+        """Envoy's counters of the ext_proc cluster that tell how dead workers were avoided:
+        retries, refused connections, outlier ejections, health checks."""
+        url = f"http://127.0.0.1:{self.admin_port}/stats?filter=^cluster.switchyard_extproc."
+        wanted = (
+            "upstream_rq_retry", "upstream_cx_connect_fail", "upstream_rq_total",
+            "ejections_enforced_total", "health_check.failure", "health_check.attempt",
+        )  # fmt: skip
+        stats = {}
+        for line in httpx.get(url, timeout=5).text.splitlines():
+            name, _, value = line.partition(": ")
+            short = name.removeprefix("cluster.switchyard_extproc.")
+            if value.isdigit() and any(short.endswith(w) or w in short for w in wanted):
+                stats[short] = int(value)
+        return stats
 
     # Control plane
     def stop_control_plane(self) -> None:
@@ -234,15 +232,27 @@ def _end(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def _end_worker(pid: int) -> None:
-    """SIGTERM ``pid`` if it is still a multiprocessing worker, then wait for it to go."""
-    try:
-        if b"spawn_main" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return
-        os.kill(pid, signal.SIGTERM)
-    except (OSError, ProcessLookupError):
-        return
-    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10, f"worker {pid} to stop")
+def _listening_pid(port: int, pids: list[int]) -> int | None:
+    """Which of ``pids`` listens on TCP ``port`` (127.0.0.1), if one does."""
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rpartition(":")[2], 16) == port:  # 0A: LISTEN
+                sockets.add(f"socket:[{inode}]")
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in sockets:
+                    return pid
+            except OSError:
+                continue
+    return None
 
 
 def _spawned_children(parent: int) -> list[int]:

@@ -151,16 +151,21 @@ class PhaseReport:
     hung: int
     malformed: int
     recover_s: float | None  # from the fault's end until traffic was normal; None: not seen
+    in_flight: int = 0  # of the failures: requests in flight at an instant of ``report``
 
     @property
     def failures(self) -> int:
         return sum(self.failed.values())
 
 
-def report(phase: str, outcomes: list[Outcome], restored: float) -> PhaseReport:
-    """Tally ``phase``; recovery runs from ``restored`` to the end of its last abnormal request."""
+def report(
+    phase: str, outcomes: list[Outcome], restored: float, instants: list[float] | None = None
+) -> PhaseReport:
+    """Tally ``phase``; recovery runs from ``restored`` to the end of its last abnormal request.
+    Failures of requests that were in flight at one of ``instants`` are also counted apart."""
     mine = [o for o in outcomes if o.phase == phase]
     abnormal = [o.ended for o in mine if not o.normal]
+    at = instants or []
     after = [o for o in mine if o.started >= restored]
     recovered = bool(after) and after[-1].normal
     return PhaseReport(
@@ -172,7 +177,13 @@ def report(phase: str, outcomes: list[Outcome], restored: float) -> PhaseReport:
         hung=sum(o.hung for o in mine),
         malformed=sum(o.failed and not o.well_formed for o in mine),
         recover_s=max(0.0, max(abnormal, default=restored) - restored) if recovered else None,
+        in_flight=sum(o.failed and in_flight(o, at) for o in mine),
     )
+
+
+def in_flight(outcome: Outcome, instants: list[float]) -> bool:
+    """Whether the request was under way at one of ``instants``."""
+    return any(outcome.started <= t <= outcome.ended for t in instants)
 
 
 def table(reports: list[PhaseReport]) -> str:
@@ -182,6 +193,7 @@ def table(reports: list[PhaseReport]) -> str:
         "ok",
         "failed over",
         "failed (status: n)",
+        "of them in flight at a kill",
         "hung",
         "malformed",
         "recover",
@@ -191,8 +203,8 @@ def table(reports: list[PhaseReport]) -> str:
         failed = ", ".join(f"{s}: {n}" for s, n in sorted(r.failed.items())) or "0"
         recover = "not seen" if r.recover_s is None else f"{r.recover_s:.2f} s"
         rows.append(
-            (r.phase, str(r.sent), str(r.ok), str(r.failed_over), failed, str(r.hung),
-             str(r.malformed), recover)
+            (r.phase, str(r.sent), str(r.ok), str(r.failed_over), failed, str(r.in_flight),
+             str(r.hung), str(r.malformed), recover)
         )  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]

@@ -1,16 +1,20 @@
 """The fault schedule: steady traffic through the local gateway while, one after another, an
-upstream is killed and brought back, answers 429, 500 and slowly, an ext_proc worker is killed
-and replaced, the control plane restarts, and a policy edit renames one model and removes
-another. Shared by `make bench-faults` (tests/bench/bench_faults.py) and the small schedule in
-`make test` (tests/integration/test_fault_schedule.py).
+upstream is killed and brought back, answers 429, 500 and slowly, ext_proc workers are killed
+(and restarted by their parent), the control plane restarts, and a policy edit renames one
+model and removes another. Shared by `make bench-faults` (tests/bench/bench_faults.py) and the
+small schedule in `make test` (tests/integration/test_fault_schedule.py).
 
 Each phase injects its fault, holds it ``hold_s``, lifts it, then waits until ``settle`` normal
 requests in a row (the model routing picks answered) before the next phase; its recovery time
 runs from the lift to the end of its last abnormal request.
 
-Not injected: a Redis outage (tenants do not exist yet). The ext_proc worker is replaced by the
-schedule: neither `switchyard up` nor the ext_proc parent restarts a dead worker (in Kubernetes
-the pod's liveness probe does).
+In the worker phase each worker is killed twice, one at a time, each kill once the worker killed
+before it has been restarted (by the ext_proc's parent, on its port) and has served a while: the
+other worker is always a healthy fallback. A request that fails there and was in flight at a
+kill instant (its ext_proc stream may have been on the killed worker) is counted apart from the
+others (``PhaseReport.in_flight``).
+
+Not injected: a Redis outage (tenants do not exist yet).
 """
 
 from __future__ import annotations
@@ -67,23 +71,28 @@ class Schedule:
         return len(tail) == self.scale.settle and all(o.normal for o in tail)
 
 
-def run_schedule(directory: Path, scale: Scale) -> tuple[list[PhaseReport], list[Outcome]]:
-    """Run every phase once; returns each phase's report and every request's outcome."""
+def run_schedule(
+    directory: Path, scale: Scale, only: frozenset[str] = frozenset()
+) -> tuple[list[PhaseReport], list[Outcome], dict[str, int]]:
+    """Run every phase (or the baseline and the phases named in ``only``) once; returns each
+    phase's report, every request's outcome and Envoy's ext_proc cluster counters."""
     expected = {"auto": frozenset({"fast"}), "steady": frozenset({"steady"})}
     with FaultGateway(directory) as gateway:
         load = Load(gateway.base_url, scale.clients, scale.interval_s, scale.timeout_s, expected)
         with load:
             schedule = Schedule(gateway, load, scale, {})
-            for name, inject, lift in _faults(gateway, load):
-                schedule.phase(name, inject, lift)
+            for name, inject, lift in _faults(gateway, load, scale):
+                if not only or name in only or name == "baseline":
+                    schedule.phase(name, inject, lift)
         outcomes = load.snapshot()
-        return [report(n, outcomes, t) for n, t in schedule.lifted.items()], outcomes
+        reports = [report(n, outcomes, t, gateway.kills) for n, t in schedule.lifted.items()]
+        return reports, outcomes, gateway.extproc_stats()
 
 
 Fault = tuple[str, Callable[[], object], Callable[[], object]]
 
 
-def _faults(gateway: FaultGateway, load: Load) -> list[Fault]:
+def _faults(gateway: FaultGateway, load: Load, scale: Scale) -> list[Fault]:
     """(name, inject, lift) of each phase, in order; ``fast`` is what ``auto`` routes to."""
 
     def answer(status: int) -> Callable[[], None]:
@@ -95,7 +104,11 @@ def _faults(gateway: FaultGateway, load: Load) -> list[Fault]:
     def nothing() -> None:
         pass
 
-    dead: list[int] = []
+    def kill_workers() -> None:
+        for index in (0, 1, 0, 1):
+            gateway.kill_worker(index)  # returns once the parent restarted it
+            time.sleep(scale.hold_s / 2)  # spacing of the kills (not synchronisation)
+
     return [
         ("baseline", nothing, nothing),
         (
@@ -106,11 +119,7 @@ def _faults(gateway: FaultGateway, load: Load) -> list[Fault]:
         ("upstream answers 429", answer(429), heal),
         ("upstream answers 500", answer(500), heal),
         ("upstream slow (2 s)", lambda: gateway.set_faults("fast", latency_ms=2000), heal),
-        (
-            "ext_proc worker killed",
-            lambda: dead.append(gateway.kill_worker()),
-            lambda: gateway.restart_worker(dead[0]),
-        ),
+        ("ext_proc worker killed", kill_workers, nothing),
         ("control plane down", gateway.stop_control_plane, gateway.start_control_plane),
         ("policy edit", lambda: _edit(gateway, load), nothing),
     ]

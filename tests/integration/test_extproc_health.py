@@ -1,5 +1,6 @@
-"""The ext_proc's Kubernetes probes on its metrics port: /healthz while every worker runs,
-/readyz only once every worker serves with a routing config, /metrics unchanged."""
+"""The ext_proc's Kubernetes probes on its metrics port: /healthz unless a worker keeps
+exiting, /readyz only once every worker serves with a routing config, /metrics unchanged; a
+killed worker is restarted on its port."""
 
 from __future__ import annotations
 
@@ -154,22 +155,30 @@ def test_ready_only_once_every_worker_has_a_config(extproc: ExtProc) -> None:
 
 
 @pytest.mark.parametrize("extproc", [2], indirect=True, ids=["two-workers"])
-def test_a_dead_worker_fails_both_probes(extproc: ExtProc) -> None:
-    """The parent never restarts a worker: only a pod restart brings the capacity back."""
+def test_a_killed_worker_is_restarted_on_its_port(extproc: ExtProc) -> None:
+    """The parent starts a killed worker again on the same port; the probes pass again once it
+    serves; stopping the parent still stops every worker (none is orphaned)."""
     write_config(extproc)
     wait_until(lambda: _listening(extproc), 60, "the workers and the metrics port")
     wait_until(lambda: extproc.probe("/readyz").status_code == 200, 60, "readiness")
     workers = _workers(extproc.process.pid)
     assert len(workers) == 2, workers
-    # The first: the parent, waiting on it, reaps it at once.
     os.kill(workers[0], signal.SIGKILL)
-    wait_until(lambda: extproc.probe("/healthz").status_code == 503, 30, "liveness failing")
-    assert "exited" in extproc.probe("/healthz").text
-    assert extproc.probe("/readyz").status_code == 503
-    # Stopping the parent still stops the worker that is left (none is orphaned).
+
+    def replaced() -> bool:
+        now = _workers(extproc.process.pid)
+        return len(now) == 2 and workers[0] not in now and workers[1] in now
+
+    wait_until(replaced, 60, "a new worker in the killed one's place")
+    current = _workers(extproc.process.pid)
+    wait_until(lambda: extproc.probe("/readyz").status_code == 200, 60, "readiness again")
+    assert extproc.probe("/healthz").status_code == 200
+    assert _listening(extproc)
+    assert f"(pid {workers[0]}) was killed by SIGKILL" in _output(extproc)
+    assert "restarting in 0.1 s" in _output(extproc)
     extproc.process.send_signal(signal.SIGTERM)
-    extproc.process.wait(timeout=30)
-    wait_until(lambda: not Path(f"/proc/{workers[1]}").exists(), 30, "the other worker's exit")
+    assert extproc.process.wait(timeout=30) == 0, _output(extproc)
+    wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in current), 30, "workers' exit")
 
 
 def test_ready_once_the_config_stream_delivered_to_every_worker(tmp_path: Path) -> None:

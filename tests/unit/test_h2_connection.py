@@ -30,6 +30,7 @@ from switchyard.extproc.h2.frames import (
     PADDED,
     PING,
     PREFACE,
+    PRIORITY_FLAG,
     PROTOCOL_ERROR,
     REFUSED_STREAM,
     RST_STREAM,
@@ -151,6 +152,18 @@ def test_padded_frames_with_an_empty_payload_are_protocol_errors() -> None:
     conn, transport = connect()
     conn.data_received(frame(HEADERS, END_HEADERS | PADDED, 1, b""))
     assert failed_with(transport, PROTOCOL_ERROR)
+
+
+def test_headers_with_padding_and_priority_fields_are_served_like_plain_ones() -> None:
+    """The fast path skips unpadding for Envoy's plain blocks; padded or prioritised ones
+    (another client's) still lose their padding and priority fields before decoding."""
+    priority = (3).to_bytes(4, "big") + b"\x10"  # depends on stream 3, weight 16
+    payload = b"\x02" + priority + BLOCK + b"\x00\x00"  # pad length 2
+    flags = END_HEADERS | PADDED | PRIORITY_FLAG
+    conn, transport = connect()
+    conn.data_received(frame(HEADERS, flags, 1, payload) + frame(DATA, 0, 1, message(b"last")))
+    assert (DATA, 0, 1, message(b"tsal")) in frames(transport.written)
+    assert not goaway_codes(transport)
 
 
 def test_a_window_update_of_three_bytes_is_a_frame_size_error() -> None:

@@ -1,0 +1,147 @@
+"""CPU per ext_proc request of the whole worker path in process: HTTP/2 server, Processor,
+engine and the real router, no Envoy and no sockets. Not a test.
+
+    PYTHONPATH=/tmp/before .venv/bin/python tests/bench/bench_extproc_inprocess.py
+    PYTHONPATH=$PWD        .venv/bin/python tests/bench/bench_extproc_inprocess.py
+
+Envoy-like bytes (as ``bench_h2grpc.py`` builds them: a warm HPACK block, one message, the
+RST_STREAM Envoy sends after our trailers) carry a real ProcessingRequest: the benchmark's chat
+completion as the body, the path attribute, for a classifier policy on ``builtin:default``.
+``--per-read`` requests arrive per socket read, so the router batches as under load. Prints
+the CPU µs per request (time.process_time) of several rounds, min and median. It uses only
+what the ext_proc had before the HTTP/2 server was split (``GrpcConnection(method, handler)``,
+``Processor(state)``), so the same command measures an older tree on PYTHONPATH; alternate
+trees, a few runs each, to compare them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from typing import Any
+
+from bench_h2grpc import METHOD, PREFACE, _indexed_literal, frame
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from switchyard.extproc import h2grpc
+from switchyard.extproc.processor import Processor
+from switchyard.extproc.state import RuntimeState
+from switchyard.operator.compiler import compile_config
+from switchyard.operator.policy import parse_policy
+
+PROMPT = "What is the capital of France? Answer in one word."
+_FIELDS = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":path", METHOD.encode()),
+    (b":authority", b"switchyard_extproc"),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+    (b"x-envoy-internal", b"true"),
+    (b"x-forwarded-for", b"192.0.2.2"),
+    (b"x-envoy-expected-rq-timeout-ms", b"500"),
+]
+FIRST_BLOCK = b"".join(_indexed_literal(n, v) for n, v in _FIELDS)
+WARM_BLOCK = bytes(0x80 | (62 + i) for i in reversed(range(len(_FIELDS))))
+
+
+def policy() -> dict[str, object]:
+    """bench_gateway's classifier policy: three tiers on ``builtin:default``."""
+    models, tiers = [], []
+    for i, (name, price) in enumerate([("light", 0.1), ("standard", 1.0), ("capable", 10.0)]):
+        models.append(
+            {
+                "name": name,
+                "backend": {"url": "http://127.0.0.1:9"},
+                "upstreamModel": f"bench-{name}",
+                "pricing": {"inputPer1M": price, "outputPer1M": price * 4},
+                "contextWindow": 128000,
+            }
+        )
+        tiers.append({"model": name, **({"maxDifficulty": 0.35 * (i + 1)} if i < 2 else {})})
+    strategy = {"type": "classifier", "tiers": tiers, "router": {"bundle": "builtin:default"}}
+    return {
+        "apiVersion": "switchyard.dev/v1alpha1",
+        "kind": "RoutePolicy",
+        "metadata": {"name": "bench", "namespace": "default"},
+        "spec": {"match": {"models": ["auto"]}, "models": models, "strategy": strategy},
+    }
+
+
+def grpc_message() -> bytes:
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": PROMPT}]})
+    request = ep.ProcessingRequest(request_body=ep.HttpBody(body=body.encode(), end_of_stream=True))
+    request.attributes["envoy.filters.http.ext_proc"].update(
+        {"request.path": "/v1/chat/completions"}
+    )
+    raw: bytes = request.SerializeToString()
+    return b"\x00" + len(raw).to_bytes(4, "big") + raw
+
+
+def reads(requests: int, per_read: int, message: bytes) -> list[bytes]:
+    window = 256 * 1024 * 1024
+    settings = frame(4, 0, 0, (4).to_bytes(2, "big") + window.to_bytes(4, "big"))
+    out = [PREFACE + settings + frame(8, 0, 0, (window - 65535).to_bytes(4, "big"))]
+    stream = 1
+    for start in range(0, requests, per_read):
+        chunk, ids = bytearray(), []
+        for _ in range(min(per_read, requests - start)):
+            block = FIRST_BLOCK if stream == 1 else WARM_BLOCK
+            chunk += frame(1, 0x4, stream, block) + frame(0, 0, stream, message)
+            ids.append(stream)
+            stream += 2
+        out.append(bytes(chunk))
+        out.append(b"".join(frame(3, 0, i, bytes(4)) for i in ids))
+    return out
+
+
+class Transport(asyncio.Transport):
+    """Counts what is written; remembers whether a routing answer (a model id) came back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = 0
+        self.routed = False
+
+    def write(self, data: Any) -> None:
+        self.written += len(data)
+        self.routed = self.routed or b"bench-" in bytes(data)
+
+    def close(self) -> None:
+        pass
+
+
+def one_round(state: RuntimeState, data: list[bytes], requests: int) -> float:
+    conn = h2grpc.GrpcConnection(METHOD, Processor(state))
+    transport = Transport()
+    conn.connection_made(transport)
+    start = time.process_time()
+    for chunk in data:
+        conn.data_received(chunk)
+    elapsed = time.process_time() - start
+    assert transport.routed, "no routing answer came back"
+    return elapsed / requests * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--per-read", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    state = RuntimeState()
+    state.swap(state.prepare(compile_config([parse_policy(policy())])))
+    data = reads(args.requests, args.per_read, grpc_message())
+    one_round(state, data, args.requests)  # warm up
+    rounds = [one_round(state, data, args.requests) for _ in range(args.rounds)]
+    print(
+        f"{h2grpc.__file__}: {args.requests} requests, {args.per_read} per read: CPU µs per "
+        f"request min {min(rounds):.1f} median {statistics.median(rounds):.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
