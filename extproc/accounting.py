@@ -144,7 +144,8 @@ class ResponseAccount:
             self.status = int(status) if status.isdigit() else 0
         chunk = message.response_body
         replacement = self.meter.feed(chunk.body, chunk.end_of_stream)
-        if replacement is None and not chunk.end_of_stream:
+        last = chunk.end_of_stream or self.meter.complete
+        if replacement is None and not last:
             return BODY_CONTINUE
         response = ep.ProcessingResponse()
         common = response.response_body.response
@@ -155,7 +156,7 @@ class ResponseAccount:
                 common.body_mutation.clear_body = True
         else:
             response.response_body.SetInParent()
-        if chunk.end_of_stream:
+        if last:
             usage, cost = self.finish(complete=True)
             meta = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
             served = self.served or self.chosen

@@ -217,7 +217,10 @@ class Processor:
             account = stream.account
             if account is None:  # not a request this processor routed: pass it through
                 return BODY_CONTINUE, message.response_body.end_of_stream
-            return account.body(message), message.response_body.end_of_stream
+            # The call ends with the body's last chunk, or as soon as the whole answer was read
+            # (Envoy then passes the rest unread: no round trip for an empty last chunk).
+            response = account.body(message)
+            return response, account.done
         if kind == "request_headers":
             stream.headers = _headers(message.request_headers)
             try:

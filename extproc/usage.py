@@ -16,7 +16,6 @@ delivered text at four characters a token, flagged ``estimated``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -99,6 +98,7 @@ class UsageMeter:
         "_chars",
         "_overflow",
         "_reported",
+        "complete",
         "prompt_estimate",
         "streaming",
         "strip",
@@ -113,6 +113,9 @@ class UsageMeter:
         self._chars = 0  # streaming: generated characters delivered
         self._reported: tuple[int, int] | None = None
         self._overflow = False
+        self.complete = False
+        """The whole answer was read (a JSON document, or a stream up to ``[DONE]``): later
+        chunks, such as the empty last one, need not be read."""
 
     def feed(self, chunk: bytes, end: bool) -> bytes | None:
         """Read one body chunk; returns what to send instead, or None to send it unchanged."""
@@ -123,10 +126,18 @@ class UsageMeter:
                     self._body = bytearray()
                 else:
                     self._body += chunk
-            if end and self._body:
-                with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
-                    self._reported = _reported(orjson.loads(self._body).get("usage"))
-                self._body = bytearray()
+            # A body that ends a JSON object is tried at once: usually the whole answer comes
+            # in one chunk, and the empty last chunk then need not make a round trip.
+            if self._body and (end or self._body.rstrip().endswith(b"}")):
+                try:
+                    document = orjson.loads(self._body)
+                except orjson.JSONDecodeError:
+                    document = None
+                if document is not None or end:
+                    self.complete = True
+                    if isinstance(document, dict):
+                        self._reported = _reported(document.get("usage"))
+                    self._body = bytearray()
             return None
         return self._events(chunk, end)
 
@@ -160,6 +171,9 @@ class UsageMeter:
         """One complete event: read it; returns it (the same object when unchanged), an edited
         copy, or b"" to drop it."""
         if b"data:" not in event:
+            return event
+        if event.endswith(b"[DONE]") and event.lstrip(b"\r\n").startswith(b"data: [DONE]"):
+            self.complete = True
             return event
         parsed = _event_json(event)
         if not isinstance(parsed, dict):

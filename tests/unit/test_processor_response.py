@@ -134,3 +134,14 @@ async def test_an_immediate_response_ends_the_call(policy_doc: dict[str, Any]) -
     raw, done = await processor.message(stream, body_msg(b"{nope").SerializeToString())
     assert done and stream.account is None
     assert ep.ProcessingResponse.FromString(raw).HasField("immediate_response")
+
+
+async def test_the_call_ends_once_the_whole_answer_was_read(policy_doc: dict[str, Any]) -> None:
+    """Envoy sends an empty last chunk after the body; ending the call first spares it."""
+    processor = Processor(state_for(policy_doc))
+    stream, _ = await _routed(processor, CHAT)
+    body = orjson.dumps({"id": "x", "choices": [], "usage": USAGE})
+    raw, done = await processor.message(stream, _chunk(body, False, served="light"))
+    assert done
+    fields = ep.ProcessingResponse.FromString(raw).dynamic_metadata.fields["switchyard"]
+    assert fields.struct_value.fields["output_tokens"].number_value == 30

@@ -120,3 +120,18 @@ def test_stream_options_ask_for_usage_and_keep_the_clients_other_options() -> No
         "x": 1,
     }
     assert stream_options_for_usage({"include_usage": True}) is None
+
+
+def test_the_whole_answer_read_marks_the_meter_complete() -> None:
+    body = orjson.dumps({"id": "x", "choices": [], "usage": USAGE})
+    meter = UsageMeter(streaming=False, strip=False, prompt_estimate=3)
+    meter.feed(body[:10], end=False)
+    assert not meter.complete  # not a JSON document yet
+    meter.feed(body[10:], end=False)
+    assert meter.complete and meter.result() == Usage(7, 11, estimated=False)
+    stream = UsageMeter(streaming=True, strip=True, prompt_estimate=3)
+    data = _stream(include_usage=True)
+    stream.feed(data[:-5], end=False)
+    assert not stream.complete
+    stream.feed(data[-5:], end=False)
+    assert stream.complete
