@@ -79,6 +79,18 @@ def policy_for_ports(demo_ports: dict[str, int]) -> dict[str, Any]:
     return policy
 
 
+def url_model(name: str, port: int, prices: tuple[float, float], **extra: Any) -> dict[str, Any]:
+    """A RoutePolicy model served at 127.0.0.1:``port`` as ``<name>-v1``, at ``prices``
+    (input, output) USD per million tokens."""
+    return {
+        "name": name,
+        "backend": {"url": f"http://127.0.0.1:{port}"},
+        "upstreamModel": f"{name}-v1",
+        "pricing": {"inputPer1M": prices[0], "outputPer1M": prices[1]},
+        **extra,
+    }
+
+
 def start_gateway(
     directory: Path, policy: dict[str, Any] | None = None, **gateway_spec: Any
 ) -> Gateway:

@@ -26,7 +26,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from gateway_harness import REPO, Gateway, start_gateway
+from gateway_harness import REPO, Gateway, start_gateway, url_model
 from prometheus import Prometheus
 from prometheus_client.parser import text_string_to_metric_families
 from promql import label_values_names, metric_names
@@ -44,14 +44,7 @@ MESSAGES = [{"role": "user", "content": "Summarise the plot of Hamlet in one lin
 
 
 def _model(name: str, port: int, **extra: Any) -> dict[str, Any]:
-    price_in, price_out = PRICES[name]
-    return {
-        "name": name,
-        "backend": {"url": f"http://127.0.0.1:{port}"},
-        "upstreamModel": f"{name}-v1",
-        "pricing": {"inputPer1M": price_in, "outputPer1M": price_out},
-        **extra,
-    }
+    return url_model(name, port, PRICES[name], **extra)
 
 
 def _policy(ports: dict[str, int], with_down: bool) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from unittest import mock
 
 import httpx
 import pytest
-from gateway_harness import REPO, Gateway, start_gateway
+from gateway_harness import REPO, Gateway, start_gateway, url_model
 
 from switchyard.local.jaeger import JaegerPorts, LocalJaeger, jaeger_binary, running_url
 from switchyard.local.ports import free_port_block
@@ -181,14 +181,8 @@ def test_a_fallback_shows_both_attempts(
     first = free_port_block(2)
     ports = {"failing": first, "steady": first + 1}
     models = [
-        {
-            "name": name,
-            "backend": {"url": f"http://127.0.0.1:{port}"},
-            "upstreamModel": f"{name}-v1",
-            "pricing": {"inputPer1M": 1, "outputPer1M": 2},
-            **({"fallbacks": ["steady"]} if name == "failing" else {}),
-        }
-        for name, port in ports.items()
+        url_model("failing", ports["failing"], (1, 2), fallbacks=["steady"]),
+        url_model("steady", ports["steady"], (1, 2)),
     ]
     policy = {
         "apiVersion": "switchyard.dev/v1alpha1",

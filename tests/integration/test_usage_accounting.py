@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from gateway_harness import Gateway, start_gateway
+from gateway_harness import Gateway, start_gateway, url_model
 from prometheus_client.parser import text_string_to_metric_families
 
 from switchyard.local.ports import free_port_block
@@ -24,14 +24,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def _model(name: str, port: int, **extra: Any) -> dict[str, Any]:
-    price_in, price_out = PRICES[name]
-    return {
-        "name": name,
-        "backend": {"url": f"http://127.0.0.1:{port}"},
-        "upstreamModel": f"{name}-v1",
-        "pricing": {"inputPer1M": price_in, "outputPer1M": price_out},
-        **extra,
-    }
+    return url_model(name, port, PRICES[name], **extra)
 
 
 @pytest.fixture(scope="module")
