@@ -144,6 +144,21 @@ def _encoder(doc: dict[str, Any], where: Path) -> Encoder:
     return Encoder(path=path, output=str(doc.get("output", "last_hidden_state")), sha256=digest)
 
 
+def bundle_models(ref: str) -> tuple[str, ...] | None:
+    """``labels.models`` of a bundle (() when it predicts none), without loading it; None
+    when the bundle is not on this machine or its router.yaml does not read."""
+    try:
+        where = resolve(ref) / "router.yaml"
+        doc = yaml.safe_load(where.read_text(encoding="utf-8"))
+    except (BundleError, OSError, yaml.YAMLError):
+        return None
+    labels = doc.get("labels") if isinstance(doc, dict) else None
+    models = labels.get("models") if isinstance(labels, dict) else None
+    if not isinstance(models, list):
+        return ()
+    return tuple(str(m) for m in models)
+
+
 def load_bundle(ref: str) -> Bundle:
     """Find and validate a bundle; raises ``BundleError`` naming what is wrong."""
     root = resolve(ref)
