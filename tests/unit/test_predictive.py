@@ -289,3 +289,14 @@ def test_a_proto_without_labels_is_left_out(policy_doc: dict[str, Any], bundle: 
     assert config.policy_errors == {
         "default/default": "strategy.predictive: no prediction label for model(s) capable"
     }
+
+
+def test_the_compiler_sees_a_bundle_refitted_in_place(
+    policy_doc: dict[str, Any], tmp_path: Path
+) -> None:
+    path = fake_bundle(tmp_path / "refit", ["light"])
+    doc = predictive_doc(policy_doc, path)
+    with pytest.raises(CompileError, match=re.escape("model(s) standard, capable")):
+        compile_config([parse_policy(doc)])
+    fake_bundle(tmp_path / "refit", ["light", "standard", "capable"])
+    assert compile_config([parse_policy(doc)]).policies[0].strategy.predictive.labels
