@@ -80,6 +80,24 @@ class CompiledRule:
         )
 
 
+def blended_per_1m(model: ModelRoute) -> float:
+    """USD per 1M tokens at 3 input tokens to 1 output token (the usual blended price)."""
+    return (3 * model.input_per_1m + model.output_per_1m) / 4
+
+
+@dataclass(frozen=True, slots=True)
+class PredictiveRule:
+    """The predictive strategy of one policy, ready for the hot path."""
+
+    candidates: tuple[tuple[ModelRoute, str, float], ...]
+    """(model, its label in ``RouterScores.predicted``, blended price per 1M), cheapest
+    first (then by name), so the first of equals is the cheaper."""
+    max_quality_loss: float | None
+    """Cheapest allowed model within this of the best predicted score ..."""
+    cost_weight: float | None
+    """... or (when that is None) the best predicted score - cost_weight x blended price."""
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledPolicy:
     name: str
@@ -98,6 +116,8 @@ class CompiledPolicy:
     session_header: str = ""
     personal_data: PersonalDataRule | None = None
     """Personal-data detection (None: off)."""
+    predictive: PredictiveRule | None = None
+    """The predictive strategy's candidates and knob (that strategy only)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +248,28 @@ def _check_references(p: pb.Policy, models: Mapping[str, ModelRoute]) -> None:
         raise PolicyLoadError("strategy.tiers: the classifier strategy needs at least one tier")
     if kind == pb.Strategy.WEIGHTED and not any(m.weight > 0 for m in models.values()):
         raise PolicyLoadError("models: the weighted strategy needs a model with weight > 0")
+    if kind == pb.Strategy.PREDICTIVE:
+        predictive = p.strategy.predictive
+        if not p.strategy.default_model:
+            raise PolicyLoadError("strategy.default: the predictive strategy needs a default")
+        if predictive.WhichOneof("knob") is None:
+            raise PolicyLoadError("strategy.predictive: set maxQualityLoss or costWeight")
+        unlabelled = sorted(set(models) - set(predictive.labels))
+        if unlabelled:
+            raise PolicyLoadError(
+                f"strategy.predictive: no prediction label for model(s) {', '.join(unlabelled)}"
+            )
+
+
+def _predictive(p: pb.Predictive, models: Mapping[str, ModelRoute]) -> PredictiveRule:
+    priced = [(m, p.labels[m.name], blended_per_1m(m)) for m in models.values()]
+    priced.sort(key=lambda c: (c[2], c[0].name))
+    knob = p.WhichOneof("knob")
+    return PredictiveRule(
+        candidates=tuple(priced),
+        max_quality_loss=p.max_quality_loss if knob == "max_quality_loss" else None,
+        cost_weight=p.cost_weight if knob == "cost_weight" else None,
+    )
 
 
 def _personal_data(p: pb.PersonalData) -> PersonalDataRule | None:
@@ -266,9 +308,13 @@ def _policy(p: pb.Policy) -> CompiledPolicy:
         default_model=models.get(p.strategy.default_model),
         weighted_models=weighted,
         weighted_cumulative=tuple(accumulate(m.weight for m in weighted)),
-        needs_scores=kind == pb.Strategy.CLASSIFIER or any(r.needs_scores for r in rules),
+        needs_scores=kind in (pb.Strategy.CLASSIFIER, pb.Strategy.PREDICTIVE)
+        or any(r.needs_scores for r in rules),
         session_header=p.session_header,
         personal_data=personal,
+        predictive=_predictive(p.strategy.predictive, models)
+        if kind == pb.Strategy.PREDICTIVE
+        else None,
     )
 
 

@@ -232,6 +232,60 @@ def _classify(
     return None
 
 
+def _predictive(
+    policy: CompiledPolicy, scores: RouterScores | None, constraints: _Constraints
+) -> Decision | None:
+    """The cheapest allowed model predicted within the target of the best allowed one, or the
+    allowed model with the best predicted score - lambda x blended price; ties go to the
+    cheaper. Without predictions (a heuristic scorer): the default model (or its fallbacks,
+    or else the cheapest allowed model)."""
+    rule = policy.predictive
+    assert rule is not None
+    predicted = None if scores is None else scores.predicted
+    allowed: list[tuple[ModelRoute, float, float]] = []
+    if predicted is not None:
+        for model, label, price in rule.candidates:
+            score = predicted.get(label)
+            if score is not None and score == score and constraints.allows(model):  # not NaN
+                allowed.append((model, score, price))
+    if not allowed:  # no predictions, or none for a model the request may use
+        return _predictive_default(policy, constraints)
+    loss = rule.max_quality_loss
+    if loss is not None:
+        best = max(score for _, score, _ in allowed)
+        # candidates are cheapest first; 1e-9 keeps an exact target from failing on rounding
+        model, score, _ = next(c for c in allowed if c[1] >= best - loss - 1e-9)
+        return Decision(
+            model,
+            f"predictive: {model.name} {score:.3f} >= best {best:.3f} - {loss:g}",
+            policy.key,
+        )
+    weight = rule.cost_weight or 0.0
+    model, score, price = max(allowed, key=lambda c: c[1] - weight * c[2])  # first max wins
+    return Decision(
+        model,
+        f"predictive: {model.name} {score:.3f} - {weight:g} x {price:g}/1M "
+        f"= {score - weight * price:.3f} best",
+        policy.key,
+    )
+
+
+def _predictive_default(policy: CompiledPolicy, constraints: _Constraints) -> Decision | None:
+    default = policy.default_model
+    assert default is not None
+    picked = _first_allowed(policy, default, constraints)
+    if picked is None:  # nor its fallbacks: the cheapest model the request may use
+        rule = policy.predictive
+        assert rule is not None
+        cheapest = next((c[0] for c in rule.candidates if constraints.allows(c[0])), None)
+        if cheapest is None:
+            return None
+        return Decision(cheapest, "predictive: no prediction, cheapest allowed", policy.key)
+    model, fell_back = picked
+    suffix = f", fallback from {default.name}" if fell_back else ""
+    return Decision(model, f"predictive: no prediction, default{suffix}", policy.key)
+
+
 def _weighted(policy: CompiledPolicy, draw: float, constraints: _Constraints) -> Decision | None:
     models = policy.weighted_models
     total = policy.weighted_cumulative[-1]
@@ -320,6 +374,8 @@ def _decide(
         decision = _classify(policy, scores, constraints)
     elif policy.strategy == Strategy.WEIGHTED:
         decision = _weighted(policy, draw, constraints)
+    elif policy.strategy == Strategy.PREDICTIVE:
+        decision = _predictive(policy, scores, constraints)
     elif policy.default_model is not None:
         picked = _first_allowed(policy, policy.default_model, constraints)
         if picked is not None:

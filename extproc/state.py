@@ -47,6 +47,28 @@ def default_scorer_loader(bundle: str, execution_provider: str = "cpu") -> Score
     return load_scorer(bundle, providers=[execution_provider])
 
 
+def _unpredicted(config: CompiledConfig, scorers: dict[str, Scorer]) -> dict[str, str]:
+    """Predictive policies whose loaded bundle lacks a prediction one of their models needs
+    (the compiler checks bundles it can read; only the pods can read some paths)."""
+    errors = {}
+    served = {p.key: p for group in config.policies_by_alias.values() for p in group}
+    for group in config.guarded.values():
+        served.update((e.key, e.policy) for e in group if e.policy is not None)
+    for policy in served.values():
+        scorer = scorers.get(policy.router_bundle)
+        known = getattr(scorer, "models", None)  # the heuristic scorer predicts nothing
+        if policy.predictive is None or known is None:
+            continue
+        missing = sorted({c[1] for c in policy.predictive.candidates} - set(known))
+        if missing:
+            errors[policy.key] = (
+                f"spec.strategy.router.bundle: router bundle {policy.router_bundle!r} has "
+                f"no prediction for {', '.join(missing)} (it predicts: "
+                f"{', '.join(known) or 'nothing'})"
+            )
+    return errors
+
+
 class RuntimeState:
     """Current config and scorers of one worker. Bundles load on ``execution_provider``
     unless a ``scorer_loader`` is given."""
@@ -77,13 +99,14 @@ class RuntimeState:
             except Exception as exc:  # one bundle must not take down the other policies
                 log.warning("router bundle %r did not load: %s", bundle, exc)
                 failed[bundle] = str(exc) or type(exc).__name__
-        if failed:
-            left_out = {
-                key: f"spec.strategy.router.bundle: router bundle {bundle!r} did not load: "
-                f"{failed[bundle]}"
-                for key, bundle in config.policy_bundles.items()
-                if bundle in failed
-            }
+        left_out = {
+            key: f"spec.strategy.router.bundle: router bundle {bundle!r} did not load: "
+            f"{failed[bundle]}"
+            for key, bundle in config.policy_bundles.items()
+            if bundle in failed
+        }
+        left_out.update(_unpredicted(config, scorers))
+        if left_out:
             config = build_config(proto, {**config.policy_errors, **left_out})
         for key, error in config.policy_errors.items():
             log.warning("routing config %s: policy %s not served: %s", proto.version, key, error)

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Iterable
 
 from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.extproc.router.bundle import bundle_models
 from switchyard.headers import DATA_CLASS_HEADER
 from switchyard.operator.multicluster import Topology, place_endpoints
 from switchyard.operator.policy import (
@@ -23,12 +24,14 @@ from switchyard.operator.policy import (
     Rule,
     StrategyType,
     duration_ms,
+    missing_predictions,
 )
 
 _STRATEGY = {
     StrategyType.RULES: pb.Strategy.RULES,
     StrategyType.CLASSIFIER: pb.Strategy.CLASSIFIER,
     StrategyType.WEIGHTED: pb.Strategy.WEIGHTED,
+    StrategyType.PREDICTIVE: pb.Strategy.PREDICTIVE,
 }
 
 
@@ -130,6 +133,27 @@ def _personal_data(spec: PersonalData) -> pb.PersonalData:
     )
 
 
+def _predictive(policy: RoutePolicy) -> pb.Predictive:
+    """Every model's prediction label. A bundle on this machine (local mode, or a path the
+    operator also mounts) is checked to predict each one; elsewhere the ext_proc checks."""
+    spec = policy.spec
+    settings = spec.strategy.predictive
+    assert settings is not None
+    labels = bundle_models(spec.strategy.router.bundle)
+    if labels is not None:
+        missing = missing_predictions(spec, labels)
+        if missing:
+            raise CompileError(f"RoutePolicy {policy.key}: spec.strategy.router.bundle: {missing}")
+    out = pb.Predictive(
+        labels={m.name: settings.model_map.get(m.name, m.name) for m in spec.models}
+    )
+    if settings.max_quality_loss is not None:
+        out.max_quality_loss = settings.max_quality_loss
+    else:
+        out.cost_weight = settings.cost_weight or 0.0
+    return out
+
+
 def compile_policy(policy: RoutePolicy) -> pb.Policy:
     """One RoutePolicy → its compiled form."""
     spec = policy.spec
@@ -145,6 +169,8 @@ def compile_policy(policy: RoutePolicy) -> pb.Policy:
         rules=[_rule(i, r) for i, r in enumerate(spec.strategy.rules)],
         default_model=spec.strategy.default or "",
     )
+    if spec.strategy.predictive is not None:
+        strategy.predictive.CopyFrom(_predictive(policy))
     return pb.Policy(
         name=policy.metadata.name,
         namespace=policy.metadata.namespace,

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from switchyard.operator.policy import MAX_ITEMS, RoutePolicySpec, builtin_bundles
+from switchyard.operator.policy import MAX_ITEMS, RoutePolicySpec, builtin_bundles, builtin_models
 
 GROUP = "switchyard.dev"
 VERSION = "v1alpha1"
@@ -64,13 +64,14 @@ DESCRIPTIONS = {
     "sessionAffinity": "Keep each conversation on one model (stateless: requests with the "
     "header are routed on the conversation's first user message, or a hash of the header under "
     "the weighted strategy).",
-    "strategy": "How a model is chosen: rules, classifier or weighted.",
+    "strategy": "How a model is chosen: rules, classifier, weighted or predictive.",
     "targetCPUUtilization": "Target average CPU utilisation, percent.",
     "targetRequestsPerSecond": "Target requests per second per pod.",
     "tier": "Free-form tier label, for reporting.",
     "tiers": "Classifier tiers, cheapest first: the cost/quality knob.",
     "timeout": "Whole-request upstream timeout, e.g. 300s.",
-    "type": "Strategy: rules, classifier or weighted.",
+    "type": "Strategy: rules, classifier, weighted or predictive (by a fitted router's "
+    "predicted score per model and its price).",
     "url": "External OpenAI-compatible base URL (http or https).",
     "weight": "Share of traffic under the weighted strategy.",
     "when": "Conditions; all must hold.",
@@ -109,6 +110,12 @@ SPEC_RULES = [
         "fieldPath": ".strategy.rules",
     },
     {
+        "rule": "!has(self.strategy.predictive) || !has(self.strategy.predictive.modelMap) || "
+        "self.strategy.predictive.modelMap.all(k, self.models.exists(n, n.name == k))",
+        "message": "strategy.predictive.modelMap keys must name models of this policy",
+        "fieldPath": ".strategy.predictive.modelMap",
+    },
+    {
         "rule": "!has(self.timeout) || duration(self.timeout) <= duration('24h')",
         "message": "timeout must not exceed 24h",
         "fieldPath": ".timeout",
@@ -138,6 +145,20 @@ def router_rules() -> list[dict[str, str]]:
     ]
 
 
+def predictive_bundle_rule() -> dict[str, str]:
+    """The predictive strategy names a fitted bundle: a path (checked where it exists) or a
+    builtin that predicts per-model scores (package data, fixed)."""
+    fitted = [b for b in builtin_bundles() if builtin_models(b)]
+    allowed = f"self.router.bundle in [{', '.join(repr(b) for b in fitted)}] || " if fitted else ""
+    return {
+        "rule": "self.type != 'predictive' || (has(self.router) && has(self.router.bundle) && "
+        f"({allowed}!self.router.bundle.startsWith('builtin:')))",
+        "message": "the predictive strategy needs router.bundle: a bundle fitted with "
+        "`switchyard router fit` (builtin bundles give no per-model predictions)",
+        "fieldPath": ".router",
+    }
+
+
 STRATEGY_RULES = [
     {
         "rule": "self.type != 'classifier' || (has(self.tiers) && size(self.tiers) > 0)",
@@ -163,6 +184,23 @@ STRATEGY_RULES = [
         "message": "the rules strategy needs a default model",
         "fieldPath": ".default",
     },
+    {
+        "rule": "(self.type == 'predictive') == has(self.predictive)",
+        "message": "predictive is required by, and only read by, the predictive strategy",
+        "fieldPath": ".predictive",
+    },
+    {
+        "rule": "self.type != 'predictive' || has(self.default)",
+        "message": "the predictive strategy needs a default model (used without predictions)",
+        "fieldPath": ".default",
+    },
+    predictive_bundle_rule(),
+]
+PREDICTIVE_RULES = [
+    {
+        "rule": "has(self.maxQualityLoss) != has(self.costWeight)",
+        "message": "set exactly one of maxQualityLoss or costWeight",
+    }
 ]
 BACKEND_RULES = [
     {"rule": "has(self.url) != has(self.service)", "message": "set exactly one of url or service"},
@@ -207,6 +245,7 @@ AUTOSCALING_RULES = [
 ]
 RULES_BY_DEF = {
     "Strategy": STRATEGY_RULES,
+    "Predictive": PREDICTIVE_RULES,
     "Router": router_rules(),
     "Retries": RETRIES_RULES,
     "Backend": BACKEND_RULES,

@@ -28,7 +28,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from switchyard.extproc.router.bundle import BUILTIN_PREFIX, BUNDLES_DIR
+from switchyard.extproc.router.bundle import BUILTIN_PREFIX, BUNDLES_DIR, bundle_models
 
 API_VERSION = "switchyard.dev/v1alpha1"
 KIND = "RoutePolicy"
@@ -102,6 +102,38 @@ def check_bundle(ref: str) -> str:
     return ref
 
 
+@functools.cache
+def builtin_models(ref: str) -> tuple[str, ...]:
+    """The models a builtin bundle predicts scores for (none for an unfitted bundle)."""
+    if ref == HEURISTIC_BUNDLE:
+        return ()
+    return bundle_models(ref) or ()
+
+
+def missing_predictions(spec: RoutePolicySpec, labels: tuple[str, ...]) -> str:
+    """Why a predictive policy cannot use a bundle predicting ``labels``; "" when it can."""
+    assert spec.strategy.predictive is not None
+    mapping = spec.strategy.predictive.model_map
+    bundle = spec.strategy.router.bundle
+    if not labels:
+        return (
+            f"router bundle {bundle!r} gives no per-model predictions; the predictive strategy "
+            "needs one fitted with `switchyard router fit`"
+        )
+    missing = [
+        m.name if mapping.get(m.name, m.name) == m.name else f"{m.name} (as {mapping[m.name]})"
+        for m in spec.models
+        if mapping.get(m.name, m.name) not in labels
+    ]
+    if not missing:
+        return ""
+    return (
+        f"router bundle {bundle!r} has no prediction for model(s) {', '.join(missing)} "
+        f"(it predicts: {', '.join(labels)}); map policy models to its labels with "
+        "strategy.predictive.modelMap"
+    )
+
+
 def check_header_names(headers: dict[str, str]) -> dict[str, str]:
     """Header names must be HTTP tokens; they are matched lowercased."""
     for name in headers:
@@ -148,6 +180,7 @@ class StrategyType(StrEnum):
     RULES = "rules"
     CLASSIFIER = "classifier"
     WEIGHTED = "weighted"
+    PREDICTIVE = "predictive"
 
 
 class _Spec(BaseModel):
@@ -310,13 +343,58 @@ class Router(_Spec):
         return check_bundle(bundle)
 
 
+class Predictive(_Spec):
+    """The predictive strategy's knob: exactly one of ``maxQualityLoss`` or ``costWeight``."""
+
+    max_quality_loss: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description=(
+            "Pick the cheapest allowed model whose predicted score is at least the best allowed "
+            "model's minus this (scores are in [0, 1]; 0.02 = give up at most 2 points)."
+        ),
+    )
+    cost_weight: float | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description=(
+            "Lambda: pick the allowed model maximising predicted score - costWeight x blended "
+            "price (USD per 1M tokens, 3 input : 1 output)."
+        ),
+    )
+    model_map: dict[str, Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=dict,
+        max_length=MAX_ITEMS["models"],
+        description=(
+            "Policy model name -> the bundle's model label (labels.models), for models whose "
+            "names differ; unlisted models are looked up by their own name."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_knob(self) -> Predictive:
+        if (self.max_quality_loss is None) == (self.cost_weight is None):
+            raise ValueError("set exactly one of maxQualityLoss or costWeight")
+        return self
+
+
 class Strategy(_Spec):
     type: StrategyType
     router: Router = Field(default_factory=Router)
+    predictive: Predictive | None = Field(
+        default=None,
+        description="The predictive strategy's knob (required by, and only for, that strategy).",
+    )
     tiers: list[Tier] = Field(default_factory=list, max_length=MAX_ITEMS["tiers"])
     rules: list[Rule] = Field(default_factory=list, max_length=MAX_ITEMS["rules"])
     default: str | None = Field(
-        default=None, description="Model used when no rule matches (rules strategy)."
+        default=None,
+        description=(
+            "Model used when no rule matches (rules strategy), or when the router gives no "
+            "prediction (predictive strategy)."
+        ),
     )
 
 
@@ -504,11 +582,41 @@ class RoutePolicySpec(_Spec):
                 raise ValueError("strategy.tiers: maxDifficulty must increase from tier to tier")
         if strategy.type is StrategyType.RULES and strategy.default is None:
             raise ValueError("strategy.default: the rules strategy needs a default model")
+        self._check_predictive(names)
         if strategy.type is StrategyType.WEIGHTED and not any(m.weight > 0 for m in self.models):
             raise ValueError(
                 "models: the weighted strategy needs at least one model with weight > 0"
             )
         return self
+
+    def _check_predictive(self, names: list[str]) -> None:
+        strategy = self.strategy
+        predictive = strategy.type is StrategyType.PREDICTIVE
+        if (strategy.predictive is not None) != predictive:
+            raise ValueError(
+                "strategy.predictive: required by the predictive strategy"
+                if predictive
+                else "strategy.predictive: only the predictive strategy reads it"
+            )
+        if strategy.predictive is None:
+            return
+        if strategy.default is None:
+            raise ValueError(
+                "strategy.default: the predictive strategy needs a default model (used when "
+                "the router gives no prediction)"
+            )
+        for name in strategy.predictive.model_map:
+            if name not in names:
+                raise ValueError(
+                    f"strategy.predictive.modelMap.{name}: unknown model {name!r} "
+                    f"(models: {', '.join(names)})"
+                )
+        bundle = strategy.router.bundle
+        if bundle.startswith(BUILTIN_PREFIX):
+            # Package data, fixed: check it here. Paths are checked where they exist.
+            missing = missing_predictions(self, builtin_models(bundle))
+            if missing:
+                raise ValueError(f"strategy.router.bundle: {missing}")
 
 
 class ObjectMeta(BaseModel):

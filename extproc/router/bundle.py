@@ -31,6 +31,7 @@ string is a directory path.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 from dataclasses import dataclass, field
@@ -142,6 +143,31 @@ def _encoder(doc: dict[str, Any], where: Path) -> Encoder:
     if got != digest:
         raise BundleError(f"{where}: encoder {path} has sha256 {got}, expected {digest}")
     return Encoder(path=path, output=str(doc.get("output", "last_hidden_state")), sha256=digest)
+
+
+def bundle_models(ref: str) -> tuple[str, ...] | None:
+    """``labels.models`` of a bundle (() when it predicts none), without loading it; None
+    when the bundle is not on this machine or its router.yaml does not read."""
+    try:
+        where = resolve(ref) / "router.yaml"
+        stat = where.stat()
+    except (BundleError, OSError):
+        return None
+    return _models_of(str(where), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _models_of(where: str, mtime_ns: int, size: int) -> tuple[str, ...] | None:
+    """Parsed once per version of the file: the compiler asks on every compile."""
+    try:
+        doc = yaml.safe_load(Path(where).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    labels = doc.get("labels") if isinstance(doc, dict) else None
+    models = labels.get("models") if isinstance(labels, dict) else None
+    if not isinstance(models, list):
+        return ()
+    return tuple(str(m) for m in models)
 
 
 def load_bundle(ref: str) -> Bundle:

@@ -30,6 +30,18 @@ def _edit(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     return doc
 
 
+PREDICTIVE: dict[str, Any] = {
+    "type": "predictive",
+    "router": {"bundle": "/bundles/fitted"},
+    "predictive": {"costWeight": 0.01, "modelMap": {"light": "llama-8b"}},
+    "default": "standard",
+}
+
+
+def _without(key: str) -> dict[str, Any]:
+    return {k: v for k, v in PREDICTIVE.items() if k != key}
+
+
 INVALID = [
     ("spec.models.0.pricing.inputPer1M", -1, "spec.models[0].pricing.inputPer1M"),
     ("spec.models.1.name", "light", "spec.models[1]"),
@@ -58,6 +70,18 @@ INVALID = [
     ("spec.personalData", {"detectors": ["email", "email"]}, "spec.personalData.detectors"),
     ("spec.personalData", {"detectors": []}, "spec.personalData.detectors"),
     ("spec.personalData", {"action": "drop"}, "spec.personalData.action"),
+    ("spec.strategy", _without("predictive"), "spec.strategy.predictive"),
+    ("spec.strategy", {**PREDICTIVE, "predictive": {"maxQualityLoss": 0.1, "costWeight": 1}},
+     "spec.strategy.predictive"),
+    ("spec.strategy", {**PREDICTIVE, "predictive": {"maxQualityLoss": 2}},
+     "spec.strategy.predictive.maxQualityLoss"),
+    ("spec.strategy", {**PREDICTIVE, "router": {"bundle": "builtin:default"}},
+     "spec.strategy.router"),
+    ("spec.strategy", _without("default"), "spec.strategy.default"),
+    ("spec.strategy", {**PREDICTIVE, "predictive": {"costWeight": 0.1, "modelMap": {"ghost": "x"}}},
+     "spec.strategy.predictive.modelMap"),
+    ("spec.strategy", {"type": "weighted", "predictive": {"costWeight": 0.1}},
+     "spec.strategy.predictive"),
 ]  # fmt: skip
 
 
@@ -84,6 +108,15 @@ def test_valid_policy_is_accepted_with_defaults(
     assert stored["spec"]["timeout"] == "300s"
     columns = routepolicy_crd.kubectl("get", "routepolicies", "-n", namespace)
     assert columns.split()[:5] == ["NAME", "READY", "STRATEGY", "MODELS", "AGE"]
+
+
+def test_predictive_policy_is_accepted(
+    routepolicy_crd: KubeControlPlane, namespace: str, example: dict[str, Any]
+) -> None:
+    doc = _edit(example, "spec.strategy", PREDICTIVE)
+    accepted, out = _apply(routepolicy_crd, namespace, doc)
+    assert accepted, out
+    parse_policy({**doc, "metadata": {"name": "p"}})
 
 
 @pytest.mark.parametrize(("path", "value", "field"), INVALID, ids=[c[0] for c in INVALID])

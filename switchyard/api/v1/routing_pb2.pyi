@@ -167,26 +167,47 @@ class ServiceRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class Strategy(_message.Message):
-    __slots__ = ("type", "router_bundle", "tiers", "rules", "default_model")
+    __slots__ = ("type", "router_bundle", "tiers", "rules", "default_model", "predictive")
     class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         RULES: _ClassVar[Strategy.Type]
         CLASSIFIER: _ClassVar[Strategy.Type]
         WEIGHTED: _ClassVar[Strategy.Type]
+        PREDICTIVE: _ClassVar[Strategy.Type]
     RULES: Strategy.Type
     CLASSIFIER: Strategy.Type
     WEIGHTED: Strategy.Type
+    PREDICTIVE: Strategy.Type
     TYPE_FIELD_NUMBER: _ClassVar[int]
     ROUTER_BUNDLE_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     RULES_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIVE_FIELD_NUMBER: _ClassVar[int]
     type: Strategy.Type
     router_bundle: str
     tiers: _containers.RepeatedCompositeFieldContainer[Tier]
     rules: _containers.RepeatedCompositeFieldContainer[Rule]
     default_model: str
-    def __init__(self, type: _Optional[_Union[Strategy.Type, str]] = ..., router_bundle: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[Tier, _Mapping]]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+    predictive: Predictive
+    def __init__(self, type: _Optional[_Union[Strategy.Type, str]] = ..., router_bundle: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[Tier, _Mapping]]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., default_model: _Optional[str] = ..., predictive: _Optional[_Union[Predictive, _Mapping]] = ...) -> None: ...
+
+class Predictive(_message.Message):
+    __slots__ = ("max_quality_loss", "cost_weight", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MAX_QUALITY_LOSS_FIELD_NUMBER: _ClassVar[int]
+    COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    max_quality_loss: float
+    cost_weight: float
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, max_quality_loss: _Optional[float] = ..., cost_weight: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Tier(_message.Message):
     __slots__ = ("model", "max_difficulty")
