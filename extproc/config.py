@@ -18,6 +18,7 @@ from itertools import accumulate
 from urllib.parse import urlsplit
 
 from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.extproc.keys import KeyEntry, key_table
 from switchyard.extproc.pii import Scanner
 
 
@@ -148,6 +149,8 @@ class CompiledConfig:
     """Aliases a left-out policy answers, with every policy answering them, most specific first
     (read on the 404 path): a request the left-out one would have taken gets a 503, never a
     less specific policy's routing."""
+    client_keys: Mapping[str, KeyEntry] | None = None
+    """Client key sha256 → its entry; None: client authentication off."""
 
     @property
     def served_names(self) -> list[str]:
@@ -358,6 +361,7 @@ def build_config(
         policy_errors=errors,
         unavailable=_unavailable(config, errors, by_name),
         guarded=guarded,
+        client_keys=key_table(config),
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
-from time import perf_counter
+from time import perf_counter, time
 from typing import TYPE_CHECKING
 
 import orjson
@@ -30,10 +30,16 @@ from switchyard.extproc.accounting import (
 )
 from switchyard.extproc.engine import decide, select_target, session_view
 from switchyard.extproc.errors import GatewayError, invalid_request
+from switchyard.extproc.keys import authenticate, denial, forbidden
 from switchyard.extproc.metrics import REJECTIONS
 from switchyard.extproc.request import Endpoint, parse_request, screen, unwritable
 from switchyard.extproc.state import RuntimeState
-from switchyard.headers import EXTPROC_FILTER, METADATA_NAMESPACE
+from switchyard.headers import (
+    DATA_CLASS_HEADER,
+    DEFAULT_DATA_CLASS,
+    EXTPROC_FILTER,
+    METADATA_NAMESPACE,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -255,8 +261,11 @@ class Processor:
         started = perf_counter()
         span = None if trace is None or self.tracer is None else self.tracer.start(trace, endpoint)
         try:
-            request = parse_request(endpoint, body)
             config = state.config
+            key = None
+            if config.client_keys is not None:
+                key = authenticate(config.client_keys, headers, time())
+            request = parse_request(endpoint, body)
             target = select_target(config, request, headers)
             if target.personal_data is not None:
                 rule = target.personal_data
@@ -275,6 +284,11 @@ class Processor:
             decision = decide(
                 target, routed, headers, scores, random.random() if draw is None else draw
             )
+            if key is not None:
+                data_class = headers.get(DATA_CLASS_HEADER) or DEFAULT_DATA_CLASS
+                denied = denial(key, request.model, decision.model.name, data_class)
+                if denied:
+                    raise forbidden(denied)
         except GatewayError as error:
             if span is not None:
                 span.failed(error)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.router.bundle import bundle_models
-from switchyard.headers import DATA_CLASS_HEADER
+from switchyard.headers import CLIENT_KEY_HEADERS, DATA_CLASS_HEADER
 from switchyard.operator.multicluster import Topology, place_endpoints
 from switchyard.operator.policy import (
     ModelSpec,
@@ -225,6 +225,7 @@ def compile_config(
     fail_open_model: str = "",
     endpoints: ServiceEndpoints | None = None,
     topology: Topology | None = None,
+    client_keys: Iterable[pb.ClientKey] | None = None,
 ) -> pb.RoutingConfig:
     """All policies → one RoutingConfig, sorted by namespace/name, versioned by content hash.
 
@@ -234,6 +235,7 @@ def compile_config(
     is this one and where each runs. A model's endpoints are filtered by its ``region`` and
     prioritised: its ``cluster`` (default: this one) first, then its region, then the rest.
     Without ``endpoints`` (local mode) Service backends are reached by cluster DNS.
+    ``client_keys`` (None: client authentication off) turns it on: every request needs one.
     """
     topology = topology or Topology()
     ordered = sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
@@ -256,6 +258,10 @@ def compile_config(
             headers.add(policy.session_header)
         for rule in policy.strategy.rules:
             headers.update(rule.when.headers)
+    if client_keys is not None:
+        config.require_client_key = True
+        config.client_keys.extend(client_keys)
+        headers.update(CLIENT_KEY_HEADERS)
     config.request_headers.extend(sorted(headers))
     if fail_open_model:
         config.fail_open_backend = _resolve_model_key(config, fail_open_model)

@@ -61,6 +61,7 @@ from google.protobuf.message import Message
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.headers import (
     BACKEND_HEADER,
+    CLIENT_KEY_HEADERS,
     EXTPROC_FILTER,
     METADATA_NAMESPACE,
     RESPONSE_ATTRIBUTES,
@@ -225,7 +226,8 @@ def _backend_route(
         match=match,
         route=action,
         request_headers_to_add=[header("authorization", f"Bearer {key}")] if key else [],
-        request_headers_to_remove=[BACKEND_HEADER],
+        # Envoy removes before it adds: the provider key replaces the client's.
+        request_headers_to_remove=[BACKEND_HEADER, *CLIENT_KEY_HEADERS],
         response_headers_to_add=[
             header("x-switchyard-model", model.name, served_by),
             header("x-switchyard-upstream-model", model.upstream_model, served_by),
@@ -289,7 +291,8 @@ def _unrouted(config: pb.RoutingConfig, match: rc.RouteMatch) -> list[rc.Route]:
         ),
         response_headers_to_add=json_header,
     )
-    if config.fail_open_backend:
+    # With client keys the gateway fails closed: without the ext_proc no key is checked.
+    if config.fail_open_backend and not config.require_client_key:
         model = next(
             m
             for p in config.policies
@@ -300,6 +303,7 @@ def _unrouted(config: pb.RoutingConfig, match: rc.RouteMatch) -> list[rc.Route]:
             name="fail_open",
             match=match,
             route=rc.RouteAction(cluster=model.backend_key, timeout=seconds(300)),
+            request_headers_to_remove=list(CLIENT_KEY_HEADERS),
             response_headers_to_add=[
                 header("x-switchyard-model", model.name),
                 header("x-switchyard-reason", "fail-open: router unavailable"),

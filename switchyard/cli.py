@@ -157,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         "<extproc-service>.<data-plane-namespace>.svc, or localhost",
     )
 
+    keys = sub.add_parser("keys", help="client API keys (ClientKeys documents)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_sub.add_parser("hash", help="read a key from stdin, print its sha256 (what is stored)")
+    new = keys_sub.add_parser("new", help="generate a key; print it once and its YAML entry")
+    new.add_argument("--tenant", required=True, help="the tenant the key belongs to")
+    new.add_argument("--name", default="", help="the key's name (default: <tenant>-<random>)")
+
     router = sub.add_parser("router", help="router model tools (score, eval)", add_help=False)
     router.add_argument("rest", nargs=argparse.REMAINDER)
 
@@ -165,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         from switchyard.local.runner import run_local
 
         return run_local(args.file, port=args.port, state_dir=args.state_dir, jaeger=args.jaeger)
+    if args.command == "keys":
+        return _keys(args)
     if args.command == "traces":
         from pathlib import Path
 
@@ -253,6 +262,25 @@ def main(argv: list[str] | None = None) -> int:
 
         return router_main(args.rest)
     return 2
+
+
+def _keys(args: argparse.Namespace) -> int:
+    import secrets
+
+    from switchyard.operator.clientkeys import hash_key, new_key
+
+    if args.keys_command == "hash":
+        key = sys.stdin.readline().strip()
+        if not key:
+            print("switchyard: no key on stdin", file=sys.stderr)
+            return 1
+        print(hash_key(key))
+        return 0
+    key = new_key()
+    name = args.name or f"{args.tenant}-{secrets.token_hex(3)}"
+    print(f"# the key (shown once; give it to the client): {key}")
+    print(f"- name: {name}\n  tenant: {args.tenant}\n  sha256: {hash_key(key)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,3 +20,6 @@ RESPONSE_ATTRIBUTES = (STATUS_ATTRIBUTE, SERVED_MODEL_ATTRIBUTE)
 """What Envoy sends the ext_proc with a response's first body chunk: its status, and the model
 that answered (every model's endpoints carry its name as metadata; after a fallback, the host
 that answered is another model's)."""
+
+CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
+"""Where clients present their API key; never forwarded upstream (the routes remove them)."""

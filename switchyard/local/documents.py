@@ -1,4 +1,5 @@
-"""Local mode's inputs: RoutePolicy documents plus one optional LocalGateway document.
+"""Local mode's inputs: RoutePolicy documents, ClientKeys documents (any: client keys are
+required) and one optional LocalGateway document.
 
 ``switchyard up -f PATH`` reads every ``*.yaml``/``*.yml`` file under each PATH. A
 ``LocalGateway`` document sets ports, the fail mode and the demo upstreams to start.
@@ -13,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.operator.clientkeys import ClientKeysSpec, compile_client_keys, parse_client_keys
 from switchyard.operator.policy import PolicyError, RoutePolicy, load_documents, parse_policy
 
 
@@ -99,6 +102,8 @@ class LocalInputs:
     policies: list[RoutePolicy]
     gateway: LocalGatewaySpec
     files: list[Path]
+    client_keys: list[pb.ClientKey] | None = None
+    """Every ClientKeys document's keys, compiled; None: no such document (authentication off)."""
 
 
 def policy_files(paths: list[str]) -> list[Path]:
@@ -121,6 +126,7 @@ def load_inputs(paths: list[str]) -> LocalInputs:
     policies: list[RoutePolicy] = []
     gateway: LocalGatewaySpec | None = None
     seen: dict[str, Path] = {}
+    key_specs: list[ClientKeysSpec] = []
     for file in files:
         for doc in load_documents(file.read_text(encoding="utf-8"), str(file)):
             kind = doc.get("kind")
@@ -139,6 +145,15 @@ def load_inputs(paths: list[str]) -> LocalInputs:
                     )
                 seen[policy.key] = file
                 policies.append(policy)
+            elif kind == "ClientKeys":
+                key_specs.append(parse_client_keys(doc, str(file)))
             else:
-                raise PolicyError(f"{file}: unsupported kind {kind!r} (RoutePolicy, LocalGateway)")
-    return LocalInputs(policies=policies, gateway=gateway or LocalGatewaySpec(), files=files)
+                raise PolicyError(
+                    f"{file}: unsupported kind {kind!r} (RoutePolicy, ClientKeys, LocalGateway)"
+                )
+    return LocalInputs(
+        policies=policies,
+        gateway=gateway or LocalGatewaySpec(),
+        files=files,
+        client_keys=compile_client_keys(key_specs) if key_specs else None,
+    )

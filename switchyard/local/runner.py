@@ -252,7 +252,9 @@ class LocalGateway:
         self.control = LocalControlPlane(self.settings, tls=self.tls)
         self.admin = EnvoyAdmin(self.spec.admin_port)
         self.children: list[subprocess.Popen[bytes]] = []
-        self.config = compile_config(inputs.policies, self.spec.fail_open_model)
+        self.config = compile_config(
+            inputs.policies, self.spec.fail_open_model, client_keys=inputs.client_keys
+        )
         self._signatures = self._file_signatures()
         self._left_out: dict[str, str] = {}
         self._stop = threading.Event()
@@ -399,7 +401,9 @@ class LocalGateway:
         self._signatures = signatures
         try:
             inputs = load_inputs(self.paths)
-            config = compile_config(inputs.policies, self.spec.fail_open_model)
+            config = compile_config(
+                inputs.policies, self.spec.fail_open_model, client_keys=inputs.client_keys
+            )
         except (PolicyError, CompileError) as exc:
             _warn(f"keeping config {self.config.version}; {exc}")
             self.control.reconcile_error(

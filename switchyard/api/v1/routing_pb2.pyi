@@ -8,16 +8,52 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RoutingConfig(_message.Message):
-    __slots__ = ("version", "policies", "fail_open_backend", "request_headers")
+    __slots__ = ("version", "policies", "fail_open_backend", "request_headers", "client_keys", "require_client_key")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     FAIL_OPEN_BACKEND_FIELD_NUMBER: _ClassVar[int]
     REQUEST_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_KEYS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
     version: str
     policies: _containers.RepeatedCompositeFieldContainer[Policy]
     fail_open_backend: str
     request_headers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., fail_open_backend: _Optional[str] = ..., request_headers: _Optional[_Iterable[str]] = ...) -> None: ...
+    client_keys: _containers.RepeatedCompositeFieldContainer[ClientKey]
+    require_client_key: bool
+    def __init__(self, version: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., fail_open_backend: _Optional[str] = ..., request_headers: _Optional[_Iterable[str]] = ..., client_keys: _Optional[_Iterable[_Union[ClientKey, _Mapping]]] = ..., require_client_key: _Optional[bool] = ...) -> None: ...
+
+class ClientKey(_message.Message):
+    __slots__ = ("name", "sha256", "tenants", "expires_at", "revoked", "allowance")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    ALLOWANCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sha256: str
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    expires_at: int
+    revoked: bool
+    allowance: Allowance
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., tenants: _Optional[_Iterable[str]] = ..., expires_at: _Optional[int] = ..., revoked: _Optional[bool] = ..., allowance: _Optional[_Union[Allowance, _Mapping]] = ...) -> None: ...
+
+class Allowance(_message.Message):
+    __slots__ = ("aliases", "models", "data_classes")
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DATA_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    aliases: AllowList
+    models: AllowList
+    data_classes: AllowList
+    def __init__(self, aliases: _Optional[_Union[AllowList, _Mapping]] = ..., models: _Optional[_Union[AllowList, _Mapping]] = ..., data_classes: _Optional[_Union[AllowList, _Mapping]] = ...) -> None: ...
+
+class AllowList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Policy(_message.Message):
     __slots__ = ("name", "namespace", "generation", "aliases", "match_headers", "models", "strategy", "retries", "timeout_ms", "session_header", "personal_data")
