@@ -163,6 +163,54 @@ class _Constraints:
         )
 
 
+class _KeyConstraints(_Constraints):
+    """The hard constraints plus the client key's model allowance (a subclass, so requests
+    without a limited key pay nothing for it)."""
+
+    __slots__ = ("models",)
+
+    def __init__(
+        self,
+        request: ParsedRequest,
+        headers: Mapping[str, str],
+        target: CompiledPolicy | ModelRoute,
+        models: frozenset[str],
+    ) -> None:
+        super().__init__(request, headers, target)
+        self.models = models
+
+    def allows(self, model: ModelRoute) -> bool:
+        return model.name in self.models and super().allows(model)
+
+    def why_not(self, model: ModelRoute) -> str:
+        if model.name not in self.models:
+            return "not allowed for this API key"
+        return super().why_not(model)
+
+    def rejection(self, models: list[ModelRoute]) -> GatewayError:
+        permitted = [m for m in models if m.name in self.models]
+        if not permitted:
+            names = ", ".join(sorted(m.name for m in models))
+            return GatewayError(
+                403,
+                f"this API key may not use any model this request may be routed to ({names})",
+                code="permission_denied",
+                type_="permission_error",
+            )
+        return super().rejection(permitted)
+
+
+def _constraints(
+    request: ParsedRequest,
+    headers: Mapping[str, str],
+    target: CompiledPolicy | ModelRoute,
+    models: frozenset[str] | None,
+) -> _Constraints:
+    if models is None:
+        return _Constraints(request, headers, target)
+    return _KeyConstraints(request, headers, target, models)
+
+
 def _first_allowed(
     policy: CompiledPolicy, model: ModelRoute, constraints: _Constraints
 ) -> tuple[ModelRoute, bool] | None:
@@ -314,10 +362,13 @@ def session_view(
 
 
 def exclusions(
-    target: CompiledPolicy | ModelRoute, request: ParsedRequest, headers: Mapping[str, str]
+    target: CompiledPolicy | ModelRoute,
+    request: ParsedRequest,
+    headers: Mapping[str, str],
+    allowed_models: frozenset[str] | None = None,
 ) -> dict[str, str]:
     """Each candidate model of ``target`` → why the hard constraints exclude it ("" allowed)."""
-    constraints = _Constraints(request, headers, target)
+    constraints = _constraints(request, headers, target, allowed_models)
     models = [target] if isinstance(target, ModelRoute) else list(target.models.values())
     return {m.name: constraints.why_not(m) for m in models}
 
@@ -328,15 +379,18 @@ def decide(
     headers: Mapping[str, str],
     scores: RouterScores | None,
     draw: float = 0.0,
+    allowed_models: frozenset[str] | None = None,
 ) -> Decision:
     """Pick the model for one request; raise GatewayError when no model may take it.
 
     ``scores`` is required when ``target.needs_scores``; ``draw`` in [0, 1) drives the
-    weighted strategy. The reason ends with ``, pii: <detector>`` when personal data was
-    found, ``, pii redacted: <detector>`` when it was redacted (never the text; a comma, so
-    the reason's kind, what precedes the first ":" or ",", stays the strategy's).
+    weighted strategy. ``allowed_models`` (the client key's allowance; None: any) is a hard
+    constraint: a 403 only when no model it allows may take the request. The reason ends
+    with ``, pii: <detector>`` when personal data was found, ``, pii redacted: <detector>``
+    when it was redacted (never the text; a comma, so the reason's kind, what precedes the
+    first ":" or ",", stays the strategy's).
     """
-    decision = _decide(target, request, headers, scores, draw)
+    decision = _decide(target, request, headers, scores, draw, allowed_models)
     if request.personal_data:
         how = "pii redacted" if request.redacted else "pii"
         return replace(decision, reason=f"{decision.reason}, {how}: {request.personal_data}")
@@ -349,8 +403,13 @@ def _decide(
     headers: Mapping[str, str],
     scores: RouterScores | None,
     draw: float,
+    allowed_models: frozenset[str] | None,
 ) -> Decision:
-    constraints = _Constraints(request, headers, target)
+    constraints = (
+        _Constraints(request, headers, target)
+        if allowed_models is None
+        else _KeyConstraints(request, headers, target, allowed_models)
+    )
     if isinstance(target, ModelRoute):
         if not constraints.allows(target):
             raise constraints.rejection([target])

@@ -282,7 +282,12 @@ class Processor:
                     scores = await span.score(scorer, routed.prompt)
                 self.ledger.scored(bundle, perf_counter() - scoring)
             decision = decide(
-                target, routed, headers, scores, random.random() if draw is None else draw
+                target,
+                routed,
+                headers,
+                scores,
+                random.random() if draw is None else draw,
+                None if key is None else key.models,
             )
             if key is not None:
                 data_class = headers.get(DATA_CLASS_HEADER) or DEFAULT_DATA_CLASS

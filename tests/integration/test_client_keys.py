@@ -86,14 +86,18 @@ def test_missing_unknown_revoked_expired_keys_get_401(gateway: Gateway) -> None:
 
 
 def test_outside_the_allowance_is_403(gateway: Gateway) -> None:
-    # "hi" routes to the light model; this key may only use capable.
     with pytest.raises(openai.PermissionDeniedError) as raised:
-        client(gateway, LIMITED).chat.completions.create(model="auto", messages=HI)
-    assert raised.value.code == "permission_denied" and "'light'" in raised.value.message
+        client(gateway, LIMITED).chat.completions.create(model="light", messages=HI)
+    assert raised.value.code == "permission_denied" and "light" in raised.value.message
+    # "hi" routes to the light model; this key may only use capable, so it gets capable.
     reply = client(gateway, LIMITED).chat.completions.with_raw_response.create(
-        model="capable", messages=HI
+        model="auto", messages=HI
     )
     assert reply.headers["x-switchyard-model"] == "capable"
+    free = client(gateway, VALID).chat.completions.with_raw_response.create(
+        model="auto", messages=HI
+    )
+    assert free.headers["x-switchyard-model"] == "light"
 
 
 def test_valid_key_by_bearer_and_x_api_key_never_reaches_the_upstream(gateway: Gateway) -> None:

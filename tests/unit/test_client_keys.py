@@ -35,6 +35,9 @@ from switchyard.operator.policy import PolicyError, parse_policy
 
 ALICE = "sk-switchyard-alice-0123456789"
 BOB = "sk-switchyard-bob-0123456789"
+CAROL = "sk-switchyard-carol-0123456789"
+DAVE = "sk-switchyard-dave-0123456789"
+ERIN = "sk-switchyard-erin-0123456789"
 
 
 def keys_doc(*keys: dict[str, Any], tenants: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -192,19 +195,35 @@ async def send(state: RuntimeState, model: str, **headers: str) -> ep.Processing
 
 
 async def test_processor_answers_401_and_403() -> None:
-    doc = keys_doc(key("a", ALICE, models=["capable"]), key("b", BOB, revoked=True))
+    doc = keys_doc(
+        key("a", ALICE, models=["capable"]),
+        key("b", BOB, revoked=True),
+        key("c", CAROL, models=["elsewhere"]),
+        key("d", DAVE, policies=["other"]),
+    )
     state = state_with(doc)
     status, error = error_of(await send(state, "auto"))
-    assert (status, error["code"], error["type"]) == (
-        401,
-        "invalid_api_key",
-        "invalid_request_error",
-    )
+    assert (status, error["code"]) == (401, "invalid_api_key")
+    assert error["type"] == "invalid_request_error"
     status, error = error_of(await send(state, "auto", x_api_key=BOB))
     assert status == 401 and "revoked" in error["message"] and BOB not in error["message"]
-    # "hi" routes to the light model, which this key may not use.
-    status, error = error_of(await send(state, "auto", authorization=f"Bearer {ALICE}"))
+    # No model of the policy is allowed: 403 naming them.
+    status, error = error_of(await send(state, "auto", authorization=f"Bearer {CAROL}"))
+    assert (status, error["code"], error["type"]) == (403, "permission_denied", "permission_error")
+    assert "capable, light, standard" in error["message"] and CAROL not in error["message"]
+    status, error = error_of(await send(state, "auto", x_api_key=DAVE))
+    assert (status, error["code"]) == (403, "permission_denied") and "'auto'" in error["message"]
+    status, error = error_of(await send(state, "light", x_api_key=ALICE))
     assert (status, error["code"]) == (403, "permission_denied")
-    assert "'light'" in error["message"] and ALICE not in error["message"]
-    ok = await send(state, "capable", authorization=f"Bearer {ALICE}")
-    assert ok.WhichOneof("response") == "request_body"
+
+
+async def test_the_model_allowance_is_a_routing_constraint() -> None:
+    state = state_with(keys_doc(key("a", ALICE, models=["capable"]), key("e", ERIN)))
+    # "hi" goes to the light model, unless the key only allows capable.
+    free = await send(state, "auto", x_api_key=ERIN)
+    meta = free.dynamic_metadata.fields["switchyard"].struct_value.fields
+    assert meta["model"].string_value == "light"
+    limited = await send(state, "auto", authorization=f"Bearer {ALICE}")
+    meta = limited.dynamic_metadata.fields["switchyard"].struct_value.fields
+    assert meta["model"].string_value == "capable"
+    assert "constrained" in meta["reason"].string_value
