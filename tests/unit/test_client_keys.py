@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 from test_processor import error_of
 
+from switchyard.cli import main
 from switchyard.extproc.config import build_config
 from switchyard.extproc.keys import KeyEntry, authenticate, denial, key_table
 from switchyard.extproc.processor import Processor
@@ -227,3 +229,19 @@ async def test_the_model_allowance_is_a_routing_constraint() -> None:
     meta = limited.dynamic_metadata.fields["switchyard"].struct_value.fields
     assert meta["model"].string_value == "capable"
     assert "constrained" in meta["reason"].string_value
+
+
+def test_cli_new_prints_the_key_once_and_hash_matches(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["keys", "new", "--tenant", "alice", "--name", "laptop"]) == 0
+    out = capsys.readouterr().out
+    secret = out.split("): ", 1)[1].split("\n", 1)[0]
+    assert secret.startswith("sk-switchyard-") and out.count(secret) == 1
+    entry = yaml.safe_load(out.split("\n", 1)[1])[0]
+    assert entry == {"name": "laptop", "tenant": "alice", "sha256": hash_key(secret)}
+    monkeypatch.setattr("sys.stdin", io.StringIO(secret + "\n"))
+    assert main(["keys", "hash"]) == 0
+    assert capsys.readouterr().out.strip() == hash_key(secret)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["keys", "hash"]) == 1
