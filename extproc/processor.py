@@ -351,5 +351,13 @@ class Processor:
         if stream is not None:
             stream.account = ResponseAccount(self.ledger, config, target, decision, request, strip)
         if span is not None:
-            span.decided(config, target, routed, headers, scores, decision)
+            span.decided(
+                config,
+                target,
+                routed,
+                headers,
+                scores,
+                decision,
+                None if key is None else key.models,
+            )
         return response

@@ -107,10 +107,11 @@ class RouteSpan:
         headers: Mapping[str, str],
         scores: RouterScores | None,
         decision: Decision,
+        allowed_models: frozenset[str] | None = None,
     ) -> None:
-        """Record the decision and end the span."""
+        """Record the decision and end the span (``allowed_models``: the client key's)."""
         model = decision.model
-        why = exclusions(target, request, headers)
+        why = exclusions(target, request, headers, allowed_models)
         attributes: dict[str, Any] = {
             "gen_ai.request.model": request.model,
             "switchyard.policy": decision.policy,

@@ -18,8 +18,10 @@ from test_processor import error_of
 
 from switchyard.cli import main
 from switchyard.extproc.config import build_config
+from switchyard.extproc.engine import exclusions, select_target
 from switchyard.extproc.keys import KeyEntry, authenticate, denial, key_table
 from switchyard.extproc.processor import Processor
+from switchyard.extproc.request import Endpoint, parse_request
 from switchyard.extproc.scoring import HeuristicScorer
 from switchyard.extproc.state import RuntimeState
 from switchyard.headers import EXTPROC_FILTER
@@ -40,6 +42,7 @@ BOB = "sk-switchyard-bob-0123456789"
 CAROL = "sk-switchyard-carol-0123456789"
 DAVE = "sk-switchyard-dave-0123456789"
 ERIN = "sk-switchyard-erin-0123456789"
+HI = [{"role": "user", "content": "hi"}]
 
 
 def keys_doc(*keys: dict[str, Any], tenants: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -245,3 +248,16 @@ def test_cli_new_prints_the_key_once_and_hash_matches(
     assert capsys.readouterr().out.strip() == hash_key(secret)
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(["keys", "hash"]) == 1
+
+
+def test_exclusions_name_the_models_a_key_may_not_use() -> None:
+    config = state_with(keys_doc(key("a", ALICE))).config
+    request = parse_request(Endpoint.CHAT, orjson.dumps({"model": "auto", "messages": HI}))
+    target = select_target(config, request, {})
+    why = exclusions(target, request, {}, frozenset({"capable"}))
+    assert why == {
+        "light": "not allowed for this API key",
+        "standard": "not allowed for this API key",
+        "capable": "",
+    }
+    assert set(exclusions(target, request, {}).values()) == {""}
