@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from gateway_harness import Gateway, start_gateway
+from gateway_harness import Gateway, descendants, start_gateway
 
 from switchyard.headers import METADATA_NAMESPACE
 from switchyard.local.control import LocalControlPlane
@@ -281,23 +281,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _cpu_jiffies() -> tuple[int, int, int]:
     """(busy, steal, total) jiffies of all CPUs so far."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -308,7 +291,7 @@ def _cpu_jiffies() -> tuple[int, int, int]:
 def gateway_components(running: Gateway) -> dict[str, list[int]]:
     """The gateway's processes by role: its Envoy and its ext_proc workers."""
     roles: dict[str, list[int]] = {"gateway envoy": [], "ext_proc": []}
-    for pid in _descendants(running.process.pid):
+    for pid in descendants(running.process.pid):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         if Path(cmdline[0].decode()).name == "envoy":
             roles["gateway envoy"].append(pid)

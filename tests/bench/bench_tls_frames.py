@@ -38,7 +38,12 @@ class Answer(asyncio.Protocol):
             self.transport.write(REPLY)  # type: ignore[attr-defined]
 
 
-def serve(tls_dir: str | None, port: multiprocessing.Queue, cpu: multiprocessing.Queue) -> None:
+def serve(
+    tls_dir: str | None,
+    port: multiprocessing.Queue,
+    asked: multiprocessing.Queue,
+    cpu: multiprocessing.Queue,
+) -> None:
     import uvloop
 
     async def main() -> None:
@@ -46,9 +51,8 @@ def serve(tls_dir: str | None, port: multiprocessing.Queue, cpu: multiprocessing
         server = await asyncio.get_running_loop().create_server(Answer, "127.0.0.1", 0, ssl=context)
         port.put(server.sockets[0].getsockname()[1])
         while True:  # each request for a CPU reading gets the process time so far
-            await asyncio.to_thread(cpu.get)
+            await asyncio.to_thread(asked.get)
             cpu.put(time.process_time())
-            await asyncio.sleep(0.05)
 
     uvloop.run(main())
 
@@ -77,15 +81,14 @@ def main() -> int:
         files = TlsFiles.from_dir(tls_dir)
         servers = {}
         for name, directory in (("plaintext", None), ("tls", str(tls_dir))):
-            port_q, cpu_q = ctx.Queue(), ctx.Queue()
-            proc = ctx.Process(target=serve, args=(directory, port_q, cpu_q), daemon=True)
+            port_q, asked_q, cpu_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
+            proc = ctx.Process(target=serve, args=(directory, port_q, asked_q, cpu_q), daemon=True)
             proc.start()
-            servers[name] = (port_q.get(timeout=30), cpu_q, proc)
+            servers[name] = (port_q.get(timeout=30), asked_q, cpu_q, proc)
 
         def cpu(name: str) -> float:
             servers[name][1].put(None)
-            time.sleep(0.2)
-            return float(servers[name][1].get(timeout=10))
+            return float(servers[name][2].get(timeout=10))
 
         results: dict[str, list[float]] = {"plaintext": [], "tls": []}
         for _ in range(ROUNDS):
@@ -100,7 +103,7 @@ def main() -> int:
                 uvloop.run(load())
                 used = cpu(name) - before
                 results[name].append(1e6 * used / (CONNECTIONS * PER_CONNECTION))
-        for _, _, proc in servers.values():
+        for *_, proc in servers.values():
             proc.kill()
     for name, values in results.items():
         print(f"{name:<10} server CPU µs/request: {', '.join(f'{v:.1f}' for v in values)}")

@@ -79,6 +79,24 @@ def policy_for_ports(demo_ports: dict[str, int]) -> dict[str, Any]:
     return policy
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def url_model(name: str, port: int, prices: tuple[float, float], **extra: Any) -> dict[str, Any]:
     """A RoutePolicy model served at 127.0.0.1:``port`` as ``<name>-v1``, at ``prices``
     (input, output) USD per million tokens."""

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from certs import ThrowawayCA
 from cryptography import x509
-from gateway_harness import Gateway, start_gateway
+from gateway_harness import Gateway, descendants, start_gateway
 
 from switchyard.local.runner import wait_until
 from switchyard.tls import TlsFiles
@@ -127,7 +127,7 @@ def test_requests_flow_with_every_internal_link_on_mtls(mtls_gateway: Gateway) -
 def _ext_proc_usage(gateway: Gateway) -> tuple[int, int]:
     """(open file descriptors, resident KiB) of the ext_proc workers together."""
     fds = rss = 0
-    for pid in _descendants(gateway.process.pid):
+    for pid in descendants(gateway.process.pid):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         if b"multiprocessing" not in cmdline:
             continue
@@ -135,23 +135,6 @@ def _ext_proc_usage(gateway: Gateway) -> tuple[int, int]:
         status = Path(f"/proc/{pid}/status").read_text()
         rss += int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS")).split()[1])
     return fds, rss
-
-
-def _descendants(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def test_peers_without_a_certificate_from_the_ca_are_refused(
