@@ -203,7 +203,7 @@ def _evaluate(
         name = routed.model.name
         counts[name] += 1
         cost += request_cost(routed.model, p.request, output_tokens)
-        quality += realized[i, cols[name]]
+        quality += float(realized[i, cols[name]])
     n = max(len(prepared) - rejected, 1)
     return Point(
         knob,
