@@ -65,10 +65,8 @@ def _run(routing: replay.Routing, **target: float) -> calibrate.Calibration:
 
 def test_classifier_thresholds_for_a_target_quality_match_a_replay(tmp_path: Path) -> None:
     written = tmp_path / "candidate.yaml"
-    code, out = _calibrate(
-        ["--outcomes", str(OUTCOMES), "-f", str(EXAMPLE), "--target-quality", "0.95"]
-        + ["--write", str(written)]
-    )
+    args = ["--outcomes", str(OUTCOMES), "-f", str(EXAMPLE), "--target-quality", "0.95"]
+    code, out = _calibrate([*args, "--write", str(written)])
     assert code == 0, out
     cal = _run(replay.load_routing([str(EXAMPLE)]), target_quality=0.95)
     assert cal.chosen is not None
