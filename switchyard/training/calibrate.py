@@ -88,6 +88,8 @@ class Calibration:
     current: Point | None = None
     in_sample: list[str] = field(default_factory=list)
     """Outcome files the policy's bundle was fitted on."""
+    meets: list[Point] = field(default_factory=list)
+    """The values that meet the target."""
 
 
 def _model_columns(policy: CompiledPolicy, outs: Outcomes, source: str) -> dict[str, int]:
@@ -293,12 +295,12 @@ async def calibrate(
     cal.in_sample = fitted_on(routing, outs.files)
     if target_quality is not None:
         floor = target_quality * means[best] - 1e-12
-        meets = [p for p in cal.points if p.quality >= floor]
-        cal.chosen = min(meets, key=lambda p: (p.cost, -p.quality), default=None)
+        cal.meets = [p for p in cal.points if p.quality >= floor]
+        cal.chosen = min(cal.meets, key=lambda p: (p.cost, -p.quality), default=None)
     else:
         assert strong_share is not None
-        meets = [p for p in cal.points if p.shares[strong] <= strong_share + 1e-12]
-        cal.chosen = min(meets, key=lambda p: (-p.quality, p.cost), default=None)
+        cal.meets = [p for p in cal.points if p.shares[strong] <= strong_share + 1e-12]
+        cal.chosen = min(cal.meets, key=lambda p: (-p.quality, p.cost), default=None)
     return cal
 
 
@@ -339,7 +341,11 @@ def report(cal: Calibration, rows: int = 15) -> str:
             f"+/-{se:.3f} (one standard error at most); collect more outcomes for a firmer value"
         )
     width = max([len(p.label) for p in cal.points] + [len("value")])
-    head = f"{'value':{width}}  {'$/1k req':>9}  {'quality':>7}  " + "  ".join(
+    lines.append(
+        f"{len(cal.meets)} of {len(cal.points)} values meet the target (*); the table shows "
+        "those no other value beats on both cost and quality"
+    )
+    head = f"  {'value':{width}}  {'$/1k req':>9}  {'quality':>7}  " + "  ".join(
         f"{m[:10]:>10}" for m in models
     )
     lines += ["", head]
@@ -350,8 +356,9 @@ def report(cal: Calibration, rows: int = 15) -> str:
         if p is cal.current:
             mark.append("<- current")
         shares = "  ".join(f"{p.shares[m]:>10.1%}" for m in models)
-        row = f"{p.label:{width}}  {p.cost:>9.4f}  {p.quality:>7.3f}  {shares}  {' '.join(mark)}"
-        lines.append(row.rstrip())
+        ok = "*" if any(p is m for m in cal.meets) else " "
+        figures = f"{p.cost:>9.4f}  {p.quality:>7.3f}  {shares}"
+        lines.append(f"{ok} {p.label:{width}}  {figures}  {' '.join(mark)}".rstrip())
     lines.append("")
     if cal.chosen is None:
         closest = (
