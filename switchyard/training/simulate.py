@@ -89,6 +89,11 @@ class Simulation:
     in_sample: list[str] = field(default_factory=list)
     """Outcome files a policy's bundle was fitted on."""
 
+    @property
+    def recorded(self) -> bool:
+        """The policy in force is what the log recorded (no --current)."""
+        return self.current.label.endswith("(recorded)")
+
 
 @dataclass(frozen=True, slots=True)
 class _Choice:
@@ -115,6 +120,8 @@ async def _route(routing: Routing, line: Line) -> tuple[_Choice, Prepared | None
         prepared = await prepare(routing, line.endpoint, line.headers, line.body)
     except GatewayError as error:
         return _Choice(None, None, rejected(error).reason, False), None
+    except Exception as exc:  # the processor answers 500 for what it did not foresee
+        return _Choice(None, None, f"rejected 500 internal_error ({exc!r})", False), None
     r: Routed = choose(prepared, id_draw(line.id))
     return _Choice(r.model.name if r.model else None, r.model, r.reason, r.random), prepared
 
@@ -235,7 +242,8 @@ def report(sim: Simulation, show: int = 50) -> str:
     lines = [
         f"traffic: {n} requests from {len(t.files)} file(s)"
         + (f"; {t.without_body} recorded without a body were skipped" if t.without_body else ""),
-        f"cost assumes {sim.output_tokens} completion tokens per request (max_tokens caps it)",
+        f"cost assumes {sim.output_tokens} completion tokens per request (max_tokens caps it)"
+        + ("; the recorded side is priced with the candidate's prices" if sim.recorded else ""),
     ]
     if sim.in_sample:
         lines.append(in_sample_note(sim.in_sample))

@@ -6,7 +6,8 @@ A recording is JSON lines (files ``requests-*.jsonl`` in a directory, or one fil
      "alias": "<request model field>", "model": "<chosen model>", "reason": "<reason>",
      "headers": {"<lowercase routing header>": "<value>"}, "body": {<the client's request>}}
 
-``body`` is missing when the policy did not record prompts: such lines are counted and skipped.
+``body`` is missing (or null) when the policy did not record prompts: such lines are counted and
+skipped.
 A line without ``body``, ``alias`` or ``policy`` is read as an outcome record (``prompt`` or
 ``messages``): the prompt is sent to ``alias`` as a chat request, once per distinct prompt, with
 no recorded decision. Bad lines stop the read with ``FILE:LINE: why``.
@@ -91,9 +92,9 @@ def _log_line(doc: dict[str, Any], where: str) -> Line | None:
         isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
     ):
         raise ReplayError(f"{where}: field 'headers' must be an object of strings")
-    if "body" not in doc:
+    body = doc.get("body")
+    if body is None:  # missing (or null): the policy did not record prompts
         return None
-    body = doc["body"]
     if not isinstance(body, dict):
         raise ReplayError(f"{where}: field 'body' must be a JSON object (the request)")
     return Line(

@@ -125,7 +125,8 @@ def log_dir(tmp_path: Path) -> Path:
     records = asyncio.run(record_log([str(EXAMPLE)], _requests(), logs / "requests-0.jsonl"))
     # A policy that does not record prompts writes lines without a body.
     bare = {k: v for k, v in records[0].items() if k != "body"}
-    (logs / "requests-1.jsonl").write_bytes(orjson.dumps(bare) + b"\n")
+    null = {**records[1], "body": None}
+    (logs / "requests-1.jsonl").write_bytes(orjson.dumps(bare) + b"\n" + orjson.dumps(null) + b"\n")
     return logs
 
 
@@ -140,7 +141,7 @@ def test_replaying_the_policy_in_force_reproduces_every_recorded_decision(
     assert any("pii" in r["reason"] for r in recorded)
 
     lines = traffic.read_traffic([log_dir], None)
-    assert lines.without_body == 1 and len(lines.lines) == len(recorded)
+    assert lines.without_body == 2 and len(lines.lines) == len(recorded)
     sim = asyncio.run(simulate.simulate(replay.load_routing([str(EXAMPLE)]), lines))
     assert sim.changes == []
     assert sim.non_reproducible == 0
@@ -149,7 +150,7 @@ def test_replaying_the_policy_in_force_reproduces_every_recorded_decision(
 
     assert cli.main(["simulate", "-f", str(EXAMPLE), "--log", str(log_dir)]) == 0
     out = capsys.readouterr().out
-    assert f"traffic: {len(recorded)} requests from 2 file(s); 1 recorded without a body" in out
+    assert f"traffic: {len(recorded)} requests from 2 file(s); 2 recorded without a body" in out
     assert f"decisions: {len(recorded)} of {len(recorded)} identical" in out
     assert "0 change model" in out
 
