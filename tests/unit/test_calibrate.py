@@ -147,6 +147,18 @@ def test_predictive_knobs_match_a_replay(
     )
     assert code == 0 and calibrate.snippet(cal.chosen) in out
     _check_replay(cal, _replay(written, policy))
+    # Without outcomes, simulate's quality is the bundle's prediction, and it says so.
+    sim = asyncio.run(
+        simulate.simulate(
+            replay.load_routing([str(written)]),
+            traffic.read_traffic([OUTCOMES], "auto"),
+            replay.load_routing([str(policy)]),
+        )
+    )
+    assert sim.candidate.predicted == sim.current.predicted == cal.n_prompts
+    assert sim.candidate.from_outcomes == 0
+    assert f"({cal.n_prompts} from outcomes" not in simulate.report(sim)
+    assert f"0 from outcomes, {cal.n_prompts} predicted by the bundle" in simulate.report(sim)
 
 
 def _outcomes(path: Path, n: int, models: tuple[str, ...]) -> Path:
