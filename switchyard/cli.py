@@ -164,7 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     new.add_argument("--tenant", required=True, help="the tenant the key belongs to")
     new.add_argument("--name", default="", help="the key's name (default: <tenant>-<random>)")
 
-    router = sub.add_parser("router", help="router model tools (score, eval)", add_help=False)
+    from switchyard.training.loop_cli import add_simulate_parser
+
+    add_simulate_parser(sub)
+
+    router = sub.add_parser(
+        "router", help="router model tools (score, eval, fit, calibrate)", add_help=False
+    )
     router.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)
@@ -257,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
                 extproc_server_name=args.extproc_server_name,
             )
         )
+    if args.command == "simulate":
+        from switchyard.training.loop_cli import cmd_simulate
+
+        return cmd_simulate(args, sys.stdout)
     if args.command == "router":
         from switchyard.extproc.router.cli import main as router_main
 
