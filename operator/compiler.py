@@ -13,16 +13,20 @@ from collections.abc import Callable, Iterable
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.router.bundle import bundle_models
-from switchyard.headers import CLIENT_KEY_HEADERS, DATA_CLASS_HEADER
+from switchyard.headers import CLIENT_KEY_HEADERS, DATA_CLASS_HEADER, REQUEST_ID_HEADER
 from switchyard.operator.multicluster import Topology, place_endpoints
 from switchyard.operator.policy import (
     ModelSpec,
+    Outcomes,
     PersonalData,
     PersonalDataAction,
+    RecordMode,
     Retries,
     RoutePolicy,
     Rule,
     StrategyType,
+    age_seconds,
+    byte_count,
     duration_ms,
     missing_predictions,
 )
@@ -133,6 +137,24 @@ def _personal_data(spec: PersonalData) -> pb.PersonalData:
     )
 
 
+_RECORD = {
+    RecordMode.NONE: pb.Recording.OFF,
+    RecordMode.DECISIONS: pb.Recording.DECISIONS,
+    RecordMode.PROMPTS: pb.Recording.PROMPTS,
+}
+
+
+def _recording(spec: Outcomes) -> pb.Recording:
+    """Off compiles to the empty message (no change to configs that do not record)."""
+    if spec.record is RecordMode.NONE:
+        return pb.Recording()
+    return pb.Recording(
+        record=_RECORD[spec.record],
+        max_age_s=age_seconds(spec.retention.max_age),
+        max_bytes=byte_count(spec.retention.max_bytes),
+    )
+
+
 def _predictive(policy: RoutePolicy) -> pb.Predictive:
     """Every model's prediction label. A bundle on this machine (local mode, or a path the
     operator also mounts) is checked to predict each one; elsewhere the ext_proc checks."""
@@ -183,6 +205,7 @@ def compile_policy(policy: RoutePolicy) -> pb.Policy:
         timeout_ms=duration_ms(spec.timeout),
         session_header=spec.session_affinity.header if spec.session_affinity else "",
         personal_data=_personal_data(spec.personal_data),
+        recording=_recording(spec.outcomes),
     )
 
 
@@ -258,6 +281,8 @@ def compile_config(
             headers.add(policy.session_header)
         for rule in policy.strategy.rules:
             headers.update(rule.when.headers)
+    if any(p.recording.record for p in config.policies):
+        headers.add(REQUEST_ID_HEADER)  # the id a recorded request is filed under
     if client_keys is not None:
         config.require_client_key = True
         config.client_keys.extend(client_keys)
