@@ -145,9 +145,8 @@ _RECORD = {
 
 
 def _recording(spec: Outcomes) -> pb.Recording:
-    """Off compiles to the empty message (no change to configs that do not record)."""
-    if spec.record is RecordMode.NONE:
-        return pb.Recording()
+    """A recording policy's ``Policy.recording`` (left unset when off: configs that do not
+    record are unchanged)."""
     return pb.Recording(
         record=_RECORD[spec.record],
         max_age_s=age_seconds(spec.retention.max_age),
@@ -193,7 +192,7 @@ def compile_policy(policy: RoutePolicy) -> pb.Policy:
     )
     if spec.strategy.predictive is not None:
         strategy.predictive.CopyFrom(_predictive(policy))
-    return pb.Policy(
+    compiled = pb.Policy(
         name=policy.metadata.name,
         namespace=policy.metadata.namespace,
         generation=policy.metadata.generation,
@@ -205,8 +204,10 @@ def compile_policy(policy: RoutePolicy) -> pb.Policy:
         timeout_ms=duration_ms(spec.timeout),
         session_header=spec.session_affinity.header if spec.session_affinity else "",
         personal_data=_personal_data(spec.personal_data),
-        recording=_recording(spec.outcomes),
     )
+    if spec.outcomes.record is not RecordMode.NONE:
+        compiled.recording.CopyFrom(_recording(spec.outcomes))
+    return compiled
 
 
 ServiceEndpoints = Callable[[str, str, int], list[pb.Endpoint]]

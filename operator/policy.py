@@ -500,8 +500,7 @@ def byte_count(text: str) -> int:
 
 
 class Retention(_Spec):
-    """How long the recording directory keeps files (the strictest recording policy's
-    retention applies to the whole directory)."""
+    """How long the recording directory keeps files (the strictest policy's applies to all)."""
 
     max_age: str = Field(
         default="30d",
@@ -524,8 +523,7 @@ class Retention(_Spec):
 
 
 class Outcomes(_Spec):
-    """Request recording, so the deployment's own outcomes accrue (``POST /v1/feedback``
-    scores a recorded request; ``switchyard router fit --outcomes DIR`` learns from them)."""
+    """Request recording, so that outcomes (POST /v1/feedback) accrue for router fit."""
 
     record: RecordMode = Field(
         default=RecordMode.NONE,
