@@ -365,8 +365,13 @@ class Processor:
         if config.recording and self.recorder is not None:
             recorded = config.recording.get(decision.policy)
             if recorded is not None:
-                body_sent = common.body_mutation.body if request.redacted else body
-                self._record(config, recorded, decision, request.model, headers, body_sent)
+                # Personal data is never written to disk: a redacted body is recorded as sent
+                # upstream, and one with personal data that was routed, not redacted, not at all.
+                if request.redacted:
+                    kept: bytes | None = common.body_mutation.body
+                else:
+                    kept = None if request.personal_data else body
+                self._record(config, recorded, decision, request.model, headers, kept)
         self.ledger.decided(decision.policy, perf_counter() - started)
         if stream is not None:
             stream.account = ResponseAccount(self.ledger, config, target, decision, request, strip)
@@ -389,7 +394,7 @@ class Processor:
         decision: Decision,
         alias: str,
         headers: Mapping[str, str],
-        body: bytes,
+        body: bytes | None,
     ) -> None:
         """Queue the request's record (the writer thread builds the line)."""
         recorder = self.recorder

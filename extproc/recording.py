@@ -19,7 +19,9 @@ this order::
   request carried, never ``authorization``, ``x-api-key`` or ``x-request-id``;
 * ``body``: only when the policy records ``prompts``: the request JSON exactly as the client
   sent it (line breaks between tokens turned into spaces), or, when the policy redacts personal
-  data, the redacted body that went upstream;
+  data, the redacted body that went upstream. A request found to hold personal data that was
+  routed, not redacted (``spec.personalData`` action ``route``), is recorded without its body:
+  personal data is never written to disk;
 * feedback ``model``: only when the client named one (else the recorded model is meant).
 
 Nothing here runs on the event loop but ``Recorder.request``/``feedback``: a tuple appended to a

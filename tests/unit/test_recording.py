@@ -341,3 +341,22 @@ def test_join_across_replicas_last_feedback_wins(tmp_path: Path) -> None:
 def test_missing_directory_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not found"):
         load([tmp_path / "nowhere"])
+
+
+async def test_personal_data_is_never_recorded(policy_doc: dict[str, Any], tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path, replica="r0")
+    content = "Mail the summary to maria.lopez@example.com please"
+    body = orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": content}]})
+    message = body_with_attributes(body, "/v1/chat/completions", x_request_id="routed")
+    routed = _state(compile_config([parse_policy(_recording(policy_doc))]))
+    await _answer(Processor(routed, recorder=recorder), message)
+    policy_doc["spec"]["personalData"] = {"action": "redact"}
+    message = body_with_attributes(body, "/v1/chat/completions", x_request_id="redacted")
+    redacting = _state(compile_config([parse_policy(policy_doc)]))
+    await _answer(Processor(redacting, recorder=recorder), message)
+    recorder.flush()
+    by_id = {r["id"]: r for r in _lines(tmp_path, "requests")}
+    assert "body" not in by_id["routed"]
+    sent = by_id["redacted"]["body"]["messages"][0]["content"]
+    assert sent == "Mail the summary to [REDACTED:email] please"
+    assert b"maria" not in b"".join(p.read_bytes() for p in tmp_path.iterdir())
