@@ -271,38 +271,44 @@ def _prompt_fields(body: object) -> dict[str, Any] | None:
 
 
 def join_recording(directory: Path) -> Joined:
-    """Outcome records from every replica's ``requests-*`` and ``feedback-*`` files."""
+    """Outcome records from every replica's ``requests-*`` and ``feedback-*`` files. The
+    feedback is read first, so only the requests it scores are held in memory."""
     if not directory.is_dir():
         raise OutcomeError(f"recording directory not found: {directory}")
     request_files = sorted(directory.glob("requests-*.jsonl"))
     feedback_files = sorted(directory.glob("feedback-*.jsonl"))
     joined = Joined([], [*request_files, *feedback_files])
-    recorded: dict[str, tuple[dict[str, Any] | None, str]] = {}
-    for path in request_files:
-        for doc in _lines(path, joined):
-            joined.requests += 1
-            model = doc.get("model")
-            if isinstance(model, str) and model:
-                recorded[doc["id"]] = (_prompt_fields(doc.get("body")), model)
-    scored: dict[tuple[str, str], tuple[float, float]] = {}  # (id, model) → (ts, score)
+    given: dict[str, list[tuple[float, float, str | None]]] = {}  # id → (ts, score, model)
     for path in feedback_files:
         for doc in _lines(path, joined):
             joined.feedback += 1
-            score, ts = doc.get("score"), doc.get("ts")
-            if isinstance(score, bool) or not isinstance(score, int | float):
+            score, ts, model = doc.get("score"), doc.get("ts"), doc.get("model")
+            if (
+                isinstance(score, bool)
+                or not isinstance(score, int | float)
+                or not 0.0 <= score <= 1.0
+            ):
                 joined.unreadable += 1
                 continue
-            request = recorded.get(doc["id"])
-            if request is None:
-                joined.unmatched += 1
+            when = float(ts) if isinstance(ts, int | float) and not isinstance(ts, bool) else 0.0
+            named = model if isinstance(model, str) and model.strip() else None
+            given.setdefault(doc["id"], []).append((when, float(score), named))
+    scored: dict[tuple[str, str], tuple[float, float]] = {}  # (id, model) → (ts, score)
+    prompts: dict[str, dict[str, Any] | None] = {}
+    for path in request_files:
+        for doc in _lines(path, joined):
+            joined.requests += 1
+            rid, model = doc["id"], doc.get("model")
+            if rid not in given or rid in prompts or not isinstance(model, str) or not model:
                 continue
-            model = doc.get("model") if isinstance(doc.get("model"), str) else request[1]
-            key = (doc["id"], str(model))
-            when = float(ts) if isinstance(ts, int | float) else 0.0
-            if key not in scored or when >= scored[key][0]:
-                scored[key] = (when, float(score))
+            prompts[rid] = _prompt_fields(doc.get("body"))
+            for when, score, named in given[rid]:
+                key = (rid, named or model)
+                if key not in scored or when >= scored[key][0]:  # the last feedback wins
+                    scored[key] = (when, score)
+    joined.unmatched = sum(len(v) for rid, v in given.items() if rid not in prompts)
     for (rid, model), (_, score) in scored.items():
-        fields = recorded[rid][0]
+        fields = prompts[rid]
         if fields is None:
             joined.no_body += 1
             continue

@@ -320,6 +320,7 @@ def test_join_across_replicas_last_feedback_wins(tmp_path: Path) -> None:
             {"id": "r2", "ts": 5.0, "score": 1.0},
             {"id": "r3", "ts": 6.0, "score": 1.0, "model": "light"},
             {"id": "nope", "ts": 6.0, "score": 1.0},
+            {"id": "r3", "ts": 7.0, "score": 2.0},  # out of range: not a score
         ],
     )
     _write(
@@ -332,7 +333,8 @@ def test_join_across_replicas_last_feedback_wins(tmp_path: Path) -> None:
         {"id": "r1", "messages": chat["messages"], "model": "light", "score": 0.9},
         {"id": "r3", "prompt": "p3", "model": "light", "score": 1.0},
     ]
-    assert (joined.no_body, joined.unmatched, joined.unreadable) == (1, 1, 1)
+    assert (joined.no_body, joined.unmatched, joined.unreadable) == (1, 1, 2)
+    assert (joined.requests, joined.feedback) == (3, 7)
     outs = load([tmp_path])
     assert outs.texts == ["hello", "p3"] and outs.models == ["light"]
     assert len(outs.files) == 4
