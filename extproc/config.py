@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from urllib.parse import urlsplit
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.keys import KeyEntry, key_table
 from switchyard.extproc.pii import Scanner
+from switchyard.extproc.recording import RecordingRule, Retention
+from switchyard.headers import CLIENT_KEY_HEADERS, REQUEST_ID_HEADER
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +153,12 @@ class CompiledConfig:
     less specific policy's routing."""
     client_keys: Mapping[str, KeyEntry] | None = None
     """Client key sha256 → its entry; None: client authentication off."""
+    recording: Mapping[str, RecordingRule] = field(default_factory=dict)
+    """Policy key → its request recording (only policies that record)."""
+    retention: Retention = field(default_factory=Retention)
+    """The recording directory's bounds: the strictest of the recording policies'."""
+    recorded_headers: tuple[str, ...] = ()
+    """The routing headers a recorded request keeps (never a client key or the id)."""
 
     @property
     def served_names(self) -> list[str]:
@@ -351,7 +359,7 @@ def build_config(
         if len(group) == 1 and name not in ordered and name not in guarded:
             by_name[name] = group[0]
     bundles = {p.key: p.router_bundle for p in policies if p.needs_scores}
-    return CompiledConfig(
+    compiled = CompiledConfig(
         version=config.version,
         policies_by_alias=ordered,
         models_by_name=by_name,
@@ -362,6 +370,39 @@ def build_config(
         unavailable=_unavailable(config, errors, by_name),
         guarded=guarded,
         client_keys=key_table(config),
+    )
+    recording = _recording(config, {p.key for p in policies})
+    if recording is None:
+        return compiled
+    rules, retention, headers = recording
+    return replace(compiled, recording=rules, retention=retention, recorded_headers=headers)
+
+
+def _strictest(values: list[int]) -> int:
+    bounded = [v for v in values if v > 0]
+    return min(bounded) if bounded else 0
+
+
+def _recording(
+    config: pb.RoutingConfig, served: set[str]
+) -> tuple[dict[str, RecordingRule], Retention, tuple[str, ...]] | None:
+    """``CompiledConfig``'s recording fields; None when no served policy records."""
+    on = [p for p in config.policies if p.recording.record and f"{p.namespace}/{p.name}" in served]
+    if not on:
+        return None
+    skip = {*CLIENT_KEY_HEADERS, REQUEST_ID_HEADER}
+    return (
+        {
+            f"{p.namespace}/{p.name}": RecordingRule(
+                prompts=p.recording.record == pb.Recording.PROMPTS
+            )
+            for p in on
+        },
+        Retention(
+            max_age_s=_strictest([p.recording.max_age_s for p in on]),
+            max_bytes=_strictest([p.recording.max_bytes for p in on]),
+        ),
+        tuple(h for h in config.request_headers if h not in skip),
     )
 
 

@@ -28,17 +28,22 @@ from switchyard.extproc.accounting import (
     ResponseAccount,
     stream_options_for_usage,
 )
-from switchyard.extproc.engine import decide, select_target, session_view
+from switchyard.extproc.config import CompiledConfig
+from switchyard.extproc.engine import Decision, decide, select_target, session_view
 from switchyard.extproc.errors import GatewayError, invalid_request
+from switchyard.extproc.feedback import RECORDED_BODY, parse_feedback
 from switchyard.extproc.keys import authenticate, denial, forbidden
 from switchyard.extproc.metrics import REJECTIONS
+from switchyard.extproc.recording import Recorder, RecordingRule
 from switchyard.extproc.request import Endpoint, parse_request, screen, unwritable
 from switchyard.extproc.state import RuntimeState
 from switchyard.headers import (
     DATA_CLASS_HEADER,
     DEFAULT_DATA_CLASS,
     EXTPROC_FILTER,
+    FEEDBACK_PATH,
     METADATA_NAMESPACE,
+    REQUEST_ID_HEADER,
 )
 
 if TYPE_CHECKING:
@@ -169,9 +174,16 @@ class StreamState:
 class Processor:
     """Handles ext_proc streams against the current RuntimeState."""
 
-    def __init__(self, state: RuntimeState, tracer: RouteTracer | None = None) -> None:
+    def __init__(
+        self,
+        state: RuntimeState,
+        tracer: RouteTracer | None = None,
+        recorder: Recorder | None = None,
+    ) -> None:
         self.state = state
         self.tracer = tracer
+        self.recorder = recorder
+        """Appends recorded requests and feedback (None: this worker has no directory)."""
         self.ledger = Ledger()
         # The HTTP/2 layer hands a new stream's headers to this hook only when it is set.
         self.on_headers = None if tracer is None else tracer.on_headers
@@ -213,6 +225,9 @@ class Processor:
                 try:
                     stream.endpoint = _endpoint(stream.headers)
                 except GatewayError as error:
+                    # Checked only off the inference path: it costs routed requests nothing.
+                    if stream.headers.get(":path", "").split("?", 1)[0] == FEEDBACK_PATH:
+                        return self.feedback(stream.headers, message.request_body.body), True
                     return immediate(error), True
             response = await self.route(
                 stream.endpoint, stream.headers, message.request_body.body, stream.trace, stream
@@ -347,6 +362,16 @@ class Processor:
             meta["difficulty"].number_value = round(scores.difficulty, 3)
             meta["category"].string_value = scores.category
         state.record(decision, request)
+        if config.recording and self.recorder is not None:
+            recorded = config.recording.get(decision.policy)
+            if recorded is not None:
+                # Personal data is never written to disk: a redacted body is recorded as sent
+                # upstream, and one with personal data that was routed, not redacted, not at all.
+                if request.redacted:
+                    kept: bytes | None = common.body_mutation.body
+                else:
+                    kept = None if request.personal_data else body
+                self._record(config, recorded, decision, request.model, headers, kept)
         self.ledger.decided(decision.policy, perf_counter() - started)
         if stream is not None:
             stream.account = ResponseAccount(self.ledger, config, target, decision, request, strip)
@@ -361,3 +386,72 @@ class Processor:
                 None if key is None else key.models,
             )
         return response
+
+    def _record(
+        self,
+        config: CompiledConfig,
+        rule: RecordingRule,
+        decision: Decision,
+        alias: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+    ) -> None:
+        """Queue the request's record (the writer thread builds the line)."""
+        recorder = self.recorder
+        assert recorder is not None
+        rid = headers.get(REQUEST_ID_HEADER)
+        if not rid:  # not from this gateway's Envoy (it always sets one): nothing to file under
+            return
+        if recorder.retention is not config.retention:
+            recorder.retention = config.retention
+        recorder.request(
+            (
+                time(),
+                rid,
+                decision.policy,
+                alias,
+                decision.model.name,
+                decision.reason,
+                headers,
+                config.recorded_headers,
+                body if rule.prompts else None,
+            )
+        )
+
+    def feedback(self, headers: Mapping[str, str], body: bytes) -> ep.ProcessingResponse:
+        """Answer ``POST /v1/feedback`` (``switchyard.extproc.feedback``)."""
+        config = self.state.config
+        try:
+            if config.client_keys is not None:
+                authenticate(config.client_keys, headers, time())
+            if self.recorder is None or not config.recording:
+                raise GatewayError(
+                    404,
+                    "feedback is not enabled: no RoutePolicy records requests "
+                    "(spec.outcomes.record)",
+                    code="unknown_url",
+                )
+            given = parse_feedback(body)
+            if not self.recorder.feedback((time(), given.request_id, given.score, given.model)):
+                raise GatewayError(
+                    503,
+                    "the gateway is recording more than it can write; retry shortly",
+                    code="recording_busy",
+                    type_="server_error",
+                )
+        except GatewayError as error:
+            return immediate(error)
+        return _RECORDED
+
+
+def _recorded() -> ep.ProcessingResponse:
+    response = ep.ProcessingResponse()
+    reply = response.immediate_response
+    reply.status.code = 200
+    reply.body = RECORDED_BODY
+    reply.details = "switchyard_feedback_recorded"
+    reply.headers.set_headers.append(_JSON)
+    return response
+
+
+_RECORDED = _recorded()

@@ -13,16 +13,20 @@ from collections.abc import Callable, Iterable
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.router.bundle import bundle_models
-from switchyard.headers import CLIENT_KEY_HEADERS, DATA_CLASS_HEADER
+from switchyard.headers import CLIENT_KEY_HEADERS, DATA_CLASS_HEADER, REQUEST_ID_HEADER
 from switchyard.operator.multicluster import Topology, place_endpoints
 from switchyard.operator.policy import (
     ModelSpec,
+    Outcomes,
     PersonalData,
     PersonalDataAction,
+    RecordMode,
     Retries,
     RoutePolicy,
     Rule,
     StrategyType,
+    age_seconds,
+    byte_count,
     duration_ms,
     missing_predictions,
 )
@@ -133,6 +137,23 @@ def _personal_data(spec: PersonalData) -> pb.PersonalData:
     )
 
 
+_RECORD = {
+    RecordMode.NONE: pb.Recording.OFF,
+    RecordMode.DECISIONS: pb.Recording.DECISIONS,
+    RecordMode.PROMPTS: pb.Recording.PROMPTS,
+}
+
+
+def _recording(spec: Outcomes) -> pb.Recording:
+    """A recording policy's ``Policy.recording`` (left unset when off: configs that do not
+    record are unchanged)."""
+    return pb.Recording(
+        record=_RECORD[spec.record],
+        max_age_s=age_seconds(spec.retention.max_age),
+        max_bytes=byte_count(spec.retention.max_bytes),
+    )
+
+
 def _predictive(policy: RoutePolicy) -> pb.Predictive:
     """Every model's prediction label. A bundle on this machine (local mode, or a path the
     operator also mounts) is checked to predict each one; elsewhere the ext_proc checks."""
@@ -171,7 +192,7 @@ def compile_policy(policy: RoutePolicy) -> pb.Policy:
     )
     if spec.strategy.predictive is not None:
         strategy.predictive.CopyFrom(_predictive(policy))
-    return pb.Policy(
+    compiled = pb.Policy(
         name=policy.metadata.name,
         namespace=policy.metadata.namespace,
         generation=policy.metadata.generation,
@@ -184,6 +205,9 @@ def compile_policy(policy: RoutePolicy) -> pb.Policy:
         session_header=spec.session_affinity.header if spec.session_affinity else "",
         personal_data=_personal_data(spec.personal_data),
     )
+    if spec.outcomes.record is not RecordMode.NONE:
+        compiled.recording.CopyFrom(_recording(spec.outcomes))
+    return compiled
 
 
 ServiceEndpoints = Callable[[str, str, int], list[pb.Endpoint]]
@@ -258,6 +282,8 @@ def compile_config(
             headers.add(policy.session_header)
         for rule in policy.strategy.rules:
             headers.update(rule.when.headers)
+    if any(p.recording.record for p in config.policies):
+        headers.add(REQUEST_ID_HEADER)  # the id a recorded request is filed under
     if client_keys is not None:
         config.require_client_key = True
         config.client_keys.extend(client_keys)

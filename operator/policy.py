@@ -476,6 +476,68 @@ class PersonalData(_Spec):
         return self
 
 
+class RecordMode(StrEnum):
+    NONE = "none"
+    DECISIONS = "decisions"
+    PROMPTS = "prompts"
+
+
+_AGE = r"^[0-9]+(d|h|m)$"
+_BYTES = r"^[0-9]+(Ki|Mi|Gi|Ti)?$"
+_AGE_S = {"d": 86_400, "h": 3_600, "m": 60}
+_BYTES_UNIT = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+
+
+def age_seconds(text: str) -> int:
+    """'30d' → 2592000 (an already validated ``retention.maxAge``)."""
+    return int(text[:-1]) * _AGE_S[text[-1]]
+
+
+def byte_count(text: str) -> int:
+    """'1Gi' → 1073741824 (an already validated ``retention.maxBytes``)."""
+    unit = text[-2:]
+    return int(text[:-2]) * _BYTES_UNIT[unit] if unit in _BYTES_UNIT else int(text)
+
+
+class Retention(_Spec):
+    """How long the recording directory keeps files (the strictest policy's applies to all)."""
+
+    max_age: str = Field(
+        default="30d",
+        pattern=_AGE,
+        max_length=16,
+        description="Files older than this are deleted (e.g. 30d, 12h; 0d: no age limit).",
+    )
+    max_bytes: str = Field(
+        default="1Gi",
+        pattern=_BYTES,
+        max_length=24,
+        description="The directory is pruned, oldest files first, to at most this size "
+        "(bytes, or Ki/Mi/Gi/Ti; 0: no size limit).",
+    )
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _number(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class Outcomes(_Spec):
+    """Request recording, so that outcomes (POST /v1/feedback) accrue for router fit."""
+
+    record: RecordMode = Field(
+        default=RecordMode.NONE,
+        description="none (default); decisions: each routed request's id, time, alias, chosen "
+        "model, reason and routing headers; prompts: the same plus the client's request body.",
+    )
+    retention: Retention = Field(default_factory=Retention)
+
+    @field_validator("record", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        return "none" if value is False else value  # YAML 1.1 reads `off`/`no` as false
+
+
 class RetryOn(StrEnum):
     CONNECT_FAILURE = "connect-failure"
     RESET = "reset"
@@ -512,6 +574,7 @@ class RoutePolicySpec(_Spec):
     strategy: Strategy
     session_affinity: SessionAffinity | None = None
     personal_data: PersonalData = Field(default_factory=PersonalData)
+    outcomes: Outcomes = Field(default_factory=Outcomes)
     retries: Retries = Field(default_factory=Retries)
     timeout: str = Field(default="300s", pattern=_DURATION, max_length=32)
     autoscaling: Autoscaling | None = None

@@ -23,3 +23,10 @@ that answered is another model's)."""
 
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
 """Where clients present their API key; never forwarded upstream (the routes remove them)."""
+
+REQUEST_ID_HEADER = "x-request-id"
+"""Envoy generates it for every request (a client's own is removed first) and returns it on
+every response; recorded requests are filed under it and ``POST /v1/feedback`` names it."""
+
+FEEDBACK_PATH = "/v1/feedback"
+"""Where clients score a recorded request (answered by the ext_proc)."""

@@ -37,7 +37,14 @@ def _parser() -> argparse.ArgumentParser:
         '{"id", "prompt" | "messages", "model", "score" in [0, 1]} plus optional cost_usd, '
         "latency_ms, ts. See docs/router-model.md.",
     )
-    fit.add_argument("--outcomes", type=Path, nargs="+", required=True, metavar="FILE")
+    fit.add_argument(
+        "--outcomes",
+        type=Path,
+        nargs="+",
+        required=True,
+        metavar="FILE|DIR",
+        help="outcome files (JSONL), or recording directories (the ext_proc's --outcomes-dir)",
+    )
     fit.add_argument("--out", type=Path, required=True, metavar="DIR")
     fit.add_argument("--models", default=None, help="comma list (default: every model present)")
     fit.add_argument("--name", default="fitted", help="bundle name (router.yaml)")

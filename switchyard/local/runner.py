@@ -322,6 +322,8 @@ class LocalGateway:
                 "--metrics-port",
                 str(self.spec.metrics_port),
                 *(["--tls-dir", str(self.tls.cert.parent)] if self.tls is not None else []),
+                "--outcomes-dir",
+                str(self.state_dir / "outcomes"),
             ],
             env=_extproc_environment(self.traces, prompt_export=self.jaeger is not None),
         )

@@ -56,7 +56,7 @@ class AllowList(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("name", "namespace", "generation", "aliases", "match_headers", "models", "strategy", "retries", "timeout_ms", "session_header", "personal_data")
+    __slots__ = ("name", "namespace", "generation", "aliases", "match_headers", "models", "strategy", "retries", "timeout_ms", "session_header", "personal_data", "recording")
     class MatchHeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class Policy(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     SESSION_HEADER_FIELD_NUMBER: _ClassVar[int]
     PERSONAL_DATA_FIELD_NUMBER: _ClassVar[int]
+    RECORDING_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     generation: int
@@ -86,7 +87,26 @@ class Policy(_message.Message):
     timeout_ms: int
     session_header: str
     personal_data: PersonalData
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., generation: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., match_headers: _Optional[_Mapping[str, str]] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, _Mapping]] = ..., retries: _Optional[_Union[Retries, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., session_header: _Optional[str] = ..., personal_data: _Optional[_Union[PersonalData, _Mapping]] = ...) -> None: ...
+    recording: Recording
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., generation: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., match_headers: _Optional[_Mapping[str, str]] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, _Mapping]] = ..., retries: _Optional[_Union[Retries, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., session_header: _Optional[str] = ..., personal_data: _Optional[_Union[PersonalData, _Mapping]] = ..., recording: _Optional[_Union[Recording, _Mapping]] = ...) -> None: ...
+
+class Recording(_message.Message):
+    __slots__ = ("record", "max_age_s", "max_bytes")
+    class Record(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OFF: _ClassVar[Recording.Record]
+        DECISIONS: _ClassVar[Recording.Record]
+        PROMPTS: _ClassVar[Recording.Record]
+    OFF: Recording.Record
+    DECISIONS: Recording.Record
+    PROMPTS: Recording.Record
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    record: Recording.Record
+    max_age_s: int
+    max_bytes: int
+    def __init__(self, record: _Optional[_Union[Recording.Record, str]] = ..., max_age_s: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class PersonalData(_message.Message):
     __slots__ = ("detectors", "action", "data_class", "raise_from")
