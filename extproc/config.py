@@ -1,7 +1,8 @@
 """The ext_proc's in-memory routing table, built once per RoutingConfig version.
 
-Everything the hot path needs is precomputed here: compiled regexes, lowered keywords,
-frozen sets for capability and data-class checks, model lookup tables and the /v1/models list.
+Everything the hot path needs is precomputed here: compiled regexes, lowered keywords, the
+embeddings of semantic conditions' examples, frozen sets for capability and data-class checks,
+model lookup tables and the /v1/models list.
 
 A policy that does not load (a regex that does not compile, a reference to a model it lacks,
 or a router bundle the caller could not load) is left out on its own: the others are served,
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.keys import KeyEntry, key_table
 from switchyard.extproc.pii import Scanner
+from switchyard.extproc.semantic import Embedder, EmbedderError, SemanticCondition, load_embedder
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +75,16 @@ class CompiledRule:
     categories: frozenset[str]
     min_difficulty: float | None
     max_difficulty: float | None
+    semantic: SemanticCondition | None = None
+    """Similarity to example utterances (needs the policy's embedder)."""
 
     @property
     def needs_scores(self) -> bool:
-        return bool(self.categories) or (
-            self.min_difficulty is not None or self.max_difficulty is not None
+        return (
+            bool(self.categories)
+            or self.min_difficulty is not None
+            or self.max_difficulty is not None
+            or self.semantic is not None
         )
 
 
@@ -119,6 +126,9 @@ class CompiledPolicy:
     """Personal-data detection (None: off)."""
     predictive: PredictiveRule | None = None
     """The predictive strategy's candidates and knob (that strategy only)."""
+    embedder: Embedder | None = None
+    """Its router bundle's embedder, when a rule has a semantic condition (None: none has,
+    and no request of this policy is embedded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +223,32 @@ def _regex(index: int, pattern: str) -> re.Pattern[str] | None:
         raise PolicyLoadError(f"strategy.rules[{index}].when.regex: {exc}") from None
 
 
-def _rule(index: int, r: pb.Rule) -> CompiledRule:
+def _semantic(index: int, w: pb.RuleMatch, embedder: Embedder | None) -> SemanticCondition | None:
+    """The examples embedded once, here; requests are compared against them."""
+    if not w.HasField("semantic"):
+        return None
+    where = f"strategy.rules[{index}].when.semantic"
+    s = w.semantic
+    assert embedder is not None  # _embedder found this rule
+    if not s.examples:
+        raise PolicyLoadError(f"{where}.examples: at least one example is needed")
+    if not 0.0 <= s.threshold <= 1.0:
+        raise PolicyLoadError(f"{where}.threshold: must be between 0 and 1, got {s.threshold}")
+    return SemanticCondition(embedder.embed_texts(list(s.examples)), s.threshold)
+
+
+def _embedder(p: pb.Policy) -> Embedder | None:
+    """The policy's router bundle's embedder when a rule needs one."""
+    for i, r in enumerate(p.strategy.rules):
+        if r.when.HasField("semantic"):
+            try:
+                return load_embedder(p.strategy.router_bundle)
+            except EmbedderError as exc:
+                raise PolicyLoadError(f"strategy.rules[{i}].when.semantic: {exc}") from None
+    return None
+
+
+def _rule(index: int, r: pb.Rule, embedder: Embedder | None = None) -> CompiledRule:
     w = r.when
     return CompiledRule(
         name=r.name,
@@ -227,6 +262,7 @@ def _rule(index: int, r: pb.Rule) -> CompiledRule:
         categories=frozenset(w.categories),
         min_difficulty=w.min_difficulty if w.HasField("min_difficulty") else None,
         max_difficulty=w.max_difficulty if w.HasField("max_difficulty") else None,
+        semantic=_semantic(index, w, embedder),
     )
 
 
@@ -295,7 +331,8 @@ def _policy(p: pb.Policy) -> CompiledPolicy:
     personal = _personal_data(p.personal_data)
     models = {m.name: _model(key, m, personal) for m in p.models}
     _check_references(p, models)
-    rules = tuple(_rule(i, r) for i, r in enumerate(p.strategy.rules))
+    embedder = _embedder(p)
+    rules = tuple(_rule(i, r, embedder) for i, r in enumerate(p.strategy.rules))
     weighted = tuple(m for m in models.values() if m.weight > 0)
     kind = p.strategy.type
     return CompiledPolicy(
@@ -318,6 +355,7 @@ def _policy(p: pb.Policy) -> CompiledPolicy:
         predictive=_predictive(p.strategy.predictive, models)
         if kind == pb.Strategy.PREDICTIVE
         else None,
+        embedder=embedder,
     )
 
 

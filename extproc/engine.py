@@ -26,6 +26,7 @@ from switchyard.extproc.config import (
 from switchyard.extproc.errors import GatewayError, policy_unavailable
 from switchyard.extproc.request import ParsedRequest
 from switchyard.extproc.scoring import RouterScores
+from switchyard.extproc.semantic import SemanticCondition
 from switchyard.headers import DATA_CLASS_HEADER, DEFAULT_DATA_CLASS
 
 
@@ -255,6 +256,18 @@ def _rule_matches(
     return True
 
 
+def _semantic(condition: SemanticCondition, scores: RouterScores | None) -> str:
+    """ ", semantic 0.712 >= 0.6" when the prompt is close enough to an example, else ""
+    (also without an embedding). The reason carries the figures, never the text."""
+    embedding = None if scores is None else scores.embedding
+    if embedding is None:
+        return ""
+    similarity = condition.similarity(embedding)
+    if similarity < condition.threshold:
+        return ""
+    return f", semantic {similarity:.3f} >= {condition.threshold:g}"
+
+
 def _classify(
     policy: CompiledPolicy, scores: RouterScores, constraints: _Constraints
 ) -> Decision | None:
@@ -420,11 +433,16 @@ def _decide(
         lowered = request.prompt.lower()
         for rule in policy.rules:
             if _rule_matches(rule, request, headers, scores, lowered):
+                how = ""
+                if rule.semantic is not None:  # last: the costliest condition
+                    how = _semantic(rule.semantic, scores)
+                    if not how:
+                        continue
                 picked = _first_allowed(policy, policy.models[rule.route], constraints)
                 if picked is not None:
                     model, fell_back = picked
                     suffix = f", fallback from {rule.route}" if fell_back else ""
-                    return Decision(model, f"rule: {rule.name}{suffix}", policy.key)
+                    return Decision(model, f"rule: {rule.name}{how}{suffix}", policy.key)
 
     decision: Decision | None = None
     if policy.strategy == Strategy.CLASSIFIER:
