@@ -21,7 +21,13 @@ from urllib.parse import urlsplit
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.keys import KeyEntry, key_table
 from switchyard.extproc.pii import Scanner
-from switchyard.extproc.semantic import Embedder, EmbedderError, SemanticCondition, load_embedder
+from switchyard.extproc.semantic import (
+    F32,
+    Embedder,
+    EmbedderError,
+    SemanticCondition,
+    load_embedder,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +135,9 @@ class CompiledPolicy:
     embedder: Embedder | None = None
     """Its router bundle's embedder, when a rule has a semantic condition (None: none has,
     and no request of this policy is embedded)."""
+    semantic_examples: F32 | None = None
+    """Every semantic rule's examples embedded, [k, dim] unit rows (``SemanticCondition``
+    spans)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,32 +232,36 @@ def _regex(index: int, pattern: str) -> re.Pattern[str] | None:
         raise PolicyLoadError(f"strategy.rules[{index}].when.regex: {exc}") from None
 
 
-def _semantic(index: int, w: pb.RuleMatch, embedder: Embedder | None) -> SemanticCondition | None:
-    """The examples embedded once, here; requests are compared against them."""
-    if not w.HasField("semantic"):
-        return None
-    where = f"strategy.rules[{index}].when.semantic"
-    s = w.semantic
-    assert embedder is not None  # _embedder found this rule
-    if not s.examples:
-        raise PolicyLoadError(f"{where}.examples: at least one example is needed")
-    if not 0.0 <= s.threshold <= 1.0:
-        raise PolicyLoadError(f"{where}.threshold: must be between 0 and 1, got {s.threshold}")
-    return SemanticCondition(embedder.embed_texts(list(s.examples)), s.threshold)
+def _semantic(p: pb.Policy) -> tuple[Embedder | None, F32 | None, dict[int, SemanticCondition]]:
+    """The policy's embedder, every semantic example embedded (once, here) as the rows of one
+    matrix, and each semantic rule's condition (its rows and threshold) by rule index. A
+    request's similarities to all of them are then one matrix-vector product."""
+    found = [(i, r.when.semantic) for i, r in enumerate(p.strategy.rules)]
+    found = [(i, s) for i, s in found if p.strategy.rules[i].when.HasField("semantic")]
+    if not found:
+        return None, None, {}
+    try:
+        embedder = load_embedder(p.strategy.router_bundle)
+    except EmbedderError as exc:
+        raise PolicyLoadError(f"strategy.rules[{found[0][0]}].when.semantic: {exc}") from None
+    texts: list[str] = []
+    spans = {}
+    for i, s in found:
+        where = f"strategy.rules[{i}].when.semantic"
+        if not s.examples:
+            raise PolicyLoadError(f"{where}.examples: at least one example is needed")
+        if not 0.0 <= s.threshold <= 1.0:
+            raise PolicyLoadError(f"{where}.threshold: must be between 0 and 1, got {s.threshold}")
+        spans[i] = (len(texts), len(texts) + len(s.examples), s.threshold)
+        texts.extend(s.examples)
+    matrix = embedder.embed_texts(texts)
+    conditions = {
+        i: SemanticCondition(matrix[a:b], threshold, a, b) for i, (a, b, threshold) in spans.items()
+    }
+    return embedder, matrix, conditions
 
 
-def _embedder(p: pb.Policy) -> Embedder | None:
-    """The policy's router bundle's embedder when a rule needs one."""
-    for i, r in enumerate(p.strategy.rules):
-        if r.when.HasField("semantic"):
-            try:
-                return load_embedder(p.strategy.router_bundle)
-            except EmbedderError as exc:
-                raise PolicyLoadError(f"strategy.rules[{i}].when.semantic: {exc}") from None
-    return None
-
-
-def _rule(index: int, r: pb.Rule, embedder: Embedder | None = None) -> CompiledRule:
+def _rule(index: int, r: pb.Rule, semantic: SemanticCondition | None = None) -> CompiledRule:
     w = r.when
     return CompiledRule(
         name=r.name,
@@ -262,7 +275,7 @@ def _rule(index: int, r: pb.Rule, embedder: Embedder | None = None) -> CompiledR
         categories=frozenset(w.categories),
         min_difficulty=w.min_difficulty if w.HasField("min_difficulty") else None,
         max_difficulty=w.max_difficulty if w.HasField("max_difficulty") else None,
-        semantic=_semantic(index, w, embedder),
+        semantic=semantic,
     )
 
 
@@ -331,8 +344,8 @@ def _policy(p: pb.Policy) -> CompiledPolicy:
     personal = _personal_data(p.personal_data)
     models = {m.name: _model(key, m, personal) for m in p.models}
     _check_references(p, models)
-    embedder = _embedder(p)
-    rules = tuple(_rule(i, r, embedder) for i, r in enumerate(p.strategy.rules))
+    embedder, examples, semantic = _semantic(p)
+    rules = tuple(_rule(i, r, semantic.get(i)) for i, r in enumerate(p.strategy.rules))
     weighted = tuple(m for m in models.values() if m.weight > 0)
     kind = p.strategy.type
     return CompiledPolicy(
@@ -356,6 +369,7 @@ def _policy(p: pb.Policy) -> CompiledPolicy:
         if kind == pb.Strategy.PREDICTIVE
         else None,
         embedder=embedder,
+        semantic_examples=examples,
     )
 
 

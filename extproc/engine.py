@@ -256,16 +256,25 @@ def _rule_matches(
     return True
 
 
-def _semantic(condition: SemanticCondition, scores: RouterScores | None) -> str:
-    """ ", semantic 0.712 >= 0.6" when the prompt is close enough to an example, else ""
-    (also without an embedding). The reason carries the figures, never the text."""
+def _similarities(policy: CompiledPolicy, scores: RouterScores | None) -> list[float]:
+    """The prompt's cosine similarity to every semantic example of the policy (one
+    matrix-vector product); [] without an embedding."""
     embedding = None if scores is None else scores.embedding
-    if embedding is None:
+    if embedding is None or policy.semantic_examples is None:
+        return []
+    similarities: list[float] = (policy.semantic_examples @ embedding).tolist()
+    return similarities
+
+
+def _semantic(condition: SemanticCondition, similarities: list[float]) -> str:
+    """ ", semantic 0.712 >= 0.6" when the prompt is close enough to one of the condition's
+    examples, else "". The reason carries the figures, never the text."""
+    if not similarities:
         return ""
-    similarity = condition.similarity(embedding)
-    if similarity < condition.threshold:
+    best = condition.best(similarities)
+    if best < condition.threshold:
         return ""
-    return f", semantic {similarity:.3f} >= {condition.threshold:g}"
+    return f", semantic {best:.3f} >= {condition.threshold:g}"
 
 
 def _classify(
@@ -431,11 +440,15 @@ def _decide(
     policy = target
     if policy.rules:
         lowered = request.prompt.lower()
+        similarities: list[float] | None = None  # to every semantic example, once
         for rule in policy.rules:
             if _rule_matches(rule, request, headers, scores, lowered):
                 how = ""
-                if rule.semantic is not None:  # last: the costliest condition
-                    how = _semantic(rule.semantic, scores)
+                condition = rule.semantic
+                if condition is not None:  # last: the costliest condition
+                    if similarities is None:
+                        similarities = _similarities(policy, scores)
+                    how = _semantic(condition, similarities)
                     if not how:
                         continue
                 picked = _first_allowed(policy, policy.models[rule.route], constraints)

@@ -223,12 +223,18 @@ def without_common_direction(vectors: F32, special: list[int]) -> F32:
 
 @dataclass(frozen=True, slots=True)
 class SemanticCondition:
-    """A rule's examples, embedded, and its threshold."""
+    """One rule's examples, embedded, and its threshold."""
 
     examples: F32
-    """[k, dim] unit rows."""
+    """[k, dim] unit rows: rows ``start:end`` of its policy's ``semantic_examples``."""
     threshold: float
+    start: int = 0
+    end: int = 0
 
     def similarity(self, embedding: F32) -> float:
         """The prompt's cosine similarity to its closest example."""
         return float((self.examples @ embedding).max())
+
+    def best(self, similarities: list[float]) -> float:
+        """``similarity`` from the policy's similarities to all its examples."""
+        return max(similarities[self.start : self.end])

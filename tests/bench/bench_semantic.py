@@ -8,9 +8,10 @@ mean ROC AUC over intents, and with one threshold for every intent: the share of
 matched and of negatives matched (false matches) at thresholds 0.5-0.8. ``--reference``
 adds the full MiniLM encoder (``builtin:minilm``'s, 384-d, contextual) for comparison.
 
-Cost: the scorer at batch 1 on one thread, for 16-, 64- and 512-token prompts: ``score`` as a
-policy without a semantic rule calls it, and with the embedding (``embed=True``), plus the
-rule check (6 rules x 5 examples); p50/p99 over interleaved runs.
+Cost: the scorer at batch 1 on one thread, for about 16-, 64- and 500-token prompts: scoring as
+for a policy without a semantic rule ("plain"), with the embedding ("embed"), and with the
+embedding plus the engine's decision over 6 semantic rules of 5 examples each, none matching
+(every rule checked); p50/p99 over interleaved runs, in microseconds.
 
     python tests/bench/bench_semantic.py [--sections separation,cost] [--runs 2000] [--reference]
 """
@@ -18,18 +19,26 @@ rule check (6 rules x 5 examples); p50/p99 over interleaved runs.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 import yaml
 
+from switchyard.extproc.config import build_config
+from switchyard.extproc.engine import decide
+from switchyard.extproc.request import Endpoint, parse_request
 from switchyard.extproc.router.bundle import load_bundle
 from switchyard.extproc.router.runtime import OnnxRouter
-from switchyard.extproc.semantic import Embedder, SemanticCondition, load_embedder, token_table
+from switchyard.extproc.semantic import Embedder, load_embedder, token_table
+from switchyard.operator.compiler import compile_config
+from switchyard.operator.policy import parse_policy
 
 DATA = Path(__file__).resolve().parents[1] / "unit" / "testdata" / "semantic" / "intents.yaml"
 F32 = npt.NDArray[np.float32]
@@ -102,47 +111,77 @@ def _minilm() -> Callable[[list[str]], F32]:
     return run
 
 
+def _policy(intents: dict[str, dict[str, list[str]]]) -> dict[str, Any]:
+    """A rules policy with one semantic rule per intent, at a threshold no prompt reaches (so
+    every rule is checked)."""
+    rules = [
+        {"name": k, "when": {"semantic": {"examples": v["examples"], "threshold": 1}}, "route": "m"}
+        for k, v in intents.items()
+    ]
+    return {
+        "apiVersion": "switchyard.dev/v1alpha1",
+        "kind": "RoutePolicy",
+        "metadata": {"name": "bench"},
+        "spec": {
+            "match": {"models": ["auto"]},
+            "models": [
+                {
+                    "name": "m",
+                    "backend": {"url": "http://127.0.0.1:1"},
+                    "upstreamModel": "m",
+                    "pricing": {"inputPer1M": 1, "outputPer1M": 1},
+                }
+            ],
+            "strategy": {"type": "rules", "default": "m", "rules": rules},
+        },
+    }
+
+
 def cost(runs: int) -> None:
     router = OnnxRouter(load_bundle("builtin:default"))
-    embedder = router.embedder
-    assert embedder is not None
     doc = yaml.safe_load(DATA.read_text())
-    rules = [
-        SemanticCondition(embedder.embed_texts(v["examples"]), 0.6) for v in doc["intents"].values()
-    ]
+    with_rules = _policy(doc["intents"])
+    without = copy.deepcopy(with_rules)
+    without["spec"]["strategy"]["rules"] = []
+    config = build_config(compile_config([parse_policy(with_rules)], ""))
+    semantic = config.policies_by_alias["auto"][0]
+    plain = build_config(compile_config([parse_policy(without)], "")).policies_by_alias["auto"][0]
+    embedder = semantic.embedder
+    assert embedder is not None and plain.embedder is None
     base = "explain why the following sql query returns duplicate rows and how to fix it "
     words = base.split()
-    print("tokens  plain p50/p99 (us)  embed p50/p99  embed+6 rules p50/p99  added p50")
+    print(
+        "tokens  plain: score+decide p50/p99 (us)  semantic: score+embed+decide p50/p99"
+        "  added p50 (embedding alone)"
+    )
     for n_words in (12, 48, 400):
         text = " ".join(words[i % len(words)] for i in range(n_words))
         n_tokens = router.tokenizer.encode_array(text).shape[0]
-        times: dict[str, list[float]] = {"plain": [], "embed": [], "rules": []}
+        body = {"model": "auto", "messages": [{"role": "user", "content": text}]}
+        request = parse_request(Endpoint.CHAT, orjson.dumps(body))
+        times: dict[str, list[float]] = {"plain": [], "embed": [], "semantic": []}
         for _ in range(50):  # warm up
-            router.score_batch([text])
-            router.score_batch([text], embed=True)
+            decide(semantic, request, {}, router.score_batch([text], embedder)[0])
         for _ in range(runs):
             t0 = time.perf_counter()
-            router.score_batch([text])
+            a = decide(plain, request, {}, router.score_batch([text])[0])
             t1 = time.perf_counter()
-            router.score_batch([text], embed=True)
+            b = decide(semantic, request, {}, router.score_batch([text], embedder)[0])
             t2 = time.perf_counter()
-            scores = router.score_batch([text], embed=True)[0]
-            assert scores.embedding is not None
-            for rule in rules:
-                rule.similarity(scores.embedding)
+            router.score_batch([text], embedder)
             t3 = time.perf_counter()
             times["plain"].append((t1 - t0) * 1e6)
-            times["embed"].append((t2 - t1) * 1e6)
-            times["rules"].append((t3 - t2) * 1e6)
+            times["semantic"].append((t2 - t1) * 1e6)
+            times["embed"].append((t3 - t2) * 1e6)
+        assert a.reason == b.reason == "default"
 
-        def p(xs: list[float], q: float) -> float:
-            return float(np.percentile(xs, q))
+        def p(name: str, q: float = 50) -> float:
+            return float(np.percentile(times[name], q))
 
         print(
-            f"{n_tokens:>6}  {p(times['plain'], 50):7.1f} / {p(times['plain'], 99):6.1f}"
-            f"  {p(times['embed'], 50):7.1f} / {p(times['embed'], 99):6.1f}"
-            f"  {p(times['rules'], 50):7.1f} / {p(times['rules'], 99):6.1f}"
-            f"  {p(times['rules'], 50) - p(times['plain'], 50):+6.1f}"
+            f"{n_tokens:>6}  {p('plain'):7.1f} / {p('plain', 99):7.1f}"
+            f"  {p('semantic'):7.1f} / {p('semantic', 99):7.1f}"
+            f"  {p('semantic') - p('plain'):+6.1f} ({p('embed') - p('plain'):+.1f})"
         )
 
 
