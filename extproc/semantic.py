@@ -13,6 +13,7 @@ token ids it already made for scoring, only for policies with a semantic rule).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,9 +128,11 @@ class Embedder:
         if n > self._ones.shape[0]:
             self._ones = np.ones(n, dtype=np.float32)
         # a BLAS vector-matrix product sums the rows 2x faster than ndarray.sum(axis=0)
-        v: F32 = self._ones[:n] @ np.take(self.vectors, ids, axis=0)
-        norm = float(np.sqrt(v @ v))
-        return v / norm if norm > 0.0 else v
+        v: F32 = self._ones[:n] @ self.vectors.take(ids, axis=0)
+        norm = math.sqrt(v.dot(v))
+        if norm > 0.0:
+            v *= 1.0 / norm
+        return v
 
     def embed_rows(self, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]) -> F32:
         """Embeddings [n, dim] of a padded batch (``mask`` 1 on real tokens)."""

@@ -227,7 +227,13 @@ class OnnxRouter:
             raw = self._run(ids, mask)
             # Python floats up front: iterating numpy arrays makes a numpy scalar per element
             preds = raw[2].tolist() if self.models else [None] * len(chunk)
-            vecs = None if embedder is None else embedder.embed_rows(ids, mask)
+            vecs = None
+            if embedder is not None:
+                vecs = (
+                    [embedder.embed_ids(ids[0])]
+                    if len(chunk) == 1
+                    else list(embedder.embed_rows(ids, mask))
+                )
             for i, (d, probs, pred) in enumerate(
                 zip(raw[0].tolist(), raw[1].tolist(), preds, strict=True)
             ):
