@@ -318,7 +318,7 @@ class SemanticWhen(_Spec):
         le=1,
         description=(
             "Lowest similarity (0-1) that matches; unrelated prompts score about 0.25, "
-            "paraphrases about 0.6 (0.5 matched 81% of paraphrases and 3.7% of others, "
+            "paraphrases about 0.6 (0.5 matched 69-81% of paraphrases and 0.5-3.7% of others, "
             "docs/router-model.md)."
         ),
     )

@@ -150,11 +150,18 @@ def test_the_common_direction_is_removed(embedder: Embedder) -> None:
     assert float(np.median(raw_off)) > 0.45
 
 
-def test_paraphrases_separate_from_unrelated_prompts(embedder: Embedder) -> None:
+@pytest.mark.parametrize(
+    ("data", "least_matched", "most_false"),
+    [("intents.yaml", 0.75, 0.05), ("validation.yaml", 0.6, 0.02)],
+)
+def test_paraphrases_separate_from_unrelated_prompts(
+    embedder: Embedder, data: str, least_matched: float, most_false: float
+) -> None:
     """The measured separation (docs/router-model.md) at threshold 0.5, max over examples:
-    81% of held-out paraphrases match their intent, 3.7% of other prompts match."""
-    intents = INTENTS["intents"]
-    unrelated = embedder.embed_texts(INTENTS["unrelated"])
+    81% / 69% of held-out paraphrases match their intent, 3.7% / 0.5% of other prompts."""
+    doc = yaml.safe_load((Path(__file__).parent / "testdata/semantic" / data).read_text())
+    intents = doc["intents"]
+    unrelated = embedder.embed_texts(doc["unrelated"])
     matched = false = positives = negatives = 0
     for name, intent in intents.items():
         examples = embedder.embed_texts(intent["examples"])
@@ -164,8 +171,8 @@ def test_paraphrases_separate_from_unrelated_prompts(embedder: Embedder) -> None
         matched += int((own >= 0.5).sum())
         false += int((rest >= 0.5).sum())
         positives, negatives = positives + len(own), negatives + len(rest)
-    assert matched / positives >= 0.75
-    assert false / negatives <= 0.05
+    assert matched / positives >= least_matched
+    assert false / negatives <= most_false
 
 
 def test_bundles_without_a_token_table_give_no_embedder() -> None:
