@@ -236,8 +236,8 @@ def _semantic(p: pb.Policy) -> tuple[Embedder | None, F32 | None, dict[int, Sema
     """The policy's embedder, every semantic example embedded (once, here) as the rows of one
     matrix, and each semantic rule's condition (its rows and threshold) by rule index. A
     request's similarities to all of them are then one matrix-vector product."""
-    found = [(i, r.when.semantic) for i, r in enumerate(p.strategy.rules)]
-    found = [(i, s) for i, s in found if p.strategy.rules[i].when.HasField("semantic")]
+    rules = p.strategy.rules
+    found = [(i, r.when.semantic) for i, r in enumerate(rules) if r.when.HasField("semantic")]
     if not found:
         return None, None, {}
     try:

@@ -267,8 +267,8 @@ def _similarities(policy: CompiledPolicy, scores: RouterScores | None) -> list[f
 
 
 def _semantic(condition: SemanticCondition, similarities: list[float]) -> str:
-    """ ", semantic 0.712 >= 0.6" when the prompt is close enough to one of the condition's
-    examples, else "". The reason carries the figures, never the text."""
+    """The reason's suffix (``, semantic 0.712 >= 0.6``) when the prompt is close enough to
+    one of the condition's examples, else "". The reason carries figures, never text."""
     if not similarities:
         return ""
     best = condition.best(similarities)

@@ -39,7 +39,7 @@ class RouterScores:
     predicted: Mapping[str, float] | None = None
     """Each model's expected score in [0, 1] (bundles fitted by ``switchyard router fit``)."""
     embedding: npt.NDArray[np.float32] | None = field(default=None, compare=False)
-    """The prompt's unit embedding (``semantic.Embedder``), only when asked for (``embed``)."""
+    """The prompt's unit embedding, only when ``score`` was given an ``embedder``."""
 
 
 class Scorer(Protocol):
