@@ -1,7 +1,8 @@
 """The ext_proc's in-memory routing table, built once per RoutingConfig version.
 
-Everything the hot path needs is precomputed here: compiled regexes, lowered keywords,
-frozen sets for capability and data-class checks, model lookup tables and the /v1/models list.
+Everything the hot path needs is precomputed here: compiled regexes, lowered keywords, the
+embeddings of semantic conditions' examples, frozen sets for capability and data-class checks,
+model lookup tables and the /v1/models list.
 
 A policy that does not load (a regex that does not compile, a reference to a model it lacks,
 or a router bundle the caller could not load) is left out on its own: the others are served,
@@ -21,6 +22,13 @@ from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.keys import KeyEntry, key_table
 from switchyard.extproc.pii import Scanner
 from switchyard.extproc.recording import RecordingRule, Retention
+from switchyard.extproc.semantic import (
+    F32,
+    Embedder,
+    EmbedderError,
+    SemanticCondition,
+    load_embedder,
+)
 from switchyard.headers import CLIENT_KEY_HEADERS, REQUEST_ID_HEADER
 
 
@@ -75,11 +83,16 @@ class CompiledRule:
     categories: frozenset[str]
     min_difficulty: float | None
     max_difficulty: float | None
+    semantic: SemanticCondition | None = None
+    """Similarity to example utterances (needs the policy's embedder)."""
 
     @property
     def needs_scores(self) -> bool:
-        return bool(self.categories) or (
-            self.min_difficulty is not None or self.max_difficulty is not None
+        return (
+            bool(self.categories)
+            or self.min_difficulty is not None
+            or self.max_difficulty is not None
+            or self.semantic is not None
         )
 
 
@@ -121,6 +134,12 @@ class CompiledPolicy:
     """Personal-data detection (None: off)."""
     predictive: PredictiveRule | None = None
     """The predictive strategy's candidates and knob (that strategy only)."""
+    embedder: Embedder | None = None
+    """Its router bundle's embedder, when a rule has a semantic condition (None: none has,
+    and no request of this policy is embedded)."""
+    semantic_examples: F32 | None = None
+    """Every semantic rule's examples embedded, [k, dim] unit rows (``SemanticCondition``
+    spans)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +240,36 @@ def _regex(index: int, pattern: str) -> re.Pattern[str] | None:
         raise PolicyLoadError(f"strategy.rules[{index}].when.regex: {exc}") from None
 
 
-def _rule(index: int, r: pb.Rule) -> CompiledRule:
+def _semantic(p: pb.Policy) -> tuple[Embedder | None, F32 | None, dict[int, SemanticCondition]]:
+    """The policy's embedder, every semantic example embedded (once, here) as the rows of one
+    matrix, and each semantic rule's condition (its rows and threshold) by rule index. A
+    request's similarities to all of them are then one matrix-vector product."""
+    rules = p.strategy.rules
+    found = [(i, r.when.semantic) for i, r in enumerate(rules) if r.when.HasField("semantic")]
+    if not found:
+        return None, None, {}
+    try:
+        embedder = load_embedder(p.strategy.router_bundle)
+    except EmbedderError as exc:
+        raise PolicyLoadError(f"strategy.rules[{found[0][0]}].when.semantic: {exc}") from None
+    texts: list[str] = []
+    spans = {}
+    for i, s in found:
+        where = f"strategy.rules[{i}].when.semantic"
+        if not s.examples:
+            raise PolicyLoadError(f"{where}.examples: at least one example is needed")
+        if not 0.0 <= s.threshold <= 1.0:
+            raise PolicyLoadError(f"{where}.threshold: must be between 0 and 1, got {s.threshold}")
+        spans[i] = (len(texts), len(texts) + len(s.examples), s.threshold)
+        texts.extend(s.examples)
+    matrix = embedder.embed_texts(texts)
+    conditions = {
+        i: SemanticCondition(matrix[a:b], threshold, a, b) for i, (a, b, threshold) in spans.items()
+    }
+    return embedder, matrix, conditions
+
+
+def _rule(index: int, r: pb.Rule, semantic: SemanticCondition | None = None) -> CompiledRule:
     w = r.when
     return CompiledRule(
         name=r.name,
@@ -235,6 +283,7 @@ def _rule(index: int, r: pb.Rule) -> CompiledRule:
         categories=frozenset(w.categories),
         min_difficulty=w.min_difficulty if w.HasField("min_difficulty") else None,
         max_difficulty=w.max_difficulty if w.HasField("max_difficulty") else None,
+        semantic=semantic,
     )
 
 
@@ -303,7 +352,8 @@ def _policy(p: pb.Policy) -> CompiledPolicy:
     personal = _personal_data(p.personal_data)
     models = {m.name: _model(key, m, personal) for m in p.models}
     _check_references(p, models)
-    rules = tuple(_rule(i, r) for i, r in enumerate(p.strategy.rules))
+    embedder, examples, semantic = _semantic(p)
+    rules = tuple(_rule(i, r, semantic.get(i)) for i, r in enumerate(p.strategy.rules))
     weighted = tuple(m for m in models.values() if m.weight > 0)
     kind = p.strategy.type
     return CompiledPolicy(
@@ -326,6 +376,8 @@ def _policy(p: pb.Policy) -> CompiledPolicy:
         predictive=_predictive(p.strategy.predictive, models)
         if kind == pb.Strategy.PREDICTIVE
         else None,
+        embedder=embedder,
+        semantic_examples=examples,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
+from dataclasses import replace
 from time import perf_counter, time
 from typing import TYPE_CHECKING
 
@@ -49,7 +50,9 @@ from switchyard.headers import (
 if TYPE_CHECKING:
     from opentelemetry.context import Context
 
-    from switchyard.extproc.tracing import RouteTracer
+    from switchyard.extproc.scoring import RouterScores, Scorer
+    from switchyard.extproc.semantic import Embedder
+    from switchyard.extproc.tracing import RouteSpan, RouteTracer
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +159,20 @@ def undecodable(payload: bytes) -> GatewayError:
         "the request could not be decoded: a header or the path is not valid UTF-8",
         code="invalid_header",
     )
+
+
+async def _score_embedded(
+    scorer: Scorer, prompt: str, embedder: Embedder, span: RouteSpan | None
+) -> RouterScores:
+    """Scores with the prompt's embedding, from the scorer's own token ids; a scorer that
+    makes none (the heuristic placeholder) leaves the embedder to tokenise the prompt."""
+    if span is None:
+        scores = await scorer.score(prompt, embedder)
+    else:
+        scores = await span.score(scorer, prompt, embedder)
+    if scores.embedding is None:
+        scores = replace(scores, embedding=embedder.embed_text(prompt))
+    return scores
 
 
 class StreamState:
@@ -290,8 +307,11 @@ class Processor:
             if getattr(target, "needs_scores", False):
                 bundle = target.router_bundle  # type: ignore[union-attr]
                 scorer = state.scorer_for(bundle)
+                embedder = target.embedder  # type: ignore[union-attr]
                 scoring = perf_counter()
-                if span is None:
+                if embedder is not None:  # semantic rules: the prompt's embedding too
+                    scores = await _score_embedded(scorer, routed.prompt, embedder, span)
+                elif span is None:
                     scores = await scorer.score(routed.prompt)
                 else:
                     scores = await span.score(scorer, routed.prompt)

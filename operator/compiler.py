@@ -104,6 +104,9 @@ def _rule(index: int, rule: Rule) -> pb.Rule:
         match.min_difficulty = when.min_difficulty
     if when.max_difficulty is not None:
         match.max_difficulty = when.max_difficulty
+    if when.semantic is not None:
+        match.semantic.examples.extend(when.semantic.examples)
+        match.semantic.threshold = when.semantic.threshold
     return pb.Rule(name=rule.name or f"rule-{index}", when=match, route=rule.route)
 
 

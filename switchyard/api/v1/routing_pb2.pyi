@@ -284,7 +284,7 @@ class Rule(_message.Message):
     def __init__(self, name: _Optional[str] = ..., when: _Optional[_Union[RuleMatch, _Mapping]] = ..., route: _Optional[str] = ...) -> None: ...
 
 class RuleMatch(_message.Message):
-    __slots__ = ("aliases", "headers", "min_prompt_tokens", "max_prompt_tokens", "keywords", "regex", "categories", "min_difficulty", "max_difficulty")
+    __slots__ = ("aliases", "headers", "min_prompt_tokens", "max_prompt_tokens", "keywords", "regex", "categories", "min_difficulty", "max_difficulty", "semantic")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -301,6 +301,7 @@ class RuleMatch(_message.Message):
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     MIN_DIFFICULTY_FIELD_NUMBER: _ClassVar[int]
     MAX_DIFFICULTY_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_FIELD_NUMBER: _ClassVar[int]
     aliases: _containers.RepeatedScalarFieldContainer[str]
     headers: _containers.ScalarMap[str, str]
     min_prompt_tokens: int
@@ -310,4 +311,13 @@ class RuleMatch(_message.Message):
     categories: _containers.RepeatedScalarFieldContainer[str]
     min_difficulty: float
     max_difficulty: float
-    def __init__(self, aliases: _Optional[_Iterable[str]] = ..., headers: _Optional[_Mapping[str, str]] = ..., min_prompt_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., keywords: _Optional[_Iterable[str]] = ..., regex: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., min_difficulty: _Optional[float] = ..., max_difficulty: _Optional[float] = ...) -> None: ...
+    semantic: SemanticMatch
+    def __init__(self, aliases: _Optional[_Iterable[str]] = ..., headers: _Optional[_Mapping[str, str]] = ..., min_prompt_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., keywords: _Optional[_Iterable[str]] = ..., regex: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., min_difficulty: _Optional[float] = ..., max_difficulty: _Optional[float] = ..., semantic: _Optional[_Union[SemanticMatch, _Mapping]] = ...) -> None: ...
+
+class SemanticMatch(_message.Message):
+    __slots__ = ("examples", "threshold")
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    examples: _containers.RepeatedScalarFieldContainer[str]
+    threshold: float
+    def __init__(self, examples: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ...) -> None: ...
