@@ -148,12 +148,11 @@ def with_effective_bundle(document: dict[str, Any], router: dict[str, Any]) -> d
     return {**document, "spec": spec}
 
 
-def kept_bundles(router: dict[str, Any], keep: int) -> list[str]:
-    """The bundle directories a new fit must not delete: the active one and the
-    ``keep - 2`` newest previous ones (the new bundle makes ``keep``)."""
-    active = router.get("activeBundle")
-    kept = [active] if isinstance(active, str) and active else []
-    return kept + [b for b in router.get("previousBundles") or []][: max(keep - 2, 0)]
+def kept_bundles(router: dict[str, Any], keep: int, in_force: str) -> list[str]:
+    """The bundle directories a new fit must not delete: the one in force (``in_force``: the
+    active one, or the spec's before the first fit) and the ``keep - 2`` newest previous ones
+    (the new bundle makes ``keep``)."""
+    return [in_force, *(router.get("previousBundles") or [])][: max(keep - 1, 1)]
 
 
 def now() -> str:
@@ -208,10 +207,12 @@ def fitted_bundle(report: FitReport, root: str) -> str:
         return ""
 
 
-def after_fit(router: dict[str, Any], report: FitReport, bundle: str, keep: int) -> dict[str, Any]:
-    """status.router once a Job's bundle is served: it is active, the old one heads the rest."""
-    previous = [router["activeBundle"]] if router.get("activeBundle") else []
-    previous += [b for b in router.get("previousBundles") or [] if b not in previous]
+def after_fit(
+    router: dict[str, Any], report: FitReport, bundle: str, keep: int, in_force: str
+) -> dict[str, Any]:
+    """status.router once a Job's bundle is served: it is active, and the one it replaces
+    (``in_force``: the active one, or the spec's after the first fit) heads the rest."""
+    previous = [in_force, *(b for b in router.get("previousBundles") or [] if b != in_force)]
     figures = {
         k: report.summary[k]
         for k in ("outcomes", "prompts", "models", "heldOutAPGR", "crossValidatedAPGR")

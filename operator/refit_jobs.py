@@ -53,9 +53,10 @@ def _owner(body: kopf.Body | dict[str, Any]) -> dict[str, Any]:
 
 
 def _keep(policy: RoutePolicy, router: dict[str, Any]) -> list[str]:
+    """``policy`` as served (its router bundle is the one in force)."""
     refit_spec = policy.spec.strategy.router.refit
     assert refit_spec is not None
-    return refit.kept_bundles(router, refit_spec.keep)
+    return refit.kept_bundles(router, refit_spec.keep, policy.spec.strategy.router.bundle)
 
 
 # --- the CronJob ---------------------------------------------------------------------------
@@ -210,7 +211,7 @@ async def refit_now(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         except ValueError as error:
             kopf.warn(body, reason="RefitNotStarted", message=str(error))
             return
-        kopf.info(body, reason="RefitStarted", message=f"Job {job_name}")
+        kopf.event(body, type="Normal", reason="RefitStarted", message=f"Job {job_name}")
         log.info("%s/%s: refit Job %s started", namespace, name, job_name)
 
 
@@ -242,7 +243,7 @@ async def roll_back(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
             return
         served = await _serve(current, refit.after_rollback(router, target))
         if served:
-            kopf.info(body, reason="RolledBack", message=f"router bundle {target}")
+            kopf.event(body, type="Normal", reason="RolledBack", message=f"router bundle {target}")
         else:
             kopf.warn(body, reason="RollbackNotServed", message=f"bundle {target} not served")
 
@@ -320,10 +321,9 @@ async def finish(job: dict[str, Any]) -> None:
         root = refit.bundle_root(k8s.SETTINGS.refit, namespace, name)
         bundle = refit.fitted_bundle(report, root) if report.result == "Fitted" else ""
         if bundle:
-            await _serve(
-                body,
-                refit.after_fit(router, report, bundle, policy.spec.strategy.router.refit.keep),
-            )
+            served = policy.spec.strategy.router
+            keep = policy.spec.strategy.router.refit.keep
+            await _serve(body, refit.after_fit(router, report, bundle, keep, served.bundle))
         else:
             why = "" if report.result != "Fitted" else f"the Job reported no bundle under {root}"
             result = report.result if not why else "FitFailed"

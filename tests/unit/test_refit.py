@@ -127,14 +127,18 @@ def test_a_fit_becomes_active_and_history_is_kept_to_keep() -> None:
         bundle = f"{ROOT}/{i}"
         fitted = report(bundle=bundle, outcomes=400, crossValidatedAPGR={"fitted": 0.7})
         assert refit.fitted_bundle(fitted, ROOT) == bundle
-        router = refit.after_fit(router, fitted, bundle, keep=3)
+        in_force = router.get("activeBundle", "builtin:default")
+        router = refit.after_fit(router, fitted, bundle, 3, in_force)
+        if i == 1:  # the spec's bundle is the first one to roll back to
+            assert router["previousBundles"] == ["builtin:default"]
     assert router["activeBundle"] == f"{ROOT}/4"
     assert router["previousBundles"] == [f"{ROOT}/3", f"{ROOT}/2"]
     assert router["lastFit"]["outcomes"] == 400
     assert router["lastFit"]["crossValidatedAPGR"] == {"fitted": 0.7}
     assert router["lastAttempt"]["result"] == "Fitted"
     # What the next Job must not delete: the active one and keep - 2 previous ones.
-    assert refit.kept_bundles(router, 3) == [f"{ROOT}/4", f"{ROOT}/3"]
+    assert refit.kept_bundles(router, 3, f"{ROOT}/4") == [f"{ROOT}/4", f"{ROOT}/3"]
+    assert refit.kept_bundles({}, 2, f"{ROOT}/0") == [f"{ROOT}/0"]
     cond = refit.condition({"schedule": "@daily"}, router, "")
     assert cond is not None and (cond.status, cond.reason) == ("True", "Fitted")
 
