@@ -326,7 +326,10 @@ def prune_bundles(out: Path, keep: list[Path]) -> list[Path]:
 def write_summary(path: Path, report: dict[str, Any]) -> None:
     """The run's JSON report; at most 4 KiB (what Kubernetes keeps of a termination message)."""
     report["message"] = str(report.get("message", ""))[-1500:]
-    path.write_text(json.dumps(report)[:4096])
+    try:
+        path.write_text(json.dumps(report)[:4096])
+    except OSError as exc:  # the report is extra: never the reason a fit fails
+        print(f"switchyard router fit: cannot write --summary {path}: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str], stdin: IO[str] | None = None, stdout: IO[str] | None = None) -> int:
