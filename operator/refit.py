@@ -37,6 +37,8 @@ REFIT_ANNOTATION = "switchyard.dev/refit"
 ROLLBACK_ANNOTATION = "switchyard.dev/rollback"
 POLICY_LABEL = "switchyard.dev/refit-policy"
 """On CronJobs and Jobs: ``<namespace>.<policy>`` (a label value; the policy's key)."""
+HANDLED_LABEL = "switchyard.dev/refit-handled"
+"""Put on a finished Job once the operator has turned it into its policy's status."""
 POLICY_ANNOTATION = "switchyard.dev/policy"
 """On CronJobs, Jobs (and their templates): ``<namespace>/<policy>``."""
 LOCKS: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)

@@ -291,29 +291,38 @@ def _termination_message(job_name: str) -> str:
     return ""
 
 
+def _mark_handled(job_name: str) -> None:
+    """Label the Job as turned into its policy's status, so it is never read again (also by
+    a restarted operator: an older Job must not override a newer one's bundle)."""
+    _handled.add(job_name)
+    batch = kubernetes.client.BatchV1Api(_api())
+    patch: Any = {"metadata": {"labels": {refit.HANDLED_LABEL: "true"}}}
+    try:
+        batch.patch_namespaced_job(job_name, k8s.SETTINGS.refit.namespace, patch)
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise
+
+
 async def finish(job: dict[str, Any]) -> None:
     """A refit Job ended: make its bundle the policy's, or say why not."""
     meta = job["metadata"]
     job_name = meta["name"]
     succeeded = refit.job_finished(job)
     key = (meta.get("annotations") or {}).get(refit.POLICY_ANNOTATION, "")
-    if succeeded is None or "/" not in key:
+    if succeeded is None:
+        return
+    if "/" not in key:
+        await asyncio.to_thread(_mark_handled, job_name)
         return
     namespace, name = key.split("/", 1)
     async with refit.LOCKS[key]:
         body = await asyncio.to_thread(_read, namespace, name)
-        if body is None:
-            _handled.add(job_name)
+        policy = _policy(body) if body is not None else None
+        if body is None or policy is None or policy.spec.strategy.router.refit is None:
+            await asyncio.to_thread(_mark_handled, job_name)  # nothing to do any more
             return
         router = refit.router_status(body)
-        last = router.get("lastAttempt") or {}
-        if last.get("job") == job_name and last.get("result") != "Running":
-            _handled.add(job_name)
-            return
-        policy = _policy(body)
-        if policy is None or policy.spec.strategy.router.refit is None:
-            _handled.add(job_name)
-            return
         message = await asyncio.to_thread(_termination_message, job_name)
         report = refit.FitReport(
             job_name, succeeded, refit.parse_summary(message) if message else {}
@@ -335,20 +344,23 @@ async def finish(job: dict[str, Any]) -> None:
                 router,
                 {"conditions": _conditions_with_refit(body, router)},
             )
-        _handled.add(job_name)
+        await asyncio.to_thread(_mark_handled, job_name)
         log.info("%s: refit Job %s ended: %s", key, job_name, report.result)
 
 
 def _finished_jobs() -> list[dict[str, Any]]:
+    """Refit Jobs that ended and were not handled yet, oldest first (the newest wins)."""
     api = kubernetes.client.CustomObjectsApi(_api())
+    selector = f"{refit.POLICY_LABEL},!{refit.HANDLED_LABEL}"
     jobs: Any = api.list_namespaced_custom_object(
-        "batch", "v1", k8s.SETTINGS.refit.namespace, "jobs", label_selector=refit.POLICY_LABEL
+        "batch", "v1", k8s.SETTINGS.refit.namespace, "jobs", label_selector=selector
     )
-    return [
+    finished = [
         job
         for job in jobs["items"]
         if job["metadata"]["name"] not in _handled and refit.job_finished(job) is not None
     ]
+    return sorted(finished, key=lambda j: j["metadata"].get("creationTimestamp", ""))
 
 
 async def follow_jobs(interval_s: float) -> None:

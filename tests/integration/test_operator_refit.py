@@ -297,6 +297,13 @@ def test_a_succeeded_refit_job_switches_the_bundle_and_the_routing(
         "crossValidatedAPGR"]["length"]  # fmt: skip
     fitted = loop.cluster.condition("assistant", "RouterFit")
     assert (fitted["status"], fitted["reason"]) == ("True", "Fitted")
+    wait_until(  # never read again, by this operator or a restarted one
+        lambda: loop.get("job", job["metadata"]["name"])["metadata"]["labels"].get(
+            "switchyard.dev/refit-handled"
+        ) == "true",
+        10,
+        "Job labelled handled",
+    )  # fmt: skip
     assert loop.cluster.condition("assistant")["status"] == "True"
     # The ext_proc hot-swapped to the new bundle: math now goes to the generalist.
     wait_until(lambda: loop.routed(MATH) == "generalist", 30, "routing by the fitted bundle")
