@@ -165,6 +165,9 @@ def _start_job(body: dict[str, Any]) -> str:
     if policy is None or policy.spec.strategy.router.refit is None:
         raise ValueError("the policy has no valid spec.strategy.router.refit")
     router = refit.router_status(body)
+    running = (router.get("lastAttempt") or {}).get("job", "")
+    if (router.get("lastAttempt") or {}).get("result") == "Running" and _unfinished(running):
+        raise ValueError(f"refit Job {running} is still running")
     manifest = refit.job(policy, settings, _keep(policy, router), _owner(body), int(time.time()))
     job: Any = manifest  # the client takes a plain dict as the body
     kubernetes.client.BatchV1Api(_api()).create_namespaced_job(settings.namespace, job)
@@ -183,6 +186,17 @@ def _start_job(body: dict[str, Any]) -> str:
         {"conditions": _conditions_with_refit(body, router)},
     )
     return job_name
+
+
+def _unfinished(job_name: str) -> bool:
+    batch = kubernetes.client.BatchV1Api(_api())
+    try:
+        job: Any = batch.read_namespaced_job(job_name, k8s.SETTINGS.refit.namespace)
+    except kubernetes.client.ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    return refit.job_finished(_api().sanitize_for_serialization(job)) is None  # type: ignore[no-untyped-call]
 
 
 def _wants(annotation: str) -> Any:

@@ -82,6 +82,11 @@ class Loop:
         response = httpx.post(url, json=body, timeout=10)
         return response.headers.get("x-switchyard-model", str(response.status_code))
 
+    def events(self, reason: str) -> str:
+        """The messages of the Events with this reason, one per line."""
+        items = json.loads(self.kube.kubectl("get", "events", "-n", self.ns, "-o", "json"))
+        return "\n".join(e["message"] for e in items["items"] if e["reason"] == reason)
+
     def jobs(self) -> list[dict[str, Any]]:
         items = self.get("jobs", "-l", "switchyard.dev/refit-policy")["items"]
         return sorted(items, key=lambda j: j["metadata"]["creationTimestamp"])
@@ -280,6 +285,15 @@ def test_a_succeeded_refit_job_switches_the_bundle_and_the_routing(
     wait_until(
         lambda: loop.router().get("lastAttempt", {}).get("result") == "Running", 10, "Running"
     )
+    # A second request while it runs starts nothing.
+    loop.annotate(REFIT, "again")
+    wait_until(
+        lambda: REFIT not in (loop.get("rp", "assistant")["metadata"].get("annotations") or {}),
+        30,
+        "annotation consumed",
+    )
+    wait_until(lambda: "still running" in loop.events("RefitNotStarted"), 30, "refused")
+    assert len(loop.jobs()) == 1
     code, message = loop.run_job(job, tmp_path)
     assert code == 0, message
     report = json.loads(message)
@@ -355,9 +369,8 @@ def test_rollback_restores_the_previous_bundle(loop: Loop) -> None:
         30,
         "annotation consumed",
     )
-    events = loop.kube.kubectl("get", "events", "-n", loop.ns, "-o", "json")
-    reasons = {e["reason"] for e in json.loads(events)["items"]}
-    assert {"RolledBack", "RollbackRefused"} <= reasons
+    wait_until(lambda: loop.events("RolledBack") and loop.events("RollbackRefused"), 30, "events")
+    assert "previousBundles is empty" in loop.events("RollbackRefused")
     assert loop.router()["activeBundle"] == first
 
 
