@@ -358,7 +358,8 @@ async def reconcile(
     async with refit.LOCKS[f"{meta['namespace']}/{meta['name']}"]:
         if refit.refits(dict(body.get("spec") or {})):
             # A refit may have changed the bundle in force since this event's snapshot.
-            current = {**body, "status": {"router": await asyncio.to_thread(_router_now, meta)}}
+            router = await asyncio.to_thread(_router_now, meta, refit.router_status(dict(body)))
+            current = {**body, "status": {"router": router}}
         document = policy_document(current)
         await asyncio.to_thread(load_api_keys, meta["namespace"], document["spec"])
         outcome = await _reconciler().upsert(document)
@@ -455,8 +456,8 @@ async def forget(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     await asyncio.to_thread(delete_refit, meta.get("namespace", ""), meta.get("name", ""))
 
 
-def _router_now(meta: kopf.Meta) -> dict[str, Any]:
-    """status.router as the API server has it now."""
+def _router_now(meta: kopf.Meta, fallback: dict[str, Any]) -> dict[str, Any]:
+    """status.router as the API server has it now (``fallback`` if it cannot be read)."""
     api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(_client_config()))
     try:
         body = api.get_namespaced_custom_object(
@@ -464,7 +465,7 @@ def _router_now(meta: kopf.Meta) -> dict[str, Any]:
         )
     except kubernetes.client.ApiException as error:
         log.warning("cannot read %s/%s: %s", meta["namespace"], meta["name"], error.reason)
-        return {}
+        return fallback
     return refit.router_status(body)  # type: ignore[arg-type]
 
 
@@ -472,7 +473,12 @@ def apply_refit(body: kopf.Body | dict[str, Any]) -> None:
     """Create, update or delete the policy's refit CronJob to match its spec and status."""
     from switchyard.operator import refit_jobs
 
-    refit_jobs.apply_cron_job(body)
+    try:
+        refit_jobs.apply_cron_job(body)
+    except kubernetes.client.ApiException as error:  # the policy itself is served regardless
+        meta = body.get("metadata", {})
+        log.warning("cannot apply the refit CronJob of %s/%s: %s", meta.get("namespace"),
+                    meta.get("name"), error.reason)  # fmt: skip
 
 
 def delete_refit(namespace: str, name: str) -> None:
