@@ -341,6 +341,59 @@ def spec_schema() -> dict[str, Any]:
     return schema
 
 
+def router_status_schema() -> dict[str, Any]:
+    """status.router: the refit loop's state (``switchyard.operator.refit``)."""
+    apgr = {
+        "type": "object",
+        "description": "Mean APGR of the fitted router, the length router and the default "
+        "bundle's difficulty.",
+        "properties": {k: {"type": "number"} for k in ("fitted", "length", "default")},
+    }
+    text = {"type": "string"}
+    return {
+        "type": "object",
+        "description": "Router refits (spec.strategy.router.refit): the bundle in force and "
+        "the ones kept for rollback.",
+        "properties": {
+            "activeBundle": {
+                "type": "string",
+                "description": "The fitted bundle in force (it overrides "
+                "spec.strategy.router.bundle); unset until the first fit.",
+            },
+            "previousBundles": {
+                "type": "array",
+                "items": text,
+                "description": "Bundles to roll back to, newest first (annotation "
+                "switchyard.dev/rollback).",
+            },
+            "lastFit": {
+                "type": "object",
+                "description": "The fit that wrote the active bundle.",
+                "properties": {
+                    "job": text,
+                    "time": text,
+                    "bundle": text,
+                    "outcomes": {"type": "integer"},
+                    "prompts": {"type": "integer"},
+                    "models": {"type": "array", "items": text},
+                    "heldOutAPGR": apgr,
+                    "crossValidatedAPGR": apgr,
+                },
+            },
+            "lastAttempt": {
+                "type": "object",
+                "description": "The last refit Job and its result (Running, Fitted, "
+                "TooFewOutcomes, FitFailed, NotServed).",
+                "properties": {"job": text, "time": text, "result": text, "message": text},
+            },
+            "lastRollback": {
+                "type": "object",
+                "properties": {"time": text, "from": text, "to": text},
+            },
+        },
+    }
+
+
 def status_schema() -> dict[str, Any]:
     condition = {
         "type": "object",
@@ -366,6 +419,7 @@ def status_schema() -> dict[str, Any]:
                 "x-kubernetes-list-type": "map",
                 "x-kubernetes-list-map-keys": ["type"],
             },
+            "router": router_status_schema(),
             "models": {
                 "type": "array",
                 "items": {
@@ -418,6 +472,12 @@ def crd() -> dict[str, Any]:
                         },
                         {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.type"},
                         {"name": "Models", "type": "integer", "jsonPath": ".status.modelCount"},
+                        {
+                            "name": "Bundle",
+                            "type": "string",
+                            "description": "The fitted router bundle in force (refits).",
+                            "jsonPath": ".status.router.activeBundle",
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {

@@ -21,6 +21,7 @@ import kubernetes
 import yaml
 from kopf._core.engines.peering import Identity
 
+from switchyard.operator import refit
 from switchyard.operator.autoscaling import (
     ScaleTarget,
     effective_autoscaling,
@@ -44,6 +45,7 @@ from switchyard.operator.multicluster import (
 )
 from switchyard.operator.policy import Autoscaling, RoutePolicy
 from switchyard.operator.reconciler import Condition, ModelEndpoints, Outcome, Reconciler
+from switchyard.operator.refit import RefitSettings
 from switchyard.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,10 @@ class OperatorSettings:
     tls_dir: str = ""
     gateway_sds_dir: str = "/etc/envoy"
     extproc_server_name: str = ""
+    # Router refits (operator/refit.py): where their Jobs run and what they mount, and how
+    # often finished Jobs are looked for.
+    refit: RefitSettings = field(default_factory=RefitSettings)
+    refit_poll_s: float = 15.0
 
     def extproc_tls(self) -> EnvoyMtls | None:
         """How the gateway reaches the ext_proc over mTLS; None without ``tls_dir``."""
@@ -148,6 +154,12 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
     tls = TlsFiles.from_dir(SETTINGS.tls_dir) if SETTINGS.tls_dir else None
     port = await plane.start(SETTINGS.xds_listen, tls)
     log.info("xDS and config stream on port %d; %d policies restored", port, len(documents))
+    if not SETTINGS.refit.unavailable():
+        from switchyard.operator import refit_jobs
+
+        _state["refit_jobs"] = asyncio.get_running_loop().create_task(
+            refit_jobs.follow_jobs(SETTINGS.refit_poll_s)
+        )
 
 
 def _watch_extproc_pods(plane: ControlPlane) -> EndpointSliceWatch:
@@ -185,15 +197,18 @@ async def _stop(**_: Any) -> None:
         watch.stop()
     if "extproc_watch" in _state:
         _state["extproc_watch"].stop()
+    if "refit_jobs" in _state:
+        _state["refit_jobs"].cancel()
     await _reconciler().plane.stop()
     if "metrics" in _state:
         await _state["metrics"].stop()
 
 
 def policy_document(body: kopf.Body | dict[str, Any]) -> dict[str, Any]:
-    """The parts of a RoutePolicy object the reconciler reads."""
+    """The parts of a RoutePolicy object the reconciler reads; a policy that refits its router
+    reads the fitted bundle in force (``status.router.activeBundle``) in place of the spec's."""
     meta = body.get("metadata", {})
-    return {
+    document = {
         "apiVersion": body["apiVersion"],
         "kind": body["kind"],
         "metadata": {
@@ -203,6 +218,7 @@ def policy_document(body: kopf.Body | dict[str, Any]) -> dict[str, Any]:
         },
         "spec": dict(body.get("spec") or {}),
     }
+    return refit.with_effective_bundle(document, refit.router_status(dict(body)))
 
 
 def _existing_policies() -> list[dict[str, Any]]:
@@ -263,14 +279,31 @@ def _conditions(conditions: list[Condition], generation: int) -> list[dict[str, 
     ]
 
 
-def _status(outcome: Outcome, generation: int) -> dict[str, Any]:
+def _status(
+    outcome: Outcome, generation: int, body: kopf.Body | dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "observedGeneration": generation,
         "modelCount": outcome.model_count,
         "configVersion": outcome.config_version,
         "models": _models_status(outcome.endpoints or {}),
-        "conditions": _conditions(outcome.conditions, generation),
+        "conditions": _conditions(outcome.conditions + refit_conditions(body), generation),
     }
+
+
+def refit_conditions(
+    body: kopf.Body | dict[str, Any] | None, router: dict[str, Any] | None = None
+) -> list[Condition]:
+    """The RouterFit condition of a policy that refits its router (``router``: its
+    status.router, when not the body's)."""
+    if body is None:
+        return []
+    spec = body.get("spec") or {}
+    wanted = ((spec.get("strategy") or {}).get("router") or {}).get("refit")
+    if router is None:
+        router = refit.router_status(dict(body))
+    found = refit.condition(wanted, router, SETTINGS.refit.unavailable())
+    return [found] if found is not None else []
 
 
 async def _report_data_plane() -> None:
@@ -289,6 +322,7 @@ def _patch_conditions(namespace: str, name: str, conditions: list[Condition]) ->
         body: dict[str, Any] = api.get_namespaced_custom_object(  # type: ignore[assignment]
             GROUP, VERSION, namespace, PLURAL, name
         )
+        conditions = conditions + refit_conditions(body)
         status = {"conditions": _conditions(conditions, body["metadata"].get("generation", 0))}
         api.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": status}
@@ -320,10 +354,17 @@ async def reconcile(
     body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, logger: logging.Logger, **_: Any
 ) -> None:
     """Validate and publish one policy, then write its status."""
-    document = policy_document(body)
-    await asyncio.to_thread(load_api_keys, meta["namespace"], document["spec"])
-    outcome = await _reconciler().upsert(document)
-    patch.status.update(_status(outcome, meta.get("generation", 0)))
+    current: kopf.Body | dict[str, Any] = body
+    async with refit.LOCKS[f"{meta['namespace']}/{meta['name']}"]:
+        if refit.refits(dict(body.get("spec") or {})):
+            # A refit may have changed the bundle in force since this event's snapshot.
+            router = await asyncio.to_thread(_router_now, meta, refit.router_status(dict(body)))
+            current = {**body, "status": {"router": router}}
+        document = policy_document(current)
+        await asyncio.to_thread(load_api_keys, meta["namespace"], document["spec"])
+        outcome = await _reconciler().upsert(document)
+        patch.status.update(_status(outcome, meta.get("generation", 0), current))
+        await asyncio.to_thread(apply_refit, current)
     if outcome.endpoints is not None:
         _state["reported"][(meta["namespace"], meta["name"])] = outcome.endpoints
     await asyncio.to_thread(apply_scaling, _reconciler().policies.values())
@@ -412,6 +453,39 @@ async def forget(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     meta = body.get("metadata", {})
     await _reconciler().delete(meta.get("namespace", ""), meta.get("name", ""))
     await asyncio.to_thread(apply_scaling, _reconciler().policies.values())
+    await asyncio.to_thread(delete_refit, meta.get("namespace", ""), meta.get("name", ""))
+
+
+def _router_now(meta: kopf.Meta, fallback: dict[str, Any]) -> dict[str, Any]:
+    """status.router as the API server has it now (``fallback`` if it cannot be read)."""
+    api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(_client_config()))
+    try:
+        body = api.get_namespaced_custom_object(
+            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"]
+        )
+    except kubernetes.client.ApiException as error:
+        log.warning("cannot read %s/%s: %s", meta["namespace"], meta["name"], error.reason)
+        return fallback
+    return refit.router_status(body)  # type: ignore[arg-type]
+
+
+def apply_refit(body: kopf.Body | dict[str, Any]) -> None:
+    """Create, update or delete the policy's refit CronJob to match its spec and status."""
+    from switchyard.operator import refit_jobs
+
+    try:
+        refit_jobs.apply_cron_job(body)
+    except kubernetes.client.ApiException as error:  # the policy itself is served regardless
+        meta = body.get("metadata", {})
+        log.warning("cannot apply the refit CronJob of %s/%s: %s", meta.get("namespace"),
+                    meta.get("name"), error.reason)  # fmt: skip
+
+
+def delete_refit(namespace: str, name: str) -> None:
+    """The policy is gone: its CronJob goes too (owner references cannot cross namespaces)."""
+    from switchyard.operator import refit_jobs
+
+    refit_jobs.delete_cron_job(namespace, name)
 
 
 _api_keys: dict[tuple[str, str, str], str] = {}
@@ -569,6 +643,8 @@ def run_operator(settings: OperatorSettings) -> int:
         except FileNotFoundError as exc:
             raise SystemExit(f"--tls-dir: {exc}") from None
     liveness = f"http://{settings.health_listen}/healthz" if settings.health_listen else None
+    from switchyard.operator import refit_jobs  # noqa: F401  (registers its handlers)
+
     asyncio.run(
         kopf.operator(
             clusterwide=not settings.namespaces,

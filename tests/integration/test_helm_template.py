@@ -514,6 +514,44 @@ def test_outcomes_volume_is_an_emptydir_or_a_claim() -> None:
     }
 
 
+def test_router_refits_need_both_claims_and_get_namespaced_batch_rights() -> None:
+    def refit_args(docs: list[dict[str, Any]]) -> dict[str, str]:
+        args = [a for a in container(docs, "operator")["args"] if a.startswith("--refit-")]
+        return dict(a.removeprefix("--").split("=", 1) for a in args)
+
+    assert refit_args(render()) == {}
+    assert refit_args(render("outcomes.volume.existingClaim=outcomes")) == {}
+    assert refit_args(render("extproc.bundles.existingClaim=bundles")) == {}
+    docs = render(
+        "outcomes.volume.existingClaim=outcomes",
+        "extproc.bundles.existingClaim=bundles",
+        "image.repository=localhost/switchyard",
+        "image.tag=t1",
+        "refit.deadlineSeconds=600",
+    )
+    args = refit_args(docs)
+    assert args == {
+        "refit-image": "localhost/switchyard:t1",
+        "refit-image-pull-policy": "IfNotPresent",
+        "refit-outcomes-claim": "outcomes",
+        "refit-bundles-claim": "bundles",
+        "refit-resources": json.dumps(
+            {"limits": {"memory": "4Gi"}, "requests": {"cpu": "500m", "memory": "1Gi"}},
+            separators=(",", ":"),
+        ),
+        "refit-deadline": "600",
+    }
+    # Jobs, CronJobs and the pods' termination messages: in the release's namespace only.
+    (role,) = find(docs, "Role", f"{RELEASE}-operator")
+    rules = {(r["apiGroups"][0], res): set(r["verbs"]) for r in role["rules"]
+             for res in r["resources"]}  # fmt: skip
+    assert {"create", "delete", "list", "watch"} <= rules[("batch", "jobs")]
+    assert {"create", "update", "delete", "get"} <= rules[("batch", "cronjobs")]
+    assert rules[("", "pods")] == {"get", "list"}
+    (cluster_role,) = find(docs, "ClusterRole")
+    assert not any("batch" in r["apiGroups"] for r in cluster_role["rules"])
+
+
 # --- NetworkPolicies, Ingress, HTTPRoute --------------------------------------------------------
 
 
