@@ -586,6 +586,19 @@ async def forget_client_keys(event: kopf.RawEvent, body: kopf.Body, **_: Any) ->
         return
     meta = body.get("metadata", {})
     await _reconciler().delete_client_keys(meta.get("namespace", ""), meta.get("name", ""))
+    # Those left out for a conflict may have conflicted with this one: judge them again.
+    for resource, verdict in list(_reconciler().client_keys.items()):
+        document = _reconciler().key_documents.get(resource)
+        if verdict.reason == "Conflict" and document is not None:
+            await _rejudge(resource, document)
+
+
+async def _rejudge(resource: str, document: dict[str, Any]) -> None:
+    """Judge a ClientKeys resource again outside its handler, and write its status."""
+    namespace, name = resource.split("/", 1)
+    verdict, version = await _reconciler().upsert_client_keys(document, _hashes(namespace))
+    status = _keys_status(verdict, version, document["metadata"].get("generation", 0))
+    await asyncio.to_thread(_patch_keys_status, namespace, name, status)
 
 
 def _key_secret_users(namespace: str, secret_name: str) -> list[str]:
@@ -628,12 +641,8 @@ async def client_key_secret(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> 
     log.info("Secret %s/%s changed; client keys of %s judged again", namespace, name, users)
     for resource in users:
         document = documents.get(resource)
-        if document is None:  # deleted meanwhile
-            continue
-        verdict, version = await _reconciler().upsert_client_keys(document, _hashes(namespace))
-        generation = document["metadata"].get("generation", 0)
-        status = _keys_status(verdict, version, generation)
-        await asyncio.to_thread(_patch_keys_status, namespace, resource.split("/", 1)[1], status)
+        if document is not None:  # not deleted meanwhile
+            await _rejudge(resource, document)
 
 
 def _patch_keys_status(namespace: str, name: str, status: dict[str, Any]) -> None:

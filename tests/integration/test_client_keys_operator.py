@@ -41,7 +41,8 @@ BOB = "sk-switchyard-bob-" + os.urandom(6).hex()
 BOB_ROTATED = "sk-switchyard-bob-rotated-" + os.urandom(6).hex()
 CAROL = "sk-switchyard-carol-" + os.urandom(6).hex()
 MALLORY = "sk-switchyard-mallory-" + os.urandom(6).hex()
-PLAIN_KEYS = (ALICE, ALICE_ROTATED, BOB, BOB_ROTATED, CAROL, MALLORY)
+ERIN = "sk-switchyard-erin-" + os.urandom(6).hex()
+PLAIN_KEYS = (ALICE, ALICE_ROTATED, BOB, BOB_ROTATED, CAROL, MALLORY, ERIN)
 
 
 @pytest.fixture(scope="module")
@@ -270,19 +271,29 @@ def test_invalid_or_conflicting_resources_are_reported_and_left_out_alone(
     assert "cycle" in ready(cluster, "cyclic")["message"]
     assert ready(cluster, "cyclic")["status"] == "False"
     # The same key as another resource's: this one is left out, the first keeps serving.
+    first = keys_doc("first", ns, [{"name": "erin", "tenant": "early", "sha256": hash_key(ERIN)}])
+    first["spec"]["tenants"] = [{"name": "early"}]
+    assert apply(cluster.kube, ns, first)[0]
+    wait_until(lambda: ready(cluster, "first").get("status") == "True", 30, "first Ready")
     copycat = keys_doc(
-        "copycat", ns, [{"name": "carol", "tenant": "guests", "sha256": hash_key(BOB_ROTATED)}]
+        "copycat", ns, [{"name": "carol", "tenant": "guests", "sha256": hash_key(ERIN)}]
     )
     copycat["spec"]["tenants"] = [{"name": "guests"}]
     assert apply(cluster.kube, ns, copycat)[0]
     wait_until(lambda: ready(cluster, "copycat").get("reason") == "Conflict", 30, "conflict")
     message = ready(cluster, "copycat")["message"]
-    assert "spec.keys[0]" in message and f"ClientKeys {ns}/clients" in message
+    assert "spec.keys[0]" in message and f"ClientKeys {ns}/first" in message
     assert not _works(cluster, MALLORY)
+    assert _works(cluster, ERIN)
     assert _works(cluster, BOB_ROTATED) and _works(cluster, ALICE_ROTATED)
     assert ready(cluster, "clients")["status"] == "True"
     events = cluster.kube.kubectl("get", "events", "-n", ns)
     assert "InvalidSpec" in events and "Conflict" in events
+    # The first one goes: the one it kept out is judged again and served.
+    cluster.kube.kubectl("delete", "clientkeys", "first", "-n", ns)
+    wait_until(lambda: ready(cluster, "copycat").get("status") == "True", 10, "copycat served")
+    assert _works(cluster, ERIN)
+    assert {k.name for k in served_config(cluster).client_keys} >= {f"{ns}/carol"}
     cluster.kube.kubectl("delete", "clientkeys", "cyclic", "copycat", "-n", ns)
 
 
