@@ -601,19 +601,9 @@ async def _rejudge(resource: str, document: dict[str, Any]) -> None:
     await asyncio.to_thread(_patch_keys_status, namespace, name, status)
 
 
-def _key_secret_users(namespace: str, secret_name: str) -> list[str]:
-    """ClientKeys resources (namespace/name) with a secretRef to this Secret."""
-    return [
-        resource
-        for resource, document in _reconciler().key_documents.items()
-        if resource.split("/", 1)[0] == namespace
-        and any(ref[0] == secret_name for ref in secret_refs(document))
-    ]
-
-
 def _client_key_secret(body: kopf.Body, **_: Any) -> bool:
     meta = body.get("metadata", {})
-    return bool(_key_secret_users(meta.get("namespace", ""), meta.get("name", "")))
+    return bool(_reconciler().secret_users(meta.get("namespace", ""), meta.get("name", "")))
 
 
 @kopf.on.event("", "v1", "secrets", when=_client_key_secret)
@@ -622,7 +612,7 @@ async def client_key_secret(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> 
     meta = body.get("metadata", {})
     namespace, name = meta.get("namespace", ""), meta.get("name", "")
     data = {} if event["type"] == "DELETED" else (body.get("data") or {})
-    users = _key_secret_users(namespace, name)
+    users = _reconciler().secret_users(namespace, name)
     documents = _reconciler().key_documents
     changed = False
     for resource in users:

@@ -29,7 +29,13 @@ from switchyard.operator.compiler import (
     compile_config,
 )
 from switchyard.operator.control_plane import ApplyResult, ControlPlane
-from switchyard.operator.keyring import KeysVerdict, SecretHashes, judge, served_keys
+from switchyard.operator.keyring import (
+    KeysVerdict,
+    SecretHashes,
+    judge,
+    secret_refs,
+    served_keys,
+)
 from switchyard.operator.multicluster import Topology
 from switchyard.operator.policy import PolicyError, RoutePolicy, parse_policy
 
@@ -99,6 +105,8 @@ class Reconciler:
         self.client_keys: dict[str, KeysVerdict] = {}
         """ClientKeys resource (namespace/name) → its verdict; any at all turns keys on."""
         self.key_documents: dict[str, dict[str, Any]] = {}
+        self.key_secrets: dict[str, set[str]] = {}
+        """ClientKeys resource → the Secrets its keys name (the Secret watch's filter)."""
 
     async def upsert(self, document: dict[str, Any]) -> Outcome:
         """Validate, store and publish one policy document."""
@@ -270,7 +278,7 @@ class Reconciler:
         for document in sorted(documents, key=_resource_key):
             key = _resource_key(document)
             namespace = key.split("/", 1)[0]
-            self.key_documents[key] = document
+            self._remember(key, document)
             self.client_keys[key] = judge(
                 document, hashes.get(namespace, {}), self.client_keys.values()
             )
@@ -284,7 +292,7 @@ class Reconciler:
         others = [v for k, v in self.client_keys.items() if k != key]
         verdict = judge(document, hashes, others)
         previous = self.client_keys.get(key)
-        self.key_documents[key] = document
+        self._remember(key, document)
         self.client_keys[key] = verdict
         config = self._compile()
         if config.version == self.config.version:
@@ -300,10 +308,24 @@ class Reconciler:
             return KeysVerdict(key, "Rejected", result.rejected), last_good.version
         return verdict, config.version
 
+    def _remember(self, key: str, document: dict[str, Any]) -> None:
+        self.key_documents[key] = document
+        self.key_secrets[key] = {secret for secret, _ in secret_refs(document)}
+
+    def secret_users(self, namespace: str, secret: str) -> list[str]:
+        """ClientKeys resources (namespace/name) with a key in this Secret."""
+        prefix = f"{namespace}/"
+        return [
+            key
+            for key, secrets in self.key_secrets.items()
+            if secret in secrets and key.startswith(prefix)
+        ]
+
     async def delete_client_keys(self, namespace: str, name: str) -> None:
         """Forget a ClientKeys resource and publish without its keys."""
         key = f"{namespace}/{name}"
         self.key_documents.pop(key, None)
+        self.key_secrets.pop(key, None)
         if self.client_keys.pop(key, None) is not None:
             await self._publish(self._compile())
 

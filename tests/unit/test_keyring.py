@@ -158,3 +158,18 @@ def test_an_unchanged_resource_publishes_nothing_new() -> None:
         assert first == again == reconciler.config.version
 
     asyncio.run(scenario())
+
+
+def test_secret_users_follow_the_stored_resources() -> None:
+    reconciler = _reconciler()
+
+    async def scenario() -> None:
+        await reconciler.upsert_client_keys(doc(), HASHES)
+        await reconciler.upsert_client_keys(doc("other", "team-b", keys=[]), {})
+        assert reconciler.secret_users("team-a", "s") == ["team-a/clients"]
+        assert reconciler.secret_users("team-b", "s") == []
+        assert reconciler.secret_users("team-a", "unrelated") == []
+        await reconciler.delete_client_keys("team-a", "clients")
+        assert reconciler.secret_users("team-a", "s") == []
+
+    asyncio.run(scenario())
