@@ -8,10 +8,13 @@ import asyncio
 import copy
 from typing import Any
 
-from switchyard.operator.clientkeys import hash_key
+import pytest
+
+from switchyard.operator.clientkeys import compile_client_keys, hash_key, parse_client_keys
 from switchyard.operator.control_plane import ControlPlane
 from switchyard.operator.envoy_config import GatewaySettings
 from switchyard.operator.keyring import judge, secret_refs
+from switchyard.operator.policy import PolicyError
 from switchyard.operator.reconciler import Reconciler
 
 ALICE = "sk-switchyard-alice-unit-0001"
@@ -173,3 +176,13 @@ def test_secret_users_follow_the_stored_resources() -> None:
         assert reconciler.secret_users("team-a", "s") == []
 
     asyncio.run(scenario())
+
+
+def test_local_mode_refuses_a_secret_ref_it_cannot_read() -> None:
+    spec = parse_client_keys(doc(), "keys.yaml")
+    with pytest.raises(PolicyError, match="key 'alice': secretRef is read by the Kubernetes"):
+        compile_client_keys([spec])
+    both = doc(keys=[{"name": "k", "tenant": "team", "sha256": hash_key("x"),
+                      "secretRef": {"name": "s", "key": "k"}}])  # fmt: skip
+    with pytest.raises(PolicyError, match="exactly one of sha256 or secretRef"):
+        parse_client_keys(both, "keys.yaml")
