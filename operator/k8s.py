@@ -585,7 +585,11 @@ async def forget_client_keys(event: kopf.RawEvent, body: kopf.Body, **_: Any) ->
     if event["type"] != "DELETED":
         return
     meta = body.get("metadata", {})
-    await _reconciler().delete_client_keys(meta.get("namespace", ""), meta.get("name", ""))
+    namespace = meta.get("namespace", "")
+    await _reconciler().delete_client_keys(namespace, meta.get("name", ""))
+    for ref in [r for r in _key_hashes if r[0] == namespace]:
+        if not _reconciler().secret_users(namespace, ref[1]):
+            del _key_hashes[ref]
     # Those left out for a conflict may have conflicted with this one: judge them again.
     for resource, verdict in list(_reconciler().client_keys.items()):
         document = _reconciler().key_documents.get(resource)
