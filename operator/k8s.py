@@ -28,10 +28,12 @@ from switchyard.operator.autoscaling import (
     horizontal_pod_autoscaler,
     pod_disruption_budget,
 )
+from switchyard.operator.clientkeys import hash_key
 from switchyard.operator.control_plane import ControlPlane
-from switchyard.operator.crd import GROUP, PLURAL, VERSION
+from switchyard.operator.crd import CLIENT_KEYS_PLURAL, GROUP, PLURAL, VERSION
 from switchyard.operator.envoy_config import GatewaySettings, system_ca_file
 from switchyard.operator.envoy_tls import EnvoyMtls
+from switchyard.operator.keyring import KeysVerdict, secret_refs
 from switchyard.operator.metrics import MetricsServer
 from switchyard.operator.multicluster import (
     CLUSTER_LABEL,
@@ -144,6 +146,14 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
     plane.stream.on_policy_errors = lambda *_: verdicts.trigger()
     # The policies that already exist are compiled and published once, before Envoy or an
     # ext_proc can connect: a restarted operator never serves them a partial or empty table.
+    # So are the client keys: never a moment without them once a ClientKeys resource exists.
+    key_documents = await asyncio.to_thread(_existing_client_keys)
+    for document in key_documents:
+        await asyncio.to_thread(load_key_hashes, document["metadata"]["namespace"], document)
+    reconciler.restore_client_keys(
+        key_documents,
+        {d["metadata"]["namespace"]: _hashes(d["metadata"]["namespace"]) for d in key_documents},
+    )
     documents = await asyncio.to_thread(_existing_policies)
     for document in documents:
         await asyncio.to_thread(load_api_keys, document["metadata"]["namespace"], document["spec"])
@@ -548,6 +558,169 @@ def load_api_keys(namespace: str, spec: dict[str, Any]) -> None:
         value = (secret.data or {}).get(ref["key"])
         if value is not None:
             _api_keys[(namespace, ref["name"], ref["key"])] = base64.b64decode(value).decode()
+
+
+# --- ClientKeys: tenants and client API keys (keyring.py judges them; here only I/O) ---------
+
+_key_hashes: dict[tuple[str, str, str], str] = {}
+"""(namespace, Secret, key) → SHA-256 of the client key it holds; the key itself is dropped
+as soon as it is hashed (never cached, logged, or written to a status or Event)."""
+
+
+def _hashes(namespace: str) -> dict[tuple[str, str], str]:
+    return {(s, k): h for (ns, s, k), h in _key_hashes.items() if ns == namespace}
+
+
+def _hash_value(raw: str | bytes | None) -> str | None:
+    """SHA-256 of a Secret's base64 value with surrounding whitespace stripped (the gateway
+    strips the presented key too); None when absent, empty or not UTF-8 text."""
+    if raw is None:
+        return None
+    try:
+        text = base64.b64decode(raw).decode().strip()
+    except ValueError:  # bad base64, or not UTF-8 (UnicodeDecodeError)
+        return None
+    return hash_key(text) if text else None
+
+
+def load_key_hashes(namespace: str, document: dict[str, Any]) -> None:
+    """Read and hash the Secrets a ClientKeys document references."""
+    api = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(_client_config()))
+    for secret_name, key in secret_refs(document):
+        ref = (namespace, secret_name, key)
+        try:
+            secret = api.read_namespaced_secret(secret_name, namespace)
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                _key_hashes.pop(ref, None)
+            else:
+                log.warning("cannot read Secret %s/%s: %s", namespace, secret_name, error.reason)
+            continue
+        digest = _hash_value((secret.data or {}).get(key))
+        if digest is None:
+            _key_hashes.pop(ref, None)
+        else:
+            _key_hashes[ref] = digest
+
+
+def _existing_client_keys() -> list[dict[str, Any]]:
+    """Every ClientKeys resource the operator serves; none when its CRD is not installed."""
+    api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(_client_config()))
+    try:
+        if SETTINGS.namespaces:
+            listings: list[Any] = [
+                api.list_namespaced_custom_object(GROUP, VERSION, ns, CLIENT_KEYS_PLURAL)
+                for ns in SETTINGS.namespaces
+            ]
+        else:
+            listings = [api.list_cluster_custom_object(GROUP, VERSION, CLIENT_KEYS_PLURAL)]
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise
+        log.warning("the ClientKeys CRD is not installed: client keys are off")
+        return []
+    return [policy_document(item) for listing in listings for item in listing["items"]]
+
+
+def _keys_status(verdict: KeysVerdict, version: str, generation: int) -> dict[str, Any]:
+    ready = Condition(
+        "Ready", "True" if verdict.ready else "False", verdict.reason, verdict.message
+    )
+    return {
+        "observedGeneration": generation,
+        "configVersion": version,
+        "tenantCount": verdict.tenant_count,
+        "keyCount": verdict.key_count,
+        "activeKeys": verdict.active_keys,
+        "conditions": _conditions([ready], generation),
+    }
+
+
+@kopf.on.resume(GROUP, VERSION, CLIENT_KEYS_PLURAL)
+@kopf.on.create(GROUP, VERSION, CLIENT_KEYS_PLURAL)
+@kopf.on.update(GROUP, VERSION, CLIENT_KEYS_PLURAL, field="spec")  # type: ignore[arg-type]
+async def reconcile_client_keys(
+    body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, logger: logging.Logger, **_: Any
+) -> None:
+    """Judge one ClientKeys resource, publish the keys, then write its status."""
+    document = policy_document(body)
+    namespace = meta["namespace"]
+    await asyncio.to_thread(load_key_hashes, namespace, document)
+    verdict, version = await _reconciler().upsert_client_keys(document, _hashes(namespace))
+    patch.status.update(_keys_status(verdict, version, meta.get("generation", 0)))
+    if not verdict.ready:
+        kopf.warn(body, reason=verdict.reason, message=verdict.message[:1000])
+        logger.warning("%s/%s: %s", namespace, meta["name"], verdict.message)
+
+
+@kopf.on.event(GROUP, VERSION, CLIENT_KEYS_PLURAL)
+async def forget_client_keys(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """A deleted ClientKeys resource's keys stop working (read from the watch, no finalizer)."""
+    if event["type"] != "DELETED":
+        return
+    meta = body.get("metadata", {})
+    namespace = meta.get("namespace", "")
+    await _reconciler().delete_client_keys(namespace, meta.get("name", ""))
+    for ref in [r for r in _key_hashes if r[0] == namespace]:
+        if not _reconciler().secret_users(namespace, ref[1]):
+            del _key_hashes[ref]
+    # Those left out for a conflict may have conflicted with this one: judge them again.
+    for resource, verdict in list(_reconciler().client_keys.items()):
+        document = _reconciler().key_documents.get(resource)
+        if verdict.reason == "Conflict" and document is not None:
+            await _rejudge(resource, document)
+
+
+async def _rejudge(resource: str, document: dict[str, Any]) -> None:
+    """Judge a ClientKeys resource again outside its handler, and write its status."""
+    namespace, name = resource.split("/", 1)
+    verdict, version = await _reconciler().upsert_client_keys(document, _hashes(namespace))
+    status = _keys_status(verdict, version, document["metadata"].get("generation", 0))
+    await asyncio.to_thread(_patch_keys_status, namespace, name, status)
+
+
+def _client_key_secret(body: kopf.Body, **_: Any) -> bool:
+    meta = body.get("metadata", {})
+    return bool(_reconciler().secret_users(meta.get("namespace", ""), meta.get("name", "")))
+
+
+@kopf.on.event("", "v1", "secrets", when=_client_key_secret)
+async def client_key_secret(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """A Secret holding client keys changed (rotation) or went: judge its users again."""
+    meta = body.get("metadata", {})
+    namespace, name = meta.get("namespace", ""), meta.get("name", "")
+    data = {} if event["type"] == "DELETED" else (body.get("data") or {})
+    users = _reconciler().secret_users(namespace, name)
+    documents = _reconciler().key_documents
+    changed = False
+    for resource in users:
+        for secret_name, key in secret_refs(documents[resource]):
+            if secret_name != name:
+                continue
+            ref, digest = (namespace, name, key), _hash_value(data.get(key))
+            if _key_hashes.get(ref) != digest:
+                changed = True
+                if digest is None:
+                    _key_hashes.pop(ref, None)
+                else:
+                    _key_hashes[ref] = digest
+    if not changed:
+        return
+    log.info("Secret %s/%s changed; client keys of %s judged again", namespace, name, users)
+    for resource in users:
+        document = documents.get(resource)
+        if document is not None:  # not deleted meanwhile
+            await _rejudge(resource, document)
+
+
+def _patch_keys_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(_client_config()))
+    try:
+        api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, CLIENT_KEYS_PLURAL, name, {"status": status}
+        )
+    except kubernetes.client.ApiException as error:
+        log.warning("cannot update status of ClientKeys %s/%s: %s", namespace, name, error.reason)
 
 
 def apply_scaling(policies: Iterable[RoutePolicy]) -> None:

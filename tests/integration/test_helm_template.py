@@ -326,6 +326,38 @@ def test_the_chart_leaves_hpas_and_pdbs_to_the_operator(default_docs: list[dict[
     assert ("policy", "poddisruptionbudgets") not in cluster_wide  # only in the release namespace
 
 
+def _granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (g, r, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+
+
+def test_secrets_and_client_keys_are_granted_only_in_the_watch_scope(
+    default_docs: list[dict[str, Any]],
+) -> None:
+    main = one(default_docs, "ClusterRole", f"{NAMESPACE}-{RELEASE}-operator")
+    assert not {r for _, r, _ in _granted(main)} & {"secrets", "clientkeys"}
+    keys_role = f"{NAMESPACE}-{RELEASE}-operator-keys"
+    granted = _granted(one(default_docs, "ClusterRole", keys_role))
+    assert {v for g, r, v in granted if r == "secrets"} == {"get", "list", "watch"}
+    assert ("switchyard.dev", "clientkeys/status", "patch") in granted
+    assert not {v for _, _, v in granted} & {"create", "delete", "deletecollection"}
+    # Every namespace: one ClusterRoleBinding; some: a RoleBinding in each, and none cluster-wide.
+    binding = one(default_docs, "ClusterRoleBinding", keys_role)
+    assert binding["roleRef"]["name"] == keys_role
+    scoped = render("operator.watchNamespaces={team-a,team-b}")
+    assert not find(scoped, "ClusterRoleBinding", keys_role)
+    bindings = [
+        d for d in scoped if d["kind"] == "RoleBinding" and d["roleRef"]["name"] == keys_role
+    ]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    assert all(b["subjects"][0]["namespace"] == NAMESPACE for b in bindings)
+
+
 # --- wiring: operator, ext_proc, images ---------------------------------------------------------
 
 
