@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from time import time
 from typing import Any
 
+import aiohttp
 import orjson
 from prometheus_client import Counter
 
@@ -291,7 +292,7 @@ class ShadowEvaluator:
         self.marker = Marker(secret)
         self._lanes: dict[str, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._session: Any = None  # aiohttp.ClientSession, made on first use (on the loop)
+        self._session: aiohttp.ClientSession | None = None  # made on first use (on the loop)
 
     def role(self, config: CompiledConfig, headers: Mapping[str, str]) -> str | None:
         """The shadow role of a request this gateway sent itself; None for client requests."""
@@ -403,8 +404,6 @@ class ShadowEvaluator:
     ) -> _Reply | None:
         """POST one request through the gateway; the reply's text and the model that served
         it, or None (counted) on any failure."""
-        import aiohttp
-
         rule = capture.rule
         headers = {"content-type": "application/json", SHADOW_HEADER: self.marker.header(role)}
         if capture.data_class:
