@@ -303,7 +303,9 @@ class Processor:
             config = state.config
             key = None
             # The gateway's own shadow-evaluation requests (extproc/shadow.py) need no key.
-            role = None if self.shadow is None else self.shadow.role(config, headers)
+            role = None
+            if config.shadow and self.shadow is not None:
+                role = self.shadow.marker.role(headers)
             if config.client_keys is not None and role is None:
                 key = authenticate(config.client_keys, headers, time())
             request = parse_request(endpoint, body)

@@ -294,10 +294,6 @@ class ShadowEvaluator:
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None  # made on first use (on the loop)
 
-    def role(self, config: CompiledConfig, headers: Mapping[str, str]) -> str | None:
-        """The shadow role of a request this gateway sent itself; None for client requests."""
-        return self.marker.role(headers) if config.shadow else None
-
     def sample(
         self,
         config: CompiledConfig,
