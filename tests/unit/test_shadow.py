@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,17 +27,22 @@ from switchyard.extproc.config import ShadowRule, shadow_threshold
 from switchyard.extproc.processor import Processor
 from switchyard.extproc.recording import Recorder, feedback_line
 from switchyard.extproc.shadow import (
+    GATEWAY_URL_ENV,
     QUEUE_PER_SLOT,
+    SECRET_ENV,
     Capture,
     Marker,
     ShadowEvaluator,
     answer_text,
+    from_environment,
     judge_messages,
     parse_judgement,
     primary_is_a,
     question_text,
     sampled,
+    secret_from_environment,
 )
+from switchyard.local.runner import _connect_host
 from switchyard.operator.compiler import compile_config
 from switchyard.operator.envoy_config import GatewaySettings, build_route_config
 from switchyard.operator.policy import PolicyError, parse_policy
@@ -390,3 +396,29 @@ async def test_only_this_gateways_marker_skips_keys_recording_and_shadowing(
     recorder.flush()
     assert sorted(r["id"] for r in _lines(tmp_path, "requests")) == ["forged", "plain"]
     await shadow.close()
+
+
+def test_evaluator_needs_a_recorder_and_the_gateway_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Set (to empty) through monkeypatch, so the secret the code makes is removed afterwards.
+    monkeypatch.setenv(SECRET_ENV, "")
+    monkeypatch.setenv(GATEWAY_URL_ENV, "")
+    recorder = Recorder(tmp_path, replica="r0")
+    assert from_environment(recorder) is None
+    monkeypatch.setenv(GATEWAY_URL_ENV, "http://127.0.0.1:8080")
+    assert from_environment(None) is None
+    evaluator = from_environment(recorder)
+    assert evaluator is not None and evaluator.gateway_url == "http://127.0.0.1:8080"
+    # The secret is made once and inherited (the environment) by every worker.
+    secret = os.environ[SECRET_ENV]
+    assert len(secret) >= 32 and secret_from_environment() == secret
+    assert evaluator.marker.role({"x-switchyard-shadow": f"judge {secret}"}) == "judge"
+
+
+@pytest.mark.parametrize(
+    ("listen", "host"),
+    [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("::", "[::1]"), ("::1", "[::1]")],
+)
+def test_local_mode_reaches_its_own_listener(listen: str, host: str) -> None:
+    assert _connect_host(listen) == host
