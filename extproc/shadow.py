@@ -72,7 +72,8 @@ ANSWER, JUDGE = "answer", "judge"
 EVALUATIONS = Counter(
     "switchyard_shadow_evaluations",
     "Shadow evaluations by policy and outcome (scored, dropped: the queue was full, skipped: "
-    "the answer was an error or too large, shadow_failed, judge_failed, judge_unparsable).",
+    "an answer was an error, too large or had no text, shadow_failed, judge_failed, "
+    "judge_unparsable).",
     ["policy", "outcome"],
 )
 CALLS = Counter(
@@ -363,7 +364,7 @@ class ShadowEvaluator:
         except orjson.JSONDecodeError:
             return "skipped"
         primary = answer_text(bytes(capture.response), capture.streaming)
-        if not isinstance(request, dict) or primary is None:
+        if not isinstance(request, dict) or not primary:  # e.g. only tool calls: not judged
             return "skipped"
         chat = "messages" in request
         shadow_body = {
@@ -373,6 +374,8 @@ class ShadowEvaluator:
         shadow = await self._call(capture, rule.model, ANSWER, shadow_body, chat)
         if shadow is None:
             return "shadow_failed"
+        if not shadow.text:
+            return "skipped"
         first = primary_is_a(capture.request_id)
         a, b = (primary, shadow.text) if first else (shadow.text, primary)
         judge_body = {

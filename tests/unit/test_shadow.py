@@ -309,6 +309,20 @@ async def test_sampled_request_is_judged_into_two_feedback_lines(
     assert set(joined) == {"light", "capable"}
     assert joined["capable"]["messages"] == [{"role": "user", "content": "2+2?"}]
 
+    # An answer without text (only tool calls) is not judged.
+    skipped = _count(
+        "switchyard_shadow_evaluations_total", policy="default/default", outcome="skipped"
+    )
+    tools = {"choices": [{"index": 0, "message": {"role": "assistant", "content": None}}]}
+    stream, _ = await _route(processor, "req-tools")
+    await processor.message(stream, _response_chunk(orjson.dumps(tools)))
+    await _until(lambda: not shadow._tasks)
+    assert len(fake.requests) == 2  # nothing sent for it
+    after = _count(
+        "switchyard_shadow_evaluations_total", policy="default/default", outcome="skipped"
+    )
+    assert after == skipped + 1
+
     # A judge that does not answer as asked is counted, and nothing is written.
     fake.verdict = "Both are fine."
     before = _count(
