@@ -514,6 +514,44 @@ def test_outcomes_volume_is_an_emptydir_or_a_claim() -> None:
     }
 
 
+def test_shadow_evaluation_is_wired_only_when_enabled(default_docs: list[dict[str, Any]]) -> None:
+    c = container(default_docs, "extproc")
+    assert not [a for a in c["args"] if a.startswith("--gateway-url")]
+    assert "SWITCHYARD_SHADOW_SECRET" not in {e["name"] for e in c["env"]}
+    assert not find(default_docs, "Secret", f"{RELEASE}-shadow")
+
+    docs = render(
+        "outcomes.shadow.enabled=true",
+        "networkPolicy.egress.enabled=true",
+        "networkPolicy.gatewayIngressFrom[0].namespaceSelector.matchLabels.team=web",
+    )
+    c = container(docs, "extproc")
+    gateway = one(docs, "Service", f"{RELEASE}-gateway")
+    port = gateway["spec"]["ports"][0]["port"]
+    assert f"--gateway-url=http://{RELEASE}-gateway.{NAMESPACE}.svc:{port}" in c["args"]
+    env = {e["name"]: e for e in c["env"]}
+    ref = {"name": f"{RELEASE}-shadow", "key": "secret"}
+    assert env["SWITCHYARD_SHADOW_SECRET"]["valueFrom"] == {"secretKeyRef": ref}
+    secret = one(docs, "Secret", f"{RELEASE}-shadow")
+    assert len(base64.b64decode(secret["data"]["secret"])) == 48
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
+    to_gateway = {
+        "to": [{"podSelector": selects("gateway")}],
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+    }
+    assert to_gateway in policies[f"{RELEASE}-extproc"]["egress"]
+    from_extproc = {
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+        "from": [{"podSelector": selects("extproc")}],
+    }
+    assert from_extproc in policies[f"{RELEASE}-gateway"]["ingress"]
+
+    docs = render("outcomes.shadow.enabled=true", "outcomes.shadow.existingSecret=mine")
+    env = {e["name"]: e for e in container(docs, "extproc")["env"]}
+    assert env["SWITCHYARD_SHADOW_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "mine"
+    assert not find(docs, "Secret", f"{RELEASE}-shadow")
+
+
 # --- NetworkPolicies, Ingress, HTTPRoute --------------------------------------------------------
 
 
