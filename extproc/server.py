@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from switchyard.api.v1 import routing_pb2 as pb
-from switchyard.extproc import recording, tracing
+from switchyard.extproc import recording, shadow, tracing
 from switchyard.extproc.config_client import ConfigStreamClient
 from switchyard.extproc.h2grpc import GrpcConnection
 from switchyard.extproc.health import ReadyFlag, WorkerReadiness
@@ -133,7 +133,9 @@ async def serve(
     recorder = recording.from_environment()  # None unless SWITCHYARD_OUTCOMES_DIR is set
     if recorder is not None:
         recorder.start()
-    processor = Processor(state, tracer, recorder)
+    # None unless recording and SWITCHYARD_GATEWAY_URL are set
+    evaluator = shadow.from_environment(recorder)
+    processor = Processor(state, tracer, recorder, evaluator)
     connections: weakref.WeakSet[GrpcConnection] = weakref.WeakSet()
 
     def connection() -> GrpcConnection:
@@ -177,6 +179,8 @@ async def serve(
         conn.goaway()
     await asyncio.sleep(0.2)  # let in-flight streams answer
     TALLY.stop()
+    if evaluator is not None:
+        await evaluator.close()  # evaluations in flight are dropped
     if recorder is not None:
         await asyncio.to_thread(recorder.stop)  # write what is queued
     if tracer is not None:
