@@ -178,7 +178,9 @@ def switchyard_system(
     directory: Path, policy: dict[str, object], concurrency: int
 ) -> Iterator[System]:
     directory.mkdir(parents=True)
-    with gateway(directory, policy, 0, concurrency) as running:
+    # 0: Switchyard's default (one worker per core but one).
+    workers = int(os.environ.get("BENCH_SWITCHYARD_WORKERS") or 0)
+    with gateway(directory, policy, workers, concurrency) as running:
         yield System(f"{running.base_url}/chat/completions", gateway_components(running))
 
 
@@ -223,6 +225,8 @@ def measure(args: argparse.Namespace, systems: dict[str, System], upstream_pid: 
     half_systems = [n for n in systems if n in ENVOY_BASED and rps[n] >= 1.2 * half]
     if "direct" not in half_systems:
         half_systems.insert(0, "direct")
+    if base == "direct" and not args.half_rate:
+        half_systems = []  # no Switchyard in this run: no half-saturation target to check
     open_loop: dict[str, dict[str, list[dict[str, float]]]] = {"rate": {}, "half": {}}
     for i in range(args.rounds):
         for key, value, names in (("rate", rate, list(systems)), ("half", half, half_systems)):
@@ -316,7 +320,7 @@ def markdown(args: argparse.Namespace, data: dict, rows: dict, meta: dict[str, s
         "",
         "| system | req/s | p50 ms | p99 ms | CPU ms/req | RSS idle MiB | RSS load MiB | "
         f"added p50/p99 ms at {data['rate']}/s | added p99 ms at {data['half']}/s | "
-        "Switchyard req/s ÷ | Switchyard CPU/req ÷ |",
+        "Switchyard req/s ÷ theirs | Switchyard CPU/req ÷ theirs |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
@@ -413,7 +417,7 @@ def chart(rows: dict, data: dict, path: Path, title: str) -> None:
         ax.set_xticks(range(len(names)), labels, fontsize=7, rotation=30, ha="right")
         ax.set_ylabel(unit)
         ax.set_title(caption, fontsize=9)
-        if key == "rps" and "litellm" in rows:
+        if key in ("rps", "cpu") and "litellm" in rows:
             ax.set_yscale("log")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 import urllib.request
@@ -464,16 +465,14 @@ def litellm_proxy(directory: Path, upstream_port: int, models: list[Model]) -> I
             notes=f"{workers} workers",
         )
     finally:
-        pids = [proc.pid, *descendants(proc.pid)]
-        proc.terminate()
-        try:
+        # Its own session: the proxy and every worker it spawned, whatever state they are in.
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
             proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for pid in pids[1:]:
-            with suppress(ProcessLookupError):
-                os.kill(pid, 9)
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         log.close()
 
 
