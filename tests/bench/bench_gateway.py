@@ -326,6 +326,18 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _runqueue_seconds(pid: int) -> float:
+    """Time the threads of one process so far spent runnable but waiting for a CPU
+    (/proc/PID/task/*/schedstat; threads that ended meanwhile are not counted)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError):
+            continue
+    return total / 1e9
+
+
 def _cpu_jiffies() -> tuple[int, int, int]:
     """(busy, steal, total) jiffies of all CPUs so far."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -355,7 +367,8 @@ def run_wrk(
     timeout_s: int = 2,
 ) -> dict[str, float]:
     """One wrk run: req/s, p50/p99 ms, steal %, CPU ms per request of each component
-    (``cpu <name>``), its peak RSS in MiB meanwhile (``rss <name>``), and the requests wrk
+    (``cpu <name>``), its threads' ms per request runnable but waiting for a CPU (``wait
+    <name>``: contention), its peak RSS in MiB meanwhile (``rss <name>``), and the requests wrk
     gave up on after ``timeout_s`` (``timeouts``, not in the latencies)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT % request_body(model))
@@ -368,6 +381,7 @@ def run_wrk(
         capture_output=True,
     )
     cpu0 = {name: sum(map(_cpu_seconds, pids)) for name, pids in components.items()}
+    wait0 = {name: sum(map(_runqueue_seconds, pids)) for name, pids in components.items()}
     wrk0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     jiffies0 = _cpu_jiffies()
     with RssPeak(components) as rss:
@@ -381,6 +395,7 @@ def run_wrk(
     jiffies1 = _cpu_jiffies()
     wrk1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu1 = {name: sum(map(_cpu_seconds, pids)) for name, pids in components.items()}
+    wait1 = {name: sum(map(_runqueue_seconds, pids)) for name, pids in components.items()}
     os.unlink(script.name)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non_2xx:
@@ -415,6 +430,8 @@ def run_wrk(
         result[f"cpu {name}"] = 1000 * seconds_used / requests
     for name, peak in rss.peak.items():
         result[f"rss {name}"] = peak
+    for name in wait0:
+        result[f"wait {name}"] = 1000 * (wait1[name] - wait0[name]) / requests
     return result
 
 

@@ -214,7 +214,8 @@ def measure(args: argparse.Namespace, systems: dict[str, System], upstream_pid: 
             print(
                 f"round {i + 1} {LABELS[name]:<36}{result['rps']:>8.0f} req/s  p50 "
                 f"{result['p50']:.2f} p99 {result['p99']:.2f} ms  CPU "
-                f"{own(result, 'cpu '):.3f} ms/req  others {result['others']:.0f}%",
+                f"{own(result, 'cpu '):.3f} ms/req  runnable-waiting {own(result, 'wait '):.3f} "
+                f"ms/req  others {result['others']:.0f}%",
                 flush=True,
             )
     rps = {name: statistics.median(r["rps"] for r in runs) for name, runs in closed.items()}
@@ -280,6 +281,7 @@ def summarise(data: dict) -> dict[str, dict[str, object]]:
             },
             "rss_idle": data["idle_rss"][name],
             "rss_load": [own(r, "rss ") for r in runs],
+            "wait": [own(r, "wait ") for r in runs],
             "others": [r["others"] for r in runs],
             "timeouts": [r.get("timeouts", 0.0) for r in runs],
         }
@@ -338,15 +340,22 @@ def markdown(args: argparse.Namespace, data: dict, rows: dict, meta: dict[str, s
             f"{_rng(row['rss_load'], '.0f')} | {added} | {half} | "
             f"{_rng(row.get('rps_ratio', []), '.2f')} | {_rng(row.get('cpu_ratio', []), '.2f')} |"
         )
-    out += ["", "CPU ms per request by process (medians):", ""]
+    out += [
+        "",
+        "CPU ms per request by process (medians), and the time the system's threads spent "
+        "runnable but waiting for a CPU (contention; /proc schedstat), ms per request:",
+        "",
+    ]
     for name, row in rows.items():
         parts = ", ".join(f"{k} {v:.3f}" for k, v in row["cpu_parts"].items())
         others = _rng(row["others"], ".0f")
         timeouts = (
             f"; {sum(row['timeouts']):.0f} wrk timeouts (30 s)" if any(row["timeouts"]) else ""
         )
+        wait = _rng(row["wait"], ".3f")
         out.append(
-            f"- {LABELS[name]}: {parts} (other processes meanwhile: {others} % CPU{timeouts})"
+            f"- {LABELS[name]}: {parts}; waiting for a CPU while runnable {wait} ms/req "
+            f"(other processes meanwhile: {others} % CPU{timeouts})"
         )
     out += ["", *targets(rows, data)]
     return "\n".join(out) + "\n"
