@@ -401,7 +401,7 @@ def targets(rows: dict, data: dict) -> list[str]:
 
 
 def chart(rows: dict, data: dict, path: Path, title: str) -> None:
-    """Three panels: req/s, CPU ms/req, added p99 at the common rate; bars are medians and
+    """Three panels: req/s, CPU ms/req, added p50 at the common rate; bars are medians and
     whiskers the min-max over the rounds."""
     import matplotlib
 
@@ -414,7 +414,7 @@ def chart(rows: dict, data: dict, path: Path, title: str) -> None:
     panels = [
         ("req/s", "rps", f"req/s at {data.get('connections', '')} connections (higher is better)"),
         ("CPU ms/req", "cpu", "CPU ms per request, all its processes (lower is better)"),
-        ("ms", "rate_added_p99", f"added p99 at {data['rate']} req/s vs Envoy direct (lower)"),
+        ("ms", "rate_added_p50", f"added p50 at {data['rate']} req/s vs Envoy direct (lower)"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
     for ax, (unit, key, caption) in zip(axes, panels, strict=True):
@@ -428,6 +428,8 @@ def chart(rows: dict, data: dict, path: Path, title: str) -> None:
         ax.set_title(caption, fontsize=9)
         if key in ("rps", "cpu") and "litellm" in rows:
             ax.set_yscale("log")
+        elif "litellm" in rows:
+            ax.set_yscale("symlog", linthresh=1.0)  # added latency may be below zero
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
