@@ -7,8 +7,16 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 EXAMPLES ?= examples/
+# make bench's peers. Keep these pins in step with tests/bench/peers.py (AIGW_VERSION, LITELLM_VERSION).
+BENCH_BIN := $(HOME)/.cache/switchyard/bin
+AIGW_VERSION := v1.1.0
+AIGW_EXTPROC := $(BENCH_BIN)/ai-gateway-extproc-$(AIGW_VERSION)
+LITELLM_VERSION := 1.108.5
+LITELLM_VENV := $(HOME)/.cache/switchyard/litellm-$(LITELLM_VERSION)
+LITELLM_STAMP := $(LITELLM_VENV)/.installed
 
-.PHONY: install up test test-unit test-integration lint typecheck proto bench-gateway bench-router bench-control-plane bench-faults train-router k8s-tools crd dashboard clean jaeger prometheus
+
+.PHONY: install up test test-unit test-integration lint typecheck proto bench bench-tools bench-gateway bench-router bench-control-plane bench-faults train-router k8s-tools crd dashboard clean jaeger prometheus
 
 install: $(STAMP)
 
@@ -64,12 +72,41 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy -p switchyard
 
-bench-gateway: $(STAMP)
-	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	@command -v vegeta >/dev/null || test -x $(HOME)/.cache/switchyard/bin/vegeta || \
-		GOBIN=$(HOME)/.cache/switchyard/bin go install github.com/tsenart/vegeta/v12@v12.13.0
-	cd tests/bench/noop_extproc && go build -o $(HOME)/.cache/switchyard/bin/noop-extproc .
+bench-gateway: $(STAMP) bench-tools
 	$(PY) tests/bench/bench_gateway.py
+
+# The load generators and the no-op Go ext_proc, cached outside the repo.
+bench-tools:
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	@command -v vegeta >/dev/null || test -x $(BENCH_BIN)/vegeta || \
+		GOBIN=$(BENCH_BIN) go install github.com/tsenart/vegeta/v12@v12.13.0
+	cd tests/bench/noop_extproc && go build -o $(BENCH_BIN)/noop-extproc .
+
+## Switchyard against its peers in one run (docs/performance.md): Envoy direct, the no-op Go
+## ext_proc, Envoy AI Gateway's ext_proc and LiteLLM's proxy, same upstream, same load.
+## AIGW_SRC=<ai-gateway source tree> builds its ext_proc from there (else `go install` of the
+## pinned release); BENCH_SECONDS, BENCH_ROUNDS, BENCH_CONNECTIONS, BENCH_RATE, BENCH_HALF_RATE,
+## BENCH_SYSTEMS, BENCH_LABEL and BENCH_DOCS=1 (rewrite docs/performance.md) tune the run.
+bench: $(STAMP) bench-tools $(AIGW_EXTPROC) $(LITELLM_STAMP)
+	$(PY) tests/bench/bench_peers.py
+
+$(AIGW_EXTPROC):
+	@mkdir -p $(BENCH_BIN)
+	if [ -n "$(AIGW_SRC)" ]; then \
+		cd "$(AIGW_SRC)" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -o $@.tmp ./cmd/extproc; \
+	else \
+		tmp=$$(mktemp -d) && CGO_ENABLED=0 GOBIN=$$tmp \
+			go install github.com/envoyproxy/ai-gateway/cmd/extproc@$(AIGW_VERSION) && \
+			mv $$tmp/extproc $@.tmp && rmdir $$tmp; \
+	fi
+	mv $@.tmp $@
+
+# LiteLLM 1.108.5: the newest whose proxy extras (litellm-proxy-extras, litellm-enterprise)
+# all resolve from PyPI as mirrored here.
+$(LITELLM_STAMP):
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install --quiet 'litellm[proxy]==$(LITELLM_VERSION)'
+	@touch $@
 
 clean:
 	rm -rf $(VENV) .switchyard build *.egg-info

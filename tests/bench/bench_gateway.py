@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -62,6 +63,50 @@ wrk.method = "POST"
 wrk.body = '%s'
 wrk.headers["Content-Type"] = "application/json"
 """
+
+
+def request_body(model: str = "auto") -> str:
+    """The benchmark's chat request, naming ``model``."""
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}]})
+
+
+def rss_mib(pids: list[int]) -> float:
+    """Resident memory of ``pids`` together, MiB (a process gone meanwhile counts 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        total += int(match.group(1)) if match else 0
+    return total / 1024
+
+
+class RssPeak:
+    """The peak of :func:`rss_mib` for each component, polled every 0.2 s in a thread while the
+    ``with`` block runs (memory under load)."""
+
+    def __init__(self, components: dict[str, list[int]]) -> None:
+        self.components = components
+        self.peak = dict.fromkeys(components, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while True:
+            for name, pids in self.components.items():
+                self.peak[name] = max(self.peak[name], rss_mib(pids))
+            if self._stop.wait(0.2):
+                return
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 _BUFFER = {
@@ -281,6 +326,18 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _runqueue_seconds(pid: int) -> float:
+    """Time the threads of one process so far spent runnable but waiting for a CPU
+    (/proc/PID/task/*/schedstat; threads that ended meanwhile are not counted)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError):
+            continue
+    return total / 1e9
+
+
 def _cpu_jiffies() -> tuple[int, int, int]:
     """(busy, steal, total) jiffies of all CPUs so far."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -301,12 +358,22 @@ def gateway_components(running: Gateway) -> dict[str, list[int]]:
 
 
 def run_wrk(
-    url: str, seconds: int, connections: int, components: dict[str, list[int]]
+    url: str,
+    seconds: int,
+    connections: int,
+    components: dict[str, list[int]],
+    model: str = "auto",
+    headers: dict[str, str] | None = None,
+    timeout_s: int = 2,
 ) -> dict[str, float]:
-    """One wrk run: req/s, p50/p99 ms, steal %, and CPU ms per request of each component."""
-    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": PROMPT}]})
+    """One wrk run: req/s, p50/p99 ms, steal %, CPU ms per request of each component
+    (``cpu <name>``), its threads' ms per request runnable but waiting for a CPU (``wait
+    <name>``: contention), its peak RSS in MiB meanwhile (``rss <name>``), and the requests wrk
+    gave up on after ``timeout_s`` (``timeouts``, not in the latencies)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT % body)
+        script.write(WRK_SCRIPT % request_body(model))
+        for name, value in (headers or {}).items():
+            script.write(f'wrk.headers["{name}"] = "{value}"\n')
     # Warm up (connections, ext_proc streams, Python caches), then measure.
     subprocess.run(
         ["wrk", "-t1", f"-c{connections}", "-d2s", "-s", script.name, url],
@@ -314,17 +381,21 @@ def run_wrk(
         capture_output=True,
     )
     cpu0 = {name: sum(map(_cpu_seconds, pids)) for name, pids in components.items()}
+    wait0 = {name: sum(map(_runqueue_seconds, pids)) for name, pids in components.items()}
     wrk0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     jiffies0 = _cpu_jiffies()
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    with RssPeak(components) as rss:
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"--timeout={timeout_s}s",
+             "--latency", "-s", script.name, url],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout  # fmt: skip
     jiffies1 = _cpu_jiffies()
     wrk1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu1 = {name: sum(map(_cpu_seconds, pids)) for name, pids in components.items()}
+    wait1 = {name: sum(map(_runqueue_seconds, pids)) for name, pids in components.items()}
     os.unlink(script.name)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non_2xx:
@@ -351,9 +422,16 @@ def run_wrk(
         "steal": 100 * steal / max(1, total),
         # CPU used by processes outside this benchmark (other work on the machine).
         "others": max(0.0, 100 * (busy / tick - ours) / max(1, total / tick)),
+        "timeouts": float(timeouts.group(1))
+        if (timeouts := re.search(r"timeout (\d+)", out))
+        else 0,
     }
     for name, seconds_used in [*((n, cpu1[n] - cpu0[n]) for n in cpu0), ("wrk", wrk_cpu)]:
         result[f"cpu {name}"] = 1000 * seconds_used / requests
+    for name, peak in rss.peak.items():
+        result[f"rss {name}"] = peak
+    for name in wait0:
+        result[f"wait {name}"] = 1000 * (wait1[name] - wait0[name]) / requests
     return result
 
 
@@ -368,12 +446,20 @@ def vegeta_binary() -> str:
     raise SystemExit("vegeta not found: run `make bench-gateway`, which installs it with Go")
 
 
-def run_vegeta(url: str, rate: int, seconds: int) -> dict[str, float]:
-    """Open-loop: ``rate`` req/s for ``seconds`` (after a 2 s warm-up); p50/p99 ms, success."""
-    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": PROMPT}]})
+def run_vegeta(
+    url: str,
+    rate: int,
+    seconds: int,
+    model: str = "auto",
+    headers: dict[str, str] | None = None,
+    strict: bool = True,
+) -> dict[str, float]:
+    """Open-loop: ``rate`` req/s for ``seconds`` (after a 2 s warm-up); p50/p99 ms, success
+    (a fraction; with ``strict``, anything below 1 raises)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        handle.write(body)
-    target = f"POST {url}\nContent-Type: application/json\n@{handle.name}\n"
+        handle.write(request_body(model))
+    extra = "".join(f"{name}: {value}\n" for name, value in (headers or {}).items())
+    target = f"POST {url}\nContent-Type: application/json\n{extra}@{handle.name}\n"
     report: dict[str, object] = {}
     for duration in (2, seconds):
         attack = subprocess.run(
@@ -391,7 +477,7 @@ def run_vegeta(url: str, rate: int, seconds: int) -> dict[str, float]:
             ).stdout
         )
     os.unlink(handle.name)
-    if report["success"] != 1:
+    if strict and report["success"] != 1:
         raise RuntimeError(f"{url}: failed requests at {rate} req/s: {report['status_codes']}")
     latencies = report["latencies"]
     assert isinstance(latencies, dict)

@@ -1,7 +1,7 @@
 // noop-extproc: the cheapest possible ext_proc, for `make bench-gateway`.
 //
-// It answers every request body with the routing metadata of one fixed backend and does
-// nothing else: no parsing, no scoring. Envoy in front of it shows what Envoy's own ext_proc
+// It answers every request body with the routing metadata of one fixed backend, lets every
+// response chunk pass, and does nothing else: no parsing, no scoring, no accounting. Envoy in front of it shows what Envoy's own ext_proc
 // machinery costs, the floor any external processor (ours included) sits on.
 //
 // Usage: noop-extproc SOCKET METADATA_NAMESPACE BACKEND_KEY
@@ -21,12 +21,23 @@ type server struct {
 	reply *extproc.ProcessingResponse
 }
 
+// Each response chunk (the gateway streams them to its ext_proc for usage accounting) passes
+// unchanged: a reply of the wrong kind would be a protocol error that ends the stream early.
+var pass = &extproc.ProcessingResponse{
+	Response: &extproc.ProcessingResponse_ResponseBody{ResponseBody: &extproc.BodyResponse{}},
+}
+
 func (s *server) Process(stream extproc.ExternalProcessor_ProcessServer) error {
 	for {
-		if _, err := stream.Recv(); err != nil {
+		request, err := stream.Recv()
+		if err != nil {
 			return nil
 		}
-		if err := stream.Send(s.reply); err != nil {
+		reply := s.reply
+		if request.GetResponseBody() != nil {
+			reply = pass
+		}
+		if err := stream.Send(reply); err != nil {
 			return err
 		}
 	}
