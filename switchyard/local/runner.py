@@ -253,7 +253,7 @@ class LocalGateway:
         self.admin = EnvoyAdmin(self.spec.admin_port)
         self.children: list[subprocess.Popen[bytes]] = []
         self.config = compile_config(
-            inputs.policies, self.spec.fail_open_model, client_keys=inputs.client_keys
+            inputs.policies, self.spec.fail_open_model, **inputs.compile_kwargs()
         )
         self._signatures = self._file_signatures()
         self._left_out: dict[str, str] = {}
@@ -402,7 +402,7 @@ class LocalGateway:
         try:
             inputs = load_inputs(self.paths)
             config = compile_config(
-                inputs.policies, self.spec.fail_open_model, client_keys=inputs.client_keys
+                inputs.policies, self.spec.fail_open_model, **inputs.compile_kwargs()
             )
         except (PolicyError, CompileError) as exc:
             _warn(f"keeping config {self.config.version}; {exc}")
