@@ -28,11 +28,20 @@ from switchyard.extproc.accounting import (
     ResponseAccount,
     stream_options_for_usage,
 )
-from switchyard.extproc.engine import decide, select_target, session_view
+from switchyard.extproc.config import CompiledConfig, CompiledPolicy, ModelRoute
+from switchyard.extproc.engine import Decision, decide, select_target, session_view
 from switchyard.extproc.errors import GatewayError, invalid_request
-from switchyard.extproc.keys import authenticate, denial, forbidden
+from switchyard.extproc.keys import KeyEntry, authenticate, denial, forbidden
+from switchyard.extproc.limits import Limiter, Reservation
 from switchyard.extproc.metrics import REJECTIONS
-from switchyard.extproc.request import Endpoint, parse_request, screen, unwritable
+from switchyard.extproc.request import (
+    Endpoint,
+    ParsedRequest,
+    parse_request,
+    screen,
+    unwritable,
+)
+from switchyard.extproc.scoring import RouterScores
 from switchyard.extproc.state import RuntimeState
 from switchyard.headers import (
     DATA_CLASS_HEADER,
@@ -63,6 +72,11 @@ def immediate(error: GatewayError) -> ep.ProcessingResponse:
     reply.body = error.body()
     reply.details = f"switchyard_{error.code}"
     reply.headers.set_headers.append(_JSON)
+    retry = getattr(error, "retry_after", 0)
+    if retry:
+        reply.headers.set_headers.append(
+            HeaderValueOption(header=HeaderValue(key="retry-after", raw_value=str(retry).encode()))
+        )
     return response
 
 
@@ -173,6 +187,7 @@ class Processor:
         self.state = state
         self.tracer = tracer
         self.ledger = Ledger()
+        self.limiter = Limiter()
         # The HTTP/2 layer hands a new stream's headers to this hook only when it is set.
         self.on_headers = None if tracer is None else tracer.on_headers
 
@@ -294,6 +309,11 @@ class Processor:
                 denied = denial(key, request.model, decision.model.name, data_class)
                 if denied:
                     raise forbidden(denied)
+            reservation = None
+            if key is not None and key.limits is not None:
+                decision, reservation = await self._admit(
+                    config, key, target, routed, headers, scores, decision, request
+                )
         except GatewayError as error:
             if span is not None:
                 span.failed(error)
@@ -333,6 +353,8 @@ class Processor:
                 common.body_mutation.body = orjson.dumps(request.payload)
             except orjson.JSONEncodeError:
                 too_deep = unwritable(request.payload)
+                if reservation is not None:
+                    reservation.release()
                 if span is not None:
                     span.failed(too_deep)
                 return immediate(too_deep)
@@ -349,7 +371,9 @@ class Processor:
         state.record(decision, request)
         self.ledger.decided(decision.policy, perf_counter() - started)
         if stream is not None:
-            stream.account = ResponseAccount(self.ledger, config, target, decision, request, strip)
+            stream.account = ResponseAccount(
+                self.ledger, config, target, decision, request, strip, reservation
+            )
         if span is not None:
             span.decided(
                 config,
@@ -361,3 +385,28 @@ class Processor:
                 None if key is None else key.models,
             )
         return response
+
+    async def _admit(
+        self,
+        config: CompiledConfig,
+        key: KeyEntry,
+        target: CompiledPolicy | ModelRoute,
+        routed: ParsedRequest,
+        headers: Mapping[str, str],
+        scores: RouterScores | None,
+        decision: Decision,
+        request: ParsedRequest,
+    ) -> tuple[Decision, Reservation]:
+        """The key's budgets and rate limits (``limits.py``): the decision, downgraded when
+        the policy says so, and what was reserved."""
+        assert key.limits is not None
+        downgrade = target.budget_downgrade if isinstance(target, CompiledPolicy) else None
+        if downgrade is not None and key.models is not None:
+            downgrade = downgrade & key.models
+
+        def redecide(models: frozenset[str]) -> Decision:
+            return decide(target, routed, headers, scores, random.random(), models)
+
+        return await self.limiter.admit(
+            config.limit_store, key.limits, decision, request, downgrade or None, redecide
+        )
