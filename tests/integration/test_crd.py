@@ -82,6 +82,11 @@ INVALID = [
      "spec.strategy.predictive.modelMap"),
     ("spec.strategy", {"type": "weighted", "predictive": {"costWeight": 0.1}},
      "spec.strategy.predictive"),
+    ("spec.budget", {"onExhausted": "downgrade"}, "spec.budget.downgradeTo"),
+    ("spec.budget", {"downgradeTo": ["light"]}, "spec.budget.downgradeTo"),
+    ("spec.budget", {"onExhausted": "downgrade", "downgradeTo": ["ghost"]},
+     "spec.budget.downgradeTo"),
+    ("spec.budget", {"onExhausted": "never"}, "spec.budget.onExhausted"),
 ]  # fmt: skip
 
 
