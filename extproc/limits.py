@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from enum import IntEnum
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -276,6 +277,10 @@ class _Planned:
     check: Check
 
 
+class _StillDown(StoreUnavailable):
+    """The store was not called: a call failed less than ``DOWN_FOR_S`` ago."""
+
+
 class Reservation:
     """What one admitted request reserved; ``settle`` once its response ended."""
 
@@ -354,7 +359,8 @@ class Limiter:
 
     def _unavailable(self, error: Exception, mode: str) -> None:
         now = time.monotonic()
-        self._down_until = now + DOWN_FOR_S
+        if not isinstance(error, _StillDown):  # a call that failed: do not try for a while
+            self._down_until = now + DOWN_FOR_S
         STORE_UNAVAILABLE.labels(mode).inc()
         if now - self._logged >= LOG_EVERY_S:
             self._logged = now
@@ -369,11 +375,8 @@ class Limiter:
 
     async def _admit_checks(self, checks: list[Check]) -> Refusal | None:
         if time.monotonic() < self._down_until:
-            raise StoreUnavailable("down")
-        refusal = await self.store.admit(checks)
-        if self._pending and not self._flushing:
-            self._spawn(self._flush())
-        return refusal
+            raise _StillDown("not tried: it failed moments ago")
+        return await self.store.admit(checks)
 
     def _plan(
         self,
@@ -440,32 +443,38 @@ class Limiter:
         self._spawn(self._settle(deltas))
 
     async def _settle(self, deltas: list[Delta]) -> None:
-        if time.monotonic() < self._down_until:
-            self._pending.extend(deltas)
+        if self._pending or time.monotonic() < self._down_until:
+            self._keep(deltas)
             return
         try:
             await self.store.settle(deltas)
         except StoreUnavailable as error:
-            self._pending.extend(deltas)
-            self._unavailable(
-                error, "closed" if self._settings and self._settings.fail_closed else "open"
-            )
-            return
-        if self._pending and not self._flushing:
-            await self._flush()
+            self._keep(deltas)
+            mode = "closed" if self._settings and self._settings.fail_closed else "open"
+            self._unavailable(error, mode)
+
+    def _keep(self, deltas: list[Delta]) -> None:
+        """Keep settlements the store did not take; a task retries them until it does."""
+        self._pending.extend(deltas)
+        if not self._flushing:
+            self._flushing = True
+            self._spawn(self._flush())
 
     async def _flush(self) -> None:
-        """Settle what was kept while the store was down, in batches."""
-        self._flushing = True
+        """Settle what was kept, in batches, once the store answers again."""
         try:
             while self._pending:
-                batch = [self._pending.popleft() for _ in range(min(256, len(self._pending)))]
-                try:
-                    await self.store.settle(batch)
-                except StoreUnavailable:
-                    self._pending.extendleft(reversed(batch))
-                    self._down_until = time.monotonic() + DOWN_FOR_S
-                    return
+                await asyncio.sleep(max(DOWN_FOR_S, self._down_until - time.monotonic()))
+                while self._pending:
+                    # Left in the queue until the store took them (``pending`` counts them).
+                    batch = list(islice(self._pending, 256))
+                    try:
+                        await self.store.settle(batch)
+                    except StoreUnavailable:
+                        self._down_until = time.monotonic() + DOWN_FOR_S
+                        break
+                    for _ in batch:
+                        self._pending.popleft()
         finally:
             self._flushing = False
 

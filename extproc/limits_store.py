@@ -18,6 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+# Imported with the module, never on the event loop when the first request needs Redis.
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
 log = logging.getLogger(__name__)
 
 EPSILON = 1e-9
@@ -137,10 +143,6 @@ class RedisStore:
     """Counters in Redis, every call bounded by ``timeout_s`` (then ``StoreUnavailable``)."""
 
     def __init__(self, url: str, timeout_s: float) -> None:
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
         self.url = url
         self.timeout_s = timeout_s
         self._redis = Redis.from_url(
@@ -155,18 +157,22 @@ class RedisStore:
         self._settle = self._redis.register_script(SETTLE_LUA)
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        from redis.exceptions import RedisError
+        # A task of its own: the ext_proc's handlers start as plain coroutines (h2grpc), and
+        # asyncio.timeout (here and in redis-py) needs a task.
+        return await asyncio.ensure_future(self._timed(script, keys, args))
 
+    async def _timed(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await script(keys=keys, args=args)
         except (RedisError, OSError, TimeoutError) as error:
+            # The pool's other connections went to the same server: after a restart each would
+            # fail once. Drop them all; the next call connects afresh.
+            await self._redis.connection_pool.disconnect()
             raise StoreUnavailable(type(error).__name__) from error
 
     async def warm(self, timeout_s: float = 2.0) -> None:
         """Connect and load the scripts ahead of the first request (best effort)."""
-        from redis.exceptions import RedisError
-
         try:
             async with asyncio.timeout(timeout_s):
                 for script in (self._admit, self._settle):
