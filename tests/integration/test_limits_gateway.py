@@ -19,7 +19,7 @@ import openai
 import pytest
 import redis
 import yaml
-from gateway_harness import Gateway, start_gateway, url_model
+from gateway_harness import Gateway, descendants, start_gateway, url_model
 from prometheus_client.parser import text_string_to_metric_families
 
 from switchyard.local.ports import free_port_block
@@ -364,3 +364,53 @@ def test_redis_killed_and_restarted_under_load(setup: Setup, mode: str) -> None:
     assert len(load.costs) <= requests <= len(load.costs) + WORKERS
     assert metric(setup, "switchyard_limits_store_unavailable_total", mode) > unavailable_before
     assert "limits store unavailable" in "".join(setup.gateway.output)
+
+
+def test_local_mode_runs_redis_and_the_counters_outlive_the_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """``store: {redis: local}``: `switchyard up` runs Debian's redis-server in its state
+    directory and stops it with the rest; counts survive a restart of the whole gateway."""
+    directory = tmp_path_factory.mktemp("localredis")
+    first = free_port_block(len(PRICES))
+    ports = {name: first + i for i, name in enumerate(PRICES)}
+    write(directory / "keys.yaml", keys_doc({"redis": "local"}))
+    socket_path = directory / "state" / "redis" / "redis.sock"
+
+    def run() -> Gateway:
+        return start_gateway(
+            directory,
+            policy("metered", "auto", ports),
+            demoUpstreams=[{"name": n, "port": p} for n, p in ports.items()],
+            extprocTimeoutMs=3000,
+        )
+
+    def requests_counted() -> float:
+        with redis.Redis(unix_socket_path=str(socket_path)) as r:
+            return sum(float(r.get(k) or 0) for k in r.keys("sy:l:t:load:rpm:*"))
+
+    gateway = run()
+    try:
+        client = openai.OpenAI(base_url=gateway.base_url, api_key=KEYS["load"], max_retries=0)
+        client.chat.completions.create(model="auto", messages=HI)
+        wait_until(lambda: requests_counted() == 1, 10, "the request counted")
+        with pytest.raises(openai.RateLimitError):
+            openai.OpenAI(
+                base_url=gateway.base_url, api_key=KEYS["broke"], max_retries=0
+            ).chat.completions.create(model="auto", messages=HI)
+        names = [
+            Path(f"/proc/{pid}/comm").read_text().strip()
+            for pid in descendants(gateway.process.pid)
+        ]
+        assert "redis-server" in names
+    finally:
+        assert gateway.stop() == 0, "".join(gateway.output)
+    assert not socket_path.exists()  # redis-server stopped with the gateway
+    gateway = run()
+    try:
+        assert requests_counted() == 1  # from its append-only file
+        client = openai.OpenAI(base_url=gateway.base_url, api_key=KEYS["load"], max_retries=0)
+        client.chat.completions.create(model="auto", messages=HI)
+        wait_until(lambda: requests_counted() == 2, 10, "the request counted")
+    finally:
+        assert gateway.stop() == 0, "".join(gateway.output)
