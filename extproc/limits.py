@@ -67,6 +67,8 @@ ROLLING_BUCKETS = 24
 DOWN_FOR_S = 0.5
 """After a failed call, the store is not tried again for this long (fail mode at once)."""
 LOG_EVERY_S = 10.0
+SETTLE_EVERY_S = 0.005
+"""Settlements are sent at most this late, together."""
 MAX_PENDING = 100_000
 """Settlements kept while the store is down (the oldest are dropped beyond)."""
 
@@ -337,6 +339,8 @@ class Limiter:
         self._pending: deque[Delta] = deque(maxlen=MAX_PENDING)
         self._tasks: set[asyncio.Task[None]] = set()
         self._flushing = False
+        self._batch: dict[str, Delta] = {}
+        self._batching = False
 
     def use(self, settings: StoreSettings) -> None:
         """Count in the store ``settings`` name (kept while they stay the same)."""
@@ -440,7 +444,23 @@ class Limiter:
         raise LimitExceeded(refused.counter, refusal, refused.check.amount, now)
 
     def settle(self, deltas: list[Delta]) -> None:
-        self._spawn(self._settle(deltas))
+        """Queue settlements; a task sends those of the next ``SETTLE_EVERY_S`` as one call,
+        summed per key (under load, one store call settles many requests)."""
+        batch = self._batch
+        for delta in deltas:
+            prior = batch.get(delta.key)
+            if prior is not None:
+                expire = max(prior.expire_at_ms, delta.expire_at_ms)
+                delta = Delta(delta.key, prior.amount + delta.amount, expire)
+            batch[delta.key] = delta
+        if not self._batching:
+            self._batching = True
+            self._spawn(self._send_batch())
+
+    async def _send_batch(self) -> None:
+        await asyncio.sleep(SETTLE_EVERY_S)
+        batch, self._batch, self._batching = list(self._batch.values()), {}, False
+        await self._settle(batch)
 
     async def _settle(self, deltas: list[Delta]) -> None:
         if self._pending or time.monotonic() < self._down_until:

@@ -77,38 +77,53 @@ class CounterStore(Protocol):
     async def warm(self) -> None: ...
 
 
-# KEYS: every check's keys in order. ARGV[1]: the number of checks; then per check: its number
-# of keys, limit, amount, expiry (ms since the epoch), enforced (1/0).
+# Several requests' admissions in one call, each all-or-nothing, in order (a request sees the
+# reservations of those before it). KEYS: every request's checks' keys in order. ARGV[1]: the
+# number of requests; then per request its number of checks, and per check its number of
+# keys, limit, amount, expiry (ms since the epoch), enforced (1/0). Returns per request {-1}
+# (admitted) or {refused check's index, its use, its oldest key with a use (-1: none)}.
 ADMIT_LUA = """
-local n = tonumber(ARGV[1])
+local requests = tonumber(ARGV[1])
 local at, a = 1, 2
-local reserve = {}
-for c = 1, n do
-  local nk = tonumber(ARGV[a])
-  local limit = tonumber(ARGV[a + 1])
-  local amount = tonumber(ARGV[a + 2])
-  local expire = ARGV[a + 3]
-  local enforce = ARGV[a + 4] == '1'
-  a = a + 5
-  if enforce then
-    local used, oldest = 0, -1
-    for k = at, at + nk - 1 do
-      local v = tonumber(redis.call('GET', KEYS[k]) or '0')
-      if v > 1e-9 and oldest < 0 then oldest = k - at end
-      used = used + v
+local results = {}
+for q = 1, requests do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  local reserve, refused = {}, nil
+  for c = 1, n do
+    local nk = tonumber(ARGV[a])
+    local limit = tonumber(ARGV[a + 1])
+    local amount = tonumber(ARGV[a + 2])
+    local expire = ARGV[a + 3]
+    local enforce = ARGV[a + 4] == '1'
+    a = a + 5
+    if refused == nil then
+      if enforce then
+        local used, oldest = 0, -1
+        for k = at, at + nk - 1 do
+          local v = tonumber(redis.call('GET', KEYS[k]) or '0')
+          if v > 1e-9 and oldest < 0 then oldest = k - at end
+          used = used + v
+        end
+        if used + amount > limit + 1e-9 then refused = {c - 1, tostring(used), oldest} end
+      end
+      if refused == nil and amount ~= 0 then
+        reserve[#reserve + 1] = {KEYS[at + nk - 1], amount, expire}
+      end
     end
-    if used + amount > limit + 1e-9 then
-      return {c - 1, tostring(used), oldest}
-    end
+    at = at + nk
   end
-  if amount ~= 0 then reserve[#reserve + 1] = {KEYS[at + nk - 1], amount, expire} end
-  at = at + nk
+  if refused == nil then
+    for _, r in ipairs(reserve) do
+      redis.call('INCRBYFLOAT', r[1], r[2])
+      redis.call('PEXPIREAT', r[1], r[3])
+    end
+    results[q] = {-1}
+  else
+    results[q] = refused
+  end
 end
-for _, r in ipairs(reserve) do
-  redis.call('INCRBYFLOAT', r[1], r[2])
-  redis.call('PEXPIREAT', r[1], r[3])
-end
-return {-1}
+return results
 """
 
 # KEYS: the keys; ARGV: per key its delta and expiry (ms since the epoch).
@@ -124,9 +139,13 @@ return 1
 """
 
 
-def _admit_args(checks: Sequence[Check]) -> tuple[list[str], list[Any]]:
-    keys: list[str] = []
-    args: list[Any] = [len(checks)]
+MAX_BATCH = 64
+"""Admissions sent in one call at most."""
+
+
+def _admit_args(checks: Sequence[Check], keys: list[str], args: list[Any]) -> None:
+    """Append one request's checks to a call's keys and arguments."""
+    args.append(len(checks))
     for check in checks:
         keys.extend(check.keys)
         args += [
@@ -136,7 +155,6 @@ def _admit_args(checks: Sequence[Check]) -> tuple[list[str], list[Any]]:
             check.expire_at_ms,
             1 if check.enforce else 0,
         ]
-    return keys, args
 
 
 class RedisStore:
@@ -155,11 +173,9 @@ class RedisStore:
         )
         self._admit = self._redis.register_script(ADMIT_LUA)
         self._settle = self._redis.register_script(SETTLE_LUA)
-
-    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        # A task of its own: the ext_proc's handlers start as plain coroutines (h2grpc), and
-        # asyncio.timeout (here and in redis-py) needs a task.
-        return await asyncio.ensure_future(self._timed(script, keys, args))
+        self._queue: list[tuple[Sequence[Check], asyncio.Future[Refusal | None]]] = []
+        self._sending = False
+        self._sender: asyncio.Future[None] | None = None
 
     async def _timed(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -187,11 +203,41 @@ class RedisStore:
         return f"{scheme}://{rest.rpartition('@')[2]}"
 
     async def admit(self, checks: Sequence[Check]) -> Refusal | None:
-        keys, args = _admit_args(checks)
-        result = await self._call(self._admit, keys, args)
-        if int(result[0]) < 0:
-            return None
-        return Refusal(int(result[0]), float(result[1]), int(result[2]))
+        """Queued: while a call is in flight, the admissions that arrive go together in the
+        next one (one round trip for many requests under load)."""
+        future: asyncio.Future[Refusal | None] = asyncio.get_running_loop().create_future()
+        self._queue.append((checks, future))
+        if not self._sending:
+            self._sending = True
+            self._sender = asyncio.ensure_future(self._send())
+        return await future
+
+    async def _send(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[:MAX_BATCH]
+                del self._queue[:MAX_BATCH]
+                keys: list[str] = []
+                args: list[Any] = [len(batch)]
+                for checks, _ in batch:
+                    _admit_args(checks, keys, args)
+                try:
+                    results = await self._timed(self._admit, keys, args)
+                except StoreUnavailable as error:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(StoreUnavailable(str(error)))
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        refused = int(result[0]) >= 0
+                        future.set_result(
+                            Refusal(int(result[0]), float(result[1]), int(result[2]))
+                            if refused
+                            else None
+                        )
+        finally:
+            self._sending = False
 
     async def settle(self, deltas: Sequence[Delta]) -> None:
         if not deltas:
@@ -199,7 +245,7 @@ class RedisStore:
         args: list[Any] = []
         for delta in deltas:
             args += [repr(delta.amount), delta.expire_at_ms]
-        await self._call(self._settle, [d.key for d in deltas], args)
+        await self._timed(self._settle, [d.key for d in deltas], args)
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -150,6 +150,21 @@ async def test_redis_admission_is_atomic_under_concurrency(redis_server: LocalRe
         await s.close()
 
 
+async def test_queued_admissions_go_in_one_call_in_order(redis_server: LocalRedis) -> None:
+    store = RedisStore(redis_server.url, 5.0)
+    await store._redis.flushall()
+    await store._redis.config_resetstat()
+    small = Check(("q",), 5, 2, FAR)
+    one = Check(("q",), 5, 1, FAR)
+    # Queued while the first call is in flight: 2, then 2 (4), 2 refused (6 > 5), then 1 (5).
+    results = await asyncio.gather(*(store.admit([c]) for c in (small, small, small, one, one)))
+    assert [r is None for r in results] == [True, True, False, True, False]
+    assert float(await store._redis.get("q")) == 5
+    calls = (await store._redis.info("commandstats"))["cmdstat_evalsha"]["calls"]
+    assert calls < 5  # batched: fewer calls than admissions
+    await store.close()
+
+
 async def test_redis_down_is_unavailable_within_the_deadline(tmp_path: Path) -> None:
     server = LocalRedis(tmp_path / "r", port=free_port_block())
     server.start()
