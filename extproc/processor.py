@@ -48,6 +48,7 @@ from switchyard.headers import (
     DEFAULT_DATA_CLASS,
     EXTPROC_FILTER,
     METADATA_NAMESPACE,
+    NO_FALLBACK_SUFFIX,
 )
 
 if TYPE_CHECKING:
@@ -360,7 +361,11 @@ class Processor:
                 return immediate(too_deep)
         # Direct field writes: Struct.update() costs several times more per request.
         meta = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
-        meta["backend"].string_value = model.backend_key
+        meta["backend"].string_value = (
+            model.backend_key
+            if key is None or key.models is None or key.models.issuperset(model.fallbacks)
+            else model.backend_key + NO_FALLBACK_SUFFIX  # Envoy must not fall back outside it
+        )
         meta["model"].string_value = model.name
         meta["policy"].string_value = decision.policy
         meta["reason"].string_value = decision.reason
