@@ -185,6 +185,7 @@ def key_limits(key: pb.ClientKey, tenants: Mapping[str, pb.ClientLimits]) -> Key
 
 
 def tenant_table(config: pb.RoutingConfig) -> dict[str, pb.ClientLimits]:
+    """Tenant name → its limits (only tenants with limits)."""
     return {t.tenant: t.limits for t in config.tenant_limits}
 
 
@@ -265,6 +266,7 @@ class LimitExceeded(GatewayError):
 
 
 def limits_unavailable() -> GatewayError:
+    """503 in closed mode while the store does not answer."""
     return GatewayError(
         503,
         "the gateway cannot check this API key's budgets and rate limits right now; retry",
@@ -424,14 +426,18 @@ class Limiter:
             refusal = await self._admit_checks([p.check for p in planned])
             if refusal is not None and planned[refusal.index].counter.budget and downgrade:
                 spent = planned[refusal.index].counter
-                lower = redecide(downgrade)
-                planned2 = self._plan(limits, lower.model, request, now, budgets=False)
-                refusal2 = await self._admit_checks([p.check for p in planned2])
-                if refusal2 is None:
-                    BUDGET_DOWNGRADES.labels(lower.policy).inc()
-                    reason = f"{lower.reason}, downgraded: {spent.describe()} is spent"
-                    return replace(lower, reason=reason), Reservation(self, planned2, True)
-                planned, refusal = planned2, refusal2
+                try:
+                    lower: Decision | None = redecide(downgrade)
+                except GatewayError:  # no downgrade model may take it: the budget's 429
+                    lower = None
+                if lower is not None:
+                    planned2 = self._plan(limits, lower.model, request, now, budgets=False)
+                    refusal2 = await self._admit_checks([p.check for p in planned2])
+                    if refusal2 is None:
+                        BUDGET_DOWNGRADES.labels(lower.policy).inc()
+                        reason = f"{lower.reason}, downgraded: {spent.describe()} is spent"
+                        return replace(lower, reason=reason), Reservation(self, planned2, True)
+                    planned, refusal = planned2, refusal2
         except StoreUnavailable as error:
             if settings.fail_closed:
                 self._unavailable(error, "closed")

@@ -391,6 +391,38 @@ async def test_spent_budget_downgrades_when_the_policy_says_so() -> None:
     )
 
 
+async def test_no_downgrade_model_fits_gives_the_budgets_429() -> None:
+    doc = keys_doc({"budgets": [{"usd": 0.0001, "period": "day"}]})
+    # The only downgrade model (light) does not allow images: no downgrade is possible.
+    processor = Processor(
+        state_for(doc, budget={"onExhausted": "downgrade", "downgradeTo": ["light"]})
+    )
+    image = [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]
+    response, _ = await send(processor, image, max_tokens=100)  # type: ignore[arg-type]
+    status, error = error_of(response)
+    assert (status, error["code"]) == (429, "budget_exceeded")
+
+
+def test_limits_of_the_key_and_every_tenant_up_its_chain_apply() -> None:
+    doc = keys_doc({"requestsPerMinute": 5}, key_limits={"budgets": [{"usd": 1, "period": "7d"}]})
+    doc["spec"]["tenants"] = [
+        {"name": "org", "limits": {"perModel": {"capable": {"tokensPerMinute": 100}}}},
+        {"name": "team", "parent": "org", "limits": {"requestsPerMinute": 5}},
+    ]
+    entry = next(iter(state_for(doc).config.client_keys.values()))  # type: ignore[union-attr]
+    assert entry.limits is not None
+    described = [c.describe() for c in entry.limits.counters]
+    assert described == [
+        "budget of key 'k' ($1 per rolling 7d)",
+        "rate limit of tenant 'team': 5 requests per minute",
+    ]
+    (capable,) = entry.limits.per_model["capable"]
+    assert capable.describe() == (
+        "rate limit of tenant 'org': 100 tokens per minute on model 'capable'"
+    )
+    assert capable.prefix == "sy:l:t:org:m:capable:tpm"
+
+
 async def test_fail_modes_when_redis_is_down(tmp_path: Path) -> None:
     server = LocalRedis(tmp_path / "r", port=free_port_block())
     url = server.url  # never started: nothing listens
