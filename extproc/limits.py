@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import functools
 import logging
 import os
 import time
@@ -215,13 +216,25 @@ def output_estimate(request: ParsedRequest) -> int:
 def _window(counter: LimitCounter, now: float) -> tuple[tuple[str, ...], int, float]:
     """The counter's keys now (oldest first), their expiry (ms since the epoch), and when
     the oldest key leaves the window (sliding: per bucket, see ``retry_after``; calendar: the
-    period's end)."""
+    period's end). Cached per bucket (per second for calendar periods): the same for every
+    request until the window moves."""
     if counter.window_s:
         buckets = ROLLING_BUCKETS if counter.kind is Kind.USD else RATE_BUCKETS
-        size = counter.window_s // buckets
-        current = int(now // size)
-        keys = tuple(f"{counter.prefix}:{i}" for i in range(current - buckets + 1, current + 1))
-        return keys, (current + 1) * size * 1000 + counter.window_s * 1000, (current + 1) * size
+        return _sliding(counter, int(now // (counter.window_s // buckets)), buckets)
+    return _calendar(counter, int(now))
+
+
+@functools.lru_cache(maxsize=4096)
+def _sliding(
+    counter: LimitCounter, current: int, buckets: int
+) -> tuple[tuple[str, ...], int, float]:
+    size = counter.window_s // buckets
+    keys = tuple(f"{counter.prefix}:{i}" for i in range(current - buckets + 1, current + 1))
+    return keys, (current + 1) * size * 1000 + counter.window_s * 1000, float((current + 1) * size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _calendar(counter: LimitCounter, now: int) -> tuple[tuple[str, ...], int, float]:
     day = time.gmtime(now)
     if counter.period == "day":
         end = calendar.timegm((day.tm_year, day.tm_mon, day.tm_mday, 0, 0, 0)) + 86_400
