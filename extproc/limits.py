@@ -376,11 +376,13 @@ class Limiter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _unavailable(self, error: Exception, mode: str) -> None:
+    def _unavailable(self, error: Exception, mode: str, request: bool = True) -> None:
+        """The store did not answer a request's admission (``request``) or a settlement."""
         now = time.monotonic()
         if not isinstance(error, _StillDown):  # a call that failed: do not try for a while
             self._down_until = now + DOWN_FOR_S
-        STORE_UNAVAILABLE.labels(mode).inc()
+        if request:
+            STORE_UNAVAILABLE.labels(mode).inc()
         if now - self._logged >= LOG_EVERY_S:
             self._logged = now
             log.warning(
@@ -490,7 +492,7 @@ class Limiter:
         except StoreUnavailable as error:
             self._keep(deltas)
             mode = "closed" if self._settings and self._settings.fail_closed else "open"
-            self._unavailable(error, mode)
+            self._unavailable(error, mode, request=False)
 
     def _keep(self, deltas: list[Delta]) -> None:
         """Keep settlements the store did not take; a task retries them until it does."""
