@@ -411,6 +411,8 @@ class LocalGateway:
             config = compile_config(
                 inputs.policies, self.spec.fail_open_model, **inputs.compile_kwargs()
             )
+            if inputs.local_redis != (self.redis is not None):
+                _warn("a change of store.redis: local takes effect when switchyard up restarts")
         except (PolicyError, CompileError) as exc:
             _warn(f"keeping config {self.config.version}; {exc}")
             self.control.reconcile_error(
