@@ -359,7 +359,10 @@ class Limiter:
 
     def use(self, settings: StoreSettings) -> None:
         """Count in the store ``settings`` name (kept while they stay the same)."""
-        if settings == self._settings:
+        if settings is self._settings:
+            return
+        if settings == self._settings:  # a new config version, the same store
+            self._settings = settings
             return
         old, self._settings = self.store, settings
         self.store = RedisStore(settings.url, settings.timeout_s) if settings.url else MemoryStore()

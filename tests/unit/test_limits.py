@@ -337,6 +337,13 @@ def meta(response: ep.ProcessingResponse) -> Any:
     return response.dynamic_metadata.fields["switchyard"].struct_value.fields
 
 
+async def test_keys_without_limits_never_reach_the_store() -> None:
+    processor = Processor(state_for(keys_doc(store={"redisUrl": "redis://127.0.0.1:1"})))
+    response, _ = await send(processor)
+    assert meta(response)["model"].string_value == "light"
+    assert processor.limiter._settings is None  # no store was ever configured or called
+
+
 async def test_requests_per_minute_give_429_with_retry_after() -> None:
     processor = Processor(state_for(keys_doc({"requestsPerMinute": 2})))
     for _ in range(2):
