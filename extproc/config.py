@@ -1,7 +1,8 @@
 """The ext_proc's in-memory routing table, built once per RoutingConfig version.
 
-Everything the hot path needs is precomputed here: compiled regexes, lowered keywords,
-frozen sets for capability and data-class checks, model lookup tables and the /v1/models list.
+Everything the hot path needs is precomputed here: compiled regexes, lowered keywords, the
+embeddings of semantic conditions' examples, frozen sets for capability and data-class checks,
+model lookup tables and the /v1/models list.
 
 A policy that does not load (a regex that does not compile, a reference to a model it lacks,
 or a router bundle the caller could not load) is left out on its own: the others are served,
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from urllib.parse import urlsplit
 
@@ -21,6 +22,15 @@ from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.keys import KeyEntry, key_table
 from switchyard.extproc.limits import StoreSettings, store_settings
 from switchyard.extproc.pii import Scanner
+from switchyard.extproc.recording import RecordingRule, Retention
+from switchyard.extproc.semantic import (
+    F32,
+    Embedder,
+    EmbedderError,
+    SemanticCondition,
+    load_embedder,
+)
+from switchyard.headers import CLIENT_KEY_HEADERS, REQUEST_ID_HEADER
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +84,16 @@ class CompiledRule:
     categories: frozenset[str]
     min_difficulty: float | None
     max_difficulty: float | None
+    semantic: SemanticCondition | None = None
+    """Similarity to example utterances (needs the policy's embedder)."""
 
     @property
     def needs_scores(self) -> bool:
-        return bool(self.categories) or (
-            self.min_difficulty is not None or self.max_difficulty is not None
+        return (
+            bool(self.categories)
+            or self.min_difficulty is not None
+            or self.max_difficulty is not None
+            or self.semantic is not None
         )
 
 
@@ -123,6 +138,12 @@ class CompiledPolicy:
     budget_downgrade: frozenset[str] | None = None
     """``budget.onExhausted: downgrade``: the models a request whose budget is spent may
     still use (None: a 429)."""
+    embedder: Embedder | None = None
+    """Its router bundle's embedder, when a rule has a semantic condition (None: none has,
+    and no request of this policy is embedded)."""
+    semantic_examples: F32 | None = None
+    """Every semantic rule's examples embedded, [k, dim] unit rows (``SemanticCondition``
+    spans)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +178,12 @@ class CompiledConfig:
     """Client key sha256 → its entry; None: client authentication off."""
     limit_store: StoreSettings = field(default_factory=lambda: StoreSettings("", False, 0.05))
     """Where budgets' and rate limits' counters live."""
+    recording: Mapping[str, RecordingRule] = field(default_factory=dict)
+    """Policy key → its request recording (only policies that record)."""
+    retention: Retention = field(default_factory=Retention)
+    """The recording directory's bounds: the strictest of the recording policies'."""
+    recorded_headers: tuple[str, ...] = ()
+    """The routing headers a recorded request keeps (never a client key or the id)."""
 
     @property
     def served_names(self) -> list[str]:
@@ -219,7 +246,36 @@ def _regex(index: int, pattern: str) -> re.Pattern[str] | None:
         raise PolicyLoadError(f"strategy.rules[{index}].when.regex: {exc}") from None
 
 
-def _rule(index: int, r: pb.Rule) -> CompiledRule:
+def _semantic(p: pb.Policy) -> tuple[Embedder | None, F32 | None, dict[int, SemanticCondition]]:
+    """The policy's embedder, every semantic example embedded (once, here) as the rows of one
+    matrix, and each semantic rule's condition (its rows and threshold) by rule index. A
+    request's similarities to all of them are then one matrix-vector product."""
+    rules = p.strategy.rules
+    found = [(i, r.when.semantic) for i, r in enumerate(rules) if r.when.HasField("semantic")]
+    if not found:
+        return None, None, {}
+    try:
+        embedder = load_embedder(p.strategy.router_bundle)
+    except EmbedderError as exc:
+        raise PolicyLoadError(f"strategy.rules[{found[0][0]}].when.semantic: {exc}") from None
+    texts: list[str] = []
+    spans = {}
+    for i, s in found:
+        where = f"strategy.rules[{i}].when.semantic"
+        if not s.examples:
+            raise PolicyLoadError(f"{where}.examples: at least one example is needed")
+        if not 0.0 <= s.threshold <= 1.0:
+            raise PolicyLoadError(f"{where}.threshold: must be between 0 and 1, got {s.threshold}")
+        spans[i] = (len(texts), len(texts) + len(s.examples), s.threshold)
+        texts.extend(s.examples)
+    matrix = embedder.embed_texts(texts)
+    conditions = {
+        i: SemanticCondition(matrix[a:b], threshold, a, b) for i, (a, b, threshold) in spans.items()
+    }
+    return embedder, matrix, conditions
+
+
+def _rule(index: int, r: pb.Rule, semantic: SemanticCondition | None = None) -> CompiledRule:
     w = r.when
     return CompiledRule(
         name=r.name,
@@ -233,6 +289,7 @@ def _rule(index: int, r: pb.Rule) -> CompiledRule:
         categories=frozenset(w.categories),
         min_difficulty=w.min_difficulty if w.HasField("min_difficulty") else None,
         max_difficulty=w.max_difficulty if w.HasField("max_difficulty") else None,
+        semantic=semantic,
     )
 
 
@@ -301,7 +358,8 @@ def _policy(p: pb.Policy) -> CompiledPolicy:
     personal = _personal_data(p.personal_data)
     models = {m.name: _model(key, m, personal) for m in p.models}
     _check_references(p, models)
-    rules = tuple(_rule(i, r) for i, r in enumerate(p.strategy.rules))
+    embedder, examples, semantic = _semantic(p)
+    rules = tuple(_rule(i, r, semantic.get(i)) for i, r in enumerate(p.strategy.rules))
     weighted = tuple(m for m in models.values() if m.weight > 0)
     kind = p.strategy.type
     return CompiledPolicy(
@@ -325,6 +383,8 @@ def _policy(p: pb.Policy) -> CompiledPolicy:
         if kind == pb.Strategy.PREDICTIVE
         else None,
         budget_downgrade=_budget_downgrade(p, models),
+        embedder=embedder,
+        semantic_examples=examples,
     )
 
 
@@ -367,7 +427,7 @@ def build_config(
         if len(group) == 1 and name not in ordered and name not in guarded:
             by_name[name] = group[0]
     bundles = {p.key: p.router_bundle for p in policies if p.needs_scores}
-    return CompiledConfig(
+    compiled = CompiledConfig(
         version=config.version,
         policies_by_alias=ordered,
         models_by_name=by_name,
@@ -379,6 +439,39 @@ def build_config(
         guarded=guarded,
         client_keys=key_table(config),
         limit_store=store_settings(config),
+    )
+    recording = _recording(config, {p.key for p in policies})
+    if recording is None:
+        return compiled
+    rules, retention, headers = recording
+    return replace(compiled, recording=rules, retention=retention, recorded_headers=headers)
+
+
+def _strictest(values: list[int]) -> int:
+    bounded = [v for v in values if v > 0]
+    return min(bounded) if bounded else 0
+
+
+def _recording(
+    config: pb.RoutingConfig, served: set[str]
+) -> tuple[dict[str, RecordingRule], Retention, tuple[str, ...]] | None:
+    """``CompiledConfig``'s recording fields; None when no served policy records."""
+    on = [p for p in config.policies if p.recording.record and f"{p.namespace}/{p.name}" in served]
+    if not on:
+        return None
+    skip = {*CLIENT_KEY_HEADERS, REQUEST_ID_HEADER}
+    return (
+        {
+            f"{p.namespace}/{p.name}": RecordingRule(
+                prompts=p.recording.record == pb.Recording.PROMPTS
+            )
+            for p in on
+        },
+        Retention(
+            max_age_s=_strictest([p.recording.max_age_s for p in on]),
+            max_bytes=_strictest([p.recording.max_bytes for p in on]),
+        ),
+        tuple(h for h in config.request_headers if h not in skip),
     )
 
 

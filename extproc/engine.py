@@ -26,6 +26,7 @@ from switchyard.extproc.config import (
 from switchyard.extproc.errors import GatewayError, policy_unavailable
 from switchyard.extproc.request import ParsedRequest
 from switchyard.extproc.scoring import RouterScores
+from switchyard.extproc.semantic import SemanticCondition
 from switchyard.headers import DATA_CLASS_HEADER, DEFAULT_DATA_CLASS
 
 
@@ -255,6 +256,27 @@ def _rule_matches(
     return True
 
 
+def _similarities(policy: CompiledPolicy, scores: RouterScores | None) -> list[float]:
+    """The prompt's cosine similarity to every semantic example of the policy (one
+    matrix-vector product); [] without an embedding."""
+    embedding = None if scores is None else scores.embedding
+    if embedding is None or policy.semantic_examples is None:
+        return []
+    similarities: list[float] = (policy.semantic_examples @ embedding).tolist()
+    return similarities
+
+
+def _semantic(condition: SemanticCondition, similarities: list[float]) -> str:
+    """The reason's suffix (``, semantic 0.712 >= 0.6``) when the prompt is close enough to
+    one of the condition's examples, else "". The reason carries figures, never text."""
+    if not similarities:
+        return ""
+    best = condition.best(similarities)
+    if best < condition.threshold:
+        return ""
+    return f", semantic {best:.3f} >= {condition.threshold:g}"
+
+
 def _classify(
     policy: CompiledPolicy, scores: RouterScores, constraints: _Constraints
 ) -> Decision | None:
@@ -418,13 +440,22 @@ def _decide(
     policy = target
     if policy.rules:
         lowered = request.prompt.lower()
+        similarities: list[float] | None = None  # to every semantic example, once
         for rule in policy.rules:
             if _rule_matches(rule, request, headers, scores, lowered):
+                how = ""
+                condition = rule.semantic
+                if condition is not None:  # last: the costliest condition
+                    if similarities is None:
+                        similarities = _similarities(policy, scores)
+                    how = _semantic(condition, similarities)
+                    if not how:
+                        continue
                 picked = _first_allowed(policy, policy.models[rule.route], constraints)
                 if picked is not None:
                     model, fell_back = picked
                     suffix = f", fallback from {rule.route}" if fell_back else ""
-                    return Decision(model, f"rule: {rule.name}{suffix}", policy.key)
+                    return Decision(model, f"rule: {rule.name}{how}{suffix}", policy.key)
 
     decision: Decision | None = None
     if policy.strategy == Strategy.CLASSIFIER:

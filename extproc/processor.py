@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
+from dataclasses import replace
 from time import perf_counter, time
 from typing import TYPE_CHECKING
 
@@ -31,9 +32,11 @@ from switchyard.extproc.accounting import (
 from switchyard.extproc.config import CompiledConfig, CompiledPolicy, ModelRoute
 from switchyard.extproc.engine import Decision, decide, select_target, session_view
 from switchyard.extproc.errors import GatewayError, invalid_request
+from switchyard.extproc.feedback import RECORDED_BODY, parse_feedback
 from switchyard.extproc.keys import KeyEntry, authenticate, denial, forbidden
 from switchyard.extproc.limits import Limiter, Reservation
 from switchyard.extproc.metrics import REJECTIONS
+from switchyard.extproc.recording import Recorder, RecordingRule
 from switchyard.extproc.request import (
     Endpoint,
     ParsedRequest,
@@ -47,14 +50,18 @@ from switchyard.headers import (
     DATA_CLASS_HEADER,
     DEFAULT_DATA_CLASS,
     EXTPROC_FILTER,
+    FEEDBACK_PATH,
     METADATA_NAMESPACE,
     NO_FALLBACK_SUFFIX,
+    REQUEST_ID_HEADER,
 )
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
 
-    from switchyard.extproc.tracing import RouteTracer
+    from switchyard.extproc.scoring import RouterScores, Scorer
+    from switchyard.extproc.semantic import Embedder
+    from switchyard.extproc.tracing import RouteSpan, RouteTracer
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +175,20 @@ def undecodable(payload: bytes) -> GatewayError:
     )
 
 
+async def _score_embedded(
+    scorer: Scorer, prompt: str, embedder: Embedder, span: RouteSpan | None
+) -> RouterScores:
+    """Scores with the prompt's embedding, from the scorer's own token ids; a scorer that
+    makes none (the heuristic placeholder) leaves the embedder to tokenise the prompt."""
+    if span is None:
+        scores = await scorer.score(prompt, embedder)
+    else:
+        scores = await span.score(scorer, prompt, embedder)
+    if scores.embedding is None:
+        scores = replace(scores, embedding=embedder.embed_text(prompt))
+    return scores
+
+
 class StreamState:
     """What one stream has learned so far (headers arrive before or with the body), and, once
     routed, what its response is accounted against."""
@@ -184,9 +205,16 @@ class StreamState:
 class Processor:
     """Handles ext_proc streams against the current RuntimeState."""
 
-    def __init__(self, state: RuntimeState, tracer: RouteTracer | None = None) -> None:
+    def __init__(
+        self,
+        state: RuntimeState,
+        tracer: RouteTracer | None = None,
+        recorder: Recorder | None = None,
+    ) -> None:
         self.state = state
         self.tracer = tracer
+        self.recorder = recorder
+        """Appends recorded requests and feedback (None: this worker has no directory)."""
         self.ledger = Ledger()
         self.limiter = Limiter()
         # The HTTP/2 layer hands a new stream's headers to this hook only when it is set.
@@ -229,6 +257,9 @@ class Processor:
                 try:
                     stream.endpoint = _endpoint(stream.headers)
                 except GatewayError as error:
+                    # Checked only off the inference path: it costs routed requests nothing.
+                    if stream.headers.get(":path", "").split("?", 1)[0] == FEEDBACK_PATH:
+                        return self.feedback(stream.headers, message.request_body.body), True
                     return immediate(error), True
             response = await self.route(
                 stream.endpoint, stream.headers, message.request_body.body, stream.trace, stream
@@ -291,8 +322,11 @@ class Processor:
             if getattr(target, "needs_scores", False):
                 bundle = target.router_bundle  # type: ignore[union-attr]
                 scorer = state.scorer_for(bundle)
+                embedder = target.embedder  # type: ignore[union-attr]
                 scoring = perf_counter()
-                if span is None:
+                if embedder is not None:  # semantic rules: the prompt's embedding too
+                    scores = await _score_embedded(scorer, routed.prompt, embedder, span)
+                elif span is None:
                     scores = await scorer.score(routed.prompt)
                 else:
                     scores = await span.score(scorer, routed.prompt)
@@ -374,6 +408,16 @@ class Processor:
             meta["difficulty"].number_value = round(scores.difficulty, 3)
             meta["category"].string_value = scores.category
         state.record(decision, request)
+        if config.recording and self.recorder is not None:
+            recorded = config.recording.get(decision.policy)
+            if recorded is not None:
+                # Personal data is never written to disk: a redacted body is recorded as sent
+                # upstream, and one with personal data that was routed, not redacted, not at all.
+                if request.redacted:
+                    kept: bytes | None = common.body_mutation.body
+                else:
+                    kept = None if request.personal_data else body
+                self._record(config, recorded, decision, request.model, headers, kept)
         self.ledger.decided(decision.policy, perf_counter() - started)
         if stream is not None:
             stream.account = ResponseAccount(
@@ -415,3 +459,72 @@ class Processor:
         return await self.limiter.admit(
             config.limit_store, key.limits, decision, request, downgrade or None, redecide
         )
+
+    def _record(
+        self,
+        config: CompiledConfig,
+        rule: RecordingRule,
+        decision: Decision,
+        alias: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+    ) -> None:
+        """Queue the request's record (the writer thread builds the line)."""
+        recorder = self.recorder
+        assert recorder is not None
+        rid = headers.get(REQUEST_ID_HEADER)
+        if not rid:  # not from this gateway's Envoy (it always sets one): nothing to file under
+            return
+        if recorder.retention is not config.retention:
+            recorder.retention = config.retention
+        recorder.request(
+            (
+                time(),
+                rid,
+                decision.policy,
+                alias,
+                decision.model.name,
+                decision.reason,
+                headers,
+                config.recorded_headers,
+                body if rule.prompts else None,
+            )
+        )
+
+    def feedback(self, headers: Mapping[str, str], body: bytes) -> ep.ProcessingResponse:
+        """Answer ``POST /v1/feedback`` (``switchyard.extproc.feedback``)."""
+        config = self.state.config
+        try:
+            if config.client_keys is not None:
+                authenticate(config.client_keys, headers, time())
+            if self.recorder is None or not config.recording:
+                raise GatewayError(
+                    404,
+                    "feedback is not enabled: no RoutePolicy records requests "
+                    "(spec.outcomes.record)",
+                    code="unknown_url",
+                )
+            given = parse_feedback(body)
+            if not self.recorder.feedback((time(), given.request_id, given.score, given.model)):
+                raise GatewayError(
+                    503,
+                    "the gateway is recording more than it can write; retry shortly",
+                    code="recording_busy",
+                    type_="server_error",
+                )
+        except GatewayError as error:
+            return immediate(error)
+        return _RECORDED
+
+
+def _recorded() -> ep.ProcessingResponse:
+    response = ep.ProcessingResponse()
+    reply = response.immediate_response
+    reply.status.code = 200
+    reply.body = RECORDED_BODY
+    reply.details = "switchyard_feedback_recorded"
+    reply.headers.set_headers.append(_JSON)
+    return response
+
+
+_RECORDED = _recorded()

@@ -10,7 +10,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from switchyard.extproc.semantic import Embedder
 
 CATEGORIES: tuple[str, ...] = (
     "math",
@@ -32,6 +38,8 @@ class RouterScores:
     categories: Mapping[str, float] = field(default_factory=dict)
     predicted: Mapping[str, float] | None = None
     """Each model's expected score in [0, 1] (bundles fitted by ``switchyard router fit``)."""
+    embedding: npt.NDArray[np.float32] | None = field(default=None, compare=False)
+    """The prompt's unit embedding, only when ``score`` was given an ``embedder``."""
 
 
 class Scorer(Protocol):
@@ -39,8 +47,9 @@ class Scorer(Protocol):
 
     name: str
 
-    async def score(self, text: str) -> RouterScores:
-        """Score one prompt."""
+    async def score(self, text: str, embedder: Embedder | None = None) -> RouterScores:
+        """Score one prompt; with ``embedder`` (the same bundle's), also its embedding, from
+        the token ids made for scoring (a scorer that cannot leaves ``embedding`` None)."""
         ...
 
 
@@ -90,5 +99,5 @@ class HeuristicScorer:
         category = max(categories, key=lambda c: categories[c])
         return RouterScores(difficulty=difficulty, category=category, categories=categories)
 
-    async def score(self, text: str) -> RouterScores:
-        return self.score_sync(text)
+    async def score(self, text: str, embedder: Embedder | None = None) -> RouterScores:
+        return self.score_sync(text)  # no token ids: the processor embeds (semantic rules)

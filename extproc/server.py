@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from switchyard.api.v1 import routing_pb2 as pb
-from switchyard.extproc import tracing
+from switchyard.extproc import recording, tracing
 from switchyard.extproc.config_client import ConfigStreamClient
 from switchyard.extproc.h2grpc import GrpcConnection
 from switchyard.extproc.health import ReadyFlag, WorkerReadiness
@@ -131,7 +131,10 @@ async def serve(
         watcher = ConfigFileWatcher(Path(config_source), state, loop)
         await asyncio.to_thread(watcher.load_once)
     tracer = tracing.from_environment()  # None unless OTEL_EXPORTER_OTLP_ENDPOINT is set
-    processor = Processor(state, tracer)
+    recorder = recording.from_environment()  # None unless SWITCHYARD_OUTCOMES_DIR is set
+    if recorder is not None:
+        recorder.start()
+    processor = Processor(state, tracer, recorder)
     connections: weakref.WeakSet[GrpcConnection] = weakref.WeakSet()
 
     def connection() -> GrpcConnection:
@@ -177,6 +180,8 @@ async def serve(
     with contextlib.suppress(TimeoutError):  # the last settlements of budgets and rate limits
         await asyncio.wait_for(processor.limiter.drain(), 1.0)
     TALLY.stop()
+    if recorder is not None:
+        await asyncio.to_thread(recorder.stop)  # write what is queued
     if tracer is not None:
         await asyncio.to_thread(tracer.shutdown)  # export the spans still queued
 

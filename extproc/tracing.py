@@ -35,6 +35,7 @@ from switchyard.extproc.engine import Decision, exclusions
 from switchyard.extproc.errors import GatewayError
 from switchyard.extproc.request import Endpoint, ParsedRequest
 from switchyard.extproc.scoring import RouterScores, Scorer
+from switchyard.extproc.semantic import Embedder
 
 SPAN_NAME = "switchyard.route"
 DEFAULT_SERVICE = "switchyard-extproc"
@@ -91,10 +92,15 @@ class RouteSpan:
     def __init__(self, span: trace.Span) -> None:
         self.span = span
 
-    async def score(self, scorer: Scorer, prompt: str) -> RouterScores:
-        """Score with ``scorer``, recording how long the classifier took."""
+    async def score(
+        self, scorer: Scorer, prompt: str, embedder: Embedder | None = None
+    ) -> RouterScores:
+        """Score with ``scorer`` (and ``embedder``), recording how long the classifier took."""
         started = time.perf_counter()
-        scores = await scorer.score(prompt)
+        if embedder is None:
+            scores = await scorer.score(prompt)
+        else:
+            scores = await scorer.score(prompt, embedder)
         elapsed = (time.perf_counter() - started) * 1000.0
         self.span.set_attribute("switchyard.classifier.duration_ms", round(elapsed, 3))
         return scores

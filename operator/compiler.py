@@ -13,18 +13,22 @@ from collections.abc import Callable, Iterable
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.router.bundle import bundle_models
-from switchyard.headers import CLIENT_KEY_HEADERS, DATA_CLASS_HEADER
+from switchyard.headers import CLIENT_KEY_HEADERS, DATA_CLASS_HEADER, REQUEST_ID_HEADER
 from switchyard.operator.multicluster import Topology, place_endpoints
 from switchyard.operator.policy import (
     BudgetOnExhausted,
     BudgetSpec,
     ModelSpec,
+    Outcomes,
     PersonalData,
     PersonalDataAction,
+    RecordMode,
     Retries,
     RoutePolicy,
     Rule,
     StrategyType,
+    age_seconds,
+    byte_count,
     duration_ms,
     missing_predictions,
 )
@@ -102,6 +106,9 @@ def _rule(index: int, rule: Rule) -> pb.Rule:
         match.min_difficulty = when.min_difficulty
     if when.max_difficulty is not None:
         match.max_difficulty = when.max_difficulty
+    if when.semantic is not None:
+        match.semantic.examples.extend(when.semantic.examples)
+        match.semantic.threshold = when.semantic.threshold
     return pb.Rule(name=rule.name or f"rule-{index}", when=match, route=rule.route)
 
 
@@ -132,6 +139,23 @@ def _personal_data(spec: PersonalData) -> pb.PersonalData:
         else pb.PersonalData.ROUTE,
         data_class=spec.data_class,
         raise_from=sorted(spec.raise_from),
+    )
+
+
+_RECORD = {
+    RecordMode.NONE: pb.Recording.OFF,
+    RecordMode.DECISIONS: pb.Recording.DECISIONS,
+    RecordMode.PROMPTS: pb.Recording.PROMPTS,
+}
+
+
+def _recording(spec: Outcomes) -> pb.Recording:
+    """A recording policy's ``Policy.recording`` (left unset when off: configs that do not
+    record are unchanged)."""
+    return pb.Recording(
+        record=_RECORD[spec.record],
+        max_age_s=age_seconds(spec.retention.max_age),
+        max_bytes=byte_count(spec.retention.max_bytes),
     )
 
 
@@ -173,7 +197,7 @@ def compile_policy(policy: RoutePolicy) -> pb.Policy:
     )
     if spec.strategy.predictive is not None:
         strategy.predictive.CopyFrom(_predictive(policy))
-    return pb.Policy(
+    compiled = pb.Policy(
         name=policy.metadata.name,
         namespace=policy.metadata.namespace,
         generation=policy.metadata.generation,
@@ -187,6 +211,9 @@ def compile_policy(policy: RoutePolicy) -> pb.Policy:
         personal_data=_personal_data(spec.personal_data),
         budget=_budget(spec.budget),
     )
+    if spec.outcomes.record is not RecordMode.NONE:
+        compiled.recording.CopyFrom(_recording(spec.outcomes))
+    return compiled
 
 
 def _budget(spec: BudgetSpec | None) -> pb.BudgetAction | None:
@@ -276,6 +303,8 @@ def compile_config(
             headers.add(policy.session_header)
         for rule in policy.strategy.rules:
             headers.update(rule.when.headers)
+    if any(p.recording.record for p in config.policies):
+        headers.add(REQUEST_ID_HEADER)  # the id a recorded request is filed under
     if client_keys is not None:
         config.require_client_key = True
         config.client_keys.extend(client_keys)

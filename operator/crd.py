@@ -15,7 +15,13 @@ from typing import Any
 
 import yaml
 
-from switchyard.operator.policy import MAX_ITEMS, RoutePolicySpec, builtin_bundles, builtin_models
+from switchyard.operator.policy import (
+    MAX_ITEMS,
+    RoutePolicySpec,
+    builtin_bundles,
+    builtin_kind,
+    builtin_models,
+)
 
 GROUP = "switchyard.dev"
 VERSION = "v1alpha1"
@@ -165,6 +171,20 @@ def predictive_bundle_rule() -> dict[str, str]:
     }
 
 
+def semantic_bundle_rule() -> dict[str, str]:
+    """Semantic rule conditions embed with the policy's router bundle: a static builtin
+    (package data, fixed) or a path (checked where it exists)."""
+    static = ", ".join(repr(b) for b in builtin_bundles() if builtin_kind(b) == "static")
+    return {
+        "rule": "!has(self.rules) || !self.rules.exists(r, has(r.when.semantic)) || "
+        "!has(self.router) || !has(self.router.bundle) || "
+        f"!self.router.bundle.startsWith('builtin:') || self.router.bundle in [{static}]",
+        "message": "semantic rule conditions need a static-embedding router.bundle "
+        f"({static.replace(chr(39), '')}, or a bundle fitted from it)",
+        "fieldPath": ".router",
+    }
+
+
 STRATEGY_RULES = [
     {
         "rule": "self.type != 'classifier' || (has(self.tiers) && size(self.tiers) > 0)",
@@ -201,6 +221,7 @@ STRATEGY_RULES = [
         "fieldPath": ".default",
     },
     predictive_bundle_rule(),
+    semantic_bundle_rule(),
 ]
 PREDICTIVE_RULES = [
     {

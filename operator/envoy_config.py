@@ -32,6 +32,7 @@ from envoy.config.core.v3 import (
     backoff_pb2,
     base_pb2,
     config_source_pb2,
+    extension_pb2,
     grpc_service_pb2,
     health_check_pb2,
     protocol_pb2,
@@ -51,11 +52,15 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    header_mutation_pb2 as early_mutation_pb2,
+)
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as http_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 
 from switchyard.api.v1 import routing_pb2 as pb
@@ -63,8 +68,10 @@ from switchyard.headers import (
     BACKEND_HEADER,
     CLIENT_KEY_HEADERS,
     EXTPROC_FILTER,
+    FEEDBACK_PATH,
     METADATA_NAMESPACE,
     NO_FALLBACK_SUFFIX,
+    REQUEST_ID_HEADER,
     RESPONSE_ATTRIBUTES,
 )
 from switchyard.operator import fallback, tracing
@@ -334,6 +341,60 @@ def _unrouted(config: pb.RoutingConfig, match: rc.RouteMatch) -> list[rc.Route]:
     return [empty, _with_extproc(route)]
 
 
+def recording_on(config: pb.RoutingConfig) -> bool:
+    """Whether any policy records requests (``POST /v1/feedback`` is served then)."""
+    return any(p.recording.record for p in config.policies)
+
+
+def feedback_routes(config: pb.RoutingConfig) -> list[rc.Route]:
+    """``POST /v1/feedback``, answered by the ext_proc from the buffered body (an immediate
+    response), only when a policy records; other methods get a 405, an empty body a 400, and
+    an ext_proc that cannot answer a 503."""
+    if not recording_on(config):
+        return []
+    json_header = [header("content-type", "application/json")]
+    not_post = rc.HeaderMatcher(
+        name=":method", string_match=string_pb2.StringMatcher(exact="POST"), invert_match=True
+    )
+    zero_length = rc.HeaderMatcher(
+        name="content-length", string_match=string_pb2.StringMatcher(exact="0")
+    )
+    return [
+        rc.Route(
+            name="feedback_method_not_allowed",
+            match=rc.RouteMatch(path=FEEDBACK_PATH, headers=[not_post]),
+            direct_response=_error(
+                405, "use POST on this path", "invalid_request_error", "method_not_allowed"
+            ),
+            response_headers_to_add=json_header,
+        ),
+        rc.Route(
+            name="feedback_empty_body",
+            match=rc.RouteMatch(path=FEEDBACK_PATH, headers=[zero_length]),
+            direct_response=_error(
+                400,
+                "the request body is empty; send a JSON object",
+                "invalid_request_error",
+                "empty_body",
+            ),
+            response_headers_to_add=json_header,
+        ),
+        _with_extproc(
+            rc.Route(
+                name="feedback",
+                match=rc.RouteMatch(path=FEEDBACK_PATH),
+                direct_response=_error(
+                    503,
+                    "the routing service is unavailable; retry shortly",
+                    "server_error",
+                    "router_unavailable",
+                ),
+                response_headers_to_add=json_header,
+            )
+        ),
+    ]
+
+
 def build_route_config(
     config: pb.RoutingConfig, settings: GatewaySettings, api_keys: ApiKeys | None = None
 ) -> route_pb2.RouteConfiguration:
@@ -394,6 +455,7 @@ def build_route_config(
     # The only route a request starts on with the ext_proc: codec errors and the direct
     # responses above never open an ext_proc stream, not even for their response.
     routes.extend(_unrouted(config, rc.RouteMatch(safe_regex=inference)))
+    routes.extend(feedback_routes(config))
     routes.append(
         rc.Route(
             name="not_found",
@@ -554,6 +616,16 @@ def _filter(name: str, config: Message, disabled: bool = False) -> hcm_pb2.HttpF
     return hcm_pb2.HttpFilter(name=name, typed_config=packed(config), disabled=disabled)
 
 
+_REMOVE_CLIENT_REQUEST_ID = extension_pb2.TypedExtensionConfig(
+    name="envoy.http.early_header_mutation.header_mutation",
+    typed_config=packed(
+        early_mutation_pb2.HeaderMutation(
+            mutations=[mutation_rules_pb2.HeaderMutation(remove=REQUEST_ID_HEADER)]
+        )
+    ),
+)
+
+
 def build_listener(config: pb.RoutingConfig, settings: GatewaySettings) -> listener_pb2.Listener:
     """The gateway listener, its routes over ADS (RDS).
 
@@ -569,6 +641,13 @@ def build_listener(config: pb.RoutingConfig, settings: GatewaySettings) -> liste
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix="switchyard",
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        # Every request gets an id Envoy generates (a client's own is removed before that, so
+        # no client can pick the id of someone else's request), returned on every response:
+        # recorded requests are filed under it and POST /v1/feedback names it.
+        early_header_mutation_extensions=[_REMOVE_CLIENT_REQUEST_ID],
+        generate_request_id=wrappers_pb2.BoolValue(value=True),
+        preserve_external_request_id=False,
+        always_set_request_id_in_response=True,
         rds=hcm_pb2.Rds(route_config_name=ROUTE_CONFIG_NAME, config_source=ADS),
         local_reply_config=_local_reply_config(),
         http_filters=[

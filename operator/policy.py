@@ -65,7 +65,10 @@ MAX_ITEMS = {
     "on": 8,
     "detectors": 8,
     "raiseFrom": 16,
+    "examples": 32,
 }
+MAX_EXAMPLE_CHARS = 1000
+"""Longest example utterance of a semantic condition (the router reads 512 tokens at most)."""
 HEURISTIC_BUNDLE = "builtin:heuristic"
 """The placeholder scorer (``switchyard.extproc.state``), not a directory."""
 Category = Literal["math", "code", "reasoning", "knowledge", "writing", "extraction", "chat"]
@@ -78,6 +81,17 @@ def builtin_bundles() -> tuple[str, ...]:
     """Every ``builtin:<name>`` router bundle this build ships (package data: fixed)."""
     names = [p.name for p in BUNDLES_DIR.iterdir() if (p / "router.yaml").is_file()]
     return tuple(sorted([HEURISTIC_BUNDLE, *(BUILTIN_PREFIX + n for n in names)]))
+
+
+@functools.cache
+def builtin_kind(ref: str) -> str:
+    """``kind`` of a builtin bundle's router.yaml (static, encoder); "" when it has none (the
+    heuristic placeholder)."""
+    try:
+        doc = yaml.safe_load((BUNDLES_DIR / ref[len(BUILTIN_PREFIX) :] / "router.yaml").read_text())
+    except OSError:
+        return ""
+    return str(doc.get("kind", "")) if isinstance(doc, dict) else ""
 
 
 def check_bundle(ref: str) -> str:
@@ -288,6 +302,36 @@ class Match(_Spec):
         return check_header_names(headers)
 
 
+class SemanticWhen(_Spec):
+    """Prompts similar to a few example utterances (no training data needed)."""
+
+    examples: list[Annotated[str, Field(min_length=1, max_length=MAX_EXAMPLE_CHARS)]] = Field(
+        min_length=1,
+        max_length=MAX_ITEMS["examples"],
+        description=(
+            "Example prompts of the intent (1-32); a prompt matches by its cosine similarity "
+            "to the closest one, in the router bundle's static token embeddings."
+        ),
+    )
+    threshold: float = Field(
+        ge=0,
+        le=1,
+        description=(
+            "Lowest similarity (0-1) that matches; unrelated prompts score about 0.25, "
+            "paraphrases about 0.6 (0.5 matched 69-81% of paraphrases and 0.5-3.7% of others, "
+            "docs/router-model.md)."
+        ),
+    )
+
+    @field_validator("examples")
+    @classmethod
+    def _not_blank(cls, examples: list[str]) -> list[str]:
+        for i, example in enumerate(examples):
+            if not example.strip():
+                raise ValueError(f"examples[{i}]: blank (no words to compare)")
+        return examples
+
+
 class RuleWhen(_Spec):
     models: list[Alias] = Field(default_factory=list, max_length=MAX_ITEMS["models"])
     headers: dict[str, HeaderValue] = Field(default_factory=dict, max_length=MAX_HEADERS)
@@ -300,6 +344,10 @@ class RuleWhen(_Spec):
     category: list[Category] = Field(default_factory=list, max_length=MAX_ITEMS["category"])
     min_difficulty: float | None = Field(default=None, ge=0, le=1)
     max_difficulty: float | None = Field(default=None, ge=0, le=1)
+    semantic: SemanticWhen | None = Field(
+        default=None,
+        description="Match prompts similar to example utterances (the router's embeddings).",
+    )
 
     @model_validator(mode="after")
     def _token_range(self) -> RuleWhen:
@@ -476,6 +524,68 @@ class PersonalData(_Spec):
         return self
 
 
+class RecordMode(StrEnum):
+    NONE = "none"
+    DECISIONS = "decisions"
+    PROMPTS = "prompts"
+
+
+_AGE = r"^[0-9]+(d|h|m)$"
+_BYTES = r"^[0-9]+(Ki|Mi|Gi|Ti)?$"
+_AGE_S = {"d": 86_400, "h": 3_600, "m": 60}
+_BYTES_UNIT = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+
+
+def age_seconds(text: str) -> int:
+    """'30d' → 2592000 (an already validated ``retention.maxAge``)."""
+    return int(text[:-1]) * _AGE_S[text[-1]]
+
+
+def byte_count(text: str) -> int:
+    """'1Gi' → 1073741824 (an already validated ``retention.maxBytes``)."""
+    unit = text[-2:]
+    return int(text[:-2]) * _BYTES_UNIT[unit] if unit in _BYTES_UNIT else int(text)
+
+
+class Retention(_Spec):
+    """How long the recording directory keeps files (the strictest policy's applies to all)."""
+
+    max_age: str = Field(
+        default="30d",
+        pattern=_AGE,
+        max_length=16,
+        description="Files older than this are deleted (e.g. 30d, 12h; 0d: no age limit).",
+    )
+    max_bytes: str = Field(
+        default="1Gi",
+        pattern=_BYTES,
+        max_length=24,
+        description="The directory is pruned, oldest files first, to at most this size "
+        "(bytes, or Ki/Mi/Gi/Ti; 0: no size limit).",
+    )
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _number(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class Outcomes(_Spec):
+    """Request recording, so that outcomes (POST /v1/feedback) accrue for router fit."""
+
+    record: RecordMode = Field(
+        default=RecordMode.NONE,
+        description="none (default); decisions: each routed request's id, time, alias, chosen "
+        "model, reason and routing headers; prompts: the same plus the client's request body.",
+    )
+    retention: Retention = Field(default_factory=Retention)
+
+    @field_validator("record", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        return "none" if value is False else value  # YAML 1.1 reads `off`/`no` as false
+
+
 class RetryOn(StrEnum):
     CONNECT_FAILURE = "connect-failure"
     RESET = "reset"
@@ -546,6 +656,7 @@ class RoutePolicySpec(_Spec):
     strategy: Strategy
     session_affinity: SessionAffinity | None = None
     personal_data: PersonalData = Field(default_factory=PersonalData)
+    outcomes: Outcomes = Field(default_factory=Outcomes)
     retries: Retries = Field(default_factory=Retries)
     timeout: str = Field(default="300s", pattern=_DURATION, max_length=32)
     autoscaling: Autoscaling | None = None
@@ -589,6 +700,8 @@ class RoutePolicySpec(_Spec):
                         "match.models, so the rule would never match"
                     )
             when = rule.when
+            if when.semantic is not None:
+                self._check_semantic(i)
             if (
                 when.min_difficulty is not None
                 and when.max_difficulty is not None
@@ -637,6 +750,16 @@ class RoutePolicySpec(_Spec):
                         f"(models: {', '.join(names)})"
                     )
         return self
+
+    def _check_semantic(self, index: int) -> None:
+        """A semantic condition embeds with the policy's router bundle: a static one (paths are
+        checked where they exist, by the ext_proc)."""
+        bundle = self.strategy.router.bundle
+        if bundle.startswith(BUILTIN_PREFIX) and builtin_kind(bundle) != "static":
+            raise ValueError(
+                f"strategy.rules[{index}].when.semantic: needs a static-embedding router bundle "
+                f"(builtin:default, or one fitted from it); strategy.router.bundle is {bundle!r}"
+            )
 
     def _check_predictive(self, names: list[str]) -> None:
         strategy = self.strategy

@@ -9,6 +9,7 @@ import sys
 EXECUTION_PROVIDERS = ("auto", "cpu", "cuda")
 EXECUTION_PROVIDER_ENV = "SWITCHYARD_EXECUTION_PROVIDER"
 TLS_DIR_ENV = "SWITCHYARD_TLS_DIR"  # switchyard.tls.TLS_DIR_ENV (not imported: it loads grpc)
+OUTCOMES_DIR_ENV = "SWITCHYARD_OUTCOMES_DIR"  # switchyard.extproc.recording.OUTCOMES_DIR_ENV
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         help=f"serve mTLS (and use it for the config stream) with tls.crt, tls.key and ca.crt "
         f"in this directory (default: ${TLS_DIR_ENV}; '' = plaintext)",
     )
+
+    extproc.add_argument(
+        "--outcomes-dir",
+        default=os.environ.get(OUTCOMES_DIR_ENV, ""),
+        help=f"where requests of policies with spec.outcomes.record and POST /v1/feedback are "
+        f"recorded (default: ${OUTCOMES_DIR_ENV}; '' = nowhere)",
+    )
+
+    outcomes = sub.add_parser("outcomes", help="recorded requests and feedback")
+    outcomes_sub = outcomes.add_subparsers(dest="outcomes_command", required=True)
+    export = outcomes_sub.add_parser(
+        "export", help="join a recording directory into outcome records (JSONL on stdout)"
+    )
+    export.add_argument("dir", help="the ext_proc's outcomes directory")
 
     demo = sub.add_parser("demo-upstream", help="run one OpenAI-compatible demo model server")
     demo.add_argument("--name", required=True)
@@ -164,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     new.add_argument("--tenant", required=True, help="the tenant the key belongs to")
     new.add_argument("--name", default="", help="the key's name (default: <tenant>-<random>)")
 
-    router = sub.add_parser("router", help="router model tools (score, eval)", add_help=False)
+    from switchyard.training.loop_cli import add_simulate_parser
+
+    add_simulate_parser(sub)
+
+    router = sub.add_parser(
+        "router", help="router model tools (score, eval, fit, calibrate)", add_help=False
+    )
     router.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)
@@ -174,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_local(args.file, port=args.port, state_dir=args.state_dir, jaeger=args.jaeger)
     if args.command == "keys":
         return _keys(args)
+    if args.command == "outcomes":
+        return _export_outcomes(args.dir)
     if args.command == "traces":
         from pathlib import Path
 
@@ -196,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                 extproc.error(str(exc))
             # The worker processes (spawned) read it from their environment.
             os.environ[TLS_DIR_ENV] = args.tls_dir
+        if args.outcomes_dir:
+            os.environ[OUTCOMES_DIR_ENV] = os.path.abspath(args.outcomes_dir)
+        else:
+            os.environ.pop(OUTCOMES_DIR_ENV, None)
 
         if args.execution_provider not in EXECUTION_PROVIDERS:  # argparse skips the default
             extproc.error(
@@ -257,11 +284,33 @@ def main(argv: list[str] | None = None) -> int:
                 extproc_server_name=args.extproc_server_name,
             )
         )
+    if args.command == "simulate":
+        from switchyard.training.loop_cli import cmd_simulate
+
+        return cmd_simulate(args, sys.stdout)
     if args.command == "router":
         from switchyard.extproc.router.cli import main as router_main
 
         return router_main(args.rest)
     return 2
+
+
+def _export_outcomes(directory: str) -> int:
+    from pathlib import Path
+
+    from switchyard.training.outcomes import OutcomeError, join_recording
+
+    try:
+        joined = join_recording(Path(directory))
+    except OutcomeError as exc:
+        print(f"switchyard outcomes export: error: {exc}", file=sys.stderr)
+        return 1
+    out = sys.stdout.buffer
+    for record in joined.records:
+        out.write(record)
+    out.flush()
+    print(joined.summary(), file=sys.stderr)
+    return 0
 
 
 def _keys(args: argparse.Namespace) -> int:

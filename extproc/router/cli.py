@@ -37,7 +37,14 @@ def _parser() -> argparse.ArgumentParser:
         '{"id", "prompt" | "messages", "model", "score" in [0, 1]} plus optional cost_usd, '
         "latency_ms, ts. See docs/router-model.md.",
     )
-    fit.add_argument("--outcomes", type=Path, nargs="+", required=True, metavar="FILE")
+    fit.add_argument(
+        "--outcomes",
+        type=Path,
+        nargs="+",
+        required=True,
+        metavar="FILE|DIR",
+        help="outcome files (JSONL), or recording directories (the ext_proc's --outcomes-dir)",
+    )
     fit.add_argument("--out", type=Path, required=True, metavar="DIR")
     fit.add_argument("--models", default=None, help="comma list (default: every model present)")
     fit.add_argument("--name", default="fitted", help="bundle name (router.yaml)")
@@ -47,6 +54,40 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--force", action="store_true", help="write the bundle even if it loses to length"
     )
+    cal = sub.add_parser(
+        "calibrate",
+        help="the policy knob that meets a quality or strong-model-share target on outcomes",
+        description="Sweeps the policy's knob (predictive: maxQualityLoss or costWeight; "
+        "classifier: the tiers' maxDifficulty) on the prompts that have an outcome for every "
+        "model of the policy, through the gateway's own compiler, scorer and engine, and prints "
+        "the expected cost and quality at each value and a YAML snippet. Exit 2 on bad input.",
+    )
+    cal.add_argument("--outcomes", type=Path, nargs="+", required=True, metavar="FILE")
+    cal.add_argument("-f", "--file", action="append", required=True, help="policy file or folder")
+    cal.add_argument("--bundle", default=None, help="router bundle to use instead of the policy's")
+    cal.add_argument("--policy", default=None, help="namespace/name when the files hold several")
+    target = cal.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--target-quality",
+        type=float,
+        default=None,
+        help="share of the best single model's mean score to keep (e.g. 0.95); picks the "
+        "cheapest value that keeps it",
+    )
+    target.add_argument(
+        "--strong-share",
+        type=float,
+        default=None,
+        help="most share of requests on the most expensive model (e.g. 0.3); picks the best "
+        "quality within it",
+    )
+    cal.add_argument(
+        "--output-tokens",
+        type=int,
+        default=256,
+        help="completion tokens assumed per request for cost (default 256; max_tokens caps it)",
+    )
+    cal.add_argument("--write", type=Path, default=None, help="write the calibrated policy here")
     return parser
 
 
@@ -276,6 +317,10 @@ def main(argv: list[str], stdin: IO[str] | None = None, stdout: IO[str] | None =
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     args = _parser().parse_args(argv)
+    if args.command == "calibrate":
+        from switchyard.training.loop_cli import cmd_calibrate
+
+        return cmd_calibrate(args, stdout)
     from switchyard.extproc.router.bundle import BundleError
 
     try:

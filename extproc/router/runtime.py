@@ -13,6 +13,8 @@
   loop iteration, which still groups calls made in the same tick). Tokenisation and inference run
   on a dedicated executor thread, never on the event loop.
 * ``score_batch(texts)`` is the synchronous path (CLI, benchmark, evaluation).
+* With an ``embedder`` (policies with semantic rules), the prompt's embedding is computed from
+  the same token ids, after inference; without one nothing of it runs.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from switchyard.extproc.batching import BATCH
 from switchyard.extproc.router.bundle import Bundle, load_bundle
 from switchyard.extproc.router.tokens import FastTokenizer
 from switchyard.extproc.scoring import RouterScores, Scorer
+from switchyard.extproc.semantic import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +158,7 @@ class OnnxRouter:
         self._ones_buf = np.ones((1, bundle.truncation.max_tokens), dtype=np.int64)
         self._cats = bundle.categories
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router")
-        self._pending: list[tuple[str, asyncio.Future[RouterScores]]] = []
+        self._pending: list[tuple[str, asyncio.Future[RouterScores], Embedder | None]] = []
         self._flush_handle: asyncio.Handle | None = None
 
     # -- synchronous path --------------------------------------------------------------------
@@ -189,7 +192,11 @@ class OnnxRouter:
 
     def infer_all(self, texts: Sequence[str]) -> list[npt.NDArray[np.float32]]:
         """``infer``'s outputs, plus ``predicted`` [n, models] for a fitted bundle."""
-        ids, mask = self._pad(texts)
+        return self._run(*self._pad(texts))
+
+    def _run(
+        self, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]
+    ) -> list[npt.NDArray[np.float32]]:
         if self._encoder is None:
             feeds = {self._ids_name: ids}
             if self._mask_name is not None:  # graphs that pad with zero rows need no mask
@@ -208,15 +215,28 @@ class OnnxRouter:
             }
         return [np.asarray(o, np.float32) for o in self._session.run(self._out, feeds)]
 
-    def score_batch(self, texts: Sequence[str]) -> list[RouterScores]:
-        """Score prompts synchronously, ``max_batch`` at a time."""
+    def score_batch(
+        self, texts: Sequence[str], embedder: Embedder | None = None
+    ) -> list[RouterScores]:
+        """Score prompts synchronously, ``max_batch`` at a time (with ``embedder``: and embed
+        them, from the same token ids)."""
         out: list[RouterScores] = []
         for start in range(0, len(texts), self.max_batch):
             chunk = texts[start : start + self.max_batch]
-            raw = self.infer_all(chunk)
+            ids, mask = self._pad(chunk)
+            raw = self._run(ids, mask)
             # Python floats up front: iterating numpy arrays makes a numpy scalar per element
             preds = raw[2].tolist() if self.models else [None] * len(chunk)
-            for d, probs, pred in zip(raw[0].tolist(), raw[1].tolist(), preds, strict=True):
+            vecs = None
+            if embedder is not None:
+                vecs = (
+                    [embedder.embed_ids(ids[0])]
+                    if len(chunk) == 1
+                    else list(embedder.embed_rows(ids, mask))
+                )
+            for i, (d, probs, pred) in enumerate(
+                zip(raw[0].tolist(), raw[1].tolist(), preds, strict=True)
+            ):
                 cats = dict(zip(self._cats, probs, strict=True))
                 out.append(
                     RouterScores(
@@ -226,22 +246,27 @@ class OnnxRouter:
                         predicted=None
                         if pred is None
                         else dict(zip(self.models, pred, strict=True)),
+                        embedding=None if vecs is None else vecs[i],
                     )
                 )
         return out
 
     # -- asynchronous, micro-batched path ------------------------------------------------------
-    async def score(self, text: str) -> RouterScores:
+    async def score(self, text: str, embedder: Embedder | None = None) -> RouterScores:
         if self.inline:
             # Static bundle on CPU: ~0.07 ms for a short prompt, less than the thread hand-off
             # and timer of the batched path cost (measured 0.5 ms of CPU per request). Prompts
             # that arrived in the same socket read are scored as one batch, with no waiting.
+            if embedder is not None:
+                if BATCH.is_open:
+                    return await BATCH.submit(self._score_embedded, (text, embedder))
+                return self.score_batch([text], embedder)[0]
             if BATCH.is_open:
                 return await BATCH.submit(self.score_batch, text)
             return self.score_batch([text])[0]
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[RouterScores] = loop.create_future()
-        self._pending.append((text, fut))
+        self._pending.append((text, fut, embedder))
         if len(self._pending) >= self.max_batch:
             self._flush()
         elif self._flush_handle is None:
@@ -251,6 +276,10 @@ class OnnxRouter:
                 self._flush_handle = loop.call_soon(self._flush)
         return await fut
 
+    def _score_embedded(self, items: list[tuple[str, Embedder]]) -> list[RouterScores]:
+        """``score_batch`` with embeddings (one scorer's items share its bundle's embedder)."""
+        return self.score_batch([t for t, _ in items], items[0][1])
+
     def _flush(self) -> None:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
@@ -259,21 +288,27 @@ class OnnxRouter:
         if not batch:
             return
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._executor, self.score_batch, [t for t, _ in batch])
+        # embedded for all when one asks: one scorer's callers share its bundle's embedder
+        texts = [t for t, _, _ in batch]
+        embedder = next((e for _, _, e in batch if e is not None), None)
+        if embedder is None:
+            job = loop.run_in_executor(self._executor, self.score_batch, texts)
+        else:
+            job = loop.run_in_executor(self._executor, self.score_batch, texts, embedder)
         job.add_done_callback(lambda done: self._deliver(done, batch))
 
     @staticmethod
     def _deliver(
         done: asyncio.Future[list[RouterScores]],
-        batch: list[tuple[str, asyncio.Future[RouterScores]]],
+        batch: list[tuple[str, asyncio.Future[RouterScores], Embedder | None]],
     ) -> None:
         exc = done.exception()
         if exc is not None:
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        for (_, fut), result in zip(batch, done.result(), strict=True):
+        for (_, fut, _), result in zip(batch, done.result(), strict=True):
             if not fut.done():
                 fut.set_result(result)
 

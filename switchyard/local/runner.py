@@ -329,6 +329,8 @@ class LocalGateway:
                 "--metrics-port",
                 str(self.spec.metrics_port),
                 *(["--tls-dir", str(self.tls.cert.parent)] if self.tls is not None else []),
+                "--outcomes-dir",
+                str(self.state_dir / "outcomes"),
             ],
             env=env,
         )

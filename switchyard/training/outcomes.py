@@ -17,6 +17,13 @@
 Records of the same prompt text are one prompt (whatever their ids); several records of the
 same (prompt, model) are averaged. ``OutcomeError`` names the file, line and field of the first
 bad record.
+
+A recording directory (the ext_proc's ``--outcomes-dir``, ``switchyard.extproc.recording``) is
+read as outcome records by ``join_recording``: each feedback is joined by request id to the
+request recorded by any replica; the model is the feedback's, else the recorded one; the last
+feedback (by time) for a (request, model) wins. Requests recorded without their body
+(``record: decisions``), feedback whose request is not in the directory and unreadable lines
+are skipped and counted.
 """
 
 from __future__ import annotations
@@ -215,11 +222,125 @@ def pivot(records: Iterable[Outcome], models: Sequence[str] | None = None) -> Ou
     return Outcomes(texts, ids, order, scores, n)
 
 
+@dataclass(slots=True)
+class Joined:
+    """Outcome records joined from a recording directory, and what was skipped."""
+
+    records: list[bytes]
+    """One outcome record per line (JSON, with its newline)."""
+    files: list[Path]
+    requests: int = 0
+    feedback: int = 0
+    no_body: int = 0
+    unmatched: int = 0
+    unreadable: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.records)} outcome records from {self.requests} recorded requests and "
+            f"{self.feedback} feedback ({len(self.files)} files); skipped: {self.no_body} "
+            f"without a body (record: decisions), {self.unmatched} feedback without a recorded "
+            f"request, {self.unreadable} unreadable lines"
+        )
+
+
+def _lines(path: Path, joined: Joined) -> Iterable[dict[str, Any]]:
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                doc = orjson.loads(line)
+            except orjson.JSONDecodeError:  # e.g. a line cut short by a killed worker
+                joined.unreadable += 1
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("id"), str):
+                yield doc
+            else:
+                joined.unreadable += 1
+
+
+def _prompt_fields(body: object) -> dict[str, Any] | None:
+    if not isinstance(body, dict):
+        return None
+    if isinstance(body.get("messages"), list):
+        return {"messages": body["messages"]}
+    if isinstance(body.get("prompt"), str):
+        return {"prompt": body["prompt"]}
+    return None
+
+
+def join_recording(directory: Path) -> Joined:
+    """Outcome records from every replica's ``requests-*`` and ``feedback-*`` files. The
+    feedback is read first, so only the requests it scores are held in memory."""
+    if not directory.is_dir():
+        raise OutcomeError(f"recording directory not found: {directory}")
+    request_files = sorted(directory.glob("requests-*.jsonl"))
+    feedback_files = sorted(directory.glob("feedback-*.jsonl"))
+    joined = Joined([], [*request_files, *feedback_files])
+    given: dict[str, list[tuple[float, float, str | None]]] = {}  # id → (ts, score, model)
+    for path in feedback_files:
+        for doc in _lines(path, joined):
+            joined.feedback += 1
+            score, ts, model = doc.get("score"), doc.get("ts"), doc.get("model")
+            if (
+                isinstance(score, bool)
+                or not isinstance(score, int | float)
+                or not 0.0 <= score <= 1.0
+            ):
+                joined.unreadable += 1
+                continue
+            when = float(ts) if isinstance(ts, int | float) and not isinstance(ts, bool) else 0.0
+            named = model if isinstance(model, str) and model.strip() else None
+            given.setdefault(doc["id"], []).append((when, float(score), named))
+    scored: dict[tuple[str, str], tuple[float, float]] = {}  # (id, model) → (ts, score)
+    prompts: dict[str, dict[str, Any] | None] = {}
+    for path in request_files:
+        for doc in _lines(path, joined):
+            joined.requests += 1
+            rid, model = doc["id"], doc.get("model")
+            if rid not in given or rid in prompts or not isinstance(model, str) or not model:
+                continue
+            prompts[rid] = _prompt_fields(doc.get("body"))
+            for when, score, named in given[rid]:
+                key = (rid, named or model)
+                if key not in scored or when >= scored[key][0]:  # the last feedback wins
+                    scored[key] = (when, score)
+    joined.unmatched = sum(len(v) for rid, v in given.items() if rid not in prompts)
+    for (rid, model), (_, score) in scored.items():
+        fields = prompts[rid]
+        if fields is None:
+            joined.no_body += 1
+            continue
+        joined.records.append(
+            orjson.dumps({"id": rid, **fields, "model": model, "score": score}) + b"\n"
+        )
+    return joined
+
+
+def _joined_outcomes(directory: Path, joined: Joined) -> Iterable[Outcome]:
+    for i, line in enumerate(joined.records, start=1):
+        yield parse_record(orjson.loads(line), f"{directory} (joined record {i})")
+
+
 def load(paths: Sequence[Path], models: Sequence[str] | None = None) -> Outcomes:
-    """Read and pivot outcome files; ``files`` records each file's sha256."""
-    missing = [str(p) for p in paths if not Path(p).is_file()]
+    """Read and pivot outcome files, or recording directories (``join_recording``); ``files``
+    records each file's sha256."""
+    missing = [str(p) for p in paths if not Path(p).is_file() and not Path(p).is_dir()]
     if missing:
         raise OutcomeError(f"outcome file(s) not found: {', '.join(missing)}")
-    out = pivot((r for p in paths for r in read_records(Path(p))), models)
-    out.files = {str(p): _sha256(Path(p)) for p in paths}
+    files: list[Path] = []
+
+    def records() -> Iterable[Outcome]:
+        for path in map(Path, paths):
+            if path.is_dir():
+                joined = join_recording(path)
+                files.extend(joined.files)
+                yield from _joined_outcomes(path, joined)
+            else:
+                files.append(path)
+                yield from read_records(path)
+
+    out = pivot(records(), models)
+    out.files = {str(f): _sha256(f) for f in files}
     return out

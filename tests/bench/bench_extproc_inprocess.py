@@ -12,6 +12,10 @@ the CPU µs per request (time.process_time) of several rounds, min and median. I
 what the ext_proc had before the HTTP/2 server was split (``GrpcConnection(method, handler)``,
 ``Processor(state)``), so the same command measures an older tree on PYTHONPATH; alternate
 trees, a few runs each, to compare them.
+
+``--record decisions|prompts`` turns request recording on (``spec.outcomes``; the message then
+carries an ``x-request-id`` attribute, as Envoy sends it) and reports, beside the event loop's
+CPU per request, the writer's CPU per record (run here after each round, not on its thread).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import argparse
 import asyncio
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from bench_h2grpc import METHOD, PREFACE, _indexed_literal, frame
@@ -48,7 +54,7 @@ FIRST_BLOCK = b"".join(_indexed_literal(n, v) for n, v in _FIELDS)
 WARM_BLOCK = bytes(0x80 | (62 + i) for i in reversed(range(len(_FIELDS))))
 
 
-def policy() -> dict[str, object]:
+def policy(record: str = "none") -> dict[str, object]:
     """bench_gateway's classifier policy: three tiers on ``builtin:default``."""
     models, tiers = [], []
     for i, (name, price) in enumerate([("light", 0.1), ("standard", 1.0), ("capable", 10.0)]):
@@ -67,16 +73,22 @@ def policy() -> dict[str, object]:
         "apiVersion": "switchyard.dev/v1alpha1",
         "kind": "RoutePolicy",
         "metadata": {"name": "bench", "namespace": "default"},
-        "spec": {"match": {"models": ["auto"]}, "models": models, "strategy": strategy},
+        "spec": {
+            "match": {"models": ["auto"]},
+            "models": models,
+            "strategy": strategy,
+            **({"outcomes": {"record": record}} if record != "none" else {}),
+        },
     }
 
 
-def grpc_message() -> bytes:
+def grpc_message(request_id: bool = False) -> bytes:
     body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": PROMPT}]})
     request = ep.ProcessingRequest(request_body=ep.HttpBody(body=body.encode(), end_of_stream=True))
-    request.attributes["envoy.filters.http.ext_proc"].update(
-        {"request.path": "/v1/chat/completions"}
-    )
+    attributes = {"request.path": "/v1/chat/completions"}
+    if request_id:
+        attributes["request.headers['x-request-id']"] = "3f2b8c1e-7d4a-4e0b-9a51-0c6f2d9e8b17"
+    request.attributes["envoy.filters.http.ext_proc"].update(attributes)
     raw: bytes = request.SerializeToString()
     return b"\x00" + len(raw).to_bytes(4, "big") + raw
 
@@ -114,8 +126,12 @@ class Transport(asyncio.Transport):
         pass
 
 
-def one_round(state: RuntimeState, data: list[bytes], requests: int) -> float:
-    conn = h2grpc.GrpcConnection(METHOD, Processor(state))
+def one_round(
+    state: RuntimeState, data: list[bytes], requests: int, recorder: Any = None
+) -> tuple[float, float]:
+    """(event-loop CPU µs per request, writer CPU µs per record)."""
+    processor = Processor(state) if recorder is None else Processor(state, recorder=recorder)
+    conn = h2grpc.GrpcConnection(METHOD, processor)
     transport = Transport()
     conn.connection_made(transport)
     start = time.process_time()
@@ -123,7 +139,12 @@ def one_round(state: RuntimeState, data: list[bytes], requests: int) -> float:
         conn.data_received(chunk)
     elapsed = time.process_time() - start
     assert transport.routed, "no routing answer came back"
-    return elapsed / requests * 1e6
+    written = 0.0
+    if recorder is not None:
+        start = time.process_time()
+        recorder.flush()
+        written = time.process_time() - start
+    return elapsed / requests * 1e6, written / requests * 1e6
 
 
 def main() -> None:
@@ -131,15 +152,29 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--per-read", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--record", choices=("none", "decisions", "prompts"), default="none")
     args = parser.parse_args()
     state = RuntimeState()
-    state.swap(state.prepare(compile_config([parse_policy(policy())])))
-    data = reads(args.requests, args.per_read, grpc_message())
-    one_round(state, data, args.requests)  # warm up
-    rounds = [one_round(state, data, args.requests) for _ in range(args.rounds)]
+    state.swap(state.prepare(compile_config([parse_policy(policy(args.record))])))
+    data = reads(args.requests, args.per_read, grpc_message(args.record != "none"))
+    with tempfile.TemporaryDirectory() as directory:
+        recorder = None
+        if args.record != "none":
+            from switchyard.extproc.recording import Recorder
+
+            recorder = Recorder(Path(directory), replica="bench")
+        one_round(state, data, args.requests, recorder)  # warm up
+        rounds = [one_round(state, data, args.requests, recorder) for _ in range(args.rounds)]
+    loop = [r[0] for r in rounds]
     print(
-        f"{h2grpc.__file__}: {args.requests} requests, {args.per_read} per read: CPU µs per "
-        f"request min {min(rounds):.1f} median {statistics.median(rounds):.1f}"
+        f"{h2grpc.__file__}: {args.requests} requests, {args.per_read} per read, record "
+        f"{args.record}: CPU µs per request min {min(loop):.1f} median "
+        f"{statistics.median(loop):.1f}"
+        + (
+            f"; writer µs per record median {statistics.median(r[1] for r in rounds):.1f}"
+            if recorder is not None
+            else ""
+        )
     )
 
 

@@ -38,6 +38,21 @@ PREDICTIVE: dict[str, Any] = {
 }
 
 
+SEMANTIC: dict[str, Any] = {
+    "type": "rules",
+    "rules": [
+        {
+            "name": "sql",
+            "when": {
+                "semantic": {"examples": ["How do I join two tables in SQL?"], "threshold": 0.5}
+            },
+            "route": "standard",
+        }
+    ],
+    "default": "light",
+}
+
+
 def _without(key: str) -> dict[str, Any]:
     return {k: v for k, v in PREDICTIVE.items() if k != key}
 
@@ -87,6 +102,18 @@ INVALID = [
     ("spec.budget", {"onExhausted": "downgrade", "downgradeTo": ["ghost"]},
      "spec.budget.downgradeTo"),
     ("spec.budget", {"onExhausted": "never"}, "spec.budget.onExhausted"),
+    ("spec.strategy.rules.0.when", {"semantic": {"examples": ["x"] * 33, "threshold": 0.5}},
+     "spec.strategy.rules[0].when.semantic.examples"),
+    ("spec.strategy.rules.0.when", {"semantic": {"examples": [], "threshold": 0.5}},
+     "spec.strategy.rules[0].when.semantic.examples"),
+    ("spec.strategy.rules.0.when", {"semantic": {"examples": ["x" * 1001], "threshold": 0.5}},
+     "spec.strategy.rules[0].when.semantic.examples[0]"),
+    ("spec.strategy.rules.0.when", {"semantic": {"examples": ["x"], "threshold": 1.5}},
+     "spec.strategy.rules[0].when.semantic.threshold"),
+    ("spec.strategy.rules.0.when", {"semantic": {"examples": ["x"]}},
+     "spec.strategy.rules[0].when.semantic.threshold"),
+    ("spec.strategy", {**SEMANTIC, "router": {"bundle": "builtin:minilm"}},
+     "spec.strategy.router"),
 ]  # fmt: skip
 
 
@@ -122,6 +149,16 @@ def test_predictive_policy_is_accepted(
     accepted, out = _apply(routepolicy_crd, namespace, doc)
     assert accepted, out
     parse_policy({**doc, "metadata": {"name": "p"}})
+
+
+def test_semantic_policy_is_accepted(
+    routepolicy_crd: KubeControlPlane, namespace: str, example: dict[str, Any]
+) -> None:
+    for router in ({}, {"router": {"bundle": "/bundles/fitted"}}):
+        doc = _edit(example, "spec.strategy", {**SEMANTIC, **router})
+        accepted, out = _apply(routepolicy_crd, namespace, doc)
+        assert accepted, out
+        parse_policy({**doc, "metadata": {"name": "p"}})
 
 
 @pytest.mark.parametrize(("path", "value", "field"), INVALID, ids=[c[0] for c in INVALID])

@@ -497,6 +497,23 @@ def test_router_bundles_from_an_image_or_a_claim() -> None:
     assert mount == {"name": "bundles", "mountPath": bundle_dir, "readOnly": True}
 
 
+def test_outcomes_volume_is_an_emptydir_or_a_claim() -> None:
+    outcomes_dir = "/var/lib/switchyard/outcomes"
+    spec = pod_spec(render(), "extproc")
+    c = spec["containers"][0]
+    assert f"--outcomes-dir={outcomes_dir}" in c["args"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["outcomes"] == {"name": "outcomes", "emptyDir": {"sizeLimit": "2Gi"}}
+    mount = {m["name"]: m for m in c["volumeMounts"]}["outcomes"]
+    assert mount == {"name": "outcomes", "mountPath": outcomes_dir}  # writable
+    spec = pod_spec(render("outcomes.volume.existingClaim=switchyard-outcomes"), "extproc")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["outcomes"] == {
+        "name": "outcomes",
+        "persistentVolumeClaim": {"claimName": "switchyard-outcomes"},
+    }
+
+
 # --- NetworkPolicies, Ingress, HTTPRoute --------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from routing_data import EASY, HARD
 from switchyard.extproc.router import cli
 from switchyard.extproc.router.bundle import load_bundle
 from switchyard.extproc.router.runtime import OnnxRouter, load_scorer
+from switchyard.extproc.semantic import load_embedder
 from switchyard.training import fit, outcomes
 
 
@@ -231,3 +232,12 @@ def test_fit_says_plainly_when_outcomes_are_too_few(
     rc = cli.main(["fit", "--outcomes", str(tiny), "--out", str(out)], stdout=io.StringIO())
     assert rc == 1
     assert "at least 20 are needed" in capsys.readouterr().err
+
+
+def test_a_fitted_bundle_gives_its_bases_semantic_embeddings(fitted: tuple[Path, Path]) -> None:
+    """Semantic rule conditions work with a fitted bundle: its graph gathers the base's token
+    table first (the fit head's own table comes after), and the embeddings are the base's."""
+    _, bundle = fitted
+    mine, base = load_embedder(str(bundle)), load_embedder("builtin:default")
+    assert mine is not base
+    np.testing.assert_array_equal(mine.vectors, base.vectors)

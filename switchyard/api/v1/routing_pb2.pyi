@@ -119,7 +119,7 @@ class AllowList(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("name", "namespace", "generation", "aliases", "match_headers", "models", "strategy", "retries", "timeout_ms", "session_header", "personal_data", "budget")
+    __slots__ = ("name", "namespace", "generation", "aliases", "match_headers", "models", "strategy", "retries", "timeout_ms", "session_header", "personal_data", "recording", "budget")
     class MatchHeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class Policy(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     SESSION_HEADER_FIELD_NUMBER: _ClassVar[int]
     PERSONAL_DATA_FIELD_NUMBER: _ClassVar[int]
+    RECORDING_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
@@ -150,8 +151,9 @@ class Policy(_message.Message):
     timeout_ms: int
     session_header: str
     personal_data: PersonalData
+    recording: Recording
     budget: BudgetAction
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., generation: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., match_headers: _Optional[_Mapping[str, str]] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, _Mapping]] = ..., retries: _Optional[_Union[Retries, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., session_header: _Optional[str] = ..., personal_data: _Optional[_Union[PersonalData, _Mapping]] = ..., budget: _Optional[_Union[BudgetAction, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., generation: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., match_headers: _Optional[_Mapping[str, str]] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, _Mapping]] = ..., retries: _Optional[_Union[Retries, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., session_header: _Optional[str] = ..., personal_data: _Optional[_Union[PersonalData, _Mapping]] = ..., recording: _Optional[_Union[Recording, _Mapping]] = ..., budget: _Optional[_Union[BudgetAction, _Mapping]] = ...) -> None: ...
 
 class BudgetAction(_message.Message):
     __slots__ = ("on_exhausted", "downgrade_to")
@@ -166,6 +168,24 @@ class BudgetAction(_message.Message):
     on_exhausted: BudgetAction.OnExhausted
     downgrade_to: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, on_exhausted: _Optional[_Union[BudgetAction.OnExhausted, str]] = ..., downgrade_to: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Recording(_message.Message):
+    __slots__ = ("record", "max_age_s", "max_bytes")
+    class Record(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OFF: _ClassVar[Recording.Record]
+        DECISIONS: _ClassVar[Recording.Record]
+        PROMPTS: _ClassVar[Recording.Record]
+    OFF: Recording.Record
+    DECISIONS: Recording.Record
+    PROMPTS: Recording.Record
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    record: Recording.Record
+    max_age_s: int
+    max_bytes: int
+    def __init__(self, record: _Optional[_Union[Recording.Record, str]] = ..., max_age_s: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class PersonalData(_message.Message):
     __slots__ = ("detectors", "action", "data_class", "raise_from")
@@ -343,7 +363,7 @@ class Rule(_message.Message):
     def __init__(self, name: _Optional[str] = ..., when: _Optional[_Union[RuleMatch, _Mapping]] = ..., route: _Optional[str] = ...) -> None: ...
 
 class RuleMatch(_message.Message):
-    __slots__ = ("aliases", "headers", "min_prompt_tokens", "max_prompt_tokens", "keywords", "regex", "categories", "min_difficulty", "max_difficulty")
+    __slots__ = ("aliases", "headers", "min_prompt_tokens", "max_prompt_tokens", "keywords", "regex", "categories", "min_difficulty", "max_difficulty", "semantic")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +380,7 @@ class RuleMatch(_message.Message):
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     MIN_DIFFICULTY_FIELD_NUMBER: _ClassVar[int]
     MAX_DIFFICULTY_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_FIELD_NUMBER: _ClassVar[int]
     aliases: _containers.RepeatedScalarFieldContainer[str]
     headers: _containers.ScalarMap[str, str]
     min_prompt_tokens: int
@@ -369,4 +390,13 @@ class RuleMatch(_message.Message):
     categories: _containers.RepeatedScalarFieldContainer[str]
     min_difficulty: float
     max_difficulty: float
-    def __init__(self, aliases: _Optional[_Iterable[str]] = ..., headers: _Optional[_Mapping[str, str]] = ..., min_prompt_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., keywords: _Optional[_Iterable[str]] = ..., regex: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., min_difficulty: _Optional[float] = ..., max_difficulty: _Optional[float] = ...) -> None: ...
+    semantic: SemanticMatch
+    def __init__(self, aliases: _Optional[_Iterable[str]] = ..., headers: _Optional[_Mapping[str, str]] = ..., min_prompt_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., keywords: _Optional[_Iterable[str]] = ..., regex: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., min_difficulty: _Optional[float] = ..., max_difficulty: _Optional[float] = ..., semantic: _Optional[_Union[SemanticMatch, _Mapping]] = ...) -> None: ...
+
+class SemanticMatch(_message.Message):
+    __slots__ = ("examples", "threshold")
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    examples: _containers.RepeatedScalarFieldContainer[str]
+    threshold: float
+    def __init__(self, examples: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ...) -> None: ...
