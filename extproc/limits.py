@@ -29,7 +29,6 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from enum import IntEnum
-from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -70,8 +69,8 @@ DOWN_FOR_S = 0.5
 LOG_EVERY_S = 10.0
 SETTLE_EVERY_S = 0.005
 """Settlements are sent at most this late, together."""
-MAX_PENDING = 100_000
-"""Settlements kept while the store is down (the oldest are dropped beyond)."""
+MAX_PENDING = 20_000
+"""Settlement calls kept while the store is down (the oldest are dropped beyond)."""
 
 STORE_UNAVAILABLE = Counter(
     "switchyard_limits_store_unavailable",
@@ -351,7 +350,7 @@ class Limiter:
         self.store: CounterStore = MemoryStore()
         self._down_until = 0.0
         self._logged = 0.0
-        self._pending: deque[Delta] = deque(maxlen=MAX_PENDING)
+        self._pending: deque[tuple[str, list[Delta]]] = deque(maxlen=MAX_PENDING)
         self._tasks: set[asyncio.Task[None]] = set()
         self._flushing = False
         self._batch: dict[str, Delta] = {}
@@ -487,45 +486,44 @@ class Limiter:
         await self._settle(batch)
 
     async def _settle(self, deltas: list[Delta]) -> None:
+        ident = os.urandom(12).hex()  # the same on every retry: Redis applies it once
         if self._pending or time.monotonic() < self._down_until:
-            self._keep(deltas)
+            self._keep(ident, deltas)
             return
         try:
-            await self.store.settle(deltas)
+            await self.store.settle(deltas, ident)
         except StoreUnavailable as error:
-            self._keep(deltas)
+            self._keep(ident, deltas)
             mode = "closed" if self._settings and self._settings.fail_closed else "open"
             self._unavailable(error, mode, request=False)
 
-    def _keep(self, deltas: list[Delta]) -> None:
-        """Keep settlements the store did not take; a task retries them until it does."""
-        self._pending.extend(deltas)
+    def _keep(self, ident: str, deltas: list[Delta]) -> None:
+        """Keep a settlement the store did not take; a task retries it until it does."""
+        self._pending.append((ident, deltas))
         if not self._flushing:
             self._flushing = True
             self._spawn(self._flush())
 
     async def _flush(self) -> None:
-        """Settle what was kept, in batches, once the store answers again."""
+        """Send the kept settlements, oldest first, once the store answers again."""
         try:
             while self._pending:
                 await asyncio.sleep(max(DOWN_FOR_S, self._down_until - time.monotonic()))
                 while self._pending:
-                    # Left in the queue until the store took them (``pending`` counts them).
-                    batch = list(islice(self._pending, 256))
+                    ident, deltas = self._pending[0]  # left queued until the store took it
                     try:
-                        await self.store.settle(batch)
+                        await self.store.settle(deltas, ident)
                     except StoreUnavailable:
                         self._down_until = time.monotonic() + DOWN_FOR_S
                         break
-                    for _ in batch:
-                        self._pending.popleft()
+                    self._pending.popleft()
         finally:
             self._flushing = False
 
     @property
     def pending(self) -> int:
-        """Settlements waiting for the store."""
-        return len(self._pending)
+        """Settlement deltas waiting for the store."""
+        return sum(len(deltas) for _, deltas in self._pending)
 
     async def drain(self) -> None:
         """Wait for the settlements in flight (tests, shutdown)."""

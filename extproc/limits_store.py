@@ -69,8 +69,8 @@ class CounterStore(Protocol):
     async def admit(self, checks: Sequence[Check]) -> Refusal | None:
         """Reserve every check's amount if all have room; else the first refusal."""
 
-    async def settle(self, deltas: Sequence[Delta]) -> None:
-        """Add each delta (reservations replaced by what was used)."""
+    async def settle(self, deltas: Sequence[Delta], ident: str) -> None:
+        """Add each delta (reservations replaced by what was used), once per ``ident``."""
 
     async def close(self) -> None: ...
 
@@ -126,17 +126,22 @@ end
 return results
 """
 
-# KEYS: the keys; ARGV: per key its delta and expiry (ms since the epoch).
+# KEYS[1]: the settlement's marker; KEYS[2..]: the keys. ARGV[1]: the marker's lifetime (ms);
+# then per key its delta and expiry (ms since the epoch). A settlement retried after an answer
+# that was lost (Redis applied it, then died or was too slow) finds its marker: applied once.
 SETTLE_LUA = """
-for i = 1, #KEYS do
-  local d = tonumber(ARGV[2 * i - 1])
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
+for i = 2, #KEYS do
+  local d = tonumber(ARGV[2 * i - 2])
   if d ~= 0 then
     redis.call('INCRBYFLOAT', KEYS[i], d)
-    redis.call('PEXPIREAT', KEYS[i], ARGV[2 * i])
+    redis.call('PEXPIREAT', KEYS[i], ARGV[2 * i - 1])
   end
 end
 return 1
 """
+SETTLED_TTL_MS = 15 * 60_000
+"""How long a settlement's marker is kept (its retries come within that)."""
 
 
 MAX_BATCH = 64
@@ -181,10 +186,10 @@ class RedisStore:
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await script(keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as error:
-            # The pool's other connections went to the same server: after a restart each would
-            # fail once. Drop them all; the next call connects afresh.
-            await self._redis.connection_pool.disconnect()
+        except Exception as error:  # RedisError, OSError, TimeoutError, or a client bug
+            # The pool's idle connections went to the same server: after a restart each would
+            # fail once. Drop them (connections in use by other calls fail on their own).
+            await self._redis.connection_pool.disconnect(inuse_connections=False)
             raise StoreUnavailable(type(error).__name__) from error
 
     async def warm(self, timeout_s: float = 2.0) -> None:
@@ -239,13 +244,13 @@ class RedisStore:
         finally:
             self._sending = False
 
-    async def settle(self, deltas: Sequence[Delta]) -> None:
+    async def settle(self, deltas: Sequence[Delta], ident: str) -> None:
         if not deltas:
             return
-        args: list[Any] = []
+        args: list[Any] = [SETTLED_TTL_MS]
         for delta in deltas:
             args += [repr(delta.amount), delta.expire_at_ms]
-        await self._timed(self._settle, [d.key for d in deltas], args)
+        await self._timed(self._settle, [f"sy:s:{ident}", *(d.key for d in deltas)], args)
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -296,8 +301,8 @@ class MemoryStore:
                 self._add(check.keys[-1], check.amount, check.expire_at_ms)
         return None
 
-    async def settle(self, deltas: Sequence[Delta]) -> None:
-        self._prune()
+    async def settle(self, deltas: Sequence[Delta], ident: str) -> None:
+        self._prune()  # (a call here never fails half-way: ``ident`` needs no marker)
         for delta in deltas:
             if delta.amount:
                 self._add(delta.key, delta.amount, delta.expire_at_ms)

@@ -93,7 +93,7 @@ async def test_admit_reserves_in_the_last_key_until_the_limit(store: CounterStor
 
 
 async def test_every_key_of_a_window_counts(store: CounterStore) -> None:
-    await store.settle([Delta("w:1", 2.0, FAR), Delta("w:3", 1.0, FAR)])
+    await store.settle([Delta("w:1", 2.0, FAR), Delta("w:3", 1.0, FAR)], "w")
     refusal = await store.admit([Check(("w:1", "w:2", "w:3"), 3, 1, FAR)])
     assert refusal == Refusal(0, 3.0, 0)  # the oldest key with a use is the first
     assert await store.admit([Check(("w:2", "w:3", "w:4"), 3, 1, FAR)]) is None
@@ -123,7 +123,7 @@ async def test_float_amounts_fit_exactly(store: CounterStore) -> None:
 async def test_settle_replaces_the_estimate(store: CounterStore) -> None:
     check = Check(("s",), 100, 40, FAR)
     assert await store.admit([check]) is None
-    await store.settle([Delta("s", -40 + 12, FAR)])
+    await store.settle([Delta("s", -40 + 12, FAR)], "s")
     assert await value(store, "s") == 12
     assert await store.admit([Check(("s",), 100, 88, FAR)]) is None
     assert await store.admit([Check(("s",), 100, 1, FAR)]) is not None
@@ -137,6 +137,17 @@ async def test_keys_expire_at_their_time(store: CounterStore) -> None:
     while await store.admit([Check(("e",), 1, 1, soon + 60_000)]) is not None:
         assert time.monotonic() < deadline, "the key never expired"
         await asyncio.sleep(0.05)
+
+
+async def test_a_retried_settlement_is_applied_once(redis_server: LocalRedis) -> None:
+    store = RedisStore(redis_server.url, 5.0)
+    await store._redis.flushall()
+    for _ in range(3):  # a retry after an answer that was lost carries the same ident
+        await store.settle([Delta("once", 2.5, FAR)], "settlement-1")
+    await store.settle([Delta("once", 1.0, FAR)], "settlement-2")
+    assert float(await store._redis.get("once")) == 3.5
+    assert 0 < await store._redis.pttl("sy:s:settlement-1") <= 15 * 60_000
+    await store.close()
 
 
 async def test_redis_admission_is_atomic_under_concurrency(redis_server: LocalRedis) -> None:
