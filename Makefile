@@ -119,7 +119,9 @@ node-tools:
 dashboard: $(STAMP)
 	$(PY) deploy/grafana/dashboard.py
 
-## Regenerate the RoutePolicy CRD (deploy/ and the Helm chart) from the policy schema.
+## Regenerate the RoutePolicy and ClientKeys CRDs (deploy/ and the Helm chart) from the schemas.
 crd: $(STAMP)
 	$(PY) -m switchyard.operator.crd > deploy/crds/routepolicy.yaml
 	cp deploy/crds/routepolicy.yaml helm/switchyard/crds/routepolicy.yaml
+	$(PY) -m switchyard.operator.crd clientkeys > deploy/crds/clientkeys.yaml
+	cp deploy/crds/clientkeys.yaml helm/switchyard/crds/clientkeys.yaml

@@ -14,21 +14,20 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from switchyard.api.v1 import routing_pb2 as pb
-from switchyard.operator.policy import PolicyError
+from switchyard.operator.policy import PolicyError, SecretKeyRef
 
 KEY_PREFIX = "sk-switchyard-"
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+_HEX = re.compile(SHA256_PATTERN)
+MAX_ALLOWED = 64
+"""Entries of one allowance list."""
+MAX_TENANTS = 256
+MAX_KEYS = 1024
+"""Per document (a ClientKeys resource): bounds that keep the CRD's CEL cost finite."""
 
 
 class _Doc(BaseModel):
@@ -39,10 +38,20 @@ class Allowance(_Doc):
     """What a tenant or key may use; an empty list allows anything."""
 
     policies: list[str] = Field(
-        default_factory=list, description="aliases (the request's model field) it may send"
+        default_factory=list,
+        max_length=MAX_ALLOWED,
+        description="Aliases (the request's model field) it may send; empty: any.",
     )
-    models: list[str] = Field(default_factory=list, description="models it may be routed to")
-    data_classes: list[str] = Field(default_factory=list, description="data classes it may use")
+    models: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_ALLOWED,
+        description="Models it may be routed to; empty: any.",
+    )
+    data_classes: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_ALLOWED,
+        description="Data classes (x-switchyard-data-class) it may send; empty: any.",
+    )
 
 
 PERIOD = r"^(day|month|[1-9][0-9]{0,3}[hd])$"
@@ -74,14 +83,23 @@ class Budget(_Doc):
 
 
 class RateLimits(_Doc):
-    requests_per_minute: int | None = Field(default=None, ge=1, le=10**9)
-    tokens_per_minute: int | None = Field(default=None, ge=1, le=10**12)
+    requests_per_minute: int | None = Field(
+        default=None, ge=1, le=10**9, description="Requests per minute (last 60 s, 10 s buckets)."
+    )
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**12,
+        description="Input plus output tokens per minute (output counted as the request ends).",
+    )
 
 
 class Limits(RateLimits):
     """Budgets and rate limits; every one up a key's tenant chain applies."""
 
-    budgets: list[Budget] = Field(default_factory=list, max_length=8)
+    budgets: list[Budget] = Field(
+        default_factory=list, max_length=8, description="Spend budgets in USD (one per period)."
+    )
     per_model: dict[str, RateLimits] = Field(
         default_factory=dict, max_length=64, description="model name → its rate limits"
     )
@@ -125,25 +143,52 @@ class Store(_Doc):
 
 
 class Tenant(Allowance):
-    name: str = Field(min_length=1)
-    parent: str | None = Field(default=None, description="the tenant above (user → project)")
-    limits: Limits | None = None
+    """A team, project or user: what it allows bounds every key under it."""
+
+    name: str = Field(min_length=1, max_length=63, description="Tenant name.")
+    parent: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        description="The tenant above (user → project → team), in the same document.",
+    )
+    limits: Limits | None = Field(
+        default=None, description="Budgets and rate limits of this tenant (and all below it)."
+    )
 
 
 class ClientKey(Allowance):
-    name: str = Field(min_length=1)
-    tenant: str = Field(min_length=1)
-    sha256: str = Field(description="lowercase hex SHA-256 of the key (never the key)")
-    expires_at: datetime | None = Field(default=None, description="RFC 3339; refused after")
-    revoked: bool = False
-    limits: Limits | None = None
+    """One client API key, stored as its SHA-256."""
+
+    name: str = Field(min_length=1, max_length=63, description="Key name (logs, traces).")
+    tenant: str = Field(min_length=1, max_length=63, description="The tenant it belongs to.")
+    sha256: str | None = Field(
+        default=None,
+        description="Lowercase hex SHA-256 of the key, never the key (switchyard keys hash).",
+    )
+    secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Kubernetes only: a Secret in this namespace holding the plain key; the "
+        "operator hashes it (surrounding whitespace stripped) and only the hash is used",
+    )
+    expires_at: datetime | None = Field(
+        default=None, description="RFC 3339 time with a zone; the key is refused after it."
+    )
+    revoked: bool = Field(default=False, description="Refuse the key (401).")
+    limits: Limits | None = Field(default=None, description="Budgets and rate limits of this key.")
 
     @field_validator("sha256")
     @classmethod
-    def _hex(cls, value: str) -> str:
-        if not _HEX.match(value):
+    def _hex(cls, value: str | None) -> str | None:
+        if value is not None and not _HEX.match(value):
             raise ValueError("must be 64 lowercase hex characters (switchyard keys hash)")
         return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ClientKey:
+        if (self.sha256 is None) == (self.secret_ref is None):
+            raise ValueError("set exactly one of sha256 or secretRef")
+        return self
 
     @field_validator("expires_at")
     @classmethod
@@ -154,9 +199,16 @@ class ClientKey(Allowance):
 
 
 class ClientKeysSpec(_Doc):
-    tenants: list[Tenant] = Field(default_factory=list)
-    keys: list[ClientKey] = Field(default_factory=list)
-    store: Store | None = None
+    tenants: list[Tenant] = Field(
+        default_factory=list, max_length=MAX_TENANTS, description="Tenants (unique names)."
+    )
+    keys: list[ClientKey] = Field(
+        default_factory=list, max_length=MAX_KEYS, description="Client keys (unique names)."
+    )
+    store: Store | None = Field(
+        default=None,
+        description="Where the counters of budgets and rate limits live (at most one document).",
+    )
 
 
 class ClientKeys(_Doc):
@@ -209,6 +261,11 @@ def compile_client_keys(specs: Iterable[ClientKeysSpec]) -> list[pb.ClientKey]:
     hashes: dict[str, str] = {}
     out = []
     for key in sorted(keys.values(), key=lambda k: k.name):
+        if key.sha256 is None:
+            raise PolicyError(
+                f"ClientKeys: key {key.name!r}: secretRef is read by the Kubernetes operator; "
+                "here give sha256 (switchyard keys hash)"
+            )
         if key.sha256 in hashes:
             raise PolicyError(
                 f"ClientKeys: keys {hashes[key.sha256]!r} and {key.name!r} have the same sha256"

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from switchyard.operator.clientkeys import SHA256_PATTERN, ClientKey, ClientKeysSpec
 from switchyard.operator.policy import (
     MAX_ITEMS,
     RoutePolicySpec,
@@ -356,6 +357,59 @@ def spec_schema() -> dict[str, Any]:
     return schema
 
 
+def router_status_schema() -> dict[str, Any]:
+    """status.router: the refit loop's state (``switchyard.operator.refit``)."""
+    apgr = {
+        "type": "object",
+        "description": "Mean APGR of the fitted router, the length router and the default "
+        "bundle's difficulty.",
+        "properties": {k: {"type": "number"} for k in ("fitted", "length", "default")},
+    }
+    text = {"type": "string"}
+    return {
+        "type": "object",
+        "description": "Router refits (spec.strategy.router.refit): the bundle in force and "
+        "the ones kept for rollback.",
+        "properties": {
+            "activeBundle": {
+                "type": "string",
+                "description": "The fitted bundle in force (it overrides "
+                "spec.strategy.router.bundle); unset until the first fit.",
+            },
+            "previousBundles": {
+                "type": "array",
+                "items": text,
+                "description": "Bundles to roll back to, newest first (annotation "
+                "switchyard.dev/rollback).",
+            },
+            "lastFit": {
+                "type": "object",
+                "description": "The fit that wrote the active bundle.",
+                "properties": {
+                    "job": text,
+                    "time": text,
+                    "bundle": text,
+                    "outcomes": {"type": "integer"},
+                    "prompts": {"type": "integer"},
+                    "models": {"type": "array", "items": text},
+                    "heldOutAPGR": apgr,
+                    "crossValidatedAPGR": apgr,
+                },
+            },
+            "lastAttempt": {
+                "type": "object",
+                "description": "The last refit Job and its result (Running, Fitted, "
+                "TooFewOutcomes, FitFailed, NotServed).",
+                "properties": {"job": text, "time": text, "result": text, "message": text},
+            },
+            "lastRollback": {
+                "type": "object",
+                "properties": {"time": text, "from": text, "to": text},
+            },
+        },
+    }
+
+
 def status_schema() -> dict[str, Any]:
     condition = {
         "type": "object",
@@ -381,6 +435,7 @@ def status_schema() -> dict[str, Any]:
                 "x-kubernetes-list-type": "map",
                 "x-kubernetes-list-map-keys": ["type"],
             },
+            "router": router_status_schema(),
             "models": {
                 "type": "array",
                 "items": {
@@ -433,6 +488,12 @@ def crd() -> dict[str, Any]:
                         },
                         {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.type"},
                         {"name": "Models", "type": "integer", "jsonPath": ".status.modelCount"},
+                        {
+                            "name": "Bundle",
+                            "type": "string",
+                            "description": "The fitted router bundle in force (refits).",
+                            "jsonPath": ".status.router.activeBundle",
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {
@@ -461,5 +522,152 @@ def render() -> str:
     return header + yaml.safe_dump(crd(), sort_keys=False, width=100)
 
 
+# --- ClientKeys: tenants and their client API keys (switchyard.operator.clientkeys) ---------
+
+CLIENT_KEYS_PLURAL = "clientkeys"
+CLIENT_KEYS_SPEC_RULES = [
+    {
+        "rule": "!has(self.keys) || self.keys.all(k, "
+        "has(self.tenants) && self.tenants.exists(t, t.name == k.tenant))",
+        "message": "keys[].tenant must name a tenant of this resource",
+        "fieldPath": ".keys",
+    },
+    {
+        "rule": "!has(self.tenants) || self.tenants.all(t, "
+        "!has(t.parent) || self.tenants.exists(p, p.name == t.parent))",
+        "message": "tenants[].parent must name a tenant of this resource",
+        "fieldPath": ".tenants",
+    },
+]
+CLIENT_KEY_RULES = [
+    {
+        "rule": "has(self.sha256) != has(self.secretRef)",
+        "message": "set exactly one of sha256 or secretRef",
+    }
+]
+TENANT_RULES = [
+    {
+        "rule": "!has(self.parent) || self.parent != self.name",
+        "message": "a tenant cannot be its own parent",
+        "fieldPath": ".parent",
+    }
+]
+RULES_BY_DEF.update({"ClientKey": CLIENT_KEY_RULES, "Tenant": TENANT_RULES})
+
+
+def client_keys_spec_schema() -> dict[str, Any]:
+    """The structural schema of a ClientKeys ``spec``."""
+    raw = ClientKeysSpec.model_json_schema(by_alias=True, mode="validation")
+    schema: dict[str, Any] = _structural(raw, raw.get("$defs", {}))
+    schema["description"] = "Tenants (team → project → user) and their clients' API keys."
+    schema["x-kubernetes-validations"] = CLIENT_KEYS_SPEC_RULES
+    for listed in ("tenants", "keys"):
+        schema["properties"][listed]["x-kubernetes-list-type"] = "map"
+        schema["properties"][listed]["x-kubernetes-list-map-keys"] = ["name"]
+    key = schema["properties"]["keys"]["items"]["properties"]
+    key["sha256"]["pattern"] = SHA256_PATTERN
+    key["sha256"]["maxLength"] = 64
+    key["secretRef"]["description"] = ClientKey.model_fields["secret_ref"].description
+    return schema
+
+
+def client_keys_status_schema() -> dict[str, Any]:
+    """What the operator writes: counts, conditions, and spend against the limits."""
+    conditions = status_schema()["properties"]["conditions"]
+    spend = {
+        "type": "object",
+        "properties": {
+            "tenant": {"type": "string"},
+            "period": {"type": "string", "description": "day, month or a rolling window"},
+            "budgetUsd": {"type": "number"},
+            "spentUsd": {"type": "number"},
+        },
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "observedGeneration": {"type": "integer", "format": "int64"},
+            "configVersion": {"type": "string"},
+            "tenantCount": {"type": "integer"},
+            "keyCount": {"type": "integer"},
+            "activeKeys": {
+                "type": "integer",
+                "description": "Keys served, not revoked, not expired (at the last reconcile).",
+            },
+            "budgetUsd": {
+                "type": "number",
+                "description": "Sum of this resource's tenant budgets for the current period.",
+            },
+            "spentUsd": {
+                "type": "number",
+                "description": "Spent against those budgets in the current period.",
+            },
+            "spend": {"type": "array", "items": spend, "description": "Per tenant budget."},
+            "conditions": conditions,
+        },
+    }
+
+
+def client_keys_crd() -> dict[str, Any]:
+    """The ClientKeys CustomResourceDefinition."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{CLIENT_KEYS_PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": "ClientKeys",
+                "listKind": "ClientKeysList",
+                "plural": CLIENT_KEYS_PLURAL,
+                "singular": "clientkeys",
+                "shortNames": ["ck"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {
+                            "name": "Ready",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+                        },
+                        {"name": "Tenants", "type": "integer", "jsonPath": ".status.tenantCount"},
+                        {"name": "Keys", "type": "integer", "jsonPath": ".status.keyCount"},
+                        {"name": "Active", "type": "integer", "jsonPath": ".status.activeKeys"},
+                        {"name": "Budget USD", "type": "number", "jsonPath": ".status.budgetUsd"},
+                        {"name": "Spent USD", "type": "number", "jsonPath": ".status.spentUsd"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "ClientKeys: tenants and the API keys clients send "
+                            "to the gateway (stored as SHA-256, or read from Secrets).",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": client_keys_spec_schema(),
+                                "status": client_keys_status_schema(),
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render_client_keys() -> str:
+    header = "# Generated by `python -m switchyard.operator.crd clientkeys`; do not edit.\n"
+    return header + yaml.safe_dump(client_keys_crd(), sort_keys=False, width=100)
+
+
 if __name__ == "__main__":
-    sys.stdout.write(render())
+    sys.stdout.write(render_client_keys() if sys.argv[1:] == ["clientkeys"] else render())

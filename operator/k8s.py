@@ -21,16 +21,19 @@ import kubernetes
 import yaml
 from kopf._core.engines.peering import Identity
 
+from switchyard.operator import refit
 from switchyard.operator.autoscaling import (
     ScaleTarget,
     effective_autoscaling,
     horizontal_pod_autoscaler,
     pod_disruption_budget,
 )
+from switchyard.operator.clientkeys import hash_key
 from switchyard.operator.control_plane import ControlPlane
-from switchyard.operator.crd import GROUP, PLURAL, VERSION
+from switchyard.operator.crd import CLIENT_KEYS_PLURAL, GROUP, PLURAL, VERSION
 from switchyard.operator.envoy_config import GatewaySettings, system_ca_file
 from switchyard.operator.envoy_tls import EnvoyMtls
+from switchyard.operator.keyring import KeysVerdict, secret_refs
 from switchyard.operator.metrics import MetricsServer
 from switchyard.operator.multicluster import (
     CLUSTER_LABEL,
@@ -44,6 +47,7 @@ from switchyard.operator.multicluster import (
 )
 from switchyard.operator.policy import Autoscaling, RoutePolicy
 from switchyard.operator.reconciler import Condition, ModelEndpoints, Outcome, Reconciler
+from switchyard.operator.refit import RefitSettings
 from switchyard.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -85,6 +89,10 @@ class OperatorSettings:
     tls_dir: str = ""
     gateway_sds_dir: str = "/etc/envoy"
     extproc_server_name: str = ""
+    # Router refits (operator/refit.py): where their Jobs run and what they mount, and how
+    # often finished Jobs are looked for.
+    refit: RefitSettings = field(default_factory=RefitSettings)
+    refit_poll_s: float = 15.0
 
     def extproc_tls(self) -> EnvoyMtls | None:
         """How the gateway reaches the ext_proc over mTLS; None without ``tls_dir``."""
@@ -138,6 +146,14 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
     plane.stream.on_policy_errors = lambda *_: verdicts.trigger()
     # The policies that already exist are compiled and published once, before Envoy or an
     # ext_proc can connect: a restarted operator never serves them a partial or empty table.
+    # So are the client keys: never a moment without them once a ClientKeys resource exists.
+    key_documents = await asyncio.to_thread(_existing_client_keys)
+    for document in key_documents:
+        await asyncio.to_thread(load_key_hashes, document["metadata"]["namespace"], document)
+    reconciler.restore_client_keys(
+        key_documents,
+        {d["metadata"]["namespace"]: _hashes(d["metadata"]["namespace"]) for d in key_documents},
+    )
     documents = await asyncio.to_thread(_existing_policies)
     for document in documents:
         await asyncio.to_thread(load_api_keys, document["metadata"]["namespace"], document["spec"])
@@ -148,6 +164,12 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
     tls = TlsFiles.from_dir(SETTINGS.tls_dir) if SETTINGS.tls_dir else None
     port = await plane.start(SETTINGS.xds_listen, tls)
     log.info("xDS and config stream on port %d; %d policies restored", port, len(documents))
+    if not SETTINGS.refit.unavailable():
+        from switchyard.operator import refit_jobs
+
+        _state["refit_jobs"] = asyncio.get_running_loop().create_task(
+            refit_jobs.follow_jobs(SETTINGS.refit_poll_s)
+        )
 
 
 def _watch_extproc_pods(plane: ControlPlane) -> EndpointSliceWatch:
@@ -185,15 +207,18 @@ async def _stop(**_: Any) -> None:
         watch.stop()
     if "extproc_watch" in _state:
         _state["extproc_watch"].stop()
+    if "refit_jobs" in _state:
+        _state["refit_jobs"].cancel()
     await _reconciler().plane.stop()
     if "metrics" in _state:
         await _state["metrics"].stop()
 
 
 def policy_document(body: kopf.Body | dict[str, Any]) -> dict[str, Any]:
-    """The parts of a RoutePolicy object the reconciler reads."""
+    """The parts of a RoutePolicy object the reconciler reads; a policy that refits its router
+    reads the fitted bundle in force (``status.router.activeBundle``) in place of the spec's."""
     meta = body.get("metadata", {})
-    return {
+    document = {
         "apiVersion": body["apiVersion"],
         "kind": body["kind"],
         "metadata": {
@@ -203,6 +228,7 @@ def policy_document(body: kopf.Body | dict[str, Any]) -> dict[str, Any]:
         },
         "spec": dict(body.get("spec") or {}),
     }
+    return refit.with_effective_bundle(document, refit.router_status(dict(body)))
 
 
 def _existing_policies() -> list[dict[str, Any]]:
@@ -263,14 +289,31 @@ def _conditions(conditions: list[Condition], generation: int) -> list[dict[str, 
     ]
 
 
-def _status(outcome: Outcome, generation: int) -> dict[str, Any]:
+def _status(
+    outcome: Outcome, generation: int, body: kopf.Body | dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "observedGeneration": generation,
         "modelCount": outcome.model_count,
         "configVersion": outcome.config_version,
         "models": _models_status(outcome.endpoints or {}),
-        "conditions": _conditions(outcome.conditions, generation),
+        "conditions": _conditions(outcome.conditions + refit_conditions(body), generation),
     }
+
+
+def refit_conditions(
+    body: kopf.Body | dict[str, Any] | None, router: dict[str, Any] | None = None
+) -> list[Condition]:
+    """The RouterFit condition of a policy that refits its router (``router``: its
+    status.router, when not the body's)."""
+    if body is None:
+        return []
+    spec = body.get("spec") or {}
+    wanted = ((spec.get("strategy") or {}).get("router") or {}).get("refit")
+    if router is None:
+        router = refit.router_status(dict(body))
+    found = refit.condition(wanted, router, SETTINGS.refit.unavailable())
+    return [found] if found is not None else []
 
 
 async def _report_data_plane() -> None:
@@ -289,6 +332,7 @@ def _patch_conditions(namespace: str, name: str, conditions: list[Condition]) ->
         body: dict[str, Any] = api.get_namespaced_custom_object(  # type: ignore[assignment]
             GROUP, VERSION, namespace, PLURAL, name
         )
+        conditions = conditions + refit_conditions(body)
         status = {"conditions": _conditions(conditions, body["metadata"].get("generation", 0))}
         api.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": status}
@@ -320,10 +364,17 @@ async def reconcile(
     body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, logger: logging.Logger, **_: Any
 ) -> None:
     """Validate and publish one policy, then write its status."""
-    document = policy_document(body)
-    await asyncio.to_thread(load_api_keys, meta["namespace"], document["spec"])
-    outcome = await _reconciler().upsert(document)
-    patch.status.update(_status(outcome, meta.get("generation", 0)))
+    current: kopf.Body | dict[str, Any] = body
+    async with refit.LOCKS[f"{meta['namespace']}/{meta['name']}"]:
+        if refit.refits(dict(body.get("spec") or {})):
+            # A refit may have changed the bundle in force since this event's snapshot.
+            router = await asyncio.to_thread(_router_now, meta, refit.router_status(dict(body)))
+            current = {**body, "status": {"router": router}}
+        document = policy_document(current)
+        await asyncio.to_thread(load_api_keys, meta["namespace"], document["spec"])
+        outcome = await _reconciler().upsert(document)
+        patch.status.update(_status(outcome, meta.get("generation", 0), current))
+        await asyncio.to_thread(apply_refit, current)
     if outcome.endpoints is not None:
         _state["reported"][(meta["namespace"], meta["name"])] = outcome.endpoints
     await asyncio.to_thread(apply_scaling, _reconciler().policies.values())
@@ -412,6 +463,39 @@ async def forget(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     meta = body.get("metadata", {})
     await _reconciler().delete(meta.get("namespace", ""), meta.get("name", ""))
     await asyncio.to_thread(apply_scaling, _reconciler().policies.values())
+    await asyncio.to_thread(delete_refit, meta.get("namespace", ""), meta.get("name", ""))
+
+
+def _router_now(meta: kopf.Meta, fallback: dict[str, Any]) -> dict[str, Any]:
+    """status.router as the API server has it now (``fallback`` if it cannot be read)."""
+    api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(_client_config()))
+    try:
+        body = api.get_namespaced_custom_object(
+            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"]
+        )
+    except kubernetes.client.ApiException as error:
+        log.warning("cannot read %s/%s: %s", meta["namespace"], meta["name"], error.reason)
+        return fallback
+    return refit.router_status(body)  # type: ignore[arg-type]
+
+
+def apply_refit(body: kopf.Body | dict[str, Any]) -> None:
+    """Create, update or delete the policy's refit CronJob to match its spec and status."""
+    from switchyard.operator import refit_jobs
+
+    try:
+        refit_jobs.apply_cron_job(body)
+    except kubernetes.client.ApiException as error:  # the policy itself is served regardless
+        meta = body.get("metadata", {})
+        log.warning("cannot apply the refit CronJob of %s/%s: %s", meta.get("namespace"),
+                    meta.get("name"), error.reason)  # fmt: skip
+
+
+def delete_refit(namespace: str, name: str) -> None:
+    """The policy is gone: its CronJob goes too (owner references cannot cross namespaces)."""
+    from switchyard.operator import refit_jobs
+
+    refit_jobs.delete_cron_job(namespace, name)
 
 
 _api_keys: dict[tuple[str, str, str], str] = {}
@@ -474,6 +558,169 @@ def load_api_keys(namespace: str, spec: dict[str, Any]) -> None:
         value = (secret.data or {}).get(ref["key"])
         if value is not None:
             _api_keys[(namespace, ref["name"], ref["key"])] = base64.b64decode(value).decode()
+
+
+# --- ClientKeys: tenants and client API keys (keyring.py judges them; here only I/O) ---------
+
+_key_hashes: dict[tuple[str, str, str], str] = {}
+"""(namespace, Secret, key) → SHA-256 of the client key it holds; the key itself is dropped
+as soon as it is hashed (never cached, logged, or written to a status or Event)."""
+
+
+def _hashes(namespace: str) -> dict[tuple[str, str], str]:
+    return {(s, k): h for (ns, s, k), h in _key_hashes.items() if ns == namespace}
+
+
+def _hash_value(raw: str | bytes | None) -> str | None:
+    """SHA-256 of a Secret's base64 value with surrounding whitespace stripped (the gateway
+    strips the presented key too); None when absent, empty or not UTF-8 text."""
+    if raw is None:
+        return None
+    try:
+        text = base64.b64decode(raw).decode().strip()
+    except ValueError:  # bad base64, or not UTF-8 (UnicodeDecodeError)
+        return None
+    return hash_key(text) if text else None
+
+
+def load_key_hashes(namespace: str, document: dict[str, Any]) -> None:
+    """Read and hash the Secrets a ClientKeys document references."""
+    api = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(_client_config()))
+    for secret_name, key in secret_refs(document):
+        ref = (namespace, secret_name, key)
+        try:
+            secret = api.read_namespaced_secret(secret_name, namespace)
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                _key_hashes.pop(ref, None)
+            else:
+                log.warning("cannot read Secret %s/%s: %s", namespace, secret_name, error.reason)
+            continue
+        digest = _hash_value((secret.data or {}).get(key))
+        if digest is None:
+            _key_hashes.pop(ref, None)
+        else:
+            _key_hashes[ref] = digest
+
+
+def _existing_client_keys() -> list[dict[str, Any]]:
+    """Every ClientKeys resource the operator serves; none when its CRD is not installed."""
+    api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(_client_config()))
+    try:
+        if SETTINGS.namespaces:
+            listings: list[Any] = [
+                api.list_namespaced_custom_object(GROUP, VERSION, ns, CLIENT_KEYS_PLURAL)
+                for ns in SETTINGS.namespaces
+            ]
+        else:
+            listings = [api.list_cluster_custom_object(GROUP, VERSION, CLIENT_KEYS_PLURAL)]
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise
+        log.warning("the ClientKeys CRD is not installed: client keys are off")
+        return []
+    return [policy_document(item) for listing in listings for item in listing["items"]]
+
+
+def _keys_status(verdict: KeysVerdict, version: str, generation: int) -> dict[str, Any]:
+    ready = Condition(
+        "Ready", "True" if verdict.ready else "False", verdict.reason, verdict.message
+    )
+    return {
+        "observedGeneration": generation,
+        "configVersion": version,
+        "tenantCount": verdict.tenant_count,
+        "keyCount": verdict.key_count,
+        "activeKeys": verdict.active_keys,
+        "conditions": _conditions([ready], generation),
+    }
+
+
+@kopf.on.resume(GROUP, VERSION, CLIENT_KEYS_PLURAL)
+@kopf.on.create(GROUP, VERSION, CLIENT_KEYS_PLURAL)
+@kopf.on.update(GROUP, VERSION, CLIENT_KEYS_PLURAL, field="spec")  # type: ignore[arg-type]
+async def reconcile_client_keys(
+    body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, logger: logging.Logger, **_: Any
+) -> None:
+    """Judge one ClientKeys resource, publish the keys, then write its status."""
+    document = policy_document(body)
+    namespace = meta["namespace"]
+    await asyncio.to_thread(load_key_hashes, namespace, document)
+    verdict, version = await _reconciler().upsert_client_keys(document, _hashes(namespace))
+    patch.status.update(_keys_status(verdict, version, meta.get("generation", 0)))
+    if not verdict.ready:
+        kopf.warn(body, reason=verdict.reason, message=verdict.message[:1000])
+        logger.warning("%s/%s: %s", namespace, meta["name"], verdict.message)
+
+
+@kopf.on.event(GROUP, VERSION, CLIENT_KEYS_PLURAL)
+async def forget_client_keys(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """A deleted ClientKeys resource's keys stop working (read from the watch, no finalizer)."""
+    if event["type"] != "DELETED":
+        return
+    meta = body.get("metadata", {})
+    namespace = meta.get("namespace", "")
+    await _reconciler().delete_client_keys(namespace, meta.get("name", ""))
+    for ref in [r for r in _key_hashes if r[0] == namespace]:
+        if not _reconciler().secret_users(namespace, ref[1]):
+            del _key_hashes[ref]
+    # Those left out for a conflict may have conflicted with this one: judge them again.
+    for resource, verdict in list(_reconciler().client_keys.items()):
+        document = _reconciler().key_documents.get(resource)
+        if verdict.reason == "Conflict" and document is not None:
+            await _rejudge(resource, document)
+
+
+async def _rejudge(resource: str, document: dict[str, Any]) -> None:
+    """Judge a ClientKeys resource again outside its handler, and write its status."""
+    namespace, name = resource.split("/", 1)
+    verdict, version = await _reconciler().upsert_client_keys(document, _hashes(namespace))
+    status = _keys_status(verdict, version, document["metadata"].get("generation", 0))
+    await asyncio.to_thread(_patch_keys_status, namespace, name, status)
+
+
+def _client_key_secret(body: kopf.Body, **_: Any) -> bool:
+    meta = body.get("metadata", {})
+    return bool(_reconciler().secret_users(meta.get("namespace", ""), meta.get("name", "")))
+
+
+@kopf.on.event("", "v1", "secrets", when=_client_key_secret)
+async def client_key_secret(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """A Secret holding client keys changed (rotation) or went: judge its users again."""
+    meta = body.get("metadata", {})
+    namespace, name = meta.get("namespace", ""), meta.get("name", "")
+    data = {} if event["type"] == "DELETED" else (body.get("data") or {})
+    users = _reconciler().secret_users(namespace, name)
+    documents = _reconciler().key_documents
+    changed = False
+    for resource in users:
+        for secret_name, key in secret_refs(documents[resource]):
+            if secret_name != name:
+                continue
+            ref, digest = (namespace, name, key), _hash_value(data.get(key))
+            if _key_hashes.get(ref) != digest:
+                changed = True
+                if digest is None:
+                    _key_hashes.pop(ref, None)
+                else:
+                    _key_hashes[ref] = digest
+    if not changed:
+        return
+    log.info("Secret %s/%s changed; client keys of %s judged again", namespace, name, users)
+    for resource in users:
+        document = documents.get(resource)
+        if document is not None:  # not deleted meanwhile
+            await _rejudge(resource, document)
+
+
+def _patch_keys_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(_client_config()))
+    try:
+        api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, CLIENT_KEYS_PLURAL, name, {"status": status}
+        )
+    except kubernetes.client.ApiException as error:
+        log.warning("cannot update status of ClientKeys %s/%s: %s", namespace, name, error.reason)
 
 
 def apply_scaling(policies: Iterable[RoutePolicy]) -> None:
@@ -569,6 +816,8 @@ def run_operator(settings: OperatorSettings) -> int:
         except FileNotFoundError as exc:
             raise SystemExit(f"--tls-dir: {exc}") from None
     liveness = f"http://{settings.health_listen}/healthz" if settings.health_listen else None
+    from switchyard.operator import refit_jobs  # noqa: F401  (registers its handlers)
+
     asyncio.run(
         kopf.operator(
             clusterwide=not settings.namespaces,

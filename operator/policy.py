@@ -382,8 +382,50 @@ class Tier(_Spec):
     max_difficulty: float | None = Field(default=None, ge=0, le=1)
 
 
+CRON = (
+    r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|"
+    r"[0-9A-Za-z*/,?-]+( [0-9A-Za-z*/,?-]+){4})$"
+)
+"""A CronJob schedule: five fields, or a macro such as @daily (the API server checks the rest)."""
+
+
+class Refit(_Spec):
+    """Refit the router on the deployment's own outcomes: the operator runs
+    ``switchyard router fit`` in a Job (on ``schedule``, and on demand with the annotation
+    ``switchyard.dev/refit``), and each bundle it writes becomes the policy's router
+    (``status.router.activeBundle``); the previous ones are kept for rollback."""
+
+    schedule: str = Field(
+        pattern=CRON,
+        max_length=64,
+        description="When to refit, as a CronJob schedule (e.g. '0 3 * * *': daily at 03:00).",
+    )
+    min_outcomes: int = Field(
+        default=300,
+        ge=1,
+        le=100_000_000,
+        description="Fewer outcome records than this: no fit (the bundle in force stays).",
+    )
+    models: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=list,
+        max_length=MAX_ITEMS["models"],
+        description="Models the bundle predicts (fit --models); empty: every model present.",
+    )
+    keep: int = Field(
+        default=3,
+        ge=2,
+        le=20,
+        description="Bundles kept: the active one and keep - 1 to roll back to (older fitted "
+        "bundles are deleted).",
+    )
+    suspend: bool = Field(
+        default=False, description="Stop scheduled refits (on-demand ones still run)."
+    )
+
+
 class Router(_Spec):
     bundle: str = Field(default="builtin:default", max_length=253)
+    refit: Refit | None = None
 
     @field_validator("bundle")
     @classmethod

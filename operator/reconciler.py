@@ -29,6 +29,14 @@ from switchyard.operator.compiler import (
     compile_config,
 )
 from switchyard.operator.control_plane import ApplyResult, ControlPlane
+from switchyard.operator.keyring import (
+    KeysVerdict,
+    SecretHashes,
+    judge,
+    secret_refs,
+    served_keys,
+    served_tenant_limits,
+)
 from switchyard.operator.multicluster import Topology
 from switchyard.operator.policy import PolicyError, RoutePolicy, parse_policy
 
@@ -95,6 +103,11 @@ class Reconciler:
         self._verdicts: dict[str, dict[str, str]] = {}
         """Policy key → the data-plane rejections its status last reported (replica → why)."""
         self._reconciling: set[str] = set()
+        self.client_keys: dict[str, KeysVerdict] = {}
+        """ClientKeys resource (namespace/name) → its verdict; any at all turns keys on."""
+        self.key_documents: dict[str, dict[str, Any]] = {}
+        self.key_secrets: dict[str, set[str]] = {}
+        """ClientKeys resource → the Secrets its keys name (the Secret watch's filter)."""
 
     async def upsert(self, document: dict[str, Any]) -> Outcome:
         """Validate, store and publish one policy document."""
@@ -239,13 +252,89 @@ class Reconciler:
         topology = self.topology()
         try:
             return compile_config(
-                self.policies.values(), self.fail_open_model, self.endpoints, topology
+                self.policies.values(),
+                self.fail_open_model,
+                self.endpoints,
+                topology,
+                client_keys=self._served_keys(),
+                tenant_limits=served_tenant_limits(self.client_keys.values()),
             )
         except FailOpenModelMissing as error:
             # Before the policy holding it exists, or after it is deleted, fail closed rather
             # than refuse every policy (or the operator's start).
             log.warning("%s; the gateway fails closed until a policy has it", error)
-            return compile_config(self.policies.values(), "", self.endpoints, topology)
+            return compile_config(
+                self.policies.values(),
+                "",
+                self.endpoints,
+                topology,
+                self._served_keys(),
+                served_tenant_limits(self.client_keys.values()),
+            )
+
+    def _served_keys(self) -> list[pb.ClientKey] | None:
+        """None (authentication off) only when no ClientKeys resource exists: one that is
+        invalid still turns it on, with none of its keys (fail closed)."""
+        return served_keys(self.client_keys.values()) if self.client_keys else None
+
+    def restore_client_keys(
+        self, documents: list[dict[str, Any]], hashes: dict[str, SecretHashes]
+    ) -> None:
+        """Judge the ClientKeys that already exist (``hashes`` by namespace), before
+        ``restore`` publishes anything: a restarted operator never serves without them."""
+        for document in sorted(documents, key=_resource_key):
+            key = _resource_key(document)
+            namespace = key.split("/", 1)[0]
+            self._remember(key, document)
+            self.client_keys[key] = judge(
+                document, hashes.get(namespace, {}), self.client_keys.values()
+            )
+
+    async def upsert_client_keys(
+        self, document: dict[str, Any], hashes: SecretHashes
+    ) -> tuple[KeysVerdict, str]:
+        """Judge one ClientKeys resource against the others and publish; returns its verdict
+        and the config version now served."""
+        key = _resource_key(document)
+        others = [v for k, v in self.client_keys.items() if k != key]
+        verdict = judge(document, hashes, others)
+        previous = self.client_keys.get(key)
+        self._remember(key, document)
+        self.client_keys[key] = verdict
+        config = self._compile()
+        if config.version == self.config.version:
+            return verdict, config.version
+        last_good = self.config
+        result = await self._publish(config)
+        if result.rejected:
+            self.config = last_good
+            if previous is None:
+                self.client_keys[key] = KeysVerdict(key, "Rejected", result.rejected)
+            else:
+                self.client_keys[key] = previous
+            return KeysVerdict(key, "Rejected", result.rejected), last_good.version
+        return verdict, config.version
+
+    def _remember(self, key: str, document: dict[str, Any]) -> None:
+        self.key_documents[key] = document
+        self.key_secrets[key] = {secret for secret, _ in secret_refs(document)}
+
+    def secret_users(self, namespace: str, secret: str) -> list[str]:
+        """ClientKeys resources (namespace/name) with a key in this Secret."""
+        prefix = f"{namespace}/"
+        return [
+            key
+            for key, secrets in self.key_secrets.items()
+            if secret in secrets and key.startswith(prefix)
+        ]
+
+    async def delete_client_keys(self, namespace: str, name: str) -> None:
+        """Forget a ClientKeys resource and publish without its keys."""
+        key = f"{namespace}/{name}"
+        self.key_documents.pop(key, None)
+        self.key_secrets.pop(key, None)
+        if self.client_keys.pop(key, None) is not None:
+            await self._publish(self._compile())
 
     def data_plane_changes(self) -> dict[str, list[Condition]]:
         """Policies whose data-plane verdict changed since their status was last written (an
@@ -315,6 +404,11 @@ class Reconciler:
                 else f"not acknowledged by {', '.join(waiting)} yet",
             ),
         ]
+
+
+def _resource_key(document: dict[str, Any]) -> str:
+    meta = document.get("metadata", {})
+    return f"{meta.get('namespace', 'default')}/{meta.get('name')}"
 
 
 def data_plane_rejected(

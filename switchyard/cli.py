@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -172,6 +173,38 @@ def main(argv: list[str] | None = None) -> int:
         "<extproc-service>.<data-plane-namespace>.svc, or localhost",
     )
 
+    op.add_argument(
+        "--refit-image",
+        default="",
+        help="image of router refit Jobs (the ext_proc's); '' = policies cannot refit",
+    )
+    op.add_argument("--refit-image-pull-policy", default="IfNotPresent")
+    op.add_argument(
+        "--refit-outcomes-claim",
+        default="",
+        help="PersistentVolumeClaim in --data-plane-namespace holding the outcome records",
+    )
+    op.add_argument(
+        "--refit-bundles-claim",
+        default="",
+        help="PersistentVolumeClaim in --data-plane-namespace holding the router bundles (the "
+        "ext_proc's, mounted writable in refit Jobs)",
+    )
+    op.add_argument("--refit-outcomes-dir", default="/var/lib/switchyard/outcomes")
+    op.add_argument(
+        "--refit-bundles-dir",
+        default="/var/lib/switchyard/bundles",
+        help="where the bundles claim is mounted, in refit Jobs and ext_proc pods alike",
+    )
+    op.add_argument("--refit-resources", default="", help="refit container resources, as JSON")
+    op.add_argument("--refit-deadline", type=int, default=3600, help="seconds a refit Job may run")
+    op.add_argument(
+        "--refit-poll-seconds",
+        type=float,
+        default=15.0,
+        help="how often finished refit Jobs are looked for",
+    )
+
     keys = sub.add_parser("keys", help="client API keys (ClientKeys documents)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     keys_sub.add_parser("hash", help="read a key from stdin, print its sha256 (what is stored)")
@@ -245,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.command == "operator":
         from switchyard.operator.k8s import OperatorSettings, run_operator
+        from switchyard.operator.refit import RefitSettings
         from switchyard.operator.tracing import collector_address
 
         if not 0.0 <= args.trace_sampling <= 1.0:
@@ -282,6 +316,18 @@ def main(argv: list[str] | None = None) -> int:
                 tls_dir=args.tls_dir,
                 gateway_sds_dir=args.gateway_sds_dir,
                 extproc_server_name=args.extproc_server_name,
+                refit=RefitSettings(
+                    namespace=args.data_plane_namespace,
+                    image=args.refit_image,
+                    pull_policy=args.refit_image_pull_policy,
+                    outcomes_claim=args.refit_outcomes_claim,
+                    bundles_claim=args.refit_bundles_claim,
+                    outcomes_dir=args.refit_outcomes_dir.rstrip("/"),
+                    bundles_dir=args.refit_bundles_dir.rstrip("/"),
+                    resources=json.loads(args.refit_resources) if args.refit_resources else {},
+                    deadline_s=args.refit_deadline,
+                ),
+                refit_poll_s=args.refit_poll_seconds,
             )
         )
     if args.command == "simulate":

@@ -4,6 +4,7 @@ split; fit a bundle that predicts each model's expected score from outcome recor
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import IO, Any
@@ -53,6 +54,30 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--folds", type=int, default=5, help="cross-validation folds")
     fit.add_argument(
         "--force", action="store_true", help="write the bundle even if it loses to length"
+    )
+    fit.add_argument(
+        "--min-outcomes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fewer outcomes than N: too few, nothing fitted (the refit Job's minOutcomes)",
+    )
+    fit.add_argument(
+        "--summary",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write a JSON report of the run there, whatever its result (the refit Job's "
+        "termination message)",
+    )
+    fit.add_argument(
+        "--keep",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="once --out is written, delete the other bundle directories next to it but these "
+        "(repeatable; the refit Job's rollback history)",
     )
     cal = sub.add_parser(
         "calibrate",
@@ -263,7 +288,7 @@ def cmd_eval(args: argparse.Namespace, stdout: IO[str]) -> int:
     return 0
 
 
-def cmd_fit(args: argparse.Namespace, stdout: IO[str]) -> int:
+def cmd_fit(args: argparse.Namespace, stdout: IO[str], report: dict[str, Any]) -> int:
     from switchyard.training import fit, outcomes
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
@@ -272,6 +297,12 @@ def cmd_fit(args: argparse.Namespace, stdout: IO[str]) -> int:
         f"{outs.n_records} records: {len(outs.texts)} prompts, {outs.n_outcomes} outcomes, "
         f"models {', '.join(outs.models)}\n"
     )
+    report.update(outcomes=outs.n_outcomes, prompts=len(outs.texts), models=outs.models[:32])
+    if outs.n_outcomes < args.min_outcomes:
+        raise fit.TooFewOutcomes(
+            f"{outs.n_outcomes} outcomes, fewer than the {args.min_outcomes} asked for "
+            "(--min-outcomes); nothing fitted"
+        )
     featurizer = fit.Featurizer(args.base)
     res = fit.fit(outs, featurizer, max_vocab=args.vocab, folds=args.folds)
     cvm, hm = res.cv_figures["mean"], res.figures["mean"]
@@ -307,9 +338,39 @@ def cmd_fit(args: argparse.Namespace, stdout: IO[str]) -> int:
         [*(f"--outcomes {p}" for p in args.outcomes), f"--out {args.out}"]
         + ([f"--models {args.models}"] if args.models else [])
     )
+    for key, m in (("heldOutAPGR", hm), ("crossValidatedAPGR", cvm)):
+        if m:
+            report[key] = {k: round(m[k]["apgr"], 4) for k in ("fitted", "length", "default")}
     fit.write_bundle(args.out, res, outs, featurizer, args.name, command)
     stdout.write(f"bundle written to {args.out}\n")
+    report.update(result="fitted", bundle=str(args.out))
+    for old in prune_bundles(args.out, args.keep):
+        stdout.write(f"deleted bundle {old}\n")
     return 0
+
+
+def prune_bundles(out: Path, keep: list[Path]) -> list[Path]:
+    """Delete the bundle directories (those holding router.yaml) next to ``out`` but ``keep``."""
+    import shutil
+
+    spared = {out.resolve(), *(k.resolve() for k in keep)}
+    deleted = []
+    for sibling in sorted(out.parent.iterdir()):
+        if sibling.is_symlink() or not (sibling / "router.yaml").is_file():
+            continue
+        if sibling.resolve() not in spared:
+            shutil.rmtree(sibling)
+            deleted.append(sibling)
+    return deleted
+
+
+def write_summary(path: Path, report: dict[str, Any]) -> None:
+    """The run's JSON report; at most 4 KiB (what Kubernetes keeps of a termination message)."""
+    report["message"] = str(report.get("message", ""))[-1500:]
+    try:
+        path.write_text(json.dumps(report)[:4096])
+    except OSError as exc:  # the report is extra: never the reason a fit fails
+        print(f"switchyard router fit: cannot write --summary {path}: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str], stdin: IO[str] | None = None, stdout: IO[str] | None = None) -> int:
@@ -327,8 +388,24 @@ def main(argv: list[str], stdin: IO[str] | None = None, stdout: IO[str] | None =
         if args.command == "score":
             return cmd_score(args, stdin, stdout)
         if args.command == "fit":
-            return cmd_fit(args, stdout)
+            return _fit_reported(args, stdout)
         return cmd_eval(args, stdout)
     except (ValueError, BundleError, FileNotFoundError, ImportError) as exc:
         print(f"switchyard router {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _fit_reported(args: argparse.Namespace, stdout: IO[str]) -> int:
+    """``cmd_fit``, and its report in ``--summary`` whatever happens."""
+    report: dict[str, Any] = {"result": "error"}
+    try:
+        return cmd_fit(args, stdout, report)
+    except Exception as exc:
+        if type(exc).__name__ == "TooFewOutcomes":  # fit.py may not even import
+            report.update(result="too-few", message=str(exc))
+        else:
+            report.update(result="error", message=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if args.summary is not None:
+            write_summary(args.summary, report)

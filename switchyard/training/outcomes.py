@@ -270,6 +270,16 @@ def _prompt_fields(body: object) -> dict[str, Any] | None:
     return None
 
 
+def user_outcome_files(directory: Path) -> list[Path]:
+    """Outcome files a user put in a recording directory (eval results, labelled logs): every
+    ``*.jsonl`` there but the gateway's own ``requests-*`` and ``feedback-*`` files."""
+    return sorted(
+        p
+        for p in directory.glob("*.jsonl")
+        if p.is_file() and not p.name.startswith(("requests-", "feedback-"))
+    )
+
+
 def join_recording(directory: Path) -> Joined:
     """Outcome records from every replica's ``requests-*`` and ``feedback-*`` files. The
     feedback is read first, so only the requests it scores are held in memory."""
@@ -324,8 +334,8 @@ def _joined_outcomes(directory: Path, joined: Joined) -> Iterable[Outcome]:
 
 
 def load(paths: Sequence[Path], models: Sequence[str] | None = None) -> Outcomes:
-    """Read and pivot outcome files, or recording directories (``join_recording``); ``files``
-    records each file's sha256."""
+    """Read and pivot outcome files, or recording directories (``join_recording``, plus any
+    other ``*.jsonl`` outcome files put there); ``files`` records each file's sha256."""
     missing = [str(p) for p in paths if not Path(p).is_file() and not Path(p).is_dir()]
     if missing:
         raise OutcomeError(f"outcome file(s) not found: {', '.join(missing)}")
@@ -337,6 +347,9 @@ def load(paths: Sequence[Path], models: Sequence[str] | None = None) -> Outcomes
                 joined = join_recording(path)
                 files.extend(joined.files)
                 yield from _joined_outcomes(path, joined)
+                for extra in user_outcome_files(path):
+                    files.append(extra)
+                    yield from read_records(extra)
             else:
                 files.append(path)
                 yield from read_records(path)

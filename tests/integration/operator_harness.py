@@ -38,6 +38,7 @@ class Cluster:
         first = free_port_block(3)
         self.demo_ports = {name: first + i for i, name in enumerate(DEMO_NAMES)}
         self.port, self.admin, self.extproc, xds = (free_port_block() for _ in range(4))
+        self.xds = xds
         env = {**os.environ, "KUBECONFIG": str(kube.kubeconfig_path)}
         cli = CLI
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115

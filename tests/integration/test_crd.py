@@ -139,7 +139,25 @@ def test_valid_policy_is_accepted_with_defaults(
     assert stored["spec"]["strategy"]["router"]["bundle"] == "builtin:default"
     assert stored["spec"]["timeout"] == "300s"
     columns = routepolicy_crd.kubectl("get", "routepolicies", "-n", namespace)
-    assert columns.split()[:5] == ["NAME", "READY", "STRATEGY", "MODELS", "AGE"]
+    assert columns.split()[:6] == ["NAME", "READY", "STRATEGY", "MODELS", "BUNDLE", "AGE"]
+
+
+def test_refit_is_validated_by_the_api_server(
+    routepolicy_crd: KubeControlPlane, namespace: str, example: dict[str, Any]
+) -> None:
+    doc = copy.deepcopy(example)
+    doc["spec"]["strategy"]["router"]["refit"] = {"schedule": "0 3 * * *"}
+    accepted, out = _apply(routepolicy_crd, namespace, doc)
+    assert accepted, out
+    stored = yaml.safe_load(
+        routepolicy_crd.kubectl("get", "rp", "p", "-n", namespace, "-o", "yaml")
+    )
+    refit = stored["spec"]["strategy"]["router"]["refit"]
+    assert (refit["minOutcomes"], refit["keep"], refit["suspend"]) == (300, 3, False)
+    for bad, field in (({"schedule": "at three"}, "schedule"), ({"keep": 1}, "keep")):
+        doc["spec"]["strategy"]["router"]["refit"] = {"schedule": "@daily", **bad}
+        accepted, out = _apply(routepolicy_crd, namespace, doc)
+        assert not accepted and f"spec.strategy.router.refit.{field}" in out, out
 
 
 def test_predictive_policy_is_accepted(

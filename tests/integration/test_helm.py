@@ -28,9 +28,8 @@ def helm(kube: KubeControlPlane, *args: str) -> str:
 
 
 def test_chart_lints_and_its_crd_is_the_generated_one() -> None:
-    assert (CHART / "crds" / "routepolicy.yaml").read_text() == (
-        REPO / "deploy" / "crds" / "routepolicy.yaml"
-    ).read_text()
+    for crd in ("routepolicy.yaml", "clientkeys.yaml"):
+        assert (CHART / "crds" / crd).read_text() == (REPO / "deploy" / "crds" / crd).read_text()
     out = subprocess.run(
         [str(k8s_bin_dir() / "helm"), "lint", "--strict", str(CHART)],
         capture_output=True,
@@ -40,6 +39,8 @@ def test_chart_lints_and_its_crd_is_the_generated_one() -> None:
 
 
 def test_helm_install_creates_the_data_and_control_plane(kube: KubeControlPlane) -> None:
+    for watched in ("team-a", "team-b"):  # RoleBindings go there: they exist first
+        kube.kubectl("create", "namespace", watched)
     notes = helm(
         kube, "install", "sy", str(CHART), "--namespace", "switchyard", "--create-namespace",
         "--set", "operator.watchNamespaces={team-a,team-b}",
@@ -73,6 +74,8 @@ def test_helm_install_creates_the_data_and_control_plane(kube: KubeControlPlane)
     assert (
         crd.strip() == "customresourcedefinition.apiextensions.k8s.io/routepolicies.switchyard.dev"
     )
+    crd = kube.kubectl("get", "crd", "clientkeys.switchyard.dev", "-o", "name")
+    assert crd.strip() == "customresourcedefinition.apiextensions.k8s.io/clientkeys.switchyard.dev"
     assert "sy" in helm(kube, "list", "-n", "switchyard")
     # NOTES: the first request, metrics, traces
     assert "kubectl -n switchyard port-forward svc/sy-gateway 8080:80" in notes
@@ -97,6 +100,9 @@ def test_helm_install_creates_the_data_and_control_plane(kube: KubeControlPlane)
         ("update", "poddisruptionbudgets.policy", "switchyard"),
         ("get", "deployments.apps/sy-gateway", "switchyard"),  # owner of its HPA and PDB
         ("get", "deployments.apps/sy-extproc", "switchyard"),
+        ("watch", "clientkeys.switchyard.dev", "team-b"),
+        ("patch", "clientkeys.switchyard.dev/status", "team-a"),
+        ("list", "secrets", "team-b"),
     ]:
         assert (
             kube.kubectl("auth", "can-i", verb, resource, "-n", namespace, "--as", sa).strip()
@@ -108,6 +114,12 @@ def test_helm_install_creates_the_data_and_control_plane(kube: KubeControlPlane)
         ("delete", "routepolicies.switchyard.dev", "team-a"),
         ("get", "deployments.apps/other", "switchyard"),
         ("update", "deployments.apps/sy-gateway", "switchyard"),
+        # ClientKeys and Secrets only where it watches, and Secrets read-only
+        ("get", "secrets", "kube-system"),
+        ("list", "secrets", "switchyard"),
+        ("watch", "clientkeys.switchyard.dev", "kube-system"),
+        ("update", "secrets", "team-a"),
+        ("delete", "clientkeys.switchyard.dev", "team-a"),
     ]:
         result = kube.kubectl_result("auth", "can-i", verb, resource, "-n", namespace, "--as", sa)
         assert result.stdout.strip() == "no", (verb, resource, namespace)

@@ -326,6 +326,38 @@ def test_the_chart_leaves_hpas_and_pdbs_to_the_operator(default_docs: list[dict[
     assert ("policy", "poddisruptionbudgets") not in cluster_wide  # only in the release namespace
 
 
+def _granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (g, r, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+
+
+def test_secrets_and_client_keys_are_granted_only_in_the_watch_scope(
+    default_docs: list[dict[str, Any]],
+) -> None:
+    main = one(default_docs, "ClusterRole", f"{NAMESPACE}-{RELEASE}-operator")
+    assert not {r for _, r, _ in _granted(main)} & {"secrets", "clientkeys"}
+    keys_role = f"{NAMESPACE}-{RELEASE}-operator-keys"
+    granted = _granted(one(default_docs, "ClusterRole", keys_role))
+    assert {v for g, r, v in granted if r == "secrets"} == {"get", "list", "watch"}
+    assert ("switchyard.dev", "clientkeys/status", "patch") in granted
+    assert not {v for _, _, v in granted} & {"create", "delete", "deletecollection"}
+    # Every namespace: one ClusterRoleBinding; some: a RoleBinding in each, and none cluster-wide.
+    binding = one(default_docs, "ClusterRoleBinding", keys_role)
+    assert binding["roleRef"]["name"] == keys_role
+    scoped = render("operator.watchNamespaces={team-a,team-b}")
+    assert not find(scoped, "ClusterRoleBinding", keys_role)
+    bindings = [
+        d for d in scoped if d["kind"] == "RoleBinding" and d["roleRef"]["name"] == keys_role
+    ]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    assert all(b["subjects"][0]["namespace"] == NAMESPACE for b in bindings)
+
+
 # --- wiring: operator, ext_proc, images ---------------------------------------------------------
 
 
@@ -512,6 +544,44 @@ def test_outcomes_volume_is_an_emptydir_or_a_claim() -> None:
         "name": "outcomes",
         "persistentVolumeClaim": {"claimName": "switchyard-outcomes"},
     }
+
+
+def test_router_refits_need_both_claims_and_get_namespaced_batch_rights() -> None:
+    def refit_args(docs: list[dict[str, Any]]) -> dict[str, str]:
+        args = [a for a in container(docs, "operator")["args"] if a.startswith("--refit-")]
+        return dict(a.removeprefix("--").split("=", 1) for a in args)
+
+    assert refit_args(render()) == {}
+    assert refit_args(render("outcomes.volume.existingClaim=outcomes")) == {}
+    assert refit_args(render("extproc.bundles.existingClaim=bundles")) == {}
+    docs = render(
+        "outcomes.volume.existingClaim=outcomes",
+        "extproc.bundles.existingClaim=bundles",
+        "image.repository=localhost/switchyard",
+        "image.tag=t1",
+        "refit.deadlineSeconds=600",
+    )
+    args = refit_args(docs)
+    assert args == {
+        "refit-image": "localhost/switchyard:t1",
+        "refit-image-pull-policy": "IfNotPresent",
+        "refit-outcomes-claim": "outcomes",
+        "refit-bundles-claim": "bundles",
+        "refit-resources": json.dumps(
+            {"limits": {"memory": "4Gi"}, "requests": {"cpu": "500m", "memory": "1Gi"}},
+            separators=(",", ":"),
+        ),
+        "refit-deadline": "600",
+    }
+    # Jobs, CronJobs and the pods' termination messages: in the release's namespace only.
+    (role,) = find(docs, "Role", f"{RELEASE}-operator")
+    rules = {(r["apiGroups"][0], res): set(r["verbs"]) for r in role["rules"]
+             for res in r["resources"]}  # fmt: skip
+    assert {"create", "delete", "list", "watch"} <= rules[("batch", "jobs")]
+    assert {"create", "update", "delete", "get"} <= rules[("batch", "cronjobs")]
+    assert rules[("", "pods")] == {"get", "list"}
+    (cluster_role,) = find(docs, "ClusterRole")
+    assert not any("batch" in r["apiGroups"] for r in cluster_role["rules"])
 
 
 # --- NetworkPolicies, Ingress, HTTPRoute --------------------------------------------------------

@@ -115,3 +115,18 @@ def test_the_default_bundle_scores_a_prompt(installed: Path) -> None:
     prompt = json.dumps({"id": "1", "prompt": "Prove that there are infinitely many primes."})
     line = json.loads(_run(installed, "switchyard", "router", "score", stdin=prompt))
     assert line["id"] == "1" and 0 <= line["difficulty"] <= 1
+
+
+def test_router_fit_runs_from_the_install(installed: Path, tmp_path: Path) -> None:
+    # What a refit Job runs (onnx and scipy are runtime dependencies for it).
+    rows = [{"id": i, "prompt": f"q{i}", "model": m, "score": 1.0} for i in range(3) for m in "ab"]
+    (tmp_path / "o.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = tmp_path / "summary.json"
+    args = ["--outcomes", str(tmp_path / "o.jsonl"), "--out", str(tmp_path / "b")]
+    done = subprocess.run(
+        ["switchyard", "router", "fit", *args, "--summary", str(summary)],
+        capture_output=True, text=True, cwd=installed.parent,
+        env={**os.environ, "PATH": f"{installed}{os.pathsep}{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert json.loads(summary.read_text())["result"] == "too-few", done.stderr

@@ -340,6 +340,23 @@ def test_join_across_replicas_last_feedback_wins(tmp_path: Path) -> None:
     assert len(outs.files) == 4
 
 
+def test_a_recording_directory_also_reads_outcome_files_put_there(tmp_path: Path) -> None:
+    """A refit Job reads the outcomes volume as a directory: the gateway's records joined,
+    plus outcome files a user dropped there (eval results)."""
+    chat = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+    _write(tmp_path / "requests-a-1-2026-11-30.jsonl", [{"id": "r1", "model": "a", "body": chat}])
+    _write(tmp_path / "feedback-a-1-2026-11-30.jsonl", [{"id": "r1", "score": 1.0}])
+    _write(tmp_path / "evals.jsonl", [{"id": "e1", "prompt": "p", "model": "b", "score": 0.5}])
+    (tmp_path / "notes.txt").write_text("not read")
+    outs = load([tmp_path])
+    assert sorted(outs.texts) == ["hello", "p"] and sorted(outs.models) == ["a", "b"]
+    assert sorted(Path(f).name for f in outs.files) == [
+        "evals.jsonl",
+        "feedback-a-1-2026-11-30.jsonl",
+        "requests-a-1-2026-11-30.jsonl",
+    ]
+
+
 def test_missing_directory_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not found"):
         load([tmp_path / "nowhere"])
