@@ -490,3 +490,21 @@ def test_the_env_names_the_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = parse_client_keys(keys_doc({"requestsPerMinute": 1}), "keys.yaml")
     config = compile_config([], client_keys=compile_client_keys([spec]))
     assert build_config(config).limit_store == StoreSettings("redis://127.0.0.1:1", False, 0.05)
+
+
+def test_the_operator_serves_tenant_limits_under_qualified_names() -> None:
+    from switchyard.operator.keyring import judge, served_tenant_limits
+
+    doc = keys_doc({"requestsPerMinute": 7})
+    doc["metadata"] = {"name": "clients", "namespace": "team-a"}
+    verdict = judge(doc, {}, [])
+    assert verdict.ready, verdict.message
+    (limits,) = served_tenant_limits([verdict])
+    assert limits.tenant == "team-a/team" and limits.limits.requests_per_minute == 7
+    (key,) = verdict.served
+    config = compile_config([], client_keys=verdict.served, tenant_limits=[limits])
+    entry = build_config(config).client_keys[key.sha256]  # type: ignore[index]
+    assert entry.limits is not None
+    assert [c.describe() for c in entry.limits.counters] == [
+        "rate limit of tenant 'team-a/team': 7 requests per minute"
+    ]
