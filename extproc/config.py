@@ -30,7 +30,7 @@ from switchyard.extproc.semantic import (
     SemanticCondition,
     load_embedder,
 )
-from switchyard.headers import CLIENT_KEY_HEADERS, REQUEST_ID_HEADER
+from switchyard.headers import CLIENT_KEY_HEADERS, REQUEST_ID_HEADER, SHADOW_HEADER
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +184,8 @@ class CompiledConfig:
     """The recording directory's bounds: the strictest of the recording policies'."""
     recorded_headers: tuple[str, ...] = ()
     """The routing headers a recorded request keeps (never a client key or the id)."""
+    shadow: Mapping[str, ShadowRule] = field(default_factory=dict)
+    """Policy key → its shadow evaluation (only policies that shadow; ``extproc/shadow.py``)."""
 
     @property
     def served_names(self) -> list[str]:
@@ -444,7 +446,58 @@ def build_config(
     if recording is None:
         return compiled
     rules, retention, headers = recording
-    return replace(compiled, recording=rules, retention=retention, recorded_headers=headers)
+    return replace(
+        compiled,
+        recording=rules,
+        retention=retention,
+        recorded_headers=headers,
+        shadow=_shadow(config, {p.key: p for p in policies}),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowRule:
+    """One policy's shadow evaluation (``spec.outcomes.shadow``), ready for the hot path."""
+
+    policy: str
+    fraction: float
+    threshold: int
+    """A request is shadowed when the first 8 bytes of its id's sha256 are below this."""
+    model: ModelRoute
+    judge: ModelRoute
+    max_concurrent: int
+    models: Mapping[str, ModelRoute]
+    """The policy's models (the one that answered is priced by its name)."""
+
+
+def shadow_threshold(fraction: float) -> int:
+    """The 64-bit hash bound that samples ``fraction`` of request ids (1.0: every one)."""
+    return min(1 << 64, round(fraction * (1 << 64)))
+
+
+def _shadow(
+    config: pb.RoutingConfig, served: Mapping[str, CompiledPolicy]
+) -> dict[str, ShadowRule]:
+    rules = {}
+    for p in config.policies:
+        key = f"{p.namespace}/{p.name}"
+        policy = served.get(key)
+        spec = p.recording.shadow
+        if policy is None or not p.recording.HasField("shadow") or spec.fraction <= 0:
+            continue
+        model, judge = policy.models.get(spec.model), policy.models.get(spec.judge)
+        if model is None or judge is None:  # the operator checks; a hand-made config may not
+            continue
+        rules[key] = ShadowRule(
+            policy=key,
+            fraction=spec.fraction,
+            threshold=shadow_threshold(spec.fraction),
+            model=model,
+            judge=judge,
+            max_concurrent=max(1, spec.max_concurrent),
+            models=policy.models,
+        )
+    return rules
 
 
 def _strictest(values: list[int]) -> int:
@@ -459,7 +512,7 @@ def _recording(
     on = [p for p in config.policies if p.recording.record and f"{p.namespace}/{p.name}" in served]
     if not on:
         return None
-    skip = {*CLIENT_KEY_HEADERS, REQUEST_ID_HEADER}
+    skip = {*CLIENT_KEY_HEADERS, REQUEST_ID_HEADER, SHADOW_HEADER}
     return (
         {
             f"{p.namespace}/{p.name}": RecordingRule(

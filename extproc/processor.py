@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 
     from switchyard.extproc.scoring import RouterScores, Scorer
     from switchyard.extproc.semantic import Embedder
+    from switchyard.extproc.shadow import Capture, ShadowEvaluator
     from switchyard.extproc.tracing import RouteSpan, RouteTracer
 
 log = logging.getLogger(__name__)
@@ -193,13 +194,14 @@ class StreamState:
     """What one stream has learned so far (headers arrive before or with the body), and, once
     routed, what its response is accounted against."""
 
-    __slots__ = ("account", "endpoint", "headers", "trace")
+    __slots__ = ("account", "endpoint", "headers", "shadow", "trace")
 
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
         self.endpoint: Endpoint | None = None
         self.trace: Context | None = None  # a sampled trace's parent (tracing.RouteTracer)
         self.account: ResponseAccount | None = None  # set when the request was routed
+        self.shadow: Capture | None = None  # a sampled request's answer (extproc/shadow.py)
 
 
 class Processor:
@@ -210,11 +212,14 @@ class Processor:
         state: RuntimeState,
         tracer: RouteTracer | None = None,
         recorder: Recorder | None = None,
+        shadow: ShadowEvaluator | None = None,
     ) -> None:
         self.state = state
         self.tracer = tracer
         self.recorder = recorder
         """Appends recorded requests and feedback (None: this worker has no directory)."""
+        self.shadow = shadow
+        """Shadow evaluation of sampled requests (None: off in this worker)."""
         self.ledger = Ledger()
         self.limiter = Limiter()
         # The HTTP/2 layer hands a new stream's headers to this hook only when it is set.
@@ -273,6 +278,8 @@ class Processor:
             # The call ends with the body's last chunk, or as soon as the whole answer was read
             # (Envoy then passes the rest unread: no round trip for an empty last chunk).
             response = account.body(message)
+            if stream.shadow is not None:
+                self._shadow_chunk(stream, message.response_body.body, account)
             return response, account.done
         if kind == "request_headers":
             stream.headers = _headers(message.request_headers)
@@ -310,7 +317,11 @@ class Processor:
         try:
             config = state.config
             key = None
-            if config.client_keys is not None:
+            # The gateway's own shadow-evaluation requests (extproc/shadow.py) need no key.
+            role = None
+            if config.shadow and self.shadow is not None:
+                role = self.shadow.marker.role(headers)
+            if config.client_keys is not None and role is None:
                 key = authenticate(config.client_keys, headers, time())
             request = parse_request(endpoint, body)
             target = select_target(config, request, headers)
@@ -339,6 +350,8 @@ class Processor:
                 random.random() if draw is None else draw,
                 None if key is None else key.models,
             )
+            if role is not None:
+                decision = replace(decision, reason=f"shadow {role}, {decision.reason}")
             if key is not None:
                 data_class = headers.get(DATA_CLASS_HEADER) or DEFAULT_DATA_CLASS
                 denied = denial(key, request.model, decision.model.name, data_class)
@@ -408,7 +421,7 @@ class Processor:
             meta["difficulty"].number_value = round(scores.difficulty, 3)
             meta["category"].string_value = scores.category
         state.record(decision, request)
-        if config.recording and self.recorder is not None:
+        if config.recording and self.recorder is not None and role is None:
             recorded = config.recording.get(decision.policy)
             if recorded is not None:
                 # Personal data is never written to disk: a redacted body is recorded as sent
@@ -423,6 +436,9 @@ class Processor:
             stream.account = ResponseAccount(
                 self.ledger, config, target, decision, request, strip, reservation
             )
+            if config.shadow and self.shadow is not None and role is None:
+                sent = common.body_mutation.body
+                stream.shadow = self.shadow.sample(config, decision, request, headers, body, sent)
         if span is not None:
             span.decided(
                 config,
@@ -459,6 +475,15 @@ class Processor:
         return await self.limiter.admit(
             config.limit_store, key.limits, decision, request, downgrade or None, redecide
         )
+
+    def _shadow_chunk(self, stream: StreamState, chunk: bytes, account: ResponseAccount) -> None:
+        """Keep a sampled request's answer; once it ended, queue its shadow evaluation."""
+        capture = stream.shadow
+        assert capture is not None and self.shadow is not None
+        capture.feed(chunk)
+        if account.done:
+            stream.shadow = None
+            self.shadow.submit(capture, account.served or account.chosen, account.status)
 
     def _record(
         self,

@@ -13,6 +13,8 @@ this order::
 
     {"id": "<x-request-id>", "ts": <unix seconds float>, "score": <0..1>, "model": "<name>"}
 
+    (shadow evaluation, ``extproc/shadow.py``, adds ``"source": "shadow", "judge": "<name>"``)
+
 * ``id``: the ``x-request-id`` Envoy generated for the request (a client's own is removed
   first) and returned on its response;
 * ``headers``: the request headers routing reads (``RoutingConfig.request_headers``) that the
@@ -90,8 +92,10 @@ RequestItem = tuple[
     float, str, str, str, str, str, Mapping[str, str], tuple[str, ...], bytes | None
 ]
 """(ts, id, policy, alias, model, reason, request headers, header names to keep, raw body)."""
-FeedbackItem = tuple[float, str, float, str | None]
-"""(ts, id, score, model)."""
+FeedbackItem = (
+    tuple[float, str, float, str | None] | tuple[float, str, float, str | None, Mapping[str, str]]
+)
+"""(ts, id, score, model[, more string keys, e.g. a shadow evaluation's source and judge])."""
 
 
 def request_line(item: RequestItem) -> bytes:
@@ -119,10 +123,12 @@ def request_line(item: RequestItem) -> bytes:
 
 def feedback_line(item: FeedbackItem) -> bytes:
     """One ``feedback-*.jsonl`` line (with its newline)."""
-    ts, rid, score, model = item
+    ts, rid, score, model = item[0], item[1], item[2], item[3]
     doc: dict[str, Any] = {"id": rid, "ts": ts, "score": score}
     if model is not None:
         doc["model"] = model
+    if len(item) > 4:
+        doc.update(item[4])
     return orjson.dumps(doc) + b"\n"
 
 

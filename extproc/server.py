@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from switchyard.api.v1 import routing_pb2 as pb
-from switchyard.extproc import recording, tracing
+from switchyard.extproc import recording, shadow, tracing
 from switchyard.extproc.config_client import ConfigStreamClient
 from switchyard.extproc.h2grpc import GrpcConnection
 from switchyard.extproc.health import ReadyFlag, WorkerReadiness
@@ -134,7 +134,9 @@ async def serve(
     recorder = recording.from_environment()  # None unless SWITCHYARD_OUTCOMES_DIR is set
     if recorder is not None:
         recorder.start()
-    processor = Processor(state, tracer, recorder)
+    # None unless recording and SWITCHYARD_GATEWAY_URL are set
+    evaluator = shadow.from_environment(recorder)
+    processor = Processor(state, tracer, recorder, evaluator)
     connections: weakref.WeakSet[GrpcConnection] = weakref.WeakSet()
 
     def connection() -> GrpcConnection:
@@ -180,6 +182,8 @@ async def serve(
     with contextlib.suppress(TimeoutError):  # the last settlements of budgets and rate limits
         await asyncio.wait_for(processor.limiter.drain(), 1.0)
     TALLY.stop()
+    if evaluator is not None:
+        await evaluator.close()  # evaluations in flight are dropped
     if recorder is not None:
         await asyncio.to_thread(recorder.stop)  # write what is queued
     if tracer is not None:

@@ -13,7 +13,12 @@ from collections.abc import Callable, Iterable
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.router.bundle import bundle_models
-from switchyard.headers import CLIENT_KEY_HEADERS, DATA_CLASS_HEADER, REQUEST_ID_HEADER
+from switchyard.headers import (
+    CLIENT_KEY_HEADERS,
+    DATA_CLASS_HEADER,
+    REQUEST_ID_HEADER,
+    SHADOW_HEADER,
+)
 from switchyard.operator.multicluster import Topology, place_endpoints
 from switchyard.operator.policy import (
     BudgetOnExhausted,
@@ -152,11 +157,21 @@ _RECORD = {
 def _recording(spec: Outcomes) -> pb.Recording:
     """A recording policy's ``Policy.recording`` (left unset when off: configs that do not
     record are unchanged)."""
-    return pb.Recording(
+    out = pb.Recording(
         record=_RECORD[spec.record],
         max_age_s=age_seconds(spec.retention.max_age),
         max_bytes=byte_count(spec.retention.max_bytes),
     )
+    if spec.shadow is not None and spec.shadow.fraction > 0:
+        out.shadow.CopyFrom(
+            pb.Recording.Shadow(
+                fraction=spec.shadow.fraction,
+                model=spec.shadow.model,
+                judge=spec.shadow.judge,
+                max_concurrent=spec.shadow.max_concurrent,
+            )
+        )
+    return out
 
 
 def _predictive(policy: RoutePolicy) -> pb.Predictive:
@@ -305,6 +320,8 @@ def compile_config(
             headers.update(rule.when.headers)
     if any(p.recording.record for p in config.policies):
         headers.add(REQUEST_ID_HEADER)  # the id a recorded request is filed under
+    if any(p.recording.HasField("shadow") for p in config.policies):
+        headers.add(SHADOW_HEADER)  # marks the gateway's own shadow and judge requests
     if client_keys is not None:
         config.require_client_key = True
         config.client_keys.extend(client_keys)

@@ -73,6 +73,7 @@ from switchyard.headers import (
     NO_FALLBACK_SUFFIX,
     REQUEST_ID_HEADER,
     RESPONSE_ATTRIBUTES,
+    SHADOW_HEADER,
 )
 from switchyard.operator import fallback, tracing
 from switchyard.operator.envoy_tls import EnvoyMtls, upstream_mtls
@@ -240,7 +241,12 @@ def _backend_route(
         route=action,
         request_headers_to_add=[header("authorization", f"Bearer {key}")] if key else [],
         # Envoy removes before it adds: the provider key replaces the client's.
-        request_headers_to_remove=[BACKEND_HEADER, *CLIENT_KEY_HEADERS],
+        request_headers_to_remove=[
+            BACKEND_HEADER,
+            *CLIENT_KEY_HEADERS,
+            # Only where it can be set: the shadow secret never reaches a provider.
+            *([SHADOW_HEADER] if policy.recording.HasField("shadow") else []),
+        ],
         response_headers_to_add=[
             header("x-switchyard-model", model.name, served_by),
             header("x-switchyard-upstream-model", model.upstream_model, served_by),

@@ -612,6 +612,31 @@ class Retention(_Spec):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+class Shadow(_Spec):
+    """Shadow evaluation: a share of the requests also go to a second model (never returned to
+    the client), and a judge model scores both answers as feedback."""
+
+    fraction: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="Share of the policy's requests shadowed (chosen by a hash of the request "
+        "id); 0 turns it off.",
+    )
+    model: str = Field(
+        min_length=1, max_length=253, description="The policy's model that answers as well."
+    )
+    judge: str = Field(
+        min_length=1, max_length=253, description="The policy's model that scores both answers."
+    )
+    max_concurrent: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="Shadow evaluations in flight at once per ext_proc worker; more wait in a "
+        "bounded queue, and past it are dropped (switchyard_shadow_evaluations_total).",
+    )
+
+
 class Outcomes(_Spec):
     """Request recording, so that outcomes (POST /v1/feedback) accrue for router fit."""
 
@@ -621,11 +646,25 @@ class Outcomes(_Spec):
         "model, reason and routing headers; prompts: the same plus the client's request body.",
     )
     retention: Retention = Field(default_factory=Retention)
+    shadow: Shadow | None = Field(
+        default=None,
+        description="Off unless set. Needs record: prompts; model and judge name models of "
+        "this policy. Its requests cost like any other (switchyard_shadow_cost_usd_total).",
+    )
 
     @field_validator("record", mode="before")
     @classmethod
     def _yaml_off(cls, value: object) -> object:
         return "none" if value is False else value  # YAML 1.1 reads `off`/`no` as false
+
+    @model_validator(mode="after")
+    def _shadow_records_prompts(self) -> Outcomes:
+        if self.shadow is not None and self.record is not RecordMode.PROMPTS:
+            raise ValueError(
+                "outcomes.shadow: needs outcomes.record: prompts (the judge reads the prompt, "
+                "and its scores are joined to the recorded request)"
+            )
+        return self
 
 
 class RetryOn(StrEnum):
@@ -754,6 +793,10 @@ class RoutePolicySpec(_Spec):
             check(tier.model, f"strategy.tiers[{i}].model")
         if strategy.default is not None:
             check(strategy.default, "strategy.default")
+        shadow = self.outcomes.shadow
+        if shadow is not None:
+            check(shadow.model, "outcomes.shadow.model")
+            check(shadow.judge, "outcomes.shadow.judge")
         if strategy.type is StrategyType.CLASSIFIER:
             if not strategy.tiers:
                 raise ValueError("strategy.tiers: the classifier strategy needs at least one tier")

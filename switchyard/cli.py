@@ -11,6 +11,7 @@ EXECUTION_PROVIDERS = ("auto", "cpu", "cuda")
 EXECUTION_PROVIDER_ENV = "SWITCHYARD_EXECUTION_PROVIDER"
 TLS_DIR_ENV = "SWITCHYARD_TLS_DIR"  # switchyard.tls.TLS_DIR_ENV (not imported: it loads grpc)
 OUTCOMES_DIR_ENV = "SWITCHYARD_OUTCOMES_DIR"  # switchyard.extproc.recording.OUTCOMES_DIR_ENV
+GATEWAY_URL_ENV = "SWITCHYARD_GATEWAY_URL"  # switchyard.extproc.shadow.GATEWAY_URL_ENV
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get(OUTCOMES_DIR_ENV, ""),
         help=f"where requests of policies with spec.outcomes.record and POST /v1/feedback are "
         f"recorded (default: ${OUTCOMES_DIR_ENV}; '' = nowhere)",
+    )
+    extproc.add_argument(
+        "--gateway-url",
+        default=os.environ.get(GATEWAY_URL_ENV, ""),
+        help=f"the gateway's Envoy listener (http://host:port), where shadow evaluation "
+        f"(spec.outcomes.shadow) sends its requests (default: ${GATEWAY_URL_ENV}; '' = off)",
     )
 
     outcomes = sub.add_parser("outcomes", help="recorded requests and feedback")
@@ -256,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[OUTCOMES_DIR_ENV] = os.path.abspath(args.outcomes_dir)
         else:
             os.environ.pop(OUTCOMES_DIR_ENV, None)
+        if args.gateway_url:
+            from switchyard.extproc.shadow import secret_from_environment
+
+            os.environ[GATEWAY_URL_ENV] = args.gateway_url
+            secret_from_environment()  # one marker secret, inherited by every worker
+        else:
+            os.environ.pop(GATEWAY_URL_ENV, None)
 
         if args.execution_provider not in EXECUTION_PROVIDERS:  # argparse skips the default
             extproc.error(

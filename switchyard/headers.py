@@ -34,3 +34,8 @@ every response; recorded requests are filed under it and ``POST /v1/feedback`` n
 
 FEEDBACK_PATH = "/v1/feedback"
 """Where clients score a recorded request (answered by the ext_proc)."""
+
+SHADOW_HEADER = "x-switchyard-shadow"
+"""Marks the gateway's own shadow-evaluation requests (``extproc/shadow.py``): ``<role>
+<secret>``, honoured only with the ext_proc's secret, which never leaves the gateway (the
+routes of a shadowing policy remove the header before the provider sees it)."""

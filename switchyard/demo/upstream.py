@@ -6,13 +6,22 @@ down or made to fail at a configurable rate. It remembers the last request it re
 (``GET /_demo/last_request``), so tests can check what the gateway forwarded. Faults can be
 changed while it runs: ``POST /_demo/faults {"status": 429, "rate": 1.0, "latency_ms": 0}``
 answers that status at that rate and/or after that latency; ``{}`` restores the start settings.
+
+It also stands in for a judge model (shadow evaluation, ``switchyard.extproc.shadow``): a chat
+request whose last user message holds ``<answer_a>...</answer_a>`` and
+``<answer_b>...</answer_b>`` is answered with ``{"a": <score>, "b": <score>}``, each score
+``judge_score`` of that answer's text: the first four bytes of the sha256 of the stripped text,
+as a fraction of 2**32 - 1, rounded to 3 decimals. Arbitrary but deterministic, so tests can
+predict every score.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import random
+import re
 import signal
 import ssl
 import time
@@ -73,6 +82,23 @@ def _reply(name: str, question: str, max_tokens: int | None) -> str:
     if max_tokens is not None:
         reply = reply[: max(1, max_tokens * 4)]
     return reply
+
+
+_JUDGED = re.compile(r"<answer_(a|b)>(.*?)</answer_\1>", re.S)
+
+
+def judge_score(answer: str) -> float:
+    """The demo judge's score of one answer (see the module docstring)."""
+    digest = hashlib.sha256(answer.strip().encode()).digest()
+    return round(int.from_bytes(digest[:4], "big") / 0xFFFFFFFF, 3)
+
+
+def _judgement(question: str) -> str | None:
+    """The demo judge's reply to a judge prompt; None for any other prompt."""
+    found = {m.group(1): m.group(2) for m in _JUDGED.finditer(question)}
+    if "a" not in found or "b" not in found:
+        return None
+    return _dumps({"a": judge_score(found["a"]), "b": judge_score(found["b"])})
 
 
 def _chunks(text: str) -> Iterator[str]:
@@ -159,7 +185,9 @@ class DemoModel:
             return _error(self.name, status, message, type_, code)
         text, question = _prompt_text(payload, chat)
         limit = payload.get("max_completion_tokens") or payload.get("max_tokens")
-        reply = _reply(self.name, question, limit if isinstance(limit, int) else None)
+        reply = (_judgement(question) if chat else None) or _reply(
+            self.name, question, limit if isinstance(limit, int) else None
+        )
         usage = {
             "prompt_tokens": _tokens(text),
             "completion_tokens": _tokens(reply),

@@ -331,6 +331,9 @@ class LocalGateway:
                 *(["--tls-dir", str(self.tls.cert.parent)] if self.tls is not None else []),
                 "--outcomes-dir",
                 str(self.state_dir / "outcomes"),
+                # Shadow evaluation sends its requests through Envoy's listener.
+                "--gateway-url",
+                f"http://{_connect_host(self.spec.listen_address)}:{self.spec.port}",
             ],
             env=env,
         )
@@ -514,3 +517,12 @@ def run_local(paths: list[str], port: int | None, state_dir: str, jaeger: bool =
         gateway.stop()
     print("switchyard: stopped", flush=True)
     return 0
+
+
+def _connect_host(listen_address: str) -> str:
+    """Where a local process reaches a listener bound to ``listen_address``."""
+    if listen_address in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if listen_address == "::":
+        return "[::1]"
+    return f"[{listen_address}]" if ":" in listen_address else listen_address

@@ -580,8 +580,46 @@ def test_router_refits_need_both_claims_and_get_namespaced_batch_rights() -> Non
     assert {"create", "delete", "list", "watch"} <= rules[("batch", "jobs")]
     assert {"create", "update", "delete", "get"} <= rules[("batch", "cronjobs")]
     assert rules[("", "pods")] == {"get", "list"}
-    (cluster_role,) = find(docs, "ClusterRole")
-    assert not any("batch" in r["apiGroups"] for r in cluster_role["rules"])
+    cluster_rules = [r for role in find(docs, "ClusterRole") for r in role["rules"]]
+    assert cluster_rules and not any("batch" in r["apiGroups"] for r in cluster_rules)
+
+
+def test_shadow_evaluation_is_wired_only_when_enabled(default_docs: list[dict[str, Any]]) -> None:
+    c = container(default_docs, "extproc")
+    assert not [a for a in c["args"] if a.startswith("--gateway-url")]
+    assert "SWITCHYARD_SHADOW_SECRET" not in {e["name"] for e in c["env"]}
+    assert not find(default_docs, "Secret", f"{RELEASE}-shadow")
+
+    docs = render(
+        "outcomes.shadow.enabled=true",
+        "networkPolicy.egress.enabled=true",
+        "networkPolicy.gatewayIngressFrom[0].namespaceSelector.matchLabels.team=web",
+    )
+    c = container(docs, "extproc")
+    gateway = one(docs, "Service", f"{RELEASE}-gateway")
+    port = gateway["spec"]["ports"][0]["port"]
+    assert f"--gateway-url=http://{RELEASE}-gateway.{NAMESPACE}.svc:{port}" in c["args"]
+    env = {e["name"]: e for e in c["env"]}
+    ref = {"name": f"{RELEASE}-shadow", "key": "secret"}
+    assert env["SWITCHYARD_SHADOW_SECRET"]["valueFrom"] == {"secretKeyRef": ref}
+    secret = one(docs, "Secret", f"{RELEASE}-shadow")
+    assert len(base64.b64decode(secret["data"]["secret"])) == 48
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
+    to_gateway = {
+        "to": [{"podSelector": selects("gateway")}],
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+    }
+    assert to_gateway in policies[f"{RELEASE}-extproc"]["egress"]
+    from_extproc = {
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+        "from": [{"podSelector": selects("extproc")}],
+    }
+    assert from_extproc in policies[f"{RELEASE}-gateway"]["ingress"]
+
+    docs = render("outcomes.shadow.enabled=true", "outcomes.shadow.existingSecret=mine")
+    env = {e["name"]: e for e in container(docs, "extproc")["env"]}
+    assert env["SWITCHYARD_SHADOW_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "mine"
+    assert not find(docs, "Secret", f"{RELEASE}-shadow")
 
 
 # --- NetworkPolicies, Ingress, HTTPRoute --------------------------------------------------------

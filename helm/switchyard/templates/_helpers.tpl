@@ -191,3 +191,8 @@ typed_config:
         match_typed_subject_alt_names: [{san_type: DNS, matcher: {exact: {{ .host }}}}]
       validation_context_sds_secret_config: {name: switchyard_ca, sds_config: {{ printf $sds "sds-ca.json" }}}
 {{- end -}}
+
+{{/* The Secret holding the shadow-evaluation marker secret (outcomes.shadow). */}}
+{{- define "switchyard.shadowSecret" -}}
+{{- .Values.outcomes.shadow.existingSecret | default (include "switchyard.fullname" (dict "root" . "component" "shadow")) -}}
+{{- end }}

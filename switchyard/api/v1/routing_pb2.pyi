@@ -170,7 +170,7 @@ class BudgetAction(_message.Message):
     def __init__(self, on_exhausted: _Optional[_Union[BudgetAction.OnExhausted, str]] = ..., downgrade_to: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Recording(_message.Message):
-    __slots__ = ("record", "max_age_s", "max_bytes")
+    __slots__ = ("record", "max_age_s", "max_bytes", "shadow")
     class Record(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OFF: _ClassVar[Recording.Record]
@@ -179,13 +179,26 @@ class Recording(_message.Message):
     OFF: Recording.Record
     DECISIONS: Recording.Record
     PROMPTS: Recording.Record
+    class Shadow(_message.Message):
+        __slots__ = ("fraction", "model", "judge", "max_concurrent")
+        FRACTION_FIELD_NUMBER: _ClassVar[int]
+        MODEL_FIELD_NUMBER: _ClassVar[int]
+        JUDGE_FIELD_NUMBER: _ClassVar[int]
+        MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
+        fraction: float
+        model: str
+        judge: str
+        max_concurrent: int
+        def __init__(self, fraction: _Optional[float] = ..., model: _Optional[str] = ..., judge: _Optional[str] = ..., max_concurrent: _Optional[int] = ...) -> None: ...
     RECORD_FIELD_NUMBER: _ClassVar[int]
     MAX_AGE_S_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     record: Recording.Record
     max_age_s: int
     max_bytes: int
-    def __init__(self, record: _Optional[_Union[Recording.Record, str]] = ..., max_age_s: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+    shadow: Recording.Shadow
+    def __init__(self, record: _Optional[_Union[Recording.Record, str]] = ..., max_age_s: _Optional[int] = ..., max_bytes: _Optional[int] = ..., shadow: _Optional[_Union[Recording.Shadow, _Mapping]] = ...) -> None: ...
 
 class PersonalData(_message.Message):
     __slots__ = ("detectors", "action", "data_class", "raise_from")
