@@ -30,6 +30,7 @@ from switchyard.operator.clientkeys import (
     ClientKeys,
     ClientKeysSpec,
     compile_client_keys,
+    compile_store,
     compile_tenant_limits,
 )
 from switchyard.operator.policy import PolicyError
@@ -58,6 +59,8 @@ class KeysVerdict:
     """Its tenants' qualified names."""
     tenant_limits: list[pb.TenantLimits] = field(default_factory=list)
     """Its tenants' budgets and rate limits, by qualified name (served resources only)."""
+    store: pb.LimitStore | None = None
+    """Its ``spec.store`` (served resources only)."""
 
     @property
     def ready(self) -> bool:
@@ -189,7 +192,7 @@ def judge(
     ]
     return KeysVerdict(
         resource, reason, message, len(spec.tenants), len(spec.keys), active, served, tenants,
-        limits,
+        limits, compile_store([spec]),
     )  # fmt: skip
 
 
@@ -229,6 +232,13 @@ def _conflict(
 def served_tenant_limits(verdicts: Iterable[KeysVerdict]) -> list[pb.TenantLimits]:
     """Every served tenant's limits, in a stable order."""
     return sorted((t for v in verdicts for t in v.tenant_limits), key=lambda t: t.tenant)
+
+
+def served_store(verdicts: Iterable[KeysVerdict]) -> pb.LimitStore | None:
+    """The ``spec.store`` of the first served resource (by namespace/name) that sets one;
+    None: the ext_proc's SWITCHYARD_REDIS_URL (Helm ``limits.redisUrl``), else memory."""
+    stores = sorted((v.resource, v.store) for v in verdicts if v.store is not None)
+    return stores[0][1] if stores else None
 
 
 def served_keys(verdicts: Iterable[KeysVerdict]) -> list[pb.ClientKey]:

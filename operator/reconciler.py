@@ -35,6 +35,7 @@ from switchyard.operator.keyring import (
     judge,
     secret_refs,
     served_keys,
+    served_store,
     served_tenant_limits,
 )
 from switchyard.operator.multicluster import Topology
@@ -258,6 +259,7 @@ class Reconciler:
                 topology,
                 client_keys=self._served_keys(),
                 tenant_limits=served_tenant_limits(self.client_keys.values()),
+                limit_store=served_store(self.client_keys.values()),
             )
         except FailOpenModelMissing as error:
             # Before the policy holding it exists, or after it is deleted, fail closed rather
@@ -270,6 +272,7 @@ class Reconciler:
                 topology,
                 self._served_keys(),
                 served_tenant_limits(self.client_keys.values()),
+                served_store(self.client_keys.values()),
             )
 
     def _served_keys(self) -> list[pb.ClientKey] | None:

@@ -493,11 +493,13 @@ def test_the_env_names_the_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_operator_serves_tenant_limits_under_qualified_names() -> None:
-    from switchyard.operator.keyring import judge, served_tenant_limits
+    from switchyard.operator.keyring import judge, served_store, served_tenant_limits
 
-    doc = keys_doc({"requestsPerMinute": 7})
+    doc = keys_doc({"requestsPerMinute": 7}, store={"onUnavailable": "closed"})
     doc["metadata"] = {"name": "clients", "namespace": "team-a"}
     verdict = judge(doc, {}, [])
+    store = served_store([verdict])
+    assert store is not None and store.fail_closed and not store.redis_url
     assert verdict.ready, verdict.message
     (limits,) = served_tenant_limits([verdict])
     assert limits.tenant == "team-a/team" and limits.limits.requests_per_minute == 7
