@@ -41,8 +41,15 @@ proto: $(STAMP)
 		proto/switchyard/api/v1/*.proto
 
 ## Run the local gateway: Envoy + ext_proc + demo upstreams, policies from $(EXAMPLES).
-up: $(STAMP)
+up: $(STAMP) redis-server
 	$(VENV)/bin/switchyard up -f $(EXAMPLES)
+
+## Debian's redis-server: counters of budgets and rate limits (store.redis: local) and their tests.
+.PHONY: redis-server
+redis-server:
+	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends redis-server; }
 
 ## Build h2spec (HTTP/2 conformance tester) from the Go module proxy (cached outside the repo).
 h2spec:
@@ -56,13 +63,13 @@ jaeger:
 prometheus:
 	bash tests/infra/build_prometheus.sh
 
-test: $(STAMP) $(TRAIN_STAMP) node-tools k8s-tools h2spec jaeger prometheus
+test: $(STAMP) $(TRAIN_STAMP) node-tools k8s-tools h2spec jaeger prometheus redis-server
 	$(PY) -m pytest tests -q
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) redis-server
 	$(PY) -m pytest tests/unit -q
 
-test-integration: $(STAMP)
+test-integration: $(STAMP) redis-server
 	$(PY) -m pytest tests/integration -q
 
 lint: $(STAMP)

@@ -17,6 +17,7 @@ from prometheus_client import Counter, Histogram
 
 from switchyard.extproc.config import CompiledConfig, CompiledPolicy, ModelRoute
 from switchyard.extproc.engine import Decision
+from switchyard.extproc.limits import Reservation
 from switchyard.extproc.metrics import (
     CLASSIFIER_SECONDS,
     COST,
@@ -110,6 +111,7 @@ class ResponseAccount:
         "meter",
         "models",
         "policy",
+        "reservation",
         "served",
         "status",
     )
@@ -122,8 +124,10 @@ class ResponseAccount:
         decision: Decision,
         request: ParsedRequest,
         strip: bool,
+        reservation: Reservation | None = None,
     ) -> None:
         self.ledger = ledger
+        self.reservation = reservation  # the key's budgets and rate limits (limits.py)
         self.policy = decision.policy
         self.chosen = decision.model
         self.models: Mapping[str, ModelRoute] = (
@@ -183,4 +187,6 @@ class ResponseAccount:
             usage = self.meter.result()
         cost = served.estimated_cost(usage.input_tokens, usage.output_tokens)
         self.ledger.record(self.policy, self.chosen.name, served.name, outcome, usage, cost)
+        if self.reservation is not None:
+            self.reservation.settle(usage.input_tokens, usage.output_tokens, cost)
         return usage, cost

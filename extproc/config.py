@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.keys import KeyEntry, key_table
+from switchyard.extproc.limits import StoreSettings, store_settings
 from switchyard.extproc.pii import Scanner
 from switchyard.extproc.recording import RecordingRule, Retention
 from switchyard.extproc.semantic import (
@@ -134,6 +135,9 @@ class CompiledPolicy:
     """Personal-data detection (None: off)."""
     predictive: PredictiveRule | None = None
     """The predictive strategy's candidates and knob (that strategy only)."""
+    budget_downgrade: frozenset[str] | None = None
+    """``budget.onExhausted: downgrade``: the models a request whose budget is spent may
+    still use (None: a 429)."""
     embedder: Embedder | None = None
     """Its router bundle's embedder, when a rule has a semantic condition (None: none has,
     and no request of this policy is embedded)."""
@@ -172,6 +176,8 @@ class CompiledConfig:
     less specific policy's routing."""
     client_keys: Mapping[str, KeyEntry] | None = None
     """Client key sha256 → its entry; None: client authentication off."""
+    limit_store: StoreSettings = field(default_factory=lambda: StoreSettings("", False, 0.05))
+    """Where budgets' and rate limits' counters live."""
     recording: Mapping[str, RecordingRule] = field(default_factory=dict)
     """Policy key → its request recording (only policies that record)."""
     retention: Retention = field(default_factory=Retention)
@@ -378,9 +384,19 @@ def _policy(p: pb.Policy) -> CompiledPolicy:
         predictive=_predictive(p.strategy.predictive, models)
         if kind == pb.Strategy.PREDICTIVE
         else None,
+        budget_downgrade=_budget_downgrade(p, models),
         embedder=embedder,
         semantic_examples=examples,
     )
+
+
+def _budget_downgrade(p: pb.Policy, models: Mapping[str, ModelRoute]) -> frozenset[str] | None:
+    if not p.HasField("budget") or p.budget.on_exhausted != pb.BudgetAction.DOWNGRADE:
+        return None
+    for i, name in enumerate(p.budget.downgrade_to):
+        if name not in models:
+            raise PolicyLoadError(f"budget.downgrade_to[{i}]: unknown model {name!r}")
+    return frozenset(p.budget.downgrade_to)
 
 
 def build_config(
@@ -424,6 +440,7 @@ def build_config(
         unavailable=_unavailable(config, errors, by_name),
         guarded=guarded,
         client_keys=key_table(config),
+        limit_store=store_settings(config),
     )
     recording = _recording(config, {p.key for p in policies})
     if recording is None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.errors import GatewayError
+from switchyard.extproc.limits import KeyLimits, key_limits, tenant_table
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,8 @@ class KeyEntry:
     aliases: frozenset[str] | None
     models: frozenset[str] | None
     data_classes: frozenset[str] | None
+    limits: KeyLimits | None = None
+    """Its budgets and rate limits, and its tenants' (None: none, the store is not called)."""
 
 
 def _allow(message: pb.Allowance, field: str) -> frozenset[str] | None:
@@ -35,6 +38,7 @@ def key_table(config: pb.RoutingConfig) -> dict[str, KeyEntry] | None:
     """sha256 hex → entry; None when client authentication is off."""
     if not config.require_client_key:
         return None
+    tenants = tenant_table(config)
     return {
         k.sha256: KeyEntry(
             name=k.name,
@@ -44,6 +48,7 @@ def key_table(config: pb.RoutingConfig) -> dict[str, KeyEntry] | None:
             aliases=_allow(k.allowance, "aliases"),
             models=_allow(k.allowance, "models"),
             data_classes=_allow(k.allowance, "data_classes"),
+            limits=key_limits(k, tenants),
         )
         for k in config.client_keys
     }

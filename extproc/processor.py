@@ -29,14 +29,22 @@ from switchyard.extproc.accounting import (
     ResponseAccount,
     stream_options_for_usage,
 )
-from switchyard.extproc.config import CompiledConfig
+from switchyard.extproc.config import CompiledConfig, CompiledPolicy, ModelRoute
 from switchyard.extproc.engine import Decision, decide, select_target, session_view
 from switchyard.extproc.errors import GatewayError, invalid_request
 from switchyard.extproc.feedback import RECORDED_BODY, parse_feedback
-from switchyard.extproc.keys import authenticate, denial, forbidden
+from switchyard.extproc.keys import KeyEntry, authenticate, denial, forbidden
+from switchyard.extproc.limits import Limiter, Reservation
 from switchyard.extproc.metrics import REJECTIONS
 from switchyard.extproc.recording import Recorder, RecordingRule
-from switchyard.extproc.request import Endpoint, parse_request, screen, unwritable
+from switchyard.extproc.request import (
+    Endpoint,
+    ParsedRequest,
+    parse_request,
+    screen,
+    unwritable,
+)
+from switchyard.extproc.scoring import RouterScores
 from switchyard.extproc.state import RuntimeState
 from switchyard.headers import (
     DATA_CLASS_HEADER,
@@ -44,6 +52,7 @@ from switchyard.headers import (
     EXTPROC_FILTER,
     FEEDBACK_PATH,
     METADATA_NAMESPACE,
+    NO_FALLBACK_SUFFIX,
     REQUEST_ID_HEADER,
 )
 
@@ -72,6 +81,11 @@ def immediate(error: GatewayError) -> ep.ProcessingResponse:
     reply.body = error.body()
     reply.details = f"switchyard_{error.code}"
     reply.headers.set_headers.append(_JSON)
+    retry = getattr(error, "retry_after", 0)
+    if retry:
+        reply.headers.set_headers.append(
+            HeaderValueOption(header=HeaderValue(key="retry-after", raw_value=str(retry).encode()))
+        )
     return response
 
 
@@ -207,6 +221,7 @@ class Processor:
         self.shadow = shadow
         """Shadow evaluation of sampled requests (None: off in this worker)."""
         self.ledger = Ledger()
+        self.limiter = Limiter()
         # The HTTP/2 layer hands a new stream's headers to this hook only when it is set.
         self.on_headers = None if tracer is None else tracer.on_headers
 
@@ -342,6 +357,11 @@ class Processor:
                 denied = denial(key, request.model, decision.model.name, data_class)
                 if denied:
                     raise forbidden(denied)
+            reservation = None
+            if key is not None and key.limits is not None:
+                decision, reservation = await self._admit(
+                    config, key, target, routed, headers, scores, decision, request
+                )
         except GatewayError as error:
             if span is not None:
                 span.failed(error)
@@ -381,12 +401,18 @@ class Processor:
                 common.body_mutation.body = orjson.dumps(request.payload)
             except orjson.JSONEncodeError:
                 too_deep = unwritable(request.payload)
+                if reservation is not None:
+                    reservation.release()
                 if span is not None:
                     span.failed(too_deep)
                 return immediate(too_deep)
         # Direct field writes: Struct.update() costs several times more per request.
         meta = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
-        meta["backend"].string_value = model.backend_key
+        meta["backend"].string_value = (
+            model.backend_key
+            if key is None or key.models is None or key.models.issuperset(model.fallbacks)
+            else model.backend_key + NO_FALLBACK_SUFFIX  # Envoy must not fall back outside it
+        )
         meta["model"].string_value = model.name
         meta["policy"].string_value = decision.policy
         meta["reason"].string_value = decision.reason
@@ -407,7 +433,9 @@ class Processor:
                 self._record(config, recorded, decision, request.model, headers, kept)
         self.ledger.decided(decision.policy, perf_counter() - started)
         if stream is not None:
-            stream.account = ResponseAccount(self.ledger, config, target, decision, request, strip)
+            stream.account = ResponseAccount(
+                self.ledger, config, target, decision, request, strip, reservation
+            )
             if config.shadow and self.shadow is not None and role is None:
                 sent = common.body_mutation.body
                 stream.shadow = self.shadow.sample(config, decision, request, headers, body, sent)
@@ -422,6 +450,31 @@ class Processor:
                 None if key is None else key.models,
             )
         return response
+
+    async def _admit(
+        self,
+        config: CompiledConfig,
+        key: KeyEntry,
+        target: CompiledPolicy | ModelRoute,
+        routed: ParsedRequest,
+        headers: Mapping[str, str],
+        scores: RouterScores | None,
+        decision: Decision,
+        request: ParsedRequest,
+    ) -> tuple[Decision, Reservation]:
+        """The key's budgets and rate limits (``limits.py``): the decision, downgraded when
+        the policy says so, and what was reserved."""
+        assert key.limits is not None
+        downgrade = target.budget_downgrade if isinstance(target, CompiledPolicy) else None
+        if downgrade is not None and key.models is not None:
+            downgrade = downgrade & key.models
+
+        def redecide(models: frozenset[str]) -> Decision:
+            return decide(target, routed, headers, scores, random.random(), models)
+
+        return await self.limiter.admit(
+            config.limit_store, key.limits, decision, request, downgrade or None, redecide
+        )
 
     def _shadow_chunk(self, stream: StreamState, chunk: bytes, account: ResponseAccount) -> None:
         """Keep a sampled request's answer; once it ended, queue its shadow evaluation."""

@@ -9,6 +9,7 @@ restarts a worker that dies on the same address (``supervisor.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -178,6 +179,8 @@ async def serve(
     for conn in connections:
         conn.goaway()
     await asyncio.sleep(0.2)  # let in-flight streams answer
+    with contextlib.suppress(TimeoutError):  # the last settlements of budgets and rate limits
+        await asyncio.wait_for(processor.limiter.drain(), 1.0)
     TALLY.stop()
     if evaluator is not None:
         await evaluator.close()  # evaluations in flight are dropped

@@ -54,6 +54,94 @@ class Allowance(_Doc):
     )
 
 
+PERIOD = r"^(day|month|[1-9][0-9]{0,3}[hd])$"
+MAX_ROLLING_S = 366 * 86_400
+
+
+def period_seconds(period: str) -> int:
+    """A rolling period's length in seconds ("24h" → 86400); 0 for day and month."""
+    if period in ("day", "month"):
+        return 0
+    return int(period[:-1]) * (3600 if period[-1] == "h" else 86_400)
+
+
+class Budget(_Doc):
+    """A spend budget in USD per period: ``day`` or ``month`` (UTC calendar), or a rolling
+    window of hours or days (``24h``, ``7d``)."""
+
+    usd: float = Field(gt=0, le=1e9, allow_inf_nan=False, description="USD per period")
+    period: str = Field(
+        pattern=PERIOD, description="day, month (UTC calendar) or rolling <N>h / <N>d"
+    )
+
+    @field_validator("period")
+    @classmethod
+    def _bounded(cls, value: str) -> str:
+        if period_seconds(value) > MAX_ROLLING_S:
+            raise ValueError("a rolling period is at most 366d")
+        return value
+
+
+class RateLimits(_Doc):
+    requests_per_minute: int | None = Field(
+        default=None, ge=1, le=10**9, description="Requests per minute (last 60 s, 10 s buckets)."
+    )
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**12,
+        description="Input plus output tokens per minute (output counted as the request ends).",
+    )
+
+
+class Limits(RateLimits):
+    """Budgets and rate limits; every one up a key's tenant chain applies."""
+
+    budgets: list[Budget] = Field(
+        default_factory=list, max_length=8, description="Spend budgets in USD (one per period)."
+    )
+    per_model: dict[str, RateLimits] = Field(
+        default_factory=dict, max_length=64, description="model name → its rate limits"
+    )
+
+    @field_validator("budgets")
+    @classmethod
+    def _distinct(cls, budgets: list[Budget]) -> list[Budget]:
+        periods = [b.period for b in budgets]
+        for i, period in enumerate(periods):
+            if period in periods[:i]:
+                raise ValueError(f"[{i}].period: {period!r} appears twice")
+        return budgets
+
+
+class Store(_Doc):
+    """Where the counters of budgets and rate limits live (shared by every ext_proc replica)."""
+
+    redis: Literal["local"] | None = Field(
+        default=None, description="local: `switchyard up` runs a redis-server for them"
+    )
+    redis_url: str | None = Field(
+        default=None, pattern=r"^(rediss?|unix)://\S+$", description="redis://host:port/db"
+    )
+    redis_url_from: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable of the ext_proc holding the Redis URL",
+    )
+    on_unavailable: Literal["open", "closed"] = Field(
+        default="open",
+        description="Redis unreachable: open admits (and counts it), closed answers 503",
+    )
+    timeout_ms: int = Field(default=50, ge=1, le=5000, description="deadline of a Redis call")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Store:
+        given = [n for n in ("redis", "redis_url", "redis_url_from") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(f"set at most one of redis, redisUrl, redisUrlFrom (got {given})")
+        return self
+
+
 class Tenant(Allowance):
     """A team, project or user: what it allows bounds every key under it."""
 
@@ -63,6 +151,9 @@ class Tenant(Allowance):
         min_length=1,
         max_length=63,
         description="The tenant above (user → project → team), in the same document.",
+    )
+    limits: Limits | None = Field(
+        default=None, description="Budgets and rate limits of this tenant (and all below it)."
     )
 
 
@@ -84,6 +175,7 @@ class ClientKey(Allowance):
         default=None, description="RFC 3339 time with a zone; the key is refused after it."
     )
     revoked: bool = Field(default=False, description="Refuse the key (401).")
+    limits: Limits | None = Field(default=None, description="Budgets and rate limits of this key.")
 
     @field_validator("sha256")
     @classmethod
@@ -112,6 +204,10 @@ class ClientKeysSpec(_Doc):
     )
     keys: list[ClientKey] = Field(
         default_factory=list, max_length=MAX_KEYS, description="Client keys (unique names)."
+    )
+    store: Store | None = Field(
+        default=None,
+        description="Where the counters of budgets and rate limits live (at most one document).",
     )
 
 
@@ -193,9 +289,65 @@ def compile_client_keys(specs: Iterable[ClientKeysSpec]) -> list[pb.ClientKey]:
                 expires_at=int(key.expires_at.timestamp()) if key.expires_at else 0,
                 revoked=key.revoked,
                 allowance=allowance,
+                limits=compile_limits(key.limits) if key.limits else None,
             )
         )
     return out
+
+
+def compile_limits(limits: Limits) -> pb.ClientLimits:
+    """One tenant's or key's limits in their compiled form."""
+    return pb.ClientLimits(
+        budgets=[
+            pb.SpendBudget(usd=b.usd, period=b.period, window_s=period_seconds(b.period))
+            for b in limits.budgets
+        ],
+        requests_per_minute=limits.requests_per_minute or 0,
+        tokens_per_minute=limits.tokens_per_minute or 0,
+        per_model={
+            model: pb.ModelRateLimits(
+                requests_per_minute=rates.requests_per_minute or 0,
+                tokens_per_minute=rates.tokens_per_minute or 0,
+            )
+            for model, rates in limits.per_model.items()
+        },
+    )
+
+
+LOCAL_REDIS_ENV = "SWITCHYARD_REDIS_URL"
+"""The ext_proc's environment variable with the Redis URL: set by `switchyard up` for
+``store.redis: local`` and by the Helm chart's ``limits.redisUrl``."""
+
+
+def compile_tenant_limits(specs: Iterable[ClientKeysSpec]) -> list[pb.TenantLimits]:
+    """Every tenant that has limits, by name."""
+    found = [t for spec in specs for t in spec.tenants if t.limits is not None]
+    return [
+        pb.TenantLimits(tenant=t.name, limits=compile_limits(t.limits))
+        for t in sorted(found, key=lambda t: t.name)
+        if t.limits is not None
+    ]
+
+
+def compile_store(specs: Iterable[ClientKeysSpec]) -> pb.LimitStore | None:
+    """The one ``spec.store`` among the documents (None: none set); two is an error."""
+    stores = [spec.store for spec in specs if spec.store is not None]
+    if len(stores) > 1:
+        raise PolicyError("ClientKeys: spec.store is set in more than one document")
+    if not stores:
+        return None
+    store = stores[0]
+    return pb.LimitStore(
+        redis_url=store.redis_url or "",
+        redis_url_env=LOCAL_REDIS_ENV if store.redis == "local" else store.redis_url_from or "",
+        fail_closed=store.on_unavailable == "closed",
+        timeout_ms=store.timeout_ms,
+    )
+
+
+def wants_local_redis(specs: Iterable[ClientKeysSpec]) -> bool:
+    """Whether a document asks `switchyard up` to run a redis-server (``store.redis: local``)."""
+    return any(spec.store is not None and spec.store.redis == "local" for spec in specs)
 
 
 def _chain(key: ClientKey, tenants: dict[str, Tenant]) -> list[Tenant]:

@@ -21,6 +21,8 @@ from switchyard.headers import (
 )
 from switchyard.operator.multicluster import Topology, place_endpoints
 from switchyard.operator.policy import (
+    BudgetOnExhausted,
+    BudgetSpec,
     ModelSpec,
     Outcomes,
     PersonalData,
@@ -222,10 +224,22 @@ def compile_policy(policy: RoutePolicy) -> pb.Policy:
         timeout_ms=duration_ms(spec.timeout),
         session_header=spec.session_affinity.header if spec.session_affinity else "",
         personal_data=_personal_data(spec.personal_data),
+        budget=_budget(spec.budget),
     )
     if spec.outcomes.record is not RecordMode.NONE:
         compiled.recording.CopyFrom(_recording(spec.outcomes))
     return compiled
+
+
+def _budget(spec: BudgetSpec | None) -> pb.BudgetAction | None:
+    if spec is None:
+        return None
+    return pb.BudgetAction(
+        on_exhausted=pb.BudgetAction.DOWNGRADE
+        if spec.on_exhausted is BudgetOnExhausted.DOWNGRADE
+        else pb.BudgetAction.REJECT,
+        downgrade_to=spec.downgrade_to,
+    )
 
 
 ServiceEndpoints = Callable[[str, str, int], list[pb.Endpoint]]
@@ -268,6 +282,8 @@ def compile_config(
     endpoints: ServiceEndpoints | None = None,
     topology: Topology | None = None,
     client_keys: Iterable[pb.ClientKey] | None = None,
+    tenant_limits: Iterable[pb.TenantLimits] = (),
+    limit_store: pb.LimitStore | None = None,
 ) -> pb.RoutingConfig:
     """All policies → one RoutingConfig, sorted by namespace/name, versioned by content hash.
 
@@ -278,6 +294,8 @@ def compile_config(
     prioritised: its ``cluster`` (default: this one) first, then its region, then the rest.
     Without ``endpoints`` (local mode) Service backends are reached by cluster DNS.
     ``client_keys`` (None: client authentication off) turns it on: every request needs one.
+    ``tenant_limits`` and ``limit_store`` are the ClientKeys documents' budgets and rate
+    limits and where their counters live (``clientkeys.compile_tenant_limits``).
     """
     topology = topology or Topology()
     ordered = sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
@@ -308,6 +326,9 @@ def compile_config(
         config.require_client_key = True
         config.client_keys.extend(client_keys)
         headers.update(CLIENT_KEY_HEADERS)
+        config.tenant_limits.extend(tenant_limits)
+        if limit_store is not None:
+            config.limit_store.CopyFrom(limit_store)
     config.request_headers.extend(sorted(headers))
     if fail_open_model:
         config.fail_open_backend = _resolve_model_key(config, fail_open_model)

@@ -86,6 +86,12 @@ DESCRIPTIONS = {
 
 SPEC_RULES = [
     {
+        "rule": "!has(self.budget) || !has(self.budget.downgradeTo) || "
+        "self.budget.downgradeTo.all(d, self.models.exists(n, n.name == d))",
+        "message": "budget.downgradeTo must name models of this policy",
+        "fieldPath": ".budget.downgradeTo",
+    },
+    {
         "rule": "self.models.all(m, !has(m.fallbacks) || "
         "m.fallbacks.all(f, f != m.name && self.models.exists(n, n.name == f)))",
         "message": "models[].fallbacks must name other models of this policy",
@@ -265,7 +271,16 @@ AUTOSCALING_RULES = [
         "message": "minReplicas must not exceed maxReplicas",
     }
 ]
+BUDGET_RULES = [
+    {
+        "rule": "(has(self.onExhausted) && self.onExhausted == 'downgrade') == "
+        "(has(self.downgradeTo) && size(self.downgradeTo) > 0)",
+        "message": "downgradeTo is required by, and only read by, onExhausted: downgrade",
+        "fieldPath": ".downgradeTo",
+    }
+]
 RULES_BY_DEF = {
+    "BudgetSpec": BUDGET_RULES,
     "Strategy": STRATEGY_RULES,
     "Predictive": PREDICTIVE_RULES,
     "Router": router_rules(),

@@ -70,6 +70,7 @@ from switchyard.headers import (
     EXTPROC_FILTER,
     FEEDBACK_PATH,
     METADATA_NAMESPACE,
+    NO_FALLBACK_SUFFIX,
     REQUEST_ID_HEADER,
     RESPONSE_ATTRIBUTES,
     SHADOW_HEADER,
@@ -186,8 +187,14 @@ def _api_key(policy: pb.Policy, model: pb.Model, api_keys: ApiKeys | None) -> st
 
 
 def _backend_route(
-    policy: pb.Policy, model: pb.Model, settings: GatewaySettings, api_keys: ApiKeys | None
+    policy: pb.Policy,
+    model: pb.Model,
+    settings: GatewaySettings,
+    api_keys: ApiKeys | None,
+    direct: bool = False,
 ) -> rc.Route:
+    """The route of one model backend; ``direct``: its ``NO_FALLBACK_SUFFIX`` twin, to the
+    model's own cluster only."""
     retries = policy.retries
     action = rc.RouteAction(
         cluster=model.backend_key,
@@ -202,7 +209,7 @@ def _backend_route(
         retry.retriable_status_codes.extend(retries.retriable_status_codes)
         if model.backend.resolved:
             fallback.retry_elsewhere(retry)
-    members = fallback.chain(policy, model)
+    members = [model] if direct else fallback.chain(policy, model)
     served_by = OVERWRITE
     if len(members) > 1:
         # Fallback attempts get their own host, path, API key and body from the aggregate
@@ -217,20 +224,19 @@ def _backend_route(
         if base:
             action.prefix_rewrite = base + "/v1/"
     key = _api_key(policy, model, api_keys)
+    name = model.backend_key + (NO_FALLBACK_SUFFIX if direct else "")
     match = rc.RouteMatch(
         prefix="/v1/",
         dynamic_metadata=[
             metadata_pb2.MetadataMatcher(
                 filter=METADATA_NAMESPACE,
                 path=[metadata_pb2.MetadataMatcher.PathSegment(key="backend")],
-                value=value_pb2.ValueMatcher(
-                    string_match=string_pb2.StringMatcher(exact=model.backend_key)
-                ),
+                value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=name)),
             )
         ],
     )
     return rc.Route(
-        name=model.backend_key,
+        name=name,
         match=match,
         route=action,
         request_headers_to_add=[header("authorization", f"Bearer {key}")] if key else [],
@@ -446,6 +452,12 @@ def build_route_config(
     ]
     for policy in config.policies:
         routes.extend(_backend_route(policy, m, settings, api_keys) for m in policy.models)
+        if config.require_client_key:  # for keys that may not use every fallback
+            routes.extend(
+                _backend_route(policy, m, settings, api_keys, direct=True)
+                for m in policy.models
+                if m.fallbacks
+            )
     # The only route a request starts on with the ext_proc: codec errors and the direct
     # responses above never open an ext_proc stream, not even for their response.
     routes.extend(_unrouted(config, rc.RouteMatch(safe_regex=inference)))

@@ -26,7 +26,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from switchyard.api.v1 import routing_pb2 as pb
-from switchyard.operator.clientkeys import ClientKeys, ClientKeysSpec, compile_client_keys
+from switchyard.operator.clientkeys import (
+    ClientKeys,
+    ClientKeysSpec,
+    compile_client_keys,
+    compile_store,
+    compile_tenant_limits,
+)
 from switchyard.operator.policy import PolicyError
 
 SecretHashes = Mapping[tuple[str, str], str]
@@ -51,6 +57,10 @@ class KeysVerdict:
     """Its keys as they enter the RoutingConfig (qualified names, hashes only)."""
     tenants: frozenset[str] = frozenset()
     """Its tenants' qualified names."""
+    tenant_limits: list[pb.TenantLimits] = field(default_factory=list)
+    """Its tenants' budgets and rate limits, by qualified name (served resources only)."""
+    store: pb.LimitStore | None = None
+    """Its ``spec.store`` (served resources only)."""
 
     @property
     def ready(self) -> bool:
@@ -176,9 +186,14 @@ def judge(
     reason, message = PROGRAMMED, f"{len(served)} keys served ({active} active)"
     if missing:
         reason, message = "SecretMissing", "; ".join(missing)
+    limits = [
+        pb.TenantLimits(tenant=f"{namespace}/{t.tenant}", limits=t.limits)
+        for t in compile_tenant_limits([spec])
+    ]
     return KeysVerdict(
-        resource, reason, message, len(spec.tenants), len(spec.keys), active, served, tenants
-    )
+        resource, reason, message, len(spec.tenants), len(spec.keys), active, served, tenants,
+        limits, compile_store([spec]),
+    )  # fmt: skip
 
 
 def _conflict(
@@ -212,6 +227,18 @@ def _conflict(
                     f"ClientKeys {other.resource}"
                 )
     return ""
+
+
+def served_tenant_limits(verdicts: Iterable[KeysVerdict]) -> list[pb.TenantLimits]:
+    """Every served tenant's limits, in a stable order."""
+    return sorted((t for v in verdicts for t in v.tenant_limits), key=lambda t: t.tenant)
+
+
+def served_store(verdicts: Iterable[KeysVerdict]) -> pb.LimitStore | None:
+    """The ``spec.store`` of the first served resource (by namespace/name) that sets one;
+    None: the ext_proc's SWITCHYARD_REDIS_URL (Helm ``limits.redisUrl``), else memory."""
+    stores = sorted((v.resource, v.store) for v in verdicts if v.store is not None)
+    return stores[0][1] if stores else None
 
 
 def served_keys(verdicts: Iterable[KeysVerdict]) -> list[pb.ClientKey]:

@@ -697,6 +697,40 @@ class Autoscaling(_Spec):
         return self
 
 
+class BudgetOnExhausted(StrEnum):
+    REJECT = "reject"
+    DOWNGRADE = "downgrade"
+
+
+class BudgetSpec(_Spec):
+    """What a request gets once its client key's tenant has spent a budget (ClientKeys
+    ``limits.budgets``)."""
+
+    on_exhausted: BudgetOnExhausted = Field(
+        default=BudgetOnExhausted.REJECT,
+        description=(
+            "reject: 429 with Retry-After naming the budget; downgrade: route among "
+            "downgradeTo (within the key's allowance), served past the budget and still counted"
+        ),
+    )
+    downgrade_to: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_ITEMS["models"],
+        description="downgrade: the (cheaper) models of this policy a request may still use",
+    )
+
+    @model_validator(mode="after")
+    def _models_for_downgrade(self) -> BudgetSpec:
+        downgrade = self.on_exhausted is BudgetOnExhausted.DOWNGRADE
+        if downgrade != bool(self.downgrade_to):
+            raise ValueError(
+                "downgradeTo: required by onExhausted: downgrade"
+                if downgrade
+                else "downgradeTo: only onExhausted: downgrade reads it"
+            )
+        return self
+
+
 class RoutePolicySpec(_Spec):
     match: Match
     models: list[ModelSpec] = Field(min_length=1, max_length=MAX_ITEMS["models"])
@@ -707,6 +741,9 @@ class RoutePolicySpec(_Spec):
     retries: Retries = Field(default_factory=Retries)
     timeout: str = Field(default="300s", pattern=_DURATION, max_length=32)
     autoscaling: Autoscaling | None = None
+    budget: BudgetSpec | None = Field(
+        default=None, description="Spent client budgets (unset: 429 with Retry-After)."
+    )
 
     _timeout_bounded = field_validator("timeout")(_bounded)
 
@@ -785,6 +822,18 @@ class RoutePolicySpec(_Spec):
             raise ValueError(
                 "models: the weighted strategy needs at least one model with weight > 0"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _budget_models(self) -> RoutePolicySpec:
+        if self.budget is not None:
+            names = [m.name for m in self.models]
+            for i, name in enumerate(self.budget.downgrade_to):
+                if name not in names:
+                    raise ValueError(
+                        f"budget.downgradeTo[{i}]: unknown model {name!r} "
+                        f"(models: {', '.join(names)})"
+                    )
         return self
 
     def _check_semantic(self, index: int) -> None:

@@ -35,6 +35,8 @@ from switchyard.operator.keyring import (
     judge,
     secret_refs,
     served_keys,
+    served_store,
+    served_tenant_limits,
 )
 from switchyard.operator.multicluster import Topology
 from switchyard.operator.policy import PolicyError, RoutePolicy, parse_policy
@@ -256,13 +258,21 @@ class Reconciler:
                 self.endpoints,
                 topology,
                 client_keys=self._served_keys(),
+                tenant_limits=served_tenant_limits(self.client_keys.values()),
+                limit_store=served_store(self.client_keys.values()),
             )
         except FailOpenModelMissing as error:
             # Before the policy holding it exists, or after it is deleted, fail closed rather
             # than refuse every policy (or the operator's start).
             log.warning("%s; the gateway fails closed until a policy has it", error)
             return compile_config(
-                self.policies.values(), "", self.endpoints, topology, self._served_keys()
+                self.policies.values(),
+                "",
+                self.endpoints,
+                topology,
+                self._served_keys(),
+                served_tenant_limits(self.client_keys.values()),
+                served_store(self.client_keys.values()),
             )
 
     def _served_keys(self) -> list[pb.ClientKey] | None:

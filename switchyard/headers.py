@@ -24,6 +24,10 @@ that answered is another model's)."""
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
 """Where clients present their API key; never forwarded upstream (the routes remove them)."""
 
+NO_FALLBACK_SUFFIX = "~direct"
+"""Appended by the ext_proc to a backend key for a client key that may not use every one of the
+model's fallbacks: with client keys on, each model with fallbacks has a route for it, to the
+model's own cluster (no per-attempt fallback to a model the key disallows)."""
 REQUEST_ID_HEADER = "x-request-id"
 """Envoy generates it for every request (a client's own is removed first) and returns it on
 every response; recorded requests are filed under it and ``POST /v1/feedback`` names it."""

@@ -7,7 +7,7 @@ required) and one optional LocalGateway document.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from switchyard.api.v1 import routing_pb2 as pb
-from switchyard.operator.clientkeys import ClientKeysSpec, compile_client_keys, parse_client_keys
+from switchyard.operator.clientkeys import (
+    ClientKeysSpec,
+    compile_client_keys,
+    compile_store,
+    compile_tenant_limits,
+    parse_client_keys,
+    wants_local_redis,
+)
 from switchyard.operator.policy import PolicyError, RoutePolicy, load_documents, parse_policy
 
 
@@ -104,6 +111,20 @@ class LocalInputs:
     files: list[Path]
     client_keys: list[pb.ClientKey] | None = None
     """Every ClientKeys document's keys, compiled; None: no such document (authentication off)."""
+    tenant_limits: list[pb.TenantLimits] = field(default_factory=list)
+    """The ClientKeys documents' tenants' budgets and rate limits."""
+    limit_store: pb.LimitStore | None = None
+    """Their ``spec.store`` (None: none)."""
+    local_redis: bool = False
+    """A document asks for a local redis-server (``store.redis: local``)."""
+
+    def compile_kwargs(self) -> dict[str, Any]:
+        """What ``compile_config`` takes from the ClientKeys documents."""
+        return {
+            "client_keys": self.client_keys,
+            "tenant_limits": self.tenant_limits,
+            "limit_store": self.limit_store,
+        }
 
 
 def policy_files(paths: list[str]) -> list[Path]:
@@ -156,4 +177,7 @@ def load_inputs(paths: list[str]) -> LocalInputs:
         gateway=gateway or LocalGatewaySpec(),
         files=files,
         client_keys=compile_client_keys(key_specs) if key_specs else None,
+        tenant_limits=compile_tenant_limits(key_specs),
+        limit_store=compile_store(key_specs),
+        local_redis=wants_local_redis(key_specs),
     )

@@ -32,7 +32,9 @@ from switchyard.local import jaeger as local_jaeger
 from switchyard.local.control import LocalControlPlane
 from switchyard.local.documents import LocalGatewaySpec, LocalInputs, load_inputs, policy_files
 from switchyard.local.ports import bindable
+from switchyard.local.redis import LocalRedis
 from switchyard.operator import tracing
+from switchyard.operator.clientkeys import LOCAL_REDIS_ENV
 from switchyard.operator.compiler import CompileError, compile_config
 from switchyard.operator.envoy_config import GatewaySettings
 from switchyard.operator.envoy_tls import EnvoyMtls, write_sds_files
@@ -253,11 +255,12 @@ class LocalGateway:
         self.admin = EnvoyAdmin(self.spec.admin_port)
         self.children: list[subprocess.Popen[bytes]] = []
         self.config = compile_config(
-            inputs.policies, self.spec.fail_open_model, client_keys=inputs.client_keys
+            inputs.policies, self.spec.fail_open_model, **inputs.compile_kwargs()
         )
         self._signatures = self._file_signatures()
         self._left_out: dict[str, str] = {}
         self._stop = threading.Event()
+        self.redis = LocalRedis(self.state_dir / "redis") if inputs.local_redis else None
 
     def _spawn(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         child = subprocess.Popen(args, start_new_session=True, env=env)
@@ -309,6 +312,10 @@ class LocalGateway:
                 ]
             )
         self.control.start(self.config, self.spec.control_plane_metrics_port)
+        env = _extproc_environment(self.traces, prompt_export=self.jaeger is not None)
+        if self.redis is not None:
+            self.redis.start()
+            env = {**(env or os.environ), LOCAL_REDIS_ENV: self.redis.url}
         self._spawn(
             [
                 *cli,
@@ -328,7 +335,7 @@ class LocalGateway:
                 "--gateway-url",
                 f"http://{_connect_host(self.spec.listen_address)}:{self.spec.port}",
             ],
-            env=_extproc_environment(self.traces, prompt_export=self.jaeger is not None),
+            env=env,
         )
         if self.tls is not None:
             write_sds_files(self.state_dir / "sds", str(self.tls.cert.parent))
@@ -407,8 +414,10 @@ class LocalGateway:
         try:
             inputs = load_inputs(self.paths)
             config = compile_config(
-                inputs.policies, self.spec.fail_open_model, client_keys=inputs.client_keys
+                inputs.policies, self.spec.fail_open_model, **inputs.compile_kwargs()
             )
+            if inputs.local_redis != (self.redis is not None):
+                _warn("a change of store.redis: local takes effect when switchyard up restarts")
         except (PolicyError, CompileError) as exc:
             _warn(f"keeping config {self.config.version}; {exc}")
             self.control.reconcile_error(
@@ -473,6 +482,8 @@ class LocalGateway:
                 child.kill()
                 child.wait()
         self.control.stop()
+        if self.redis is not None:  # after the ext_proc: its last settlements reached it
+            self.redis.stop()
         if self.jaeger is not None:  # last: the ext_proc's final spans went to it on exit
             self.jaeger.stop()
 

@@ -145,11 +145,34 @@ def test_crd_validates_and_prints_columns(clientkeys_crd: KubeControlPlane, name
         ([good], {"tenants": [{"name": "team", "parent": "team"}]}, "spec.tenants[0].parent"),
         ([good], {"tenants": [{"name": "team", "parent": "ghost"}]}, "spec.tenants"),
         ([{**good, "models": ["m"] * 65}], {}, "spec.keys[0].models"),
-    ]
+        ([{**good, "limits": {"budgets": [{"usd": 1, "period": "week"}]}}], {},
+         "spec.keys[0].limits.budgets[0].period"),
+        ([{**good, "limits": {"requestsPerMinute": 0}}], {},
+         "spec.keys[0].limits.requestsPerMinute"),
+        ([good], {"store": {"onUnavailable": "maybe"}}, "spec.store.onUnavailable"),
+    ]  # fmt: skip
     for keys, spec, message in invalid:
         accepted, out = apply(clientkeys_crd, namespace, keys_doc("bad", namespace, keys, **spec))
         assert not accepted and message in out, (keys, spec, out)
     accepted, out = apply(clientkeys_crd, namespace, keys_doc("good", namespace, [good]))
+    assert accepted, out
+    limited = {**good, "name": "l", "sha256": hash_key("y"), "limits": {"requestsPerMinute": 5}}
+    limits = {
+        "budgets": [{"usd": 10, "period": "month"}, {"usd": 1, "period": "24h"}],
+        "tokensPerMinute": 1000,
+        "perModel": {"light": {"requestsPerMinute": 2}},
+    }
+    accepted, out = apply(
+        clientkeys_crd,
+        namespace,
+        keys_doc(
+            "limited",
+            namespace,
+            [limited],
+            tenants=[{"name": "team", "limits": limits}],
+            store={"redisUrl": "redis://redis:6379/0", "onUnavailable": "closed"},
+        ),
+    )
     assert accepted, out
     crd = json.loads(
         clientkeys_crd.kubectl("get", "crd", "clientkeys.switchyard.dev", "-o", "json")

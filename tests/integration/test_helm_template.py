@@ -1234,3 +1234,25 @@ def test_the_charts_jaeger_config_runs_in_the_real_jaeger(tmp_path: Path) -> Non
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+def _extproc_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    container = deployment(docs, "extproc")["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_the_limits_redis_url_reaches_the_extproc(default_docs: list[dict[str, Any]]) -> None:
+    assert "SWITCHYARD_REDIS_URL" not in _extproc_env(default_docs)
+    env = _extproc_env(render("limits.redisUrl=redis://redis.cache.svc:6379/2"))
+    assert env["SWITCHYARD_REDIS_URL"] == "redis://redis.cache.svc:6379/2"
+    secret = render("limits.redisUrlSecret.name=redis-url", "limits.redisUrlSecret.key=url")
+    assert _extproc_env(secret)["SWITCHYARD_REDIS_URL"] == {
+        "secretKeyRef": {"name": "redis-url", "key": "url"}
+    }
+    both = helm(
+        "template", RELEASE, str(CHART), "--set", "limits.redisUrl=redis://r:6379",
+        "--set", "limits.redisUrlSecret.name=s", "--set", "limits.redisUrlSecret.key=k",
+    )  # fmt: skip
+    assert both.returncode != 0 and "set redisUrl or redisUrlSecret, not both" in both.stderr
+    bad = helm("template", RELEASE, str(CHART), "--set", "limits.redisUrl=http://r:6379")
+    assert bad.returncode != 0 and "/limits/redisUrl" in bad.stderr

@@ -169,6 +169,48 @@ def test_keys_turn_on_attributes_strip_headers_and_close_fail_open() -> None:
     }
 
 
+def test_models_with_fallbacks_get_a_route_without_them_when_keys_are_on() -> None:
+    policy = yaml.safe_load(EXAMPLE.read_text())
+    policy["spec"]["models"][1]["fallbacks"] = ["capable"]
+    policies = [parse_policy(policy)]
+
+    def routes(config: Any) -> dict[str, Any]:
+        built = build_route_config(config, GatewaySettings()).virtual_hosts[0].routes
+        return {r.name: r for r in built}
+
+    standard = "default.default.standard"
+    assert f"{standard}~direct" not in routes(compile_config(policies))
+    compiled = compile_config(policies, client_keys=compile_client_keys([]))
+    on = routes(compiled)
+    assert on[standard].route.cluster == f"{standard}~fallbacks"
+    direct = on[f"{standard}~direct"]
+    assert direct.route.cluster == standard  # the model's own cluster: no fallback attempt
+    matched = direct.match.dynamic_metadata[0].value.string_match.exact
+    assert matched == f"{standard}~direct"
+    with_fallbacks = [m.backend_key for m in compiled.policies[0].models if m.fallbacks]
+    assert [n for n in on if n.endswith("~direct")] == [f"{k}~direct" for k in with_fallbacks]
+
+
+async def test_a_key_not_allowed_every_fallback_takes_the_route_without_them() -> None:
+    policy = yaml.safe_load(EXAMPLE.read_text())
+    policy["spec"]["models"][1]["fallbacks"] = ["capable"]
+    doc = keys_doc(
+        key("a", ALICE, models=["standard"]), key("b", BOB, models=["standard", "capable"])
+    )
+    config = build_config(
+        compile_config([parse_policy(policy)], client_keys=compile_client_keys([spec(doc)]))
+    )
+    state = RuntimeState(scorer_loader=lambda _bundle: HeuristicScorer())
+    state.swap((config, {b: HeuristicScorer() for b in config.router_bundles}))
+    for secret, backend in (
+        (ALICE, "default.default.standard~direct"),
+        (BOB, "default.default.standard"),
+    ):
+        response = await send(state, "auto", x_api_key=secret)
+        meta = response.dynamic_metadata.fields["switchyard"].struct_value.fields
+        assert meta["backend"].string_value == backend
+
+
 def test_local_mode_reads_client_keys_documents(tmp_path: Path) -> None:
     (tmp_path / "policy.yaml").write_text(EXAMPLE.read_text())
     assert load_inputs([str(tmp_path)]).client_keys is None

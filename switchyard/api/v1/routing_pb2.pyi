@@ -8,36 +8,99 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RoutingConfig(_message.Message):
-    __slots__ = ("version", "policies", "fail_open_backend", "request_headers", "client_keys", "require_client_key")
+    __slots__ = ("version", "policies", "fail_open_backend", "request_headers", "client_keys", "require_client_key", "tenant_limits", "limit_store")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     FAIL_OPEN_BACKEND_FIELD_NUMBER: _ClassVar[int]
     REQUEST_HEADERS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_KEYS_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_STORE_FIELD_NUMBER: _ClassVar[int]
     version: str
     policies: _containers.RepeatedCompositeFieldContainer[Policy]
     fail_open_backend: str
     request_headers: _containers.RepeatedScalarFieldContainer[str]
     client_keys: _containers.RepeatedCompositeFieldContainer[ClientKey]
     require_client_key: bool
-    def __init__(self, version: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., fail_open_backend: _Optional[str] = ..., request_headers: _Optional[_Iterable[str]] = ..., client_keys: _Optional[_Iterable[_Union[ClientKey, _Mapping]]] = ..., require_client_key: _Optional[bool] = ...) -> None: ...
+    tenant_limits: _containers.RepeatedCompositeFieldContainer[TenantLimits]
+    limit_store: LimitStore
+    def __init__(self, version: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., fail_open_backend: _Optional[str] = ..., request_headers: _Optional[_Iterable[str]] = ..., client_keys: _Optional[_Iterable[_Union[ClientKey, _Mapping]]] = ..., require_client_key: _Optional[bool] = ..., tenant_limits: _Optional[_Iterable[_Union[TenantLimits, _Mapping]]] = ..., limit_store: _Optional[_Union[LimitStore, _Mapping]] = ...) -> None: ...
+
+class TenantLimits(_message.Message):
+    __slots__ = ("tenant", "limits")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    limits: ClientLimits
+    def __init__(self, tenant: _Optional[str] = ..., limits: _Optional[_Union[ClientLimits, _Mapping]] = ...) -> None: ...
+
+class ClientLimits(_message.Message):
+    __slots__ = ("budgets", "requests_per_minute", "tokens_per_minute", "per_model")
+    class PerModelEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ModelRateLimits
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ModelRateLimits, _Mapping]] = ...) -> None: ...
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    PER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    budgets: _containers.RepeatedCompositeFieldContainer[SpendBudget]
+    requests_per_minute: int
+    tokens_per_minute: int
+    per_model: _containers.MessageMap[str, ModelRateLimits]
+    def __init__(self, budgets: _Optional[_Iterable[_Union[SpendBudget, _Mapping]]] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., per_model: _Optional[_Mapping[str, ModelRateLimits]] = ...) -> None: ...
+
+class ModelRateLimits(_message.Message):
+    __slots__ = ("requests_per_minute", "tokens_per_minute")
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    requests_per_minute: int
+    tokens_per_minute: int
+    def __init__(self, requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ...) -> None: ...
+
+class SpendBudget(_message.Message):
+    __slots__ = ("usd", "period", "window_s")
+    USD_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    usd: float
+    period: str
+    window_s: int
+    def __init__(self, usd: _Optional[float] = ..., period: _Optional[str] = ..., window_s: _Optional[int] = ...) -> None: ...
+
+class LimitStore(_message.Message):
+    __slots__ = ("redis_url", "redis_url_env", "fail_closed", "timeout_ms")
+    REDIS_URL_FIELD_NUMBER: _ClassVar[int]
+    REDIS_URL_ENV_FIELD_NUMBER: _ClassVar[int]
+    FAIL_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    redis_url: str
+    redis_url_env: str
+    fail_closed: bool
+    timeout_ms: int
+    def __init__(self, redis_url: _Optional[str] = ..., redis_url_env: _Optional[str] = ..., fail_closed: _Optional[bool] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class ClientKey(_message.Message):
-    __slots__ = ("name", "sha256", "tenants", "expires_at", "revoked", "allowance")
+    __slots__ = ("name", "sha256", "tenants", "expires_at", "revoked", "allowance", "limits")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     TENANTS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     ALLOWANCE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     name: str
     sha256: str
     tenants: _containers.RepeatedScalarFieldContainer[str]
     expires_at: int
     revoked: bool
     allowance: Allowance
-    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., tenants: _Optional[_Iterable[str]] = ..., expires_at: _Optional[int] = ..., revoked: _Optional[bool] = ..., allowance: _Optional[_Union[Allowance, _Mapping]] = ...) -> None: ...
+    limits: ClientLimits
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., tenants: _Optional[_Iterable[str]] = ..., expires_at: _Optional[int] = ..., revoked: _Optional[bool] = ..., allowance: _Optional[_Union[Allowance, _Mapping]] = ..., limits: _Optional[_Union[ClientLimits, _Mapping]] = ...) -> None: ...
 
 class Allowance(_message.Message):
     __slots__ = ("aliases", "models", "data_classes")
@@ -56,7 +119,7 @@ class AllowList(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("name", "namespace", "generation", "aliases", "match_headers", "models", "strategy", "retries", "timeout_ms", "session_header", "personal_data", "recording")
+    __slots__ = ("name", "namespace", "generation", "aliases", "match_headers", "models", "strategy", "retries", "timeout_ms", "session_header", "personal_data", "recording", "budget")
     class MatchHeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +139,7 @@ class Policy(_message.Message):
     SESSION_HEADER_FIELD_NUMBER: _ClassVar[int]
     PERSONAL_DATA_FIELD_NUMBER: _ClassVar[int]
     RECORDING_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     generation: int
@@ -88,7 +152,22 @@ class Policy(_message.Message):
     session_header: str
     personal_data: PersonalData
     recording: Recording
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., generation: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., match_headers: _Optional[_Mapping[str, str]] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, _Mapping]] = ..., retries: _Optional[_Union[Retries, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., session_header: _Optional[str] = ..., personal_data: _Optional[_Union[PersonalData, _Mapping]] = ..., recording: _Optional[_Union[Recording, _Mapping]] = ...) -> None: ...
+    budget: BudgetAction
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., generation: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., match_headers: _Optional[_Mapping[str, str]] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, _Mapping]] = ..., retries: _Optional[_Union[Retries, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., session_header: _Optional[str] = ..., personal_data: _Optional[_Union[PersonalData, _Mapping]] = ..., recording: _Optional[_Union[Recording, _Mapping]] = ..., budget: _Optional[_Union[BudgetAction, _Mapping]] = ...) -> None: ...
+
+class BudgetAction(_message.Message):
+    __slots__ = ("on_exhausted", "downgrade_to")
+    class OnExhausted(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        REJECT: _ClassVar[BudgetAction.OnExhausted]
+        DOWNGRADE: _ClassVar[BudgetAction.OnExhausted]
+    REJECT: BudgetAction.OnExhausted
+    DOWNGRADE: BudgetAction.OnExhausted
+    ON_EXHAUSTED_FIELD_NUMBER: _ClassVar[int]
+    DOWNGRADE_TO_FIELD_NUMBER: _ClassVar[int]
+    on_exhausted: BudgetAction.OnExhausted
+    downgrade_to: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, on_exhausted: _Optional[_Union[BudgetAction.OnExhausted, str]] = ..., downgrade_to: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Recording(_message.Message):
     __slots__ = ("record", "max_age_s", "max_bytes", "shadow")
