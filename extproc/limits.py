@@ -266,7 +266,10 @@ class LimitExceeded(GatewayError):
             need = f"${amount:.6g}" if counter.kind is Kind.USD else f"{amount:g}"
             why = f"this request needs {need}, more than the {counter.describe()} allows"
         elif counter.kind is Kind.USD:
-            why = f"the {counter.describe()} is spent (${refusal.used:.6g} used)"
+            why = (
+                f"the {counter.describe()} is spent (${refusal.used:.6g} used or reserved by "
+                f"requests in flight; this one may cost up to ${amount:.6g})"
+            )
         else:
             why = f"the {counter.describe()} is reached"
         super().__init__(

@@ -128,12 +128,16 @@ class LocalInputs:
 
 
 def policy_files(paths: list[str]) -> list[Path]:
-    """Every YAML file named or found under ``paths``, sorted."""
+    """Every YAML file named, or directly in a directory named (as ``kubectl apply -f DIR``:
+    subdirectories are not read, so ``examples/tenants/`` is not part of ``-f examples/``),
+    sorted."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files.extend(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
+            files.extend(
+                p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()
+            )
         elif path.exists():
             files.append(path)
         else:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from pathlib import Path
@@ -217,6 +218,26 @@ def test_local_mode_reads_client_keys_documents(tmp_path: Path) -> None:
     (tmp_path / "keys.yaml").write_text(yaml.safe_dump(keys_doc(key("a", ALICE))))
     keys = load_inputs([str(tmp_path)]).client_keys
     assert keys is not None and [k.name for k in keys] == ["a"]
+
+
+def test_a_folder_is_read_without_its_subfolders(tmp_path: Path) -> None:
+    """As `kubectl apply -f DIR`: `-f examples/` does not pick up examples/tenants/ (whose keys
+    would switch authentication on for `make up`)."""
+    (tmp_path / "policy.yaml").write_text(EXAMPLE.read_text())
+    (tmp_path / "tenants").mkdir()
+    (tmp_path / "tenants" / "keys.yaml").write_text(yaml.safe_dump(keys_doc(key("a", ALICE))))
+    assert load_inputs([str(tmp_path)]).client_keys is None
+    keys = load_inputs([str(tmp_path), str(tmp_path / "tenants")]).client_keys
+    assert keys is not None and [k.name for k in keys] == ["a"]
+
+
+def test_the_tenants_example_loads_with_the_demo_keys() -> None:
+    inputs = load_inputs([str(EXAMPLE.parent / "tenants")])
+    assert inputs.client_keys is not None
+    assert sorted(k.name for k in inputs.client_keys) == ["batch", "demo"]
+    digests = {k.name: k.sha256 for k in inputs.client_keys}
+    assert digests["demo"] == hashlib.sha256(b"sk-switchyard-demo").hexdigest()
+    assert digests["batch"] == hashlib.sha256(b"sk-switchyard-batch-demo").hexdigest()
 
 
 def state_with(doc: dict[str, Any]) -> RuntimeState:
