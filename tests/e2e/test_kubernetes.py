@@ -8,6 +8,7 @@ before left (pytest runs a module's tests in order)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -205,6 +206,52 @@ def test_the_first_request_through_port_forward(install: Install) -> None:
     finally:
         forward.terminate()
         forward.wait(timeout=30)
+
+
+TRIAL_KEY = "sk-switchyard-e2e-trial"
+TRIAL_KEYS = f"""
+apiVersion: switchyard.dev/v1alpha1
+kind: ClientKeys
+metadata: {{name: trial, namespace: {NAMESPACE}}}
+spec:
+  tenants:
+  - {{name: trial, limits: {{requestsPerMinute: 3}}}}
+  keys:
+  - {{name: trial, tenant: trial, sha256: {hashlib.sha256(TRIAL_KEY.encode()).hexdigest()}}}
+"""
+
+
+def test_clientkeys_applied_with_kubectl_give_401_then_429(install: Install) -> None:
+    """README "Tenants and limits": a ClientKeys resource switches keys on (401 without one);
+    its tenant's rate limit answers 429 with Retry-After; deleting it switches keys off. No
+    Redis in this install: each ext_proc worker counts on its own (the limit holds per worker)."""
+    node = install.node
+    url = install.gateway_url() + "/v1/chat/completions"
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+
+    def call(key: str | None = None) -> tuple[int, str]:
+        argv = ["curl", "-s", "-o", "/dev/null", "-D", "-", "-w", "%{http_code}", url]
+        argv += ["-H", "content-type: application/json", "-d", body]
+        if key is not None:
+            argv += ["-H", f"authorization: Bearer {key}"]
+        out = node.run(argv, timeout=30).stdout
+        return int(out[-3:]), out[:-3].lower()
+
+    node.kubectl("apply", "-f", "-", input=TRIAL_KEYS)
+    poll(lambda: call()[0] == 401, 60, "keys switched on (401 without a key)", interval=0.5)
+    ready = node.kubectl("-n", NAMESPACE, "get", "clientkeys", "trial", "--no-headers")
+    assert ready.split()[1] == "True", ready  # the READY printer column
+    codes: list[int] = []
+    for _ in range(40):
+        code, head = call(TRIAL_KEY)
+        codes.append(code)
+        if code == 429:
+            assert "retry-after:" in head, head
+            break
+    assert codes[0] == 200 and codes[-1] == 429, codes
+    assert set(codes) == {200, 429}, codes
+    node.kubectl("-n", NAMESPACE, "delete", "clientkeys", "trial")
+    poll(lambda: call()[0] == 200, 60, "keys switched off again", interval=0.5)
 
 
 def test_a_deleted_model_pod_fails_over_then_recovers(install: Install) -> None:
