@@ -135,9 +135,7 @@ def policy_files(paths: list[str]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files.extend(
-                p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()
-            )
+            files.extend(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
         elif path.exists():
             files.append(path)
         else:
