@@ -458,21 +458,38 @@ def status_schema() -> dict[str, Any]:
     }
 
 
-def crd() -> dict[str, Any]:
-    """The whole CustomResourceDefinition."""
+READY_COLUMN = {
+    "name": "Ready",
+    "type": "string",
+    "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+}
+AGE_COLUMN = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+
+
+def namespaced_crd(
+    kind: str,
+    plural: str,
+    short_name: str,
+    columns: list[dict[str, str]],
+    description: str,
+    spec: dict[str, Any],
+    status: dict[str, Any],
+) -> dict[str, Any]:
+    """A namespaced CustomResourceDefinition of this group and version, with a status
+    subresource and the Ready, ``columns`` and Age printer columns."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": "RoutePolicy",
-                "listKind": "RoutePolicyList",
-                "plural": PLURAL,
-                "singular": "routepolicy",
-                "shortNames": ["rp"],
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short_name],
             },
             "versions": [
                 {
@@ -480,34 +497,18 @@ def crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {
-                            "name": "Ready",
-                            "type": "string",
-                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
-                        },
-                        {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.type"},
-                        {"name": "Models", "type": "integer", "jsonPath": ".status.modelCount"},
-                        {
-                            "name": "Bundle",
-                            "type": "string",
-                            "description": "The fitted router bundle in force (refits).",
-                            "jsonPath": ".status.router.activeBundle",
-                        },
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
+                    "additionalPrinterColumns": [READY_COLUMN, *columns, AGE_COLUMN],
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "description": "RoutePolicy routes OpenAI-style requests to the "
-                            "cheapest model that can answer them well.",
+                            "description": description,
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
-                                "spec": spec_schema(),
-                                "status": status_schema(),
+                                "spec": spec,
+                                "status": status,
                             },
                         }
                     },
@@ -515,6 +516,28 @@ def crd() -> dict[str, Any]:
             ],
         },
     }
+
+
+def crd() -> dict[str, Any]:
+    """The whole RoutePolicy CustomResourceDefinition."""
+    return namespaced_crd(
+        "RoutePolicy",
+        PLURAL,
+        "rp",
+        [
+            {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.type"},
+            {"name": "Models", "type": "integer", "jsonPath": ".status.modelCount"},
+            {
+                "name": "Bundle",
+                "type": "string",
+                "description": "The fitted router bundle in force (refits).",
+                "jsonPath": ".status.router.activeBundle",
+            },
+        ],
+        "RoutePolicy routes OpenAI-style requests to the cheapest model that can answer them well.",
+        spec_schema(),
+        status_schema(),
+    )
 
 
 def render() -> str:
@@ -610,58 +633,22 @@ def client_keys_status_schema() -> dict[str, Any]:
 
 def client_keys_crd() -> dict[str, Any]:
     """The ClientKeys CustomResourceDefinition."""
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{CLIENT_KEYS_PLURAL}.{GROUP}"},
-        "spec": {
-            "group": GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": "ClientKeys",
-                "listKind": "ClientKeysList",
-                "plural": CLIENT_KEYS_PLURAL,
-                "singular": "clientkeys",
-                "shortNames": ["ck"],
-            },
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {
-                            "name": "Ready",
-                            "type": "string",
-                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
-                        },
-                        {"name": "Tenants", "type": "integer", "jsonPath": ".status.tenantCount"},
-                        {"name": "Keys", "type": "integer", "jsonPath": ".status.keyCount"},
-                        {"name": "Active", "type": "integer", "jsonPath": ".status.activeKeys"},
-                        {"name": "Budget USD", "type": "number", "jsonPath": ".status.budgetUsd"},
-                        {"name": "Spent USD", "type": "number", "jsonPath": ".status.spentUsd"},
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "ClientKeys: tenants and the API keys clients send "
-                            "to the gateway (stored as SHA-256, or read from Secrets).",
-                            "required": ["spec"],
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": client_keys_spec_schema(),
-                                "status": client_keys_status_schema(),
-                            },
-                        }
-                    },
-                }
-            ],
-        },
-    }
+    return namespaced_crd(
+        "ClientKeys",
+        CLIENT_KEYS_PLURAL,
+        "ck",
+        [
+            {"name": "Tenants", "type": "integer", "jsonPath": ".status.tenantCount"},
+            {"name": "Keys", "type": "integer", "jsonPath": ".status.keyCount"},
+            {"name": "Active", "type": "integer", "jsonPath": ".status.activeKeys"},
+            {"name": "Budget USD", "type": "number", "jsonPath": ".status.budgetUsd"},
+            {"name": "Spent USD", "type": "number", "jsonPath": ".status.spentUsd"},
+        ],
+        "ClientKeys: tenants and the API keys clients send to the gateway (stored as SHA-256, "
+        "or read from Secrets).",
+        client_keys_spec_schema(),
+        client_keys_status_schema(),
+    )
 
 
 def render_client_keys() -> str:
