@@ -639,7 +639,11 @@ def verdict(res: FitResult) -> str:
     """One plain sentence on whether these outcomes are enough to beat the length router."""
     m = res.cv_figures["mean"]
     if not res.cv_figures["pairs"]:
-        return f"no two models differ by {MIN_GAP} or more in mean score: nothing to route"
+        return (
+            "too few outcomes to beat the length router: no two models have outcomes on 10 or "
+            f"more shared prompts with mean scores {MIN_GAP} or more apart, so there is no "
+            "routing decision to learn"
+        )
     fitted, length = m["fitted"]["apgr"], m["length"]["apgr"]
     if res.beats_length:
         return (
