@@ -310,6 +310,12 @@ def cmd_fit(args: argparse.Namespace, stdout: IO[str], report: dict[str, Any]) -
         f"cross-validation ({res.cv.folds} folds): alpha {res.cv.alpha:g}, token-bag weight "
         f"{res.cv.beta:g}; {res.seconds['total']:.1f} s\n"
     )
+    for j, m in enumerate(outs.models):
+        c = res.stack[:, j]
+        stdout.write(
+            f"blend for {m}: ridge x {c[3]:.2f} + difficulty logit x {c[1]:.3f} + length x "
+            f"{c[2]:.3f}\n"
+        )
     for label, m in (("cross-validated", cvm), (f"held-out ({res.n_holdout} prompts)", hm)):
         if m:
             stdout.write(
@@ -324,16 +330,12 @@ def cmd_fit(args: argparse.Namespace, stdout: IO[str], report: dict[str, Any]) -
             "there is no routing decision to learn\n"
         )
     if not res.beats_length:
-        msg = (
-            f"too few outcomes to beat the length router: with {res.n_outcomes} outcomes on "
-            f"{res.n_prompts} prompts the fitted router's cross-validated mean APGR "
-            f"({cvm.get('fitted', {}).get('apgr', float('nan')):.3f}) is not above the length "
-            f"router's ({cvm.get('length', {}).get('apgr', float('nan')):.3f}); collect more "
-            "outcomes (see docs/router-model.md for the learning curve)"
-        )
+        msg = fit.verdict(res) + "; collect more outcomes (see docs/router-model.md)"
         if not args.force:
             raise fit.TooFewOutcomes(msg + "; nothing written (--force writes it anyway)")
         stdout.write("warning: " + msg + "\n")
+    else:
+        stdout.write(fit.verdict(res) + "\n")
     command = "switchyard router fit " + " ".join(
         [*(f"--outcomes {p}" for p in args.outcomes), f"--out {args.out}"]
         + ([f"--models {args.models}"] if args.models else [])

@@ -9,13 +9,18 @@ From outcome records (``switchyard.training.outcomes``) to a bundle the gateway 
 2. One ridge regression per model on [standardised dense | beta x bag], in closed form from one
    eigendecomposition per fold (so the penalty grid is nearly free). The bag weight
    ``beta`` (0 = dense features only) and the penalty ``alpha`` are chosen by k-fold
-   cross-validation (mean squared error of the predicted score gap of every pair of models) on
-   the outcomes given, nothing else.
-3. A held-out slice (20 % of prompts by a hash of the text) is scored by a model fitted on the
+   cross-validation on the outcomes given, nothing else, by how well each fold's model ranks
+   its prompts (correlation of the predicted and observed score gap of every pair of models).
+3. The ridge prediction is blended per model with the base bundle's difficulty logit and the
+   log length, the four coefficients fitted on the out-of-fold predictions (``fit_stack``):
+   with few outcomes the ridge's weight goes to 0 and the head falls back to the base
+   bundle's ranking; as outcomes grow the fitted part takes over. The blend is linear, so it
+   folds into the same head.
+4. A held-out slice (20 % of prompts by a hash of the text) is scored by a model fitted on the
    rest with the chosen settings: APGR and strong-call share for 95 % quality for every pair of
    models whose mean scores differ, against the length router and the base bundle's
    difficulty. The bundle's head is then refitted on all outcomes.
-4. The head is appended to the base graph (one ONNX graph: ``predicted`` [batch, models],
+5. The head is appended to the base graph (one ONNX graph: ``predicted`` [batch, models],
    clipped to [0, 1], next to the base's ``difficulty`` and ``categories``), and ``router.yaml``
    records the outcome files' hashes, counts, the CV choice and the held-out figures.
 
@@ -55,6 +60,14 @@ BASE = "builtin:default"
 FEATURES = "fit/features"
 ALPHAS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0)
 BETAS = (0.0, 1.0, 3.0, 10.0, 30.0)
+#: weight of the base bundle's difficulty logit relative to the other standardised columns: its
+#: penalty is ``alpha / gamma**2``, so a large ``gamma`` keeps the default's ranking as a prior
+#: that few outcomes can rescale per model but not shrink away
+GAMMAS = (1.0,)
+#: the column of the difficulty logit in the dense features (then the 7 category probabilities)
+PRIOR = -8
+#: the column of log(tokens + 1) / 6 in the dense features (after the 128-d embedding)
+LENGTH = 128
 HOLDOUT_FRACTION = 0.2
 MIN_PROMPTS = 20
 #: pairs whose mean scores differ by less than this are not a routing decision
@@ -145,6 +158,14 @@ class Design:
         return Design(
             self.dense[rows], self.bag[rows], self.mean, self.scale, self.vocab, self.weight
         )
+
+    def with_prior(self, gamma: float) -> Design:
+        """The design with the difficulty-logit column multiplied by ``gamma``."""
+        if gamma == 1.0:
+            return self
+        dense = self.dense.copy()
+        dense[:, PRIOR] *= gamma
+        return Design(dense, self.bag, self.mean, self.scale, self.vocab, self.weight)
 
 
 def design(dense: F64, counts: sp.csr_matrix, max_vocab: int) -> Design:
@@ -240,7 +261,17 @@ def _groups(scores: F64) -> list[list[int]]:
     return list(out.values())
 
 
-def fit_head(d: Design, rows: npt.NDArray[np.intp], scores: F64, alpha: float, beta: float) -> Head:
+def fit_head(
+    d: Design,
+    rows: npt.NDArray[np.intp],
+    scores: F64,
+    alpha: float,
+    beta: float,
+    gamma: float = 1.0,
+) -> Head:
+    """Ridge per group of models on ``d``'s rows; weights are on ``d``'s own (unweighted)
+    standardised columns."""
+    d = d.with_prior(gamma)
     m = scores.shape[1]
     wd = np.zeros((d.dense.shape[1] + 1, m))
     wb = np.zeros((d.vocab.size, m))
@@ -250,6 +281,7 @@ def fit_head(d: Design, rows: npt.NDArray[np.intp], scores: F64, alpha: float, b
             continue
         ((w, b),) = ridge_path(_columns(d, have, beta), scores[np.ix_(have, group)], [alpha])
         wd[:, group], wb[:, group] = _head_part(d, beta, w, b)
+    wd[PRIOR] *= gamma  # back to the unweighted column
     return Head(wd, wb)
 
 
@@ -257,8 +289,9 @@ def fit_head(d: Design, rows: npt.NDArray[np.intp], scores: F64, alpha: float, b
 class CVResult:
     alpha: float
     beta: float
+    gamma: float
     folds: int
-    criterion: dict[str, float]  # "alpha/beta" -> out-of-fold error
+    criterion: dict[str, float]  # "alpha/beta/gamma" -> out-of-fold gap correlation
     oof: F64  # out-of-fold predictions of the chosen setting [rows, models]
     fold_of: npt.NDArray[np.intp]  # the fold of each row
 
@@ -278,6 +311,34 @@ def cv_error(pred: F64, y: F64) -> float:
                 gap = (pred[ok, j] - pred[ok, i]) - (y[ok, j] - y[ok, i])
                 errs.append(float(np.mean(gap**2)))
     return float(np.mean(errs)) if errs else float("nan")
+
+
+def _corr(a: F64, b: F64) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    den = float(np.sqrt((a @ a) * (b @ b)))
+    return float(a @ b) / den if den > 1e-12 else 0.0
+
+
+def cv_rank(pred: F64, y: F64, fold_of: npt.NDArray[np.intp]) -> float:
+    """Mean over folds and pairs of models of the correlation between the predicted and the
+    observed score gap (of the scores when there is one model): how well each fold's model
+    *ranks* prompts for a routing decision, whatever the scale of its predictions (a squared
+    error rewards shrinking towards the mean, which ranks prompts by noise)."""
+    m = y.shape[1]
+    pairs = [(0, 0)] if m == 1 else [(i, j) for i in range(m) for j in range(i + 1, m)]
+    vals = []
+    for k in np.unique(fold_of):
+        f = fold_of == k
+        for i, j in pairs:
+            ok = f & np.isfinite(y[:, i]) & np.isfinite(y[:, j])
+            if ok.sum() < 3:
+                continue
+            if i == j:
+                vals.append(_corr(pred[ok, i], y[ok, i]))
+            else:
+                vals.append(_corr(pred[ok, j] - pred[ok, i], y[ok, j] - y[ok, i]))
+    return float(np.mean(vals)) if vals else 0.0
 
 
 def _kernel_path(
@@ -316,6 +377,10 @@ def _kernel_path(
     return out
 
 
+def _key(a: float, b: float, g: float) -> str:
+    return f"{a:g}/{b:g}/{g:g}"
+
+
 def cross_validate(
     d: Design,
     rows: npt.NDArray[np.intp],
@@ -324,13 +389,14 @@ def cross_validate(
     alphas: Sequence[float] = ALPHAS,
     betas: Sequence[float] = BETAS,
     seed: int = 0,
+    gammas: Sequence[float] = GAMMAS,
 ) -> CVResult:
-    """k-fold CV over (alpha, beta) on ``rows``; the error is ``cv_error``. ``fold_of`` in the
-    result's ``oof`` order is ``rows``' order."""
+    """k-fold CV over (alpha, beta, gamma) on ``rows``; the error is ``cv_error``.
+    ``fold_of`` in the result's ``oof`` order is ``rows``' order."""
     folds = max(2, min(folds, len(rows)))
     fold_of = np.random.default_rng(seed).permutation(len(rows)) % folds
     m = scores.shape[1]
-    settings = [(a, b) for b in betas for a in alphas]
+    settings = [(a, b, g) for g in gammas for b in betas for a in alphas]
     oof = {s: np.full((len(rows), m), np.nan) for s in settings}
     p = d.dense.shape[1] + d.vocab.size
     for group_list in _groups(scores[rows]):
@@ -343,26 +409,73 @@ def cross_validate(
         if dual:  # kernels of the group's rows, once; folds take sub-blocks
             kd = d.dense[g_rows] @ d.dense[g_rows].T
             kb = np.asarray((d.bag[g_rows] @ d.bag[g_rows].T).toarray())
-        for k in range(folds):
-            te = np.flatnonzero(g_fold == k)
-            tr = np.flatnonzero(g_fold != k)
-            if te.size == 0 or tr.size < 2:
-                continue
-            y = scores[np.ix_(g_rows[tr], group)]
-            for b in betas:
-                if dual and b:
-                    path = _kernel_path(
-                        kd[np.ix_(tr, tr)], kb[np.ix_(tr, tr)], d, g_rows[tr], y, b, alphas
-                    )
-                else:
-                    path = ridge_path(_columns(d, g_rows[tr], b), y, alphas)
-                for a, (w, c) in zip(alphas, path, strict=True):
-                    wd, wb = _head_part(d, b, w, c)
-                    oof[(a, b)][np.ix_(g_pos[te], group)] = predict(d, g_rows[te], wd, wb)
+            prior = d.dense[g_rows, PRIOR]
+            kp = np.outer(prior, prior)
+        for g in gammas:
+            dg = d.with_prior(g)
+            kdg = kd + (g * g - 1.0) * kp if dual else None
+            for k in range(folds):
+                te = np.flatnonzero(g_fold == k)
+                tr = np.flatnonzero(g_fold != k)
+                if te.size == 0 or tr.size < 2:
+                    continue
+                y = scores[np.ix_(g_rows[tr], group)]
+                for b in betas:
+                    if kdg is not None and b:
+                        path = _kernel_path(
+                            kdg[np.ix_(tr, tr)], kb[np.ix_(tr, tr)], dg, g_rows[tr], y, b, alphas
+                        )
+                    else:
+                        path = ridge_path(_columns(dg, g_rows[tr], b), y, alphas)
+                    for a, (w, c) in zip(alphas, path, strict=True):
+                        wd, wb = _head_part(dg, b, w, c)
+                        oof[(a, b, g)][np.ix_(g_pos[te], group)] = predict(dg, g_rows[te], wd, wb)
     y = scores[rows]
-    crit = {f"{a:g}/{b:g}": cv_error(oof[(a, b)], y) for a, b in settings}
-    best = min(settings, key=lambda s: crit[f"{s[0]:g}/{s[1]:g}"])
-    return CVResult(best[0], best[1], folds, crit, oof[best], fold_of)
+    crit = {_key(*s): cv_rank(oof[s], y, fold_of) for s in settings}
+    best = max(settings, key=lambda s: crit[_key(*s)])
+    return CVResult(best[0], best[1], best[2], folds, crit, oof[best], fold_of)
+
+
+# --- stacking -----------------------------------------------------------------------------
+# The ridge head is one input of a per-model linear blend fitted on its out-of-fold predictions:
+# y_j ~ c + a * difficulty logit + l * log length + s * ridge_j. Four coefficients per model are
+# estimated well from a hundred outcomes, so with few outcomes (out-of-fold ridge predictions
+# that are noise) s goes to 0 and the head falls back to the base bundle's ranking, and as the
+# outcomes grow the fitted part takes over. The blend is linear in the features, so it folds
+# into the same head.
+def fit_stack(d: Design, rows: npt.NDArray[np.intp], scores: F64, oof: F64) -> F64:
+    """Blend coefficients [4, models]: intercept, difficulty logit, length, ridge prediction
+    (``oof``: out-of-fold ridge predictions of ``rows``, in ``rows``' order)."""
+    m = scores.shape[1]
+    coef = np.zeros((4, m))
+    for j in range(m):
+        ok = np.isfinite(scores[rows, j])
+        if ok.sum() < 2:
+            coef[3, j] = 1.0
+            continue
+        r = rows[ok]
+        x = np.column_stack([np.ones(r.size), d.dense[r, PRIOR], d.dense[r, LENGTH], oof[ok, j]])
+        y = scores[r, j]
+        c = np.linalg.solve(x.T @ x + 1e-6 * np.eye(4), x.T @ y)
+        if c[3] < 0:  # the ridge ranks the wrong way round: leave it out
+            c = np.r_[np.linalg.solve(x[:, :3].T @ x[:, :3] + 1e-6 * np.eye(3), x[:, :3].T @ y), 0]
+        coef[:, j] = c
+    return coef
+
+
+def stacked_oof(d: Design, rows: npt.NDArray[np.intp], oof: F64, coef: F64) -> F64:
+    lin = coef[0] + np.outer(d.dense[rows, PRIOR], coef[1])
+    lin += np.outer(d.dense[rows, LENGTH], coef[2]) + oof * coef[3]
+    return np.asarray(np.clip(lin, 0.0, 1.0))
+
+
+def apply_stack(head: Head, coef: F64) -> Head:
+    """The ridge head blended with the prior and length terms (one linear head again)."""
+    wd = head.wd * coef[3]
+    wd[0] += coef[0]
+    wd[PRIOR] += coef[1]
+    wd[1 + LENGTH] += coef[2]
+    return Head(wd, head.wb * coef[3])
 
 
 # --- routing figures -----------------------------------------------------------------------
@@ -456,6 +569,7 @@ class FitResult:
     figures: dict[str, Any]  # held-out
     cv_figures: dict[str, Any]  # out-of-fold on the fitting part
     beats_length: bool
+    stack: F64  # [4, models]: intercept, difficulty logit, length, ridge weight
     n_prompts: int
     n_outcomes: int
     n_holdout: int
@@ -469,6 +583,7 @@ def fit(
     folds: int = 5,
     alphas: Sequence[float] = ALPHAS,
     betas: Sequence[float] = BETAS,
+    gammas: Sequence[float] = GAMMAS,
 ) -> FitResult:
     """Cross-validate, measure on the held-out slice, refit on everything (see module doc)."""
     n = len(outs.texts)
@@ -485,12 +600,14 @@ def fit(
     if hold.sum() < 5 or (~hold).sum() < MIN_PROMPTS:  # tiny sets: hold out a fixed fifth
         hold = np.arange(n) % 5 == 4
     fit_rows, hold_rows = np.flatnonzero(~hold), np.flatnonzero(hold)
-    cv = cross_validate(d, fit_rows, outs.scores, folds, alphas, betas)
+    cv = cross_validate(d, fit_rows, outs.scores, folds, alphas, betas, gammas=gammas)
     t_cv = time.perf_counter() - t0 - t_feat
     length = np.array([len(t) for t in outs.texts], dtype=np.float64)
     difficulty = dense[:, -8]  # the base bundle's difficulty logit
+    stack = fit_stack(d, fit_rows, outs.scores, cv.oof)
+    cv.oof = stacked_oof(d, fit_rows, cv.oof, stack)
     cv_fig = fold_figures(outs, fit_rows, cv, length, difficulty)
-    part = fit_head(d, fit_rows, outs.scores, cv.alpha, cv.beta)
+    part = apply_stack(fit_head(d, fit_rows, outs.scores, cv.alpha, cv.beta, cv.gamma), stack)
     held = predict(d, hold_rows, part.wd, part.wb)
     fig = pair_figures(
         outs.scores[hold_rows],
@@ -500,7 +617,7 @@ def fit(
     )
     ok = np.isfinite(outs.scores[hold_rows])
     fig["mse"] = round(float(np.mean((held[ok] - outs.scores[hold_rows][ok]) ** 2)), 5)
-    head = fit_head(d, np.arange(n), outs.scores, cv.alpha, cv.beta)
+    head = apply_stack(fit_head(d, np.arange(n), outs.scores, cv.alpha, cv.beta, cv.gamma), stack)
     means = cv_fig["mean"]
     beats = bool(cv_fig["pairs"]) and means["fitted"]["apgr"] > means["length"]["apgr"]
     return FitResult(
@@ -510,10 +627,33 @@ def fit(
         fig,
         cv_fig,
         beats,
+        stack,
         n,
         outs.n_outcomes,
         len(hold_rows),
         {"features": t_feat, "cv": t_cv, "total": time.perf_counter() - t0},
+    )
+
+
+def verdict(res: FitResult) -> str:
+    """One plain sentence on whether these outcomes are enough to beat the length router."""
+    m = res.cv_figures["mean"]
+    if not res.cv_figures["pairs"]:
+        return (
+            "too few outcomes to beat the length router: no two models have outcomes on 10 or "
+            f"more shared prompts with mean scores {MIN_GAP} or more apart, so there is no "
+            "routing decision to learn"
+        )
+    fitted, length = m["fitted"]["apgr"], m["length"]["apgr"]
+    if res.beats_length:
+        return (
+            f"enough outcomes: cross-validated mean APGR {fitted:.3f} beats the length "
+            f"router's {length:.3f}"
+        )
+    return (
+        f"too few outcomes to beat the length router: with {res.n_outcomes} outcomes on "
+        f"{res.n_prompts} prompts the cross-validated mean APGR ({fitted:.3f}) is not above "
+        f"the length router's ({length:.3f})"
     )
 
 
@@ -620,14 +760,27 @@ def write_bundle(
         "base": f"{featurizer.base} ({base.name}@{base.version}, model.onnx sha256 "
         f"{sha256_file(base.model_path)})",
         "head": "ridge per model on [standardised base features + difficulty logit + category "
-        "probabilities | beta x token bag (count/n x idf)], clipped to [0, 1]",
+        "probabilities | beta x token bag (count/n x idf)], blended per model with the "
+        "difficulty logit and log length (coefficients fitted on out-of-fold predictions), "
+        "clipped to [0, 1]",
+        "blend": {
+            m: {
+                "intercept": _r(res.stack[0, j]),
+                "difficulty_logit": _r(res.stack[1, j]),
+                "length": _r(res.stack[2, j]),
+                "ridge": _r(res.stack[3, j]),
+            }
+            for j, m in enumerate(outs.models)
+        },
         "vocab": int(res.design.vocab.size),
         "cv": {
             "folds": res.cv.folds,
-            "criterion": "out-of-fold mean squared error of the predicted score gap of every "
-            "pair of models (alpha/beta -> error)",
+            "criterion": "out-of-fold correlation of the predicted and observed score gap of "
+            "every pair of models, mean over folds (alpha/beta/gamma -> correlation; gamma: "
+            "weight of the base's difficulty logit, whose penalty is alpha / gamma^2)",
             "alpha": res.cv.alpha,
             "beta": res.cv.beta,
+            "gamma": res.cv.gamma,
             "errors": {k: round(v, 5) for k, v in res.cv.criterion.items()},
         },
     }
@@ -653,7 +806,11 @@ def write_bundle(
             "prompts": res.n_holdout,
             **res.figures,
         },
-        "cross_validated": {"mean": res.cv_figures["mean"], "beats_length": res.beats_length},
+        "cross_validated": {
+            "mean": res.cv_figures["mean"],
+            "beats_length": res.beats_length,
+            "verdict": verdict(res),
+        },
     }
     (out / "router.yaml.tmp").write_text(
         yaml.safe_dump(doc, sort_keys=False, width=100), encoding="utf-8"

@@ -6,9 +6,9 @@
   (word 1-2 grams, sublinear tf) + ridge regression on the quality gap with its penalty chosen by
   generalised CV on the same half (``RidgeCV``), the length router and the default bundle's
   difficulty. Figures: APGR and the strong-call share for 95 % of the strong model's quality.
-* Learning curve: the same pairs, fitted on 100 / 300 / 1,000 / 3,000 outcomes (half as many
-  prompts, two models each) drawn from the pair's *train*-split prompts (the dev halves are too
-  small for 3,000), scored on all of the pair's dev prompts.
+* Learning curve on the dev split's own outcomes: each pair's dev prompts in 5 folds, every fold
+  scored by routers fitted on 100 / 300 / 1,000 / 3,000 outcomes (half as many prompts, two
+  models each) drawn from the other folds (3,000 only where the other folds hold 1,500 prompts).
 * Fit time vs outcomes and models (timing only: real prompts, random outcomes), and scoring
   latency of fitted bundles for 2 / 4 / 8 models (batch 1, one thread, 512 tokens).
 """
@@ -121,27 +121,32 @@ def quality(examples: list[data.Example], feat: fit.Featurizer, seeds: int) -> N
     _table(rows)
 
 
-def learning_curve(examples: list[data.Example], feat: fit.Featurizer, seeds: int) -> None:
+def learning_curve(examples: list[data.Example], feat: fit.Featurizer, folds: int = 5) -> None:
     print(
-        f"\nlearning curve: fitted on N outcomes (N/2 train-split prompts, {seeds} draws), "
-        "scored on the pair's dev prompts; mean over the 6 pairs (APGR / calls@95)"
+        "\nlearning curve on the dev split's own outcomes: each pair's dev prompts in "
+        f"{folds} folds; every fold scored by routers fitted on N outcomes (N/2 prompts x 2 "
+        "models) drawn from the other folds; mean over the pairs with enough prompts "
+        "(APGR / calls@95)"
     )
-    train = _workloads(examples, "train")
     dev = _workloads(examples, "dev")
     print(
-        f"{'outcomes':>9} "
+        f"{'outcomes':>9} {'pairs':>5} "
         + " ".join(f"{r:>17}" for r in ROUTERS)
-        + "   fitted beats (of 6): length, default, tfidf"
+        + "   fitted beats (pairs): length, default, tfidf"
     )
     for n in CURVE:
         per_pair: dict[str, dict[str, list[tuple[float, float]]]] = {}
-        for key, (texts, o) in train.items():
-            d_texts, d_o = dev[key]
+        for key, (texts, o) in dev.items():
+            fold_of = np.random.default_rng(7).permutation(len(texts)) % folds
+            if (len(texts) - np.sum(fold_of == 0)) < n // 2:
+                continue
             per: dict[str, list[tuple[float, float]]] = {r: [] for r in ROUTERS}
-            for seed in range(seeds):
-                pick = np.random.default_rng(100 + seed).permutation(len(texts))[: n // 2]
-                s = _scores(feat, [texts[i] for i in pick], o[pick], d_texts)
-                for name, v in _evaluate(s, d_o).items():
+            for k in range(folds):
+                pool = np.flatnonzero(fold_of != k)
+                test = np.flatnonzero(fold_of == k)
+                pick = np.random.default_rng(100 + k).permutation(pool)[: n // 2]
+                s = _scores(feat, [texts[i] for i in pick], o[pick], [texts[i] for i in test])
+                for name, v in _evaluate(s, o[test]).items():
                     per[name].append(v)
             per_pair[key] = per
         mean = {
@@ -159,9 +164,10 @@ def learning_curve(examples: list[data.Example], feat: fit.Featurizer, seeds: in
             for other in ("length", "default", "tfidf_ridge")
         ]
         print(
-            f"{n:9d} "
+            f"{n:9d} {len(per_pair):5d} "
             + " ".join(f"{mean[r][0]:8.3f} / {mean[r][1]:5.2f}" for r in ROUTERS)
-            + f"   {wins[0]}, {wins[1]}, {wins[2]}"
+            + f"   {wins[0]}, {wins[1]}, {wins[2]}",
+            flush=True,
         )
 
 
@@ -228,4 +234,4 @@ def run(args: Any) -> None:
     if "quality" in sections:
         quality(examples, feat, args.seeds)
     if "curve" in sections:
-        learning_curve(examples, feat, args.seeds)
+        learning_curve(examples, feat)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+import scipy.sparse as sp
 import yaml
 from routing_data import EASY, HARD
 
@@ -149,6 +150,44 @@ def test_fit_learns_the_topic_and_beats_length_and_default(fitted: tuple[Path, P
     assert doc["training"]["outcomes"]["prompts"] == 500
     assert len(next(iter(doc["training"]["outcomes"]["files"].values()))) == 64
     assert doc["fit"]["cv"]["alpha"] in fit.ALPHAS and doc["fit"]["cv"]["beta"] in fit.BETAS
+    # the topic is in the words, not in the default's difficulty: the blend trusts the ridge
+    blend = doc["fit"]["blend"]
+    assert blend["specialist"]["ridge"] > 0.5 and blend["generalist"]["ridge"] > 0.5
+    assert doc["evaluation"]["cross_validated"]["verdict"].startswith("enough outcomes")
+
+
+def _design(n: int, seed: int) -> fit.Design:
+    rng = np.random.default_rng(seed)
+    dense = rng.standard_normal((n, 143))
+    bag = sp.csr_matrix((n, 0))
+    return fit.Design(dense, bag, np.zeros(143), np.ones(143), np.zeros(0, np.int64), np.zeros(0))
+
+
+def test_blend_falls_back_to_the_prior_when_the_fitted_part_is_noise() -> None:
+    """Outcomes that follow the base bundle's difficulty: an out-of-fold ridge prediction that
+    is noise gets (almost) no weight, and the difficulty logit carries the ranking."""
+    n = 2000
+    d = _design(n, 0)
+    rng = np.random.default_rng(1)
+    prior = d.dense[:, fit.PRIOR]
+    p_strong = 1 / (1 + np.exp(-(0.5 + 1.5 * prior)))
+    scores = np.column_stack(
+        [(rng.random(n) < 0.4).astype(float), (rng.random(n) < p_strong).astype(float)]
+    )
+    noise = rng.random((n, 2))
+    coef = fit.fit_stack(d, np.arange(n), scores, noise)
+    assert abs(coef[3, 1]) < 0.1 and abs(coef[3, 0]) < 0.1
+    assert coef[1, 1] > 0.15 and abs(coef[1, 0]) < 0.06
+    # and when the ridge predicts the outcomes, it gets weight near one
+    signal = np.clip(np.column_stack([np.full(n, 0.4), p_strong]), 0, 1)
+    coef = fit.fit_stack(d, np.arange(n), scores, signal + 0.01 * noise)
+    assert coef[3, 1] > 0.6
+    # the blended head is one linear head: applying it equals the blend of its parts
+    ridge = fit.Head(rng.standard_normal((144, 2)) * 0.01, np.zeros((0, 2)))
+    raw = ridge.wd[0] + d.dense @ ridge.wd[1:]
+    got = fit.apply_stack(ridge, coef)
+    want = coef[0] + np.outer(prior, coef[1]) + np.outer(d.dense[:, fit.LENGTH], coef[2])
+    np.testing.assert_allclose(got.wd[0] + d.dense @ got.wd[1:], want + raw * coef[3])
 
 
 def test_bundle_scores_through_the_gateway_loader_as_the_fitting_code_does(
@@ -227,6 +266,8 @@ def test_fit_says_plainly_when_outcomes_are_too_few(
     assert rc == 0
     doc = yaml.safe_load((out / "router.yaml").read_text())
     assert doc["evaluation"]["cross_validated"]["beats_length"] is False
+    verdict = doc["evaluation"]["cross_validated"]["verdict"]
+    assert verdict.startswith("too few outcomes to beat the length router")
 
     tiny = _write(tmp_path / "tiny.jsonl", noise[:10])
     rc = cli.main(["fit", "--outcomes", str(tiny), "--out", str(out)], stdout=io.StringIO())
