@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -21,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import yaml
 from node import KubeNode, poll
-from routing_data import EASY, HARD
+from routing_data import write_topic_outcomes
 
 from switchyard.extproc.router import cli
 
@@ -39,23 +37,10 @@ CHAT = "tell me about the kitchen river and the garden restaurant"
 UID = 65532  # the image's user
 
 
-def write_outcomes(path: Path, math_model: str, n: int = 200) -> None:
-    """``math_model`` answers prompts of HARD words well, the other model EASY ones."""
-    other = {"specialist": "generalist", "generalist": "specialist"}[math_model]
-    rng = random.Random(0)
-    rows = []
-    for i in range(n):
-        math = i % 2 == 0
-        prompt = f"Q{i}: tell me about the " + " ".join(
-            rng.choices(HARD if math else EASY, k=rng.randint(5, 20))
-        )
-        good, bad = (0.8, 0.4) if math else (0.95, 0.1)
-        scores = {math_model: good if math else bad, other: bad if math else good}
-        for model, p in scores.items():
-            rows.append(
-                {"id": i, "prompt": prompt, "model": model, "score": float(rng.random() < p)}
-            )
-    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+def write_outcomes(path: Path, math_model: str, n: int = 200) -> Path:
+    """``math_model`` answers prompts of HARD words well, the other model those of EASY words
+    (the right model depends on the topic, not the length)."""
+    return write_topic_outcomes(path, n, math_model=math_model)
 
 
 def _chown_tree(path: Path) -> None:

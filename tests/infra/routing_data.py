@@ -123,3 +123,30 @@ def write_routing_data(root: Path, per_source: int = 400, signal: float = 0.9) -
         )
     (root / "routellm_mmlu_mixtral_gpt4.csv.gz").write_bytes(gzip.compress(buf.getvalue().encode()))
     return root
+
+
+def write_topic_outcomes(
+    path: Path,
+    n: int = 200,
+    *,
+    math_model: str = "specialist",
+    seed: int = 0,
+    on_math: tuple[float, float] = (0.8, 0.4),
+    on_easy: tuple[float, float] = (0.1, 0.95),
+) -> Path:
+    """Outcome records (``router fit``'s JSONL) of a workload whose right model depends on the
+    topic, hidden from length: even prompts are made of ``HARD`` words, odd ones of ``EASY``
+    words (same word lengths). ``on_math`` / ``on_easy``: the chance that ``math_model`` and the
+    other model (``specialist`` / ``generalist``) answer each kind well."""
+    other = {"specialist": "generalist", "generalist": "specialist"}[math_model]
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        math = i % 2 == 0
+        words = rng.choices(HARD if math else EASY, k=rng.randint(5, 20))
+        prompt = f"Q{i}: tell me about the " + " ".join(words)
+        for model, p in zip((math_model, other), on_math if math else on_easy, strict=True):
+            record = {"id": i, "prompt": prompt, "model": model, "score": float(rng.random() < p)}
+            lines.append(json.dumps(record) + "\n")
+    path.write_text("".join(lines))
+    return path

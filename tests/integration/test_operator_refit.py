@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import random
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 from kube import KubeControlPlane
 from operator_harness import Cluster
-from routing_data import EASY, HARD
+from routing_data import write_topic_outcomes
 
 from switchyard.extproc.router import cli
 from switchyard.local.runner import port_open, wait_until
@@ -43,22 +41,7 @@ ROLLBACK = "switchyard.dev/rollback"
 def write_outcomes(path: Path, math_model: str, n: int = 200) -> Path:
     """``math_model`` answers prompts of HARD words well, the other model those of EASY words
     (the right model depends on the topic, not the length)."""
-    other = {"specialist": "generalist", "generalist": "specialist"}[math_model]
-    rng = random.Random(0)
-    rows = []
-    for i in range(n):
-        math = i % 2 == 0
-        prompt = f"Q{i}: tell me about the " + " ".join(
-            rng.choices(HARD if math else EASY, k=rng.randint(5, 20))
-        )
-        good, bad = (0.8, 0.4) if math else (0.95, 0.1)
-        scores = {math_model: good if math else bad, other: bad if math else good}
-        for model, p in scores.items():
-            rows.append(
-                {"id": i, "prompt": prompt, "model": model, "score": float(rng.random() < p)}
-            )
-    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    return path
+    return write_topic_outcomes(path, n, math_model=math_model)
 
 
 class Loop:

@@ -6,16 +6,14 @@ prompt to the model the bundle predicts."""
 from __future__ import annotations
 
 import io
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
-import orjson
 import pytest
 from gateway_harness import DEMO_NAMES, Gateway, start_gateway
-from routing_data import EASY, HARD
+from routing_data import write_topic_outcomes
 
 from switchyard.extproc.router import cli
 from switchyard.local.ports import free_port_block
@@ -26,20 +24,7 @@ CHAT = "tell me about the kitchen river and the garden restaurant"
 
 def _outcomes(path: Path, n: int = 200) -> Path:
     """``specialist`` answers prompts of HARD words, ``generalist`` those of EASY words."""
-    rng = random.Random(0)
-    rows = []
-    for i in range(n):
-        math = i % 2 == 0
-        prompt = f"Q{i}: tell me about the " + " ".join(
-            rng.choices(HARD if math else EASY, k=rng.randint(5, 20))
-        )
-        p_spec, p_gen = (0.9, 0.3) if math else (0.2, 0.9)
-        for model, p in (("specialist", p_spec), ("generalist", p_gen)):
-            rows.append({"id": i, "prompt": prompt, "model": model, "score": rng.random() < p})
-    path.write_bytes(
-        b"".join(orjson.dumps({**r, "score": float(r["score"])}) + b"\n" for r in rows)
-    )
-    return path
+    return write_topic_outcomes(path, n, on_math=(0.9, 0.3), on_easy=(0.2, 0.9))
 
 
 def _model(name: str, port: int, price: float, classes: list[str]) -> dict[str, Any]:

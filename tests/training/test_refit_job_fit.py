@@ -5,32 +5,17 @@ from __future__ import annotations
 
 import io
 import json
-import random
 from pathlib import Path
 
-import orjson
 import pytest
-from routing_data import EASY, HARD
+from routing_data import write_topic_outcomes
 
 from switchyard.extproc.router import cli
 
 
 def _workload(path: Path, n: int = 160) -> Path:
     """The right model depends on the topic (HARD vs EASY words), not the length."""
-    rng = random.Random(1)
-    rows = []
-    for i in range(n):
-        math = i % 2 == 0
-        prompt = f"Q{i}: tell me about the " + " ".join(
-            rng.choices(HARD if math else EASY, k=rng.randint(5, 20))
-        )
-        p_spec, p_gen = (0.8, 0.4) if math else (0.1, 0.95)
-        for model, p in (("specialist", p_spec), ("generalist", p_gen)):
-            rows.append(
-                {"id": i, "prompt": prompt, "model": model, "score": float(rng.random() < p)}
-            )
-    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    return path
+    return write_topic_outcomes(path, n, seed=1)
 
 
 def _bundle_dir(path: Path) -> Path:
