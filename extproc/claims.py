@@ -43,7 +43,7 @@ def jwt_table(config: pb.RoutingConfig) -> JwtTable | None:
         allowance = t.allowance
         entries[t.name] = KeyEntry(
             name=f"tenant:{t.name}",
-            tenant=t.name,
+            tenant=t.tenants[0] if t.tenants else t.name,
             expires_at=0,
             revoked=False,
             aliases=_allow(allowance, "aliases"),
