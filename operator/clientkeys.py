@@ -204,15 +204,30 @@ MAX_JWKS = 65_536
 
 
 class Jwks(_Doc):
-    """Where the keys verifying tokens come from."""
+    """Where the keys verifying tokens come from: inline, or fetched by Envoy from ``uri``."""
 
-    inline: str = Field(
-        min_length=2, max_length=MAX_JWKS, description="The JWKS document (JSON, public keys)."
+    inline: str | None = Field(
+        default=None,
+        min_length=2,
+        max_length=MAX_JWKS,
+        description="The JWKS document (JSON, public keys).",
+    )
+    uri: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://[^/\s?#]+(/\S*)?$",
+        description="URL of the issuer's JWKS (https, or http on a trusted network).",
+    )
+    timeout_ms: int = Field(default=2000, ge=100, le=30_000, description="deadline of a fetch")
+    cache_s: int = Field(
+        default=600, ge=10, le=86_400, description="how long a fetched JWKS is used"
     )
 
     @field_validator("inline")
     @classmethod
-    def _jwks(cls, value: str) -> str:
+    def _jwks(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         try:
             doc = json.loads(value)
         except ValueError:
@@ -222,6 +237,12 @@ class Jwks(_Doc):
         if any(isinstance(k, dict) and "d" in k for k in doc["keys"]):
             raise ValueError('holds a private key ("d"); give only the public keys')
         return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Jwks:
+        if (self.inline is None) == (self.uri is None):
+            raise ValueError("set exactly one of inline or uri")
+        return self
 
 
 class Jwt(_Doc):
@@ -434,7 +455,10 @@ def compile_jwt(specs: Iterable[ClientKeysSpec]) -> pb.JwtAuth | None:
     out = pb.JwtAuth(
         issuer=jwt.issuer,
         audiences=jwt.audiences,
-        jwks_inline=jwt.jwks.inline,
+        jwks_inline=jwt.jwks.inline or "",
+        jwks_uri=jwt.jwks.uri or "",
+        jwks_timeout_ms=jwt.jwks.timeout_ms,
+        jwks_cache_s=jwt.jwks.cache_s,
         tenant_claim=jwt.tenant_claim,
         subject_claim=jwt.subject_claim,
     )

@@ -35,6 +35,7 @@ from envoy.config.core.v3 import (
     extension_pb2,
     grpc_service_pb2,
     health_check_pb2,
+    http_uri_pb2,
     protocol_pb2,
     substitution_format_string_pb2,
 )
@@ -638,6 +639,7 @@ _REMOVE_CLIENT_REQUEST_ID = extension_pb2.TypedExtensionConfig(
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 JWT_PROVIDER = "switchyard"
 JWT_REQUIREMENT = "switchyard_jwt"
+JWKS_CLUSTER = "switchyard_jwks"
 
 
 def _jwt_authn(jwt: pb.JwtAuth) -> jwt_pb2.JwtAuthentication:
@@ -646,10 +648,23 @@ def _jwt_authn(jwt: pb.JwtAuth) -> jwt_pb2.JwtAuthentication:
     provider = jwt_pb2.JwtProvider(
         issuer=jwt.issuer,
         audiences=list(jwt.audiences),
-        local_jwks=base_pb2.DataSource(inline_string=jwt.jwks_inline),
         from_headers=[jwt_pb2.JwtHeader(name="authorization", value_prefix="Bearer ")],
         forward_payload_header=JWT_PAYLOAD_HEADER,
     )
+    if jwt.jwks_uri:
+        provider.remote_jwks.CopyFrom(
+            jwt_pb2.RemoteJwks(
+                http_uri=http_uri_pb2.HttpUri(
+                    uri=jwt.jwks_uri, cluster=JWKS_CLUSTER, timeout=millis(jwt.jwks_timeout_ms)
+                ),
+                cache_duration=seconds(jwt.jwks_cache_s),
+                # Fetched when the listener loads and again before the cache expires; the
+                # listener does not wait for it (a request before the first fetch is a 401).
+                async_fetch=jwt_pb2.JwksAsyncFetch(fast_listener=True),
+            )
+        )
+    else:
+        provider.local_jwks.CopyFrom(base_pb2.DataSource(inline_string=jwt.jwks_inline))
     return jwt_pb2.JwtAuthentication(
         providers={JWT_PROVIDER: provider},
         requirement_map={JWT_REQUIREMENT: jwt_pb2.JwtRequirement(provider_name=JWT_PROVIDER)},
@@ -1019,6 +1034,43 @@ def model_cluster(model: pb.Model, system_ca: str = "") -> cluster_pb2.Cluster:
     return cluster
 
 
+def jwks_cluster(uri: str, system_ca: str = "") -> cluster_pb2.Cluster:
+    """Where jwt_authn fetches the issuer's JWKS: resolved by DNS unless an IP, TLS (the
+    certificate verified for the host against the system CAs) for https."""
+    url = urlsplit(uri)
+    tls = url.scheme == "https"
+    host = url.hostname or "localhost"
+    port = url.port or (443 if tls else 80)
+    options = http_pb2.HttpProtocolOptions
+    cluster = cluster_pb2.Cluster(
+        name=JWKS_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC if _is_ip(host) else cluster_pb2.Cluster.STRICT_DNS,
+        dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED,
+        connect_timeout=seconds(5),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=JWKS_CLUSTER,
+            endpoints=[ep.LocalityLbEndpoints(lb_endpoints=[_endpoint(host, port)])],
+        ),
+    )
+    if tls:  # ALPN picks HTTP/2 or 1.1
+        protocol = options(
+            auto_config=options.AutoHttpConfig(
+                http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+            )
+        )
+        ca_file = system_ca or system_ca_file()
+        cluster.transport_socket.CopyFrom(_upstream_tls(host, "", ca_file))
+    else:
+        protocol = options(
+            explicit_http_config=options.ExplicitHttpConfig(
+                http_protocol_options=protocol_pb2.Http1ProtocolOptions()
+            )
+        )
+    for name, packed_options in protocol_options(protocol).items():
+        cluster.typed_extension_protocol_options[name].CopyFrom(packed_options)
+    return cluster
+
+
 def _is_ip(host: str) -> bool:
     parts = host.split(".")
     return len(parts) == 4 and all(p.isdigit() for p in parts)
@@ -1039,6 +1091,8 @@ def build_clusters(
             if len(members) > 1:
                 keys = [_api_key(policy, m, api_keys) for m in members]
                 clusters.append(fallback.aggregate_cluster(members, keys))
+    if config.jwt.jwks_uri:
+        clusters.append(jwks_cluster(config.jwt.jwks_uri, settings.system_ca_file))
     if settings.otlp_endpoint:
         clusters.append(tracing.collector_cluster(settings.otlp_endpoint, settings.system_ca_file))
     return clusters

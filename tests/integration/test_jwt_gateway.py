@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -54,7 +56,7 @@ def token(key: rsa.RSAPrivateKey = SIGNER, **claims: Any) -> str:
     return f"{head}.{body}.{_b64(signature)}"
 
 
-def keys_doc() -> dict[str, Any]:
+def keys_doc(jwks: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "switchyard.dev/v1alpha1",
         "kind": "ClientKeys",
@@ -70,7 +72,7 @@ def keys_doc() -> dict[str, Any]:
             "jwt": {
                 "issuer": ISSUER,
                 "audiences": [AUDIENCE],
-                "jwks": {"inline": _jwks()},
+                "jwks": jwks or {"inline": _jwks()},
                 "tenantClaim": "team",
             },
         },
@@ -170,3 +172,54 @@ def test_a_tenant_rate_limit_applies_to_its_tokens(gateway: Gateway) -> None:
     with pytest.raises(openai.RateLimitError) as raised:
         other.chat.completions.create(model="auto", messages=HI)
     assert "metered" in raised.value.message
+
+
+class _JwksServer(BaseHTTPRequestHandler):
+    fetches = 0
+
+    def do_GET(self) -> None:
+        _JwksServer.fetches += 1
+        body = _jwks().encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _JwksServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+    directory = tmp_path_factory.mktemp("jwt-remote")
+    (directory / "keys.yaml").write_text(yaml.safe_dump(keys_doc({"uri": uri})))
+    running = start_gateway(directory, extprocWorkers=1, metricsPort=free_port_block())
+    yield running
+    assert running.stop() == 0, "".join(running.output)
+    server.shutdown()
+
+
+def test_a_remote_jwks_is_fetched_by_envoy(remote: Gateway) -> None:
+    research = client(remote, token(team="research"))
+    deadline = time.monotonic() + 20
+    while True:  # the listener does not wait for the first fetch
+        try:
+            reply = research.chat.completions.with_raw_response.create(model="auto", messages=HI)
+            break
+        except openai.AuthenticationError:
+            assert time.monotonic() < deadline, "the JWKS was never fetched"
+            time.sleep(0.1)
+    assert reply.headers["x-switchyard-model"] == "capable"
+    assert _JwksServer.fetches >= 1
+    with pytest.raises(openai.AuthenticationError) as raised:
+        client(remote, token(STRANGER, team="research")).chat.completions.create(
+            model="auto", messages=HI
+        )
+    assert raised.value.code == "invalid_api_key"
+    # A client key still takes the key path.
+    keyed = client(remote, KEY).chat.completions.with_raw_response.create(model="auto", messages=HI)
+    assert keyed.http_response.status_code == 200

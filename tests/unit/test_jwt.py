@@ -41,8 +41,10 @@ from switchyard.operator.clientkeys import (
 from switchyard.operator.compiler import compile_config
 from switchyard.operator.control_plane import ControlPlane
 from switchyard.operator.envoy_config import (
+    JWKS_CLUSTER,
     JWT_FILTER,
     GatewaySettings,
+    build_clusters,
     build_listener,
     build_route_config,
 )
@@ -107,7 +109,12 @@ def test_schema_errors_name_the_field() -> None:
         (jwt_spec(tenantClaim="a b"), r"jwt\.tenantClaim"),
         (jwt_spec(issuer="x" * 1025), r"jwt\.issuer"),
         (jwt_spec(audiences=["a"] * 17), r"jwt\.audiences"),
-        (jwt_spec(jwks={"uri": "https://idp.test/jwks"}), r"jwt\.jwks\.uri.*Extra inputs"),
+        (
+            jwt_spec(jwks={"inline": JWKS, "uri": "https://idp.test/jwks"}),
+            r"jwt\.jwks.*exactly one of inline or uri",
+        ),
+        (jwt_spec(jwks={"uri": "ftp://idp.test/jwks"}), r"jwt\.jwks\.uri"),
+        (jwt_spec(jwks={"uri": "https://idp.test/j", "timeoutMs": 1}), r"jwt\.jwks\.timeoutMs"),
     ]
     for given, match in cases:
         with pytest.raises(PolicyError, match=f"(?s){match}"):
@@ -255,3 +262,30 @@ def test_kubernetes_resources_serve_qualified_tenant_chains() -> None:
         assert entry.limits is not None  # the qualified tenant's served limits
 
     asyncio.run(scenario())
+
+
+def test_a_remote_jwks_is_fetched_by_envoy_through_its_own_cluster() -> None:
+    remote = {"uri": "https://idp.test:8443/.well-known/jwks.json", "cacheS": 60}
+    config = config_for(spec(doc(jwt_spec(jwks=remote))))
+    hcm = _hcm(config)
+    authn = jwt_pb2.JwtAuthentication()
+    (jwt_filter,) = [f for f in hcm.http_filters if f.name == JWT_FILTER]
+    jwt_filter.typed_config.Unpack(authn)
+    (provider,) = authn.providers.values()
+    assert not provider.HasField("local_jwks")
+    fetched = provider.remote_jwks
+    assert fetched.http_uri.uri == remote["uri"] and fetched.http_uri.cluster == JWKS_CLUSTER
+    assert fetched.http_uri.timeout.ToMilliseconds() == 2000
+    assert fetched.cache_duration.seconds == 60 and fetched.async_fetch.fast_listener
+    clusters = {c.name: c for c in build_clusters(config, GatewaySettings(), {})}
+    jwks = clusters[JWKS_CLUSTER]
+    assert jwks.type == jwks.STRICT_DNS and jwks.transport_socket.name.endswith("tls")
+    (member,) = jwks.load_assignment.endpoints[0].lb_endpoints
+    address = member.endpoint.address.socket_address
+    assert (address.address, address.port_value) == ("idp.test", 8443)
+    plain = config_for(spec(doc(jwt_spec(jwks={"uri": "http://10.0.0.7/jwks"}))))
+    jwks = {c.name: c for c in build_clusters(plain, GatewaySettings(), {})}[JWKS_CLUSTER]
+    assert jwks.type == jwks.STATIC and not jwks.HasField("transport_socket")
+    assert JWKS_CLUSTER not in {
+        c.name for c in build_clusters(config_for(spec(doc(jwt_spec()))), GatewaySettings(), {})
+    }
