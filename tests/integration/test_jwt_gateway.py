@@ -223,3 +223,22 @@ def test_a_remote_jwks_is_fetched_by_envoy(remote: Gateway) -> None:
     # A client key still takes the key path.
     keyed = client(remote, KEY).chat.completions.with_raw_response.create(model="auto", messages=HI)
     assert keyed.http_response.status_code == 200
+
+
+def test_no_token_appears_in_the_output_metrics_or_stats(gateway: Gateway) -> None:
+    bearers = [token(team="free", sub="leak-check"), token(STRANGER, team="free")]
+    for bearer in bearers:
+        with httpx.Client() as plain:
+            reply = plain.post(
+                f"{gateway.base_url}/chat/completions",
+                headers={"authorization": f"Bearer {bearer}"},
+                json={"model": "auto", "messages": HI},
+            )
+        assert reply.status_code in (200, 401) and bearer not in reply.text
+    spec = yaml.safe_load((gateway.directory / "gateway.yaml").read_text())["spec"]
+    metrics = httpx.get(f"http://127.0.0.1:{spec['metricsPort']}/metrics").text
+    stats = httpx.get(f"http://127.0.0.1:{gateway.admin_port}/stats").text
+    output = "".join(gateway.output)
+    for bearer in bearers:
+        signature = bearer.rsplit(".", 1)[1]
+        assert signature not in metrics and signature not in stats and signature not in output
