@@ -19,6 +19,7 @@ from itertools import accumulate
 from urllib.parse import urlsplit
 
 from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.extproc.claims import JwtTable, jwt_table
 from switchyard.extproc.keys import KeyEntry, key_table
 from switchyard.extproc.limits import StoreSettings, store_settings
 from switchyard.extproc.pii import Scanner
@@ -176,6 +177,8 @@ class CompiledConfig:
     less specific policy's routing."""
     client_keys: Mapping[str, KeyEntry] | None = None
     """Client key sha256 → its entry; None: client authentication off."""
+    jwt: JwtTable | None = None
+    """Tenants a verified JWT may name (``extproc/claims.py``); None: JWTs not accepted."""
     limit_store: StoreSettings = field(default_factory=lambda: StoreSettings("", False, 0.05))
     """Where budgets' and rate limits' counters live."""
     recording: Mapping[str, RecordingRule] = field(default_factory=dict)
@@ -440,6 +443,7 @@ def build_config(
         unavailable=_unavailable(config, errors, by_name),
         guarded=guarded,
         client_keys=key_table(config),
+        jwt=jwt_table(config),
         limit_store=store_settings(config),
     )
     recording = _recording(config, {p.key for p in policies})

@@ -29,6 +29,7 @@ from switchyard.extproc.accounting import (
     ResponseAccount,
     stream_options_for_usage,
 )
+from switchyard.extproc.claims import jwt_entry
 from switchyard.extproc.config import CompiledConfig, CompiledPolicy, ModelRoute
 from switchyard.extproc.engine import Decision, decide, select_target, session_view
 from switchyard.extproc.errors import GatewayError, invalid_request
@@ -322,7 +323,7 @@ class Processor:
             if config.shadow and self.shadow is not None:
                 role = self.shadow.marker.role(headers)
             if config.client_keys is not None and role is None:
-                key = authenticate(config.client_keys, headers, time())
+                key = _client(config, headers)
             request = parse_request(endpoint, body)
             target = select_target(config, request, headers)
             if target.personal_data is not None:
@@ -521,7 +522,7 @@ class Processor:
         config = self.state.config
         try:
             if config.client_keys is not None:
-                authenticate(config.client_keys, headers, time())
+                _client(config, headers)
             if self.recorder is None or not config.recording:
                 raise GatewayError(
                     404,
@@ -540,6 +541,13 @@ class Processor:
         except GatewayError as error:
             return immediate(error)
         return _RECORDED
+
+
+def _client(config: CompiledConfig, headers: Mapping[str, str]) -> KeyEntry:
+    """The caller: the tenant a verified JWT names, else the presented key (a 401 if none)."""
+    assert config.client_keys is not None
+    entry = None if config.jwt is None else jwt_entry(config.jwt, headers)
+    return entry or authenticate(config.client_keys, headers, time())
 
 
 def _recorded() -> ep.ProcessingResponse:

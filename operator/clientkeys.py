@@ -8,11 +8,12 @@ A key's effective allowance is its own intersected with every tenant's up its ch
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -198,6 +199,76 @@ class ClientKey(Allowance):
         return value
 
 
+CLAIM = r"^[A-Za-z_][A-Za-z0-9_.:/-]*$"
+MAX_JWKS = 65_536
+
+
+class Jwks(_Doc):
+    """Where the keys verifying tokens come from: inline, or fetched by Envoy from ``uri``."""
+
+    inline: str | None = Field(
+        default=None,
+        min_length=2,
+        max_length=MAX_JWKS,
+        description="The JWKS document (JSON, public keys).",
+    )
+    uri: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://[^/\s?#]+(/\S*)?$",
+        description="URL of the issuer's JWKS (https, or http on a trusted network).",
+    )
+    timeout_ms: int = Field(default=2000, ge=100, le=30_000, description="deadline of a fetch")
+    cache_s: int = Field(
+        default=600, ge=10, le=86_400, description="how long a fetched JWKS is used"
+    )
+
+    @field_validator("inline")
+    @classmethod
+    def _jwks(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            doc = json.loads(value)
+        except ValueError:
+            raise ValueError('is not JSON (a JWKS: {"keys": [...]})') from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list) or not doc["keys"]:
+            raise ValueError('needs a non-empty "keys" list (a JWKS)')
+        if any(isinstance(k, dict) and "d" in k for k in doc["keys"]):
+            raise ValueError('holds a private key ("d"); give only the public keys')
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Jwks:
+        if (self.inline is None) == (self.uri is None):
+            raise ValueError("set exactly one of inline or uri")
+        return self
+
+
+class Jwt(_Doc):
+    """Authentication delegated to JWTs: Envoy verifies them, ``tenantClaim`` names the
+    tenant (in this document) whose allowance and limits apply."""
+
+    issuer: str = Field(min_length=1, max_length=1024, description='The required "iss".')
+    audiences: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
+        default_factory=list, max_length=16, description='Accepted "aud" values; empty: any.'
+    )
+    jwks: Jwks = Field(description="The keys verifying signatures.")
+    tenant_claim: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=CLAIM,
+        description="The claim whose value names the tenant (e.g. team).",
+    )
+    subject_claim: str = Field(
+        default="sub",
+        min_length=1,
+        max_length=128,
+        pattern=CLAIM,
+        description="The claim naming the caller in metrics and traces (jwt:<value>).",
+    )
+
+
 class ClientKeysSpec(_Doc):
     tenants: list[Tenant] = Field(
         default_factory=list, max_length=MAX_TENANTS, description="Tenants (unique names)."
@@ -208,6 +279,11 @@ class ClientKeysSpec(_Doc):
     store: Store | None = Field(
         default=None,
         description="Where the counters of budgets and rate limits live (at most one document).",
+    )
+    jwt: Jwt | None = Field(
+        default=None,
+        description="Accept JWTs from this issuer, their tenant claim naming a tenant here "
+        "(at most one document).",
     )
 
 
@@ -363,3 +439,57 @@ def _chain(key: ClientKey, tenants: dict[str, Tenant]) -> list[Tenant]:
         chain.append(tenant)
         name, where = tenant.parent, f"tenant {tenant.name!r}: parent"
     return chain
+
+
+def compile_jwt(specs: Iterable[ClientKeysSpec]) -> pb.JwtAuth | None:
+    """The one ``spec.jwt`` among the documents with every tenant it may name (its chain and
+    merged allowance); None: none set. Two, or a chain that does not resolve, is an error."""
+    specs = list(specs)
+    found = [spec.jwt for spec in specs if spec.jwt is not None]
+    if len(found) > 1:
+        raise PolicyError("ClientKeys: spec.jwt is set in more than one document")
+    if not found:
+        return None
+    jwt = found[0]
+    tenants = {t.name: t for spec in specs for t in spec.tenants}
+    out = pb.JwtAuth(
+        issuer=jwt.issuer,
+        audiences=jwt.audiences,
+        jwks_inline=jwt.jwks.inline or "",
+        jwks_uri=jwt.jwks.uri or "",
+        jwks_timeout_ms=jwt.jwks.timeout_ms,
+        jwks_cache_s=jwt.jwks.cache_s,
+        tenant_claim=jwt.tenant_claim,
+        subject_claim=jwt.subject_claim,
+    )
+    for name in sorted(tenants):
+        chain = _tenant_chain(name, tenants)
+        out.tenants.append(pb.ClientKey(name=name, tenants=[t.name for t in chain]))
+        _merge_allowance(out.tenants[-1].allowance, chain)
+    return out
+
+
+def _tenant_chain(name: str, tenants: dict[str, Tenant]) -> list[Tenant]:
+    chain: list[Tenant] = []
+    current: str | None = name
+    while current is not None:
+        tenant = tenants.get(current)
+        if tenant is None:
+            raise PolicyError(
+                f"ClientKeys: tenant {chain[-1].name!r}: parent {current!r} is not defined"
+            )
+        if any(t.name == current for t in chain):
+            raise PolicyError(f"ClientKeys: tenant {current!r}: parent chain has a cycle")
+        chain.append(tenant)
+        current = tenant.parent
+    return chain
+
+
+def _merge_allowance(allowance: pb.Allowance, layers: list[Tenant]) -> None:
+    for field, merged in (
+        ("aliases", _merge(a.policies for a in layers)),
+        ("models", _merge(a.models for a in layers)),
+        ("data_classes", _merge(a.data_classes for a in layers)),
+    ):
+        if merged is not None:
+            getattr(allowance, field).CopyFrom(merged)

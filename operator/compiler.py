@@ -16,6 +16,7 @@ from switchyard.extproc.router.bundle import bundle_models
 from switchyard.headers import (
     CLIENT_KEY_HEADERS,
     DATA_CLASS_HEADER,
+    JWT_PAYLOAD_HEADER,
     REQUEST_ID_HEADER,
     SHADOW_HEADER,
 )
@@ -284,6 +285,7 @@ def compile_config(
     client_keys: Iterable[pb.ClientKey] | None = None,
     tenant_limits: Iterable[pb.TenantLimits] = (),
     limit_store: pb.LimitStore | None = None,
+    jwt: pb.JwtAuth | None = None,
 ) -> pb.RoutingConfig:
     """All policies → one RoutingConfig, sorted by namespace/name, versioned by content hash.
 
@@ -295,7 +297,8 @@ def compile_config(
     Without ``endpoints`` (local mode) Service backends are reached by cluster DNS.
     ``client_keys`` (None: client authentication off) turns it on: every request needs one.
     ``tenant_limits`` and ``limit_store`` are the ClientKeys documents' budgets and rate
-    limits and where their counters live (``clientkeys.compile_tenant_limits``).
+    limits and where their counters live (``clientkeys.compile_tenant_limits``); ``jwt``
+    (with ``client_keys``) accepts tokens Envoy verifies (``clientkeys.compile_jwt``).
     """
     topology = topology or Topology()
     ordered = sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
@@ -329,6 +332,9 @@ def compile_config(
         config.tenant_limits.extend(tenant_limits)
         if limit_store is not None:
             config.limit_store.CopyFrom(limit_store)
+        if jwt is not None:
+            config.jwt.CopyFrom(jwt)
+            headers.add(JWT_PAYLOAD_HEADER)
     config.request_headers.extend(sorted(headers))
     if fail_open_model:
         config.fail_open_backend = _resolve_model_key(config, fail_open_model)

@@ -575,7 +575,10 @@ TENANT_RULES = [
         "fieldPath": ".parent",
     }
 ]
-RULES_BY_DEF.update({"ClientKey": CLIENT_KEY_RULES, "Tenant": TENANT_RULES})
+JWKS_RULES = [
+    {"rule": "has(self.inline) != has(self.uri)", "message": "set exactly one of inline or uri"}
+]
+RULES_BY_DEF.update({"ClientKey": CLIENT_KEY_RULES, "Tenant": TENANT_RULES, "Jwks": JWKS_RULES})
 
 
 def client_keys_spec_schema() -> dict[str, Any]:

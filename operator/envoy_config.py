@@ -35,6 +35,7 @@ from envoy.config.core.v3 import (
     extension_pb2,
     grpc_service_pb2,
     health_check_pb2,
+    http_uri_pb2,
     protocol_pb2,
     substitution_format_string_pb2,
 )
@@ -47,6 +48,7 @@ from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -69,6 +71,7 @@ from switchyard.headers import (
     CLIENT_KEY_HEADERS,
     EXTPROC_FILTER,
     FEEDBACK_PATH,
+    JWT_PAYLOAD_HEADER,
     METADATA_NAMESPACE,
     NO_FALLBACK_SUFFIX,
     REQUEST_ID_HEADER,
@@ -476,6 +479,7 @@ def build_route_config(
             response_headers_to_add=json_header,
         )
     )
+    with_jwt(config, routes)
     return route_pb2.RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
         # /v1/models is a direct response; with thousands of models it outgrows the 4 KiB default.
@@ -632,6 +636,117 @@ _REMOVE_CLIENT_REQUEST_ID = extension_pb2.TypedExtensionConfig(
 )
 
 
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+JWT_PROVIDER = "switchyard"
+JWT_REQUIREMENT = "switchyard_jwt"
+JWKS_CLUSTER = "switchyard_jwks"
+
+
+def _jwt_authn(jwt: pb.JwtAuth) -> jwt_pb2.JwtAuthentication:
+    """Verifies the bearer JWT where a route asks (``with_jwt``), its payload forwarded to the
+    ext_proc; an invalid one is refused (``_jwt_reply``)."""
+    provider = jwt_pb2.JwtProvider(
+        issuer=jwt.issuer,
+        audiences=list(jwt.audiences),
+        from_headers=[jwt_pb2.JwtHeader(name="authorization", value_prefix="Bearer ")],
+        forward_payload_header=JWT_PAYLOAD_HEADER,
+    )
+    if jwt.jwks_uri:
+        provider.remote_jwks.CopyFrom(
+            jwt_pb2.RemoteJwks(
+                http_uri=http_uri_pb2.HttpUri(
+                    uri=jwt.jwks_uri, cluster=JWKS_CLUSTER, timeout=millis(jwt.jwks_timeout_ms)
+                ),
+                cache_duration=seconds(jwt.jwks_cache_s),
+                # Fetched when the listener loads and again before the cache expires; the
+                # listener does not wait for it (a request before the first fetch is a 401).
+                async_fetch=jwt_pb2.JwksAsyncFetch(fast_listener=True),
+            )
+        )
+    else:
+        provider.local_jwks.CopyFrom(base_pb2.DataSource(inline_string=jwt.jwks_inline))
+    return jwt_pb2.JwtAuthentication(
+        providers={JWT_PROVIDER: provider},
+        requirement_map={JWT_REQUIREMENT: jwt_pb2.JwtRequirement(provider_name=JWT_PROVIDER)},
+    )
+
+
+# A bearer credential shaped like a JWT (three base64url parts); any other (a client key) takes
+# the key path, unverified by jwt_authn, which would refuse it as a malformed JWT.
+_JWT_BEARER = rc.HeaderMatcher(
+    name="authorization",
+    string_match=string_pb2.StringMatcher(
+        safe_regex=regex_pb2.RegexMatcher(
+            regex=r"^Bearer [A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$"
+        )
+    ),
+)
+
+
+def with_jwt(config: pb.RoutingConfig, routes: list[rc.Route]) -> None:
+    """With JWTs accepted: each route the ext_proc runs on gets a twin before it for requests
+    with a JWT bearer, which jwt_authn verifies first; no route forwards the verified payload
+    upstream."""
+    if not config.HasField("jwt"):
+        return
+    verify = packed(jwt_pb2.PerRouteConfig(requirement_name=JWT_REQUIREMENT))
+    out: list[rc.Route] = []
+    for route in routes:
+        if route.HasField("route"):
+            route.request_headers_to_remove.append(JWT_PAYLOAD_HEADER)
+        if EXTPROC_FILTER in route.typed_per_filter_config:
+            twin = rc.Route()
+            twin.CopyFrom(route)
+            twin.name = f"{route.name}_jwt"
+            twin.match.headers.append(_JWT_BEARER)
+            twin.typed_per_filter_config[JWT_FILTER].CopyFrom(verify)
+            out.append(twin)
+        out.append(route)
+    routes[:] = out
+
+
+def _jwt_reply() -> hcm_pb2.ResponseMapper:
+    """jwt_authn's plain-text refusals (invalid, expired, 403 for a wrong audience) as one
+    OpenAI-style 401: the token is not a credential here. Its body names the reason, never the
+    token."""
+    body = {
+        "message": "invalid token: %LOCAL_REPLY_BODY%",
+        "type": "invalid_request_error",
+        "code": "invalid_api_key",
+        "param": None,
+    }
+    match = accesslog.AccessLogFilter(
+        extension_filter=accesslog.ExtensionFilter(
+            name="envoy.access_loggers.extension_filters.cel",
+            typed_config=packed(
+                cel_pb2.ExpressionFilter(expression="response.code_details.startsWith('jwt_authn')")
+            ),
+        )
+    )
+    return hcm_pb2.ResponseMapper(
+        filter=match,
+        status_code=wrappers_pb2.UInt32Value(value=401),
+        body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
+            json_format=struct({"error": body}), content_type="application/json"
+        ),
+    )
+
+
+def _jwt_listener(config: pb.RoutingConfig, hcm: hcm_pb2.HttpConnectionManager) -> None:
+    """With JWTs accepted: a client's own payload header goes with its request id, jwt_authn
+    runs before the ext_proc, and its refusals are OpenAI-style."""
+    if not config.HasField("jwt"):
+        return
+    remove = mutation_rules_pb2.HeaderMutation
+    early = early_mutation_pb2.HeaderMutation(
+        mutations=[remove(remove=REQUEST_ID_HEADER), remove(remove=JWT_PAYLOAD_HEADER)]
+    )
+    hcm.early_header_mutation_extensions[0].typed_config.CopyFrom(packed(early))
+    at = [f.name for f in hcm.http_filters].index(EXTPROC_FILTER)
+    hcm.http_filters.insert(at, _filter(JWT_FILTER, _jwt_authn(config.jwt)))
+    hcm.local_reply_config.mappers.insert(1, _jwt_reply())
+
+
 def build_listener(config: pb.RoutingConfig, settings: GatewaySettings) -> listener_pb2.Listener:
     """The gateway listener, its routes over ADS (RDS).
 
@@ -670,6 +785,7 @@ def build_listener(config: pb.RoutingConfig, settings: GatewaySettings) -> liste
             _filter("envoy.filters.http.router", router_pb2.Router()),
         ],
     )
+    _jwt_listener(config, hcm)
     if settings.otlp_endpoint:
         hcm.tracing.CopyFrom(
             tracing.hcm_tracing(settings.trace_sampling, settings.trace_service_name)
@@ -918,6 +1034,43 @@ def model_cluster(model: pb.Model, system_ca: str = "") -> cluster_pb2.Cluster:
     return cluster
 
 
+def jwks_cluster(uri: str, system_ca: str = "") -> cluster_pb2.Cluster:
+    """Where jwt_authn fetches the issuer's JWKS: resolved by DNS unless an IP, TLS (the
+    certificate verified for the host against the system CAs) for https."""
+    url = urlsplit(uri)
+    tls = url.scheme == "https"
+    host = url.hostname or "localhost"
+    port = url.port or (443 if tls else 80)
+    options = http_pb2.HttpProtocolOptions
+    cluster = cluster_pb2.Cluster(
+        name=JWKS_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC if _is_ip(host) else cluster_pb2.Cluster.STRICT_DNS,
+        dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED,
+        connect_timeout=seconds(5),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=JWKS_CLUSTER,
+            endpoints=[ep.LocalityLbEndpoints(lb_endpoints=[_endpoint(host, port)])],
+        ),
+    )
+    if tls:  # ALPN picks HTTP/2 or 1.1
+        protocol = options(
+            auto_config=options.AutoHttpConfig(
+                http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+            )
+        )
+        ca_file = system_ca or system_ca_file()
+        cluster.transport_socket.CopyFrom(_upstream_tls(host, "", ca_file))
+    else:
+        protocol = options(
+            explicit_http_config=options.ExplicitHttpConfig(
+                http_protocol_options=protocol_pb2.Http1ProtocolOptions()
+            )
+        )
+    for name, packed_options in protocol_options(protocol).items():
+        cluster.typed_extension_protocol_options[name].CopyFrom(packed_options)
+    return cluster
+
+
 def _is_ip(host: str) -> bool:
     parts = host.split(".")
     return len(parts) == 4 and all(p.isdigit() for p in parts)
@@ -938,6 +1091,8 @@ def build_clusters(
             if len(members) > 1:
                 keys = [_api_key(policy, m, api_keys) for m in members]
                 clusters.append(fallback.aggregate_cluster(members, keys))
+    if config.jwt.jwks_uri:
+        clusters.append(jwks_cluster(config.jwt.jwks_uri, settings.system_ca_file))
     if settings.otlp_endpoint:
         clusters.append(tracing.collector_cluster(settings.otlp_endpoint, settings.system_ca_file))
     return clusters

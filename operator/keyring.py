@@ -30,6 +30,7 @@ from switchyard.operator.clientkeys import (
     ClientKeys,
     ClientKeysSpec,
     compile_client_keys,
+    compile_jwt,
     compile_store,
     compile_tenant_limits,
 )
@@ -61,6 +62,8 @@ class KeysVerdict:
     """Its tenants' budgets and rate limits, by qualified name (served resources only)."""
     store: pb.LimitStore | None = None
     """Its ``spec.store`` (served resources only)."""
+    jwt: pb.JwtAuth | None = None
+    """Its ``spec.jwt``, tenant chains qualified (served resources only)."""
 
     @property
     def ready(self) -> bool:
@@ -192,8 +195,20 @@ def judge(
     ]
     return KeysVerdict(
         resource, reason, message, len(spec.tenants), len(spec.keys), active, served, tenants,
-        limits, compile_store([spec]),
+        limits, compile_store([spec]), _qualified_jwt(namespace, compile_jwt([spec])),
     )  # fmt: skip
+
+
+def _qualified_jwt(namespace: str, jwt: pb.JwtAuth | None) -> pb.JwtAuth | None:
+    """Tokens name a tenant of the resource (the claim's value, unqualified); its chain is
+    qualified, as the served limits are."""
+    if jwt is None:
+        return None
+    for tenant in jwt.tenants:
+        chain = [f"{namespace}/{t}" for t in tenant.tenants]
+        del tenant.tenants[:]
+        tenant.tenants.extend(chain)
+    return jwt
 
 
 def _conflict(
@@ -239,6 +254,12 @@ def served_store(verdicts: Iterable[KeysVerdict]) -> pb.LimitStore | None:
     None: the ext_proc's SWITCHYARD_REDIS_URL (Helm ``limits.redisUrl``), else memory."""
     stores = sorted((v.resource, v.store) for v in verdicts if v.store is not None)
     return stores[0][1] if stores else None
+
+
+def served_jwt(verdicts: Iterable[KeysVerdict]) -> pb.JwtAuth | None:
+    """The ``spec.jwt`` of the first served resource (by namespace/name) that sets one."""
+    found = sorted(((v.resource, v.jwt) for v in verdicts if v.jwt is not None), key=lambda r: r[0])
+    return found[0][1] if found else None
 
 
 def served_keys(verdicts: Iterable[KeysVerdict]) -> list[pb.ClientKey]:

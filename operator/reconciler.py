@@ -34,6 +34,7 @@ from switchyard.operator.keyring import (
     SecretHashes,
     judge,
     secret_refs,
+    served_jwt,
     served_keys,
     served_store,
     served_tenant_limits,
@@ -260,6 +261,7 @@ class Reconciler:
                 client_keys=self._served_keys(),
                 tenant_limits=served_tenant_limits(self.client_keys.values()),
                 limit_store=served_store(self.client_keys.values()),
+                jwt=served_jwt(self.client_keys.values()),
             )
         except FailOpenModelMissing as error:
             # Before the policy holding it exists, or after it is deleted, fail closed rather
@@ -273,6 +275,7 @@ class Reconciler:
                 self._served_keys(),
                 served_tenant_limits(self.client_keys.values()),
                 served_store(self.client_keys.values()),
+                served_jwt(self.client_keys.values()),
             )
 
     def _served_keys(self) -> list[pb.ClientKey] | None:

@@ -24,6 +24,10 @@ that answered is another model's)."""
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
 """Where clients present their API key; never forwarded upstream (the routes remove them)."""
 
+JWT_PAYLOAD_HEADER = "x-switchyard-jwt-payload"
+"""Where Envoy's jwt_authn puts a verified token's payload for the ext_proc; a client's own is
+removed before anything reads it."""
+
 NO_FALLBACK_SUFFIX = "~direct"
 """Appended by the ext_proc to a backend key for a client key that may not use every one of the
 model's fallbacks: with client keys on, each model with fallbacks has a route for it, to the

@@ -18,6 +18,7 @@ from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.operator.clientkeys import (
     ClientKeysSpec,
     compile_client_keys,
+    compile_jwt,
     compile_store,
     compile_tenant_limits,
     parse_client_keys,
@@ -115,6 +116,8 @@ class LocalInputs:
     """The ClientKeys documents' tenants' budgets and rate limits."""
     limit_store: pb.LimitStore | None = None
     """Their ``spec.store`` (None: none)."""
+    jwt: pb.JwtAuth | None = None
+    """Their ``spec.jwt`` with the tenants a token may name (None: none)."""
     local_redis: bool = False
     """A document asks for a local redis-server (``store.redis: local``)."""
 
@@ -124,6 +127,7 @@ class LocalInputs:
             "client_keys": self.client_keys,
             "tenant_limits": self.tenant_limits,
             "limit_store": self.limit_store,
+            "jwt": self.jwt,
         }
 
 
@@ -181,5 +185,6 @@ def load_inputs(paths: list[str]) -> LocalInputs:
         client_keys=compile_client_keys(key_specs) if key_specs else None,
         tenant_limits=compile_tenant_limits(key_specs),
         limit_store=compile_store(key_specs),
+        jwt=compile_jwt(key_specs),
         local_redis=wants_local_redis(key_specs),
     )

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RoutingConfig(_message.Message):
-    __slots__ = ("version", "policies", "fail_open_backend", "request_headers", "client_keys", "require_client_key", "tenant_limits", "limit_store")
+    __slots__ = ("version", "policies", "fail_open_backend", "request_headers", "client_keys", "require_client_key", "tenant_limits", "limit_store", "jwt")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     FAIL_OPEN_BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class RoutingConfig(_message.Message):
     REQUIRE_CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
     TENANT_LIMITS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_STORE_FIELD_NUMBER: _ClassVar[int]
+    JWT_FIELD_NUMBER: _ClassVar[int]
     version: str
     policies: _containers.RepeatedCompositeFieldContainer[Policy]
     fail_open_backend: str
@@ -25,7 +26,30 @@ class RoutingConfig(_message.Message):
     require_client_key: bool
     tenant_limits: _containers.RepeatedCompositeFieldContainer[TenantLimits]
     limit_store: LimitStore
-    def __init__(self, version: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., fail_open_backend: _Optional[str] = ..., request_headers: _Optional[_Iterable[str]] = ..., client_keys: _Optional[_Iterable[_Union[ClientKey, _Mapping]]] = ..., require_client_key: _Optional[bool] = ..., tenant_limits: _Optional[_Iterable[_Union[TenantLimits, _Mapping]]] = ..., limit_store: _Optional[_Union[LimitStore, _Mapping]] = ...) -> None: ...
+    jwt: JwtAuth
+    def __init__(self, version: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., fail_open_backend: _Optional[str] = ..., request_headers: _Optional[_Iterable[str]] = ..., client_keys: _Optional[_Iterable[_Union[ClientKey, _Mapping]]] = ..., require_client_key: _Optional[bool] = ..., tenant_limits: _Optional[_Iterable[_Union[TenantLimits, _Mapping]]] = ..., limit_store: _Optional[_Union[LimitStore, _Mapping]] = ..., jwt: _Optional[_Union[JwtAuth, _Mapping]] = ...) -> None: ...
+
+class JwtAuth(_message.Message):
+    __slots__ = ("issuer", "audiences", "jwks_inline", "tenant_claim", "subject_claim", "tenants", "jwks_uri", "jwks_timeout_ms", "jwks_cache_s")
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCES_FIELD_NUMBER: _ClassVar[int]
+    JWKS_INLINE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_CLAIM_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_CLAIM_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    JWKS_URI_FIELD_NUMBER: _ClassVar[int]
+    JWKS_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    JWKS_CACHE_S_FIELD_NUMBER: _ClassVar[int]
+    issuer: str
+    audiences: _containers.RepeatedScalarFieldContainer[str]
+    jwks_inline: str
+    tenant_claim: str
+    subject_claim: str
+    tenants: _containers.RepeatedCompositeFieldContainer[ClientKey]
+    jwks_uri: str
+    jwks_timeout_ms: int
+    jwks_cache_s: int
+    def __init__(self, issuer: _Optional[str] = ..., audiences: _Optional[_Iterable[str]] = ..., jwks_inline: _Optional[str] = ..., tenant_claim: _Optional[str] = ..., subject_claim: _Optional[str] = ..., tenants: _Optional[_Iterable[_Union[ClientKey, _Mapping]]] = ..., jwks_uri: _Optional[str] = ..., jwks_timeout_ms: _Optional[int] = ..., jwks_cache_s: _Optional[int] = ...) -> None: ...
 
 class TenantLimits(_message.Message):
     __slots__ = ("tenant", "limits")
