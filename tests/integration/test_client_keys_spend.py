@@ -99,9 +99,9 @@ def counted(server: LocalRedis, pattern: str) -> float:
         return sum(float(r.get(k) or 0) for k in r.keys(pattern))
 
 
-def post(cluster: Cluster) -> int:
+def post(cluster: Cluster, key: str = KEY) -> int:
     url = f"http://127.0.0.1:{cluster.port}/v1/chat/completions"
-    headers = {"authorization": f"Bearer {KEY}"}
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     return httpx.post(url, json=SHORT, headers=headers, timeout=10).status_code
 
 
@@ -135,7 +135,10 @@ def test_spend_reaches_the_status_and_the_printer_columns(
     assert table[("team", "month")]["resetsAt"].endswith("-01T00:00:00Z")
     assert "resetsAt" not in table[("alice", "24h")]  # rolling: no reset time
 
-    wait_until(lambda: post(cluster) == 200, 30, "served with the key")
+    # The status can show before the ext_proc serves the keys: wait for them (and the limits
+    # that come with them) before charging.
+    wait_until(lambda: post(cluster, key="") == 401, 30, "keys served")
+    assert post(cluster) == 200
     for _ in range(4):
         assert post(cluster) == 200
     ns = cluster.namespace
