@@ -146,7 +146,16 @@ def test_spend_reaches_the_status_and_the_printer_columns(
     def charged(tenant: str, period: str) -> float:
         return counted(server, f"sy:l:t:{ns}%2F{tenant}:usd:{period}:*")
 
-    # Settled: the counters stop moving and the status shows them.
+    # Settlements are asynchronous (and retried when Redis was slow): wait until they stop.
+    deadline, last = time.monotonic() + 20, charged("alice", "24h")
+    while True:
+        time.sleep(1.0)  # longer than the ext_proc waits before it retries kept settlements
+        now = charged("alice", "24h")
+        if now == last > 0:
+            break
+        assert time.monotonic() < deadline, "the counters never settled"
+        last = now
+
     def shown() -> bool:
         table = spend(cluster)
         return all(
