@@ -170,9 +170,7 @@ def key_limits(key: pb.ClientKey, tenants: Mapping[str, pb.ClientLimits]) -> Key
     """The limits of ``key``: its own and every tenant's up its chain; None when it has none
     (such requests never touch the store)."""
     scopes = [(f"key '{key.name}'", f"k:{quote(key.name, safe='')}", key.limits)]
-    scopes += [
-        (f"tenant '{t}'", f"t:{quote(t, safe='')}", tenants[t]) for t in key.tenants if t in tenants
-    ]
+    scopes += [(f"tenant '{t}'", _tenant_ident(t), tenants[t]) for t in key.tenants if t in tenants]
     counters: list[LimitCounter] = []
     per_model: dict[str, list[LimitCounter]] = {}
     for scope, ident, limits in scopes:
@@ -182,6 +180,34 @@ def key_limits(key: pb.ClientKey, tenants: Mapping[str, pb.ClientLimits]) -> Key
     if not counters and not per_model:
         return None
     return KeyLimits(tuple(counters), {m: tuple(c) for m, c in per_model.items()})
+
+
+def _tenant_ident(tenant: str) -> str:
+    return f"t:{quote(tenant, safe='')}"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetWindow:
+    """One tenant budget's store keys now (their values add up to its spend) and, for a
+    calendar period, when it resets (seconds since the epoch; 0 for a rolling window)."""
+
+    tenant: str
+    period: str
+    usd: float
+    keys: tuple[str, ...]
+    resets_at: float
+
+
+def tenant_budget_windows(tenant: str, limits: pb.ClientLimits, now: float) -> list[BudgetWindow]:
+    """``tenant``'s budgets as the admissions count them (the operator reads them, never
+    writes: ``switchyard.operator.spend``)."""
+    out = []
+    for counter in _scope_counters(f"tenant '{tenant}'", _tenant_ident(tenant), limits):
+        if counter.budget:
+            keys, _, ends = _window(counter, now)
+            resets = 0.0 if counter.window_s else ends
+            out.append(BudgetWindow(tenant, counter.period, counter.limit, keys, resets))
+    return out
 
 
 def tenant_table(config: pb.RoutingConfig) -> dict[str, pb.ClientLimits]:

@@ -606,7 +606,12 @@ def client_keys_status_schema() -> dict[str, Any]:
             "tenant": {"type": "string"},
             "period": {"type": "string", "description": "day, month or a rolling window"},
             "budgetUsd": {"type": "number"},
-            "spentUsd": {"type": "number"},
+            "spentUsd": {"type": "number", "description": "Spent in the current period."},
+            "resetsAt": {
+                "type": "string",
+                "format": "date-time",
+                "description": "End of the calendar period (day, month); absent when rolling.",
+            },
         },
     }
     return {
@@ -622,13 +627,19 @@ def client_keys_status_schema() -> dict[str, Any]:
             },
             "budgetUsd": {
                 "type": "number",
-                "description": "Sum of this resource's tenant budgets for the current period.",
+                "description": "The tightest budget of this resource's tenants: the one with "
+                "the largest share spent (with nothing spent, the smallest).",
             },
             "spentUsd": {
                 "type": "number",
-                "description": "Spent against those budgets in the current period.",
+                "description": "Spent against that budget in its current period.",
             },
-            "spend": {"type": "array", "items": spend, "description": "Per tenant budget."},
+            "spend": {
+                "type": "array",
+                "items": spend,
+                "description": "Every tenant budget and its spend, read from the limits "
+                "store (Redis) every --spend-interval seconds.",
+            },
             "conditions": conditions,
         },
     }

@@ -48,6 +48,7 @@ from switchyard.operator.multicluster import (
 from switchyard.operator.policy import Autoscaling, RoutePolicy
 from switchyard.operator.reconciler import Condition, ModelEndpoints, Outcome, Reconciler
 from switchyard.operator.refit import RefitSettings
+from switchyard.operator.spend import SpendFollower
 from switchyard.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class OperatorSettings:
     # often finished Jobs are looked for.
     refit: RefitSettings = field(default_factory=RefitSettings)
     refit_poll_s: float = 15.0
+    # How often the ClientKeys spend status is read from Redis (operator/spend.py); 0 = never.
+    spend_interval_s: float = 15.0
 
     def extproc_tls(self) -> EnvoyMtls | None:
         """How the gateway reaches the ext_proc over mTLS; None without ``tls_dir``."""
@@ -164,6 +167,11 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
     tls = TlsFiles.from_dir(SETTINGS.tls_dir) if SETTINGS.tls_dir else None
     port = await plane.start(SETTINGS.xds_listen, tls)
     log.info("xDS and config stream on port %d; %d policies restored", port, len(documents))
+    if SETTINGS.spend_interval_s > 0:
+        follower = SpendFollower(
+            lambda: _reconciler().client_keys, _patch_spend, SETTINGS.spend_interval_s
+        )
+        _state["spend"] = asyncio.get_running_loop().create_task(follower.run())
     if not SETTINGS.refit.unavailable():
         from switchyard.operator import refit_jobs
 
@@ -209,6 +217,8 @@ async def _stop(**_: Any) -> None:
         _state["extproc_watch"].stop()
     if "refit_jobs" in _state:
         _state["refit_jobs"].cancel()
+    if "spend" in _state:
+        _state["spend"].cancel()
     await _reconciler().plane.stop()
     if "metrics" in _state:
         await _state["metrics"].stop()
@@ -713,7 +723,8 @@ async def client_key_secret(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> 
             await _rejudge(resource, document)
 
 
-def _patch_keys_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+def _patch_keys_status(namespace: str, name: str, status: dict[str, Any]) -> bool:
+    """Merge ``status`` into the resource's (a null field is removed); False on failure."""
     api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(_client_config()))
     try:
         api.patch_namespaced_custom_object_status(
@@ -721,6 +732,12 @@ def _patch_keys_status(namespace: str, name: str, status: dict[str, Any]) -> Non
         )
     except kubernetes.client.ApiException as error:
         log.warning("cannot update status of ClientKeys %s/%s: %s", namespace, name, error.reason)
+        return False
+    return True
+
+
+async def _patch_spend(namespace: str, name: str, status: dict[str, Any]) -> bool:
+    return await asyncio.to_thread(_patch_keys_status, namespace, name, status)
 
 
 def apply_scaling(policies: Iterable[RoutePolicy]) -> None:

@@ -211,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         default=15.0,
         help="how often finished refit Jobs are looked for",
     )
+    op.add_argument(
+        "--spend-interval",
+        type=float,
+        default=15.0,
+        help="seconds between reads of the budget counters in Redis (SWITCHYARD_REDIS_URL) "
+        "for the ClientKeys spend status; 0: never",
+    )
 
     keys = sub.add_parser("keys", help="client API keys (ClientKeys documents)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -342,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                     deadline_s=args.refit_deadline,
                 ),
                 refit_poll_s=args.refit_poll_seconds,
+                spend_interval_s=args.spend_interval,
             )
         )
     if args.command == "simulate":

@@ -1236,19 +1236,26 @@ def test_the_charts_jaeger_config_runs_in_the_real_jaeger(tmp_path: Path) -> Non
         log.close()
 
 
-def _extproc_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    container = deployment(docs, "extproc")["spec"]["template"]["spec"]["containers"][0]
+def _env(docs: list[dict[str, Any]], component: str = "extproc") -> dict[str, Any]:
+    container = deployment(docs, component)["spec"]["template"]["spec"]["containers"][0]
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
 
 
-def test_the_limits_redis_url_reaches_the_extproc(default_docs: list[dict[str, Any]]) -> None:
-    assert "SWITCHYARD_REDIS_URL" not in _extproc_env(default_docs)
-    env = _extproc_env(render("limits.redisUrl=redis://redis.cache.svc:6379/2"))
+@pytest.mark.parametrize("component", ["extproc", "operator"])
+def test_the_limits_redis_url_reaches_the_extproc_and_the_operator(
+    default_docs: list[dict[str, Any]], component: str
+) -> None:
+    """The ext_proc counts in it; the operator reads the budgets for the spend status."""
+    assert "SWITCHYARD_REDIS_URL" not in _env(default_docs, component)
+    env = _env(render("limits.redisUrl=redis://redis.cache.svc:6379/2"), component)
     assert env["SWITCHYARD_REDIS_URL"] == "redis://redis.cache.svc:6379/2"
     secret = render("limits.redisUrlSecret.name=redis-url", "limits.redisUrlSecret.key=url")
-    assert _extproc_env(secret)["SWITCHYARD_REDIS_URL"] == {
+    assert _env(secret, component)["SWITCHYARD_REDIS_URL"] == {
         "secretKeyRef": {"name": "redis-url", "key": "url"}
     }
+
+
+def test_the_limits_redis_url_is_checked() -> None:
     both = helm(
         "template", RELEASE, str(CHART), "--set", "limits.redisUrl=redis://r:6379",
         "--set", "limits.redisUrlSecret.name=s", "--set", "limits.redisUrlSecret.key=k",
