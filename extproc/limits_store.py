@@ -162,20 +162,32 @@ def _admit_args(checks: Sequence[Check], keys: list[str], args: list[Any]) -> No
         ]
 
 
+def bounded_client(url: str, timeout_s: float, max_connections: int) -> Redis:
+    """A Redis client whose every call fails within ``timeout_s`` and is never retried (the
+    caller's fail mode decides what happens next)."""
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        max_connections=max_connections,
+    )
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its credentials (for logs)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
+
+
 class RedisStore:
     """Counters in Redis, every call bounded by ``timeout_s`` (then ``StoreUnavailable``)."""
 
     def __init__(self, url: str, timeout_s: float) -> None:
         self.url = url
         self.timeout_s = timeout_s
-        self._redis = Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            max_connections=64,
-        )
+        self._redis = bounded_client(url, timeout_s, max_connections=64)
         self._admit = self._redis.register_script(ADMIT_LUA)
         self._settle = self._redis.register_script(SETTLE_LUA)
         self._queue: list[tuple[Sequence[Check], asyncio.Future[Refusal | None]]] = []
@@ -204,8 +216,7 @@ class RedisStore:
     @property
     def safe_url(self) -> str:
         """The URL without its credentials (for logs)."""
-        scheme, _, rest = self.url.partition("://")
-        return f"{scheme}://{rest.rpartition('@')[2]}"
+        return redacted_url(self.url)
 
     async def admit(self, checks: Sequence[Check]) -> Refusal | None:
         """Queued: while a call is in flight, the admissions that arrive go together in the

@@ -20,11 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from switchyard.extproc.limits import REDIS_URL_ENV, BudgetWindow, tenant_budget_windows
+from switchyard.extproc.limits_store import bounded_client, redacted_url
 from switchyard.operator.keyring import KeysVerdict, served_store
 
 log = logging.getLogger(__name__)
@@ -100,26 +97,13 @@ def redis_url(verdicts: Mapping[str, KeysVerdict]) -> str:
     return os.environ.get(env, "")
 
 
-def safe_url(url: str) -> str:
-    """The URL without its credentials (for logs)."""
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"
-
-
 class SpendReader:
     """Reads counters from one Redis, each call bounded by ``timeout_s``."""
 
     def __init__(self, url: str, timeout_s: float = TIMEOUT_S) -> None:
         self.url = url
         self.timeout_s = timeout_s
-        self._redis = Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            max_connections=2,
-        )
+        self._redis = bounded_client(url, timeout_s, max_connections=2)
 
     async def spent(self, windows: Sequence[BudgetWindow]) -> list[float]:
         """Each window's spend (the sum of its keys); raises on any failure."""
@@ -202,13 +186,13 @@ class SpendFollower:
                 log.warning(
                     "spend status: Redis %s unavailable (%s); ClientKeys statuses keep their "
                     "last figures",
-                    safe_url(url),
+                    redacted_url(url),
                     type(error).__name__,
                 )
             return
         if self._down:
             self._down = False
-            log.info("spend status: Redis %s answers again", safe_url(url))
+            log.info("spend status: Redis %s answers again", redacted_url(url))
         at = 0
         for resource, found in plan.items():
             spends = [

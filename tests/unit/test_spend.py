@@ -16,6 +16,7 @@ from conftest import EXAMPLE
 from test_limits import answer, keys_doc, meta, send
 
 from switchyard.extproc.config import build_config
+from switchyard.extproc.limits_store import redacted_url
 from switchyard.extproc.processor import Processor
 from switchyard.extproc.scoring import HeuristicScorer
 from switchyard.extproc.state import RuntimeState
@@ -24,7 +25,7 @@ from switchyard.local.redis import LocalRedis
 from switchyard.operator.compiler import compile_config
 from switchyard.operator.keyring import KeysVerdict, judge, served_store, served_tenant_limits
 from switchyard.operator.policy import parse_policy
-from switchyard.operator.spend import SpendFollower, TenantSpend, safe_url, spend_status
+from switchyard.operator.spend import SpendFollower, TenantSpend, spend_status
 
 COST = 0.0000085
 """One request answered with 10 prompt and 100 completion tokens on light."""
@@ -139,7 +140,7 @@ async def test_redis_down_keeps_the_status_and_logs_once(
     (_, _, status) = recorder.patches[0]
     assert status["spend"][0]["spentUsd"] == 0
     assert "hunter2" not in caplog.text and "hunter2" not in repr(recorder.patches)
-    assert safe_url(url) == f"redis://127.0.0.1:{port}/0"
+    assert redacted_url(url) == f"redis://127.0.0.1:{port}/0"
 
 
 def test_the_summary_is_the_tightest_budget() -> None:
