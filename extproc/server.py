@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -157,6 +158,11 @@ async def serve(
         host, _, port = listen.rpartition(":")
         server = await loop.create_server(connection, host.strip("[]"), int(port), **secure)
     log.info("ext_proc worker %d serving on %s", os.getpid(), listen)
+    # What start-up loaded (router sessions, tokenizers, protobuf descriptors: about 80k
+    # objects) lives as long as the worker. Frozen, it is out of the collector's sight: a full
+    # collection under load then stops the event loop for about 6 ms instead of about 40.
+    gc.collect()
+    gc.freeze()
     TALLY.start(loop)
     if ready is not None:
         ready.set()
