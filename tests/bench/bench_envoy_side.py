@@ -11,7 +11,9 @@ gateway Envoy's CPU per request is what that thing costs Envoy:
   policy reads), each response chunk streamed to it with two attributes (usage accounting);
 - no response: the response is not sent to the ext_proc (no accounting through it);
 - no attributes: neither request nor response attributes (Envoy's CEL evaluation per message);
-- routing only: both of the above.
+- no stream retry: the gRPC stream without its retry policy (Envoy then keeps no copy of what
+  it sent, to replay on another worker);
+- routing only: no response and no attributes.
 
 Not a test.
 """
@@ -52,8 +54,13 @@ def _no_attributes(proc: Any) -> None:
     del proc.response_attributes[:]
 
 
+def _no_retry(proc: Any) -> None:
+    proc.grpc_service.ClearField("retry_policy")
+
+
 VARIANTS: dict[str, list[Callable[[Any], None]]] = {
     "shipped": [],
+    "no stream retry": [_no_retry],
     "no response": [_no_response],
     "no attributes": [_no_attributes],
     "routing only": [_no_response, _no_attributes],

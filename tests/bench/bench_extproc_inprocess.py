@@ -36,9 +36,20 @@ from switchyard.extproc import h2grpc
 from switchyard.extproc.processor import Processor
 from switchyard.extproc.state import RuntimeState
 from switchyard.operator.compiler import compile_config
+from switchyard.headers import EXTPROC_FILTER, SERVED_MODEL_ATTRIBUTE, STATUS_ATTRIBUTE
 from switchyard.operator.policy import parse_policy
 
 PROMPT = "What is the capital of France? Answer in one word."
+COMPLETION = {
+    "id": "chatcmpl-bench",
+    "object": "chat.completion",
+    "created": 0,
+    "model": "bench",
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Paris"}, "finish_reason": "stop"}
+    ],
+    "usage": {"prompt_tokens": 20, "completion_tokens": 1, "total_tokens": 21},
+}
 _FIELDS = [
     (b":method", b"POST"),
     (b":scheme", b"http"),
@@ -93,7 +104,21 @@ def grpc_message(request_id: bool = False) -> bytes:
     return b"\x00" + len(raw).to_bytes(4, "big") + raw
 
 
-def reads(requests: int, per_read: int, message: bytes) -> list[bytes]:
+def response_message() -> bytes:
+    """The response body as Envoy streams it: one chunk, the end of the stream, and the
+    status and the serving model as attributes."""
+    body = json.dumps(COMPLETION).encode()
+    request = ep.ProcessingRequest(response_body=ep.HttpBody(body=body, end_of_stream=True))
+    attributes = request.attributes[EXTPROC_FILTER]
+    attributes.fields[STATUS_ATTRIBUTE].number_value = 200
+    attributes.fields[SERVED_MODEL_ATTRIBUTE].string_value = "light"
+    raw: bytes = request.SerializeToString()
+    return b"\x00" + len(raw).to_bytes(4, "big") + raw
+
+
+def reads(
+    requests: int, per_read: int, message: bytes, response: bytes | None = None
+) -> list[bytes]:
     window = 256 * 1024 * 1024
     settings = frame(4, 0, 0, (4).to_bytes(2, "big") + window.to_bytes(4, "big"))
     out = [PREFACE + settings + frame(8, 0, 0, (window - 65535).to_bytes(4, "big"))]
@@ -106,6 +131,8 @@ def reads(requests: int, per_read: int, message: bytes) -> list[bytes]:
             ids.append(stream)
             stream += 2
         out.append(bytes(chunk))
+        if response is not None:  # each routed stream's answer, then Envoy's end of stream
+            out.append(b"".join(frame(0, 0, i, response) for i in ids))
         out.append(b"".join(frame(3, 0, i, bytes(4)) for i in ids))
     return out
 
@@ -152,11 +179,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--per-read", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--response", action="store_true", help="each stream also sends its response body"
+    )
     parser.add_argument("--record", choices=("none", "decisions", "prompts"), default="none")
     args = parser.parse_args()
     state = RuntimeState()
     state.swap(state.prepare(compile_config([parse_policy(policy(args.record))])))
-    data = reads(args.requests, args.per_read, grpc_message(args.record != "none"))
+    response = response_message() if args.response else None
+    data = reads(args.requests, args.per_read, grpc_message(args.record != "none"), response)
     with tempfile.TemporaryDirectory() as directory:
         recorder = None
         if args.record != "none":
@@ -168,7 +199,7 @@ def main() -> None:
     loop = [r[0] for r in rounds]
     print(
         f"{h2grpc.__file__}: {args.requests} requests, {args.per_read} per read, record "
-        f"{args.record}: CPU µs per request min {min(loop):.1f} median "
+        f"{args.record}, response {'on' if args.response else 'off'}: CPU µs per request min {min(loop):.1f} median "
         f"{statistics.median(loop):.1f}"
         + (
             f"; writer µs per record median {statistics.median(r[1] for r in rounds):.1f}"
