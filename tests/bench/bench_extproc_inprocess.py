@@ -6,7 +6,8 @@ engine and the real router, no Envoy and no sockets. Not a test.
 
 Envoy-like bytes (as ``bench_h2grpc.py`` builds them: a warm HPACK block, one message, the
 RST_STREAM Envoy sends after our trailers) carry a real ProcessingRequest: the benchmark's chat
-completion as the body, the path attribute, for a classifier policy on ``builtin:default``.
+completion as the body, the path attribute, for a classifier policy on ``builtin:default``; then
+the answer's body (one chunk, the status and serving model as attributes), read for its usage.
 ``--per-read`` requests arrive per socket read, so the router batches as under load. Prints
 the CPU µs per request (time.process_time) of several rounds, min and median. It uses only
 what the ext_proc had before the HTTP/2 server was split (``GrpcConnection(method, handler)``,
@@ -35,8 +36,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from switchyard.extproc import h2grpc
 from switchyard.extproc.processor import Processor
 from switchyard.extproc.state import RuntimeState
-from switchyard.operator.compiler import compile_config
 from switchyard.headers import EXTPROC_FILTER, SERVED_MODEL_ATTRIBUTE, STATUS_ATTRIBUTE
+from switchyard.operator.compiler import compile_config
 from switchyard.operator.policy import parse_policy
 
 PROMPT = "What is the capital of France? Answer in one word."
@@ -116,9 +117,10 @@ def response_message() -> bytes:
     return b"\x00" + len(raw).to_bytes(4, "big") + raw
 
 
-def reads(
-    requests: int, per_read: int, message: bytes, response: bytes | None = None
-) -> list[bytes]:
+RESPONSE = response_message()
+
+
+def reads(requests: int, per_read: int, message: bytes) -> list[bytes]:
     window = 256 * 1024 * 1024
     settings = frame(4, 0, 0, (4).to_bytes(2, "big") + window.to_bytes(4, "big"))
     out = [PREFACE + settings + frame(8, 0, 0, (window - 65535).to_bytes(4, "big"))]
@@ -131,8 +133,8 @@ def reads(
             ids.append(stream)
             stream += 2
         out.append(bytes(chunk))
-        if response is not None:  # each routed stream's answer, then Envoy's end of stream
-            out.append(b"".join(frame(0, 0, i, response) for i in ids))
+        # each routed stream's answer (usage accounting), then Envoy's end of the stream
+        out.append(b"".join(frame(0, 0, i, RESPONSE) for i in ids))
         out.append(b"".join(frame(3, 0, i, bytes(4)) for i in ids))
     return out
 
@@ -179,15 +181,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--per-read", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument(
-        "--response", action="store_true", help="each stream also sends its response body"
-    )
     parser.add_argument("--record", choices=("none", "decisions", "prompts"), default="none")
     args = parser.parse_args()
     state = RuntimeState()
     state.swap(state.prepare(compile_config([parse_policy(policy(args.record))])))
-    response = response_message() if args.response else None
-    data = reads(args.requests, args.per_read, grpc_message(args.record != "none"), response)
+    data = reads(args.requests, args.per_read, grpc_message(args.record != "none"))
     with tempfile.TemporaryDirectory() as directory:
         recorder = None
         if args.record != "none":
@@ -199,7 +197,7 @@ def main() -> None:
     loop = [r[0] for r in rounds]
     print(
         f"{h2grpc.__file__}: {args.requests} requests, {args.per_read} per read, record "
-        f"{args.record}, response {'on' if args.response else 'off'}: CPU µs per request min {min(loop):.1f} median "
+        f"{args.record}: CPU µs per request min {min(loop):.1f} median "
         f"{statistics.median(loop):.1f}"
         + (
             f"; writer µs per record median {statistics.median(r[1] for r in rounds):.1f}"
