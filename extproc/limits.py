@@ -32,7 +32,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.errors import GatewayError
@@ -77,6 +77,12 @@ STORE_UNAVAILABLE = Counter(
     "Requests admitted (mode=open) or refused (mode=closed) because the limits store "
     "(Redis) did not answer in time.",
     ["mode"],
+)
+SETTLEMENTS_UNSENT = Gauge(
+    "switchyard_limits_settlements_unsent",
+    "Finished requests whose spend the limits store (Redis) has not taken yet: batched, in "
+    "flight, or kept while it does not answer. Zero when every charge is counted.",
+    multiprocess_mode="livesum",
 )
 BUDGET_DOWNGRADES = Counter(
     "switchyard_budget_downgrades",
@@ -379,10 +385,12 @@ class Limiter:
         self.store: CounterStore = MemoryStore()
         self._down_until = 0.0
         self._logged = 0.0
-        self._pending: deque[tuple[str, list[Delta]]] = deque(maxlen=MAX_PENDING)
+        # (ident, deltas, settlements summed in them), oldest first
+        self._pending: deque[tuple[str, list[Delta], int]] = deque(maxlen=MAX_PENDING)
         self._tasks: set[asyncio.Task[None]] = set()
         self._flushing = False
         self._batch: dict[str, Delta] = {}
+        self._batch_settlements = 0
         self._batching = False
 
     def use(self, settings: StoreSettings) -> None:
@@ -505,6 +513,8 @@ class Limiter:
                 expire = max(prior.expire_at_ms, delta.expire_at_ms)
                 delta = Delta(delta.key, prior.amount + delta.amount, expire)
             batch[delta.key] = delta
+        self._batch_settlements += 1
+        SETTLEMENTS_UNSENT.inc()
         if not self._batching:
             self._batching = True
             self._spawn(self._send_batch())
@@ -512,23 +522,28 @@ class Limiter:
     async def _send_batch(self) -> None:
         await asyncio.sleep(SETTLE_EVERY_S)
         batch, self._batch, self._batching = list(self._batch.values()), {}, False
-        await self._settle(batch)
+        settlements, self._batch_settlements = self._batch_settlements, 0
+        await self._settle(batch, settlements)
 
-    async def _settle(self, deltas: list[Delta]) -> None:
+    async def _settle(self, deltas: list[Delta], settlements: int) -> None:
         ident = os.urandom(12).hex()  # the same on every retry: Redis applies it once
         if self._pending or time.monotonic() < self._down_until:
-            self._keep(ident, deltas)
+            self._keep(ident, deltas, settlements)
             return
         try:
             await self.store.settle(deltas, ident)
         except StoreUnavailable as error:
-            self._keep(ident, deltas)
+            self._keep(ident, deltas, settlements)
             mode = "closed" if self._settings and self._settings.fail_closed else "open"
             self._unavailable(error, mode, request=False)
+            return
+        SETTLEMENTS_UNSENT.dec(settlements)
 
-    def _keep(self, ident: str, deltas: list[Delta]) -> None:
+    def _keep(self, ident: str, deltas: list[Delta], settlements: int) -> None:
         """Keep a settlement the store did not take; a task retries it until it does."""
-        self._pending.append((ident, deltas))
+        if len(self._pending) == self._pending.maxlen:  # the oldest is dropped: never counted
+            SETTLEMENTS_UNSENT.dec(self._pending[0][2])
+        self._pending.append((ident, deltas, settlements))
         if not self._flushing:
             self._flushing = True
             self._spawn(self._flush())
@@ -539,20 +554,21 @@ class Limiter:
             while self._pending:
                 await asyncio.sleep(max(DOWN_FOR_S, self._down_until - time.monotonic()))
                 while self._pending:
-                    ident, deltas = self._pending[0]  # left queued until the store took it
+                    ident, deltas, settlements = self._pending[0]  # queued until it is taken
                     try:
                         await self.store.settle(deltas, ident)
                     except StoreUnavailable:
                         self._down_until = time.monotonic() + DOWN_FOR_S
                         break
                     self._pending.popleft()
+                    SETTLEMENTS_UNSENT.dec(settlements)
         finally:
             self._flushing = False
 
     @property
     def pending(self) -> int:
         """Settlement deltas waiting for the store."""
-        return sum(len(deltas) for _, deltas in self._pending)
+        return sum(len(deltas) for _, deltas, _ in self._pending)
 
     async def drain(self) -> None:
         """Wait for the settlements in flight (tests, shutdown)."""

@@ -169,7 +169,10 @@ async def _start(settings: kopf.OperatorSettings, **_: Any) -> None:
     log.info("xDS and config stream on port %d; %d policies restored", port, len(documents))
     if SETTINGS.spend_interval_s > 0:
         follower = SpendFollower(
-            lambda: _reconciler().client_keys, _patch_spend, SETTINGS.spend_interval_s
+            lambda: _reconciler().client_keys,
+            _patch_spend,
+            SETTINGS.spend_interval_s,
+            reads=plane.metrics.spend_reads,
         )
         _state["spend"] = asyncio.get_running_loop().create_task(follower.run())
     if not SETTINGS.refit.unavailable():

@@ -14,6 +14,8 @@ docs/architecture.md, "Metrics", lists every series):
   ``switchyard_operator_config_apply_seconds`` (from the apply until every ACK).
 * ``switchyard_operator_reconcile_errors_total{reason}`` and
   ``switchyard_operator_policies{state}``.
+* ``switchyard_operator_spend_reads_total{result}``: reads of the budget counters in Redis for
+  the ClientKeys spend status (``ok`` or ``unavailable``).
 
 Recording runs on the event loop and is a dict update or a locked float increment. The server
 runs on the same loop (aiohttp, as kopf's probes): a scrape counts the clients behind there,
@@ -140,6 +142,15 @@ class OperatorMetrics:
             ["state"],
             registry=r,
         )
+        self.spend_reads = Counter(
+            "switchyard_operator_spend_reads",
+            "Reads of the ClientKeys budget counters in Redis for the spend status, by result: "
+            "ok, or unavailable (Redis did not answer; the statuses keep their figures).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("ok", "unavailable"):
+            self.spend_reads.labels(result)
         for kind in (ENVOY, EXTPROC):
             self.connected.labels(kind)
             self.behind.labels(kind)

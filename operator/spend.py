@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from prometheus_client import Counter
+
 from switchyard.extproc.limits import REDIS_URL_ENV, BudgetWindow, tenant_budget_windows
 from switchyard.extproc.limits_store import bounded_client, redacted_url
 from switchyard.operator.keyring import KeysVerdict, served_store
@@ -138,8 +140,10 @@ class SpendFollower:
         interval_s: float = DEFAULT_INTERVAL_S,
         timeout_s: float = TIMEOUT_S,
         clock: Callable[[], float] = time.time,
+        reads: Counter | None = None,
     ) -> None:
         self._verdicts = verdicts
+        self._reads = reads  # switchyard_operator_spend_reads_total{result}
         self._patch = patch
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -181,6 +185,8 @@ class SpendFollower:
         try:
             spent = await self._reader.spent(windows) if windows else []
         except Exception as error:  # RedisError, OSError, TimeoutError: keep the statuses
+            if self._reads is not None:
+                self._reads.labels("unavailable").inc()
             if not self._down:
                 self._down = True
                 log.warning(
@@ -207,3 +213,5 @@ class SpendFollower:
             namespace, name = resource.split("/", 1)
             if await self._patch(namespace, name, status):
                 self._written[resource] = status
+        if self._reads is not None:  # counted once the statuses it changed are written
+            self._reads.labels("ok").inc()

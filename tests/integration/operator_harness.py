@@ -30,7 +30,11 @@ class Cluster:
     """Operator + Envoy + ext_proc + demo models around one namespace of the test apiserver."""
 
     def __init__(
-        self, kube: KubeControlPlane, prefix: str = "op", operator_args: Sequence[str] = ()
+        self,
+        kube: KubeControlPlane,
+        prefix: str = "op",
+        operator_args: Sequence[str] = (),
+        extproc_args: Sequence[str] = (),
     ) -> None:
         self.kube = kube
         self.namespace = f"{prefix}-{os.getpid()}"
@@ -59,7 +63,7 @@ class Cluster:
         self.children.append(
             subprocess.Popen(
                 [*cli, "extproc", "--config", f"grpc://127.0.0.1:{xds}",
-                 "--listen", f"127.0.0.1:{self.extproc}"],
+                 "--listen", f"127.0.0.1:{self.extproc}", *extproc_args],
                 cwd=REPO,
             )
         )  # fmt: skip

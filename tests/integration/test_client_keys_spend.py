@@ -21,6 +21,7 @@ import yaml
 from gateway_harness import REPO
 from kube import KubeControlPlane
 from operator_harness import SHORT, Cluster
+from prometheus_client.parser import text_string_to_metric_families
 
 from switchyard.local.ports import free_port_block
 from switchyard.local.redis import LocalRedis
@@ -31,6 +32,7 @@ CRD = REPO / "deploy" / "crds" / "clientkeys.yaml"
 KEY = "sk-switchyard-spend-" + os.urandom(6).hex()
 PASSWORD = "pw-" + os.urandom(8).hex()
 INTERVAL_S = 0.5
+OPERATOR_METRICS, EXTPROC_METRICS = free_port_block(), free_port_block()
 
 
 def require_password(server: LocalRedis) -> None:
@@ -57,8 +59,12 @@ def cluster(routepolicy_crd: KubeControlPlane, server: LocalRedis) -> Iterator[C
     with pytest.MonkeyPatch.context() as env:  # the operator and the ext_proc, as Helm sets it
         env.setenv("SWITCHYARD_REDIS_URL", url)
         running = Cluster(
-            routepolicy_crd, prefix="spend", operator_args=["--spend-interval", str(INTERVAL_S)]
-        )
+            routepolicy_crd,
+            prefix="spend",
+            operator_args=["--spend-interval", str(INTERVAL_S),
+                           "--metrics-listen", f"127.0.0.1:{OPERATOR_METRICS}"],
+            extproc_args=["--metrics-port", str(EXTPROC_METRICS)],
+        )  # fmt: skip
     yield running
     running.close()
 
@@ -113,6 +119,20 @@ def table_row(header: str, row: str) -> dict[str, str]:
     return {n: row[a:b].strip() for n, a, b in zip(names, starts, ends, strict=True)}
 
 
+def metric(port: int, name: str, **labels: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise AssertionError(f"{name} {labels} is not exported")
+
+
+def spend_reads(result: str) -> float:
+    """The operator's completed reads of the budget counters (each tick makes one)."""
+    return metric(OPERATOR_METRICS, "switchyard_operator_spend_reads_total", result=result)
+
+
 def operator_log(cluster: Cluster) -> str:
     return Path(cluster.log.name).read_text(errors="replace")
 
@@ -146,15 +166,11 @@ def test_spend_reaches_the_status_and_the_printer_columns(
     def charged(tenant: str, period: str) -> float:
         return counted(server, f"sy:l:t:{ns}%2F{tenant}:usd:{period}:*")
 
-    # Settlements are asynchronous (and retried when Redis was slow): wait until they stop.
-    deadline, last = time.monotonic() + 20, charged("alice", "24h")
-    while True:
-        time.sleep(1.0)  # longer than the ext_proc waits before it retries kept settlements
-        now = charged("alice", "24h")
-        if now == last > 0:
-            break
-        assert time.monotonic() < deadline, "the counters never settled"
-        last = now
+    # Settlements are asynchronous (and retried when Redis was slow): the ext_proc counts the
+    # finished requests whose charge Redis has not taken yet.
+    unsent = "switchyard_limits_settlements_unsent"
+    wait_until(lambda: metric(EXTPROC_METRICS, unsent) == 0, 20, "settlements taken by Redis")
+    assert charged("alice", "24h") > 0
 
     def shown() -> bool:
         table = spend(cluster)
@@ -177,7 +193,8 @@ def test_spend_reaches_the_status_and_the_printer_columns(
 
     # Unchanged figures are not written again.
     version = status(cluster)["metadata"]["resourceVersion"]
-    time.sleep(6 * INTERVAL_S)  # an observation window: several ticks must change nothing
+    reads = spend_reads("ok")
+    wait_until(lambda: spend_reads("ok") >= reads + 4, 30, "more reads of the same figures")
     assert status(cluster)["metadata"]["resourceVersion"] == version
     assert PASSWORD not in json.dumps(status(cluster))
 
@@ -190,7 +207,8 @@ def test_redis_down_keeps_the_figures_and_the_operator(
     server.kill()
     down = "spend status: Redis redis://127.0.0.1:"
     wait_until(lambda: down in operator_log(cluster), 30, "the outage logged")
-    time.sleep(6 * INTERVAL_S)  # several failed ticks: still logged once
+    failed = spend_reads("unavailable")
+    wait_until(lambda: spend_reads("unavailable") >= failed + 4, 30, "more failed reads")
     assert operator_log(cluster).count(down) == 1
     assert spend(cluster) == before
     assert cluster.children[len(cluster.demo_ports)].poll() is None  # the operator runs

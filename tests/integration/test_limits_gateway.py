@@ -110,16 +110,18 @@ class Setup:
             return sum(float(r.get(k) or 0) for k in r.keys(pattern))
 
     def settled(self, pattern: str, timeout: float = 10) -> float:
-        """The counters' sum once it stops moving (settlements are asynchronous)."""
-        deadline = time.monotonic() + timeout
-        last = self.counted(pattern)
-        while True:
-            time.sleep(1.0)  # longer than a worker waits before it retries kept settlements
-            now = self.counted(pattern)
-            if now == last:
-                return now
-            assert time.monotonic() < deadline, "the counters never settled"
-            last = now
+        """The counters' sum once every finished request's charge is in Redis: settlements
+        are asynchronous, and the workers count those Redis has not taken yet."""
+        wait_until(lambda: self.unsent() == 0, timeout, "settlements taken by Redis")
+        return self.counted(pattern)
+
+    def unsent(self) -> float:
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics").text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "switchyard_limits_settlements_unsent":
+                    return sample.value
+        raise AssertionError("switchyard_limits_settlements_unsent is not exported")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -456,12 +457,17 @@ async def test_fail_modes_when_redis_is_down(tmp_path: Path) -> None:
     assert limits_module.STORE_UNAVAILABLE.labels("closed")._value.get() == before + 1
     rates = {"requestsPerMinute": 5, "tokensPerMinute": 10_000}
     opened = Processor(state_for(keys_doc(rates, store={"redisUrl": url})))
+    unsent = limits_module.SETTLEMENTS_UNSENT._value
+    base = unsent.get()
     response, stream = await send(opened)
     assert meta(response)["model"].string_value == "light"
     answer(stream, 10, 10, "light")
+    assert unsent.get() == base + 1  # counted as unsent from the moment the response ended
     await until(lambda: opened.limiter.pending == 2)  # one request, 20 tokens: kept for later
+    assert unsent.get() == base + 1
     server.start()
     await until(lambda: opened.limiter.pending == 0)  # retried until the store takes them
+    assert unsent.get() == base
     store = opened.limiter.store
     assert isinstance(store, RedisStore)
     assert await counted(store, "sy:l:t:team:rpm:*") == 1
@@ -471,6 +477,18 @@ async def test_fail_modes_when_redis_is_down(tmp_path: Path) -> None:
     assert await counted(store, "sy:l:t:team:rpm:*") == 2
     await store.close()
     server.stop()
+
+
+def test_settlements_dropped_beyond_the_kept_limit_leave_the_unsent_gauge() -> None:
+    limiter = limits_module.Limiter()
+    limiter._pending = deque(maxlen=2)
+    unsent = limits_module.SETTLEMENTS_UNSENT._value
+    base = unsent.get()
+    for settlements in (1, 2, 3):
+        limits_module.SETTLEMENTS_UNSENT.inc(settlements)
+        limiter._keep(f"id{settlements}", [], settlements)  # no loop here: nothing retries
+    assert [kept[2] for kept in limiter._pending] == [2, 3]
+    assert unsent.get() == base + 5  # the oldest (1) was dropped, never to be counted
 
 
 async def until(condition: Any, timeout: float = 10) -> None:

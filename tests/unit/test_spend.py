@@ -24,6 +24,7 @@ from switchyard.local.ports import free_port_block
 from switchyard.local.redis import LocalRedis
 from switchyard.operator.compiler import compile_config
 from switchyard.operator.keyring import KeysVerdict, judge, served_store, served_tenant_limits
+from switchyard.operator.metrics import OperatorMetrics
 from switchyard.operator.policy import parse_policy
 from switchyard.operator.spend import SpendFollower, TenantSpend, spend_status
 
@@ -120,11 +121,16 @@ async def test_redis_down_keeps_the_status_and_logs_once(
     url = f"redis://:hunter2-secret@127.0.0.1:{port}/0"
     verdict = verdict_for(url, [{"usd": 1, "period": "day"}])
     recorder = Recorder()
-    follower = SpendFollower(lambda: {verdict.resource: verdict}, recorder, timeout_s=0.5)
+    reads = OperatorMetrics().spend_reads
+    follower = SpendFollower(
+        lambda: {verdict.resource: verdict}, recorder, timeout_s=0.5, reads=reads
+    )
     with caplog.at_level(logging.INFO, logger="switchyard.operator.spend"):
         for _ in range(3):
             await follower.tick()
         assert recorder.patches == []
+        assert reads.labels("unavailable")._value.get() == 3
+        assert reads.labels("ok")._value.get() == 0
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1
         assert f"redis://127.0.0.1:{port}/0 unavailable" in warnings[0].getMessage()
@@ -137,6 +143,7 @@ async def test_redis_down_keeps_the_status_and_logs_once(
         finally:
             server.stop()
         assert "answers again" in caplog.text
+        assert reads.labels("ok")._value.get() == 1
     (_, _, status) = recorder.patches[0]
     assert status["spend"][0]["spentUsd"] == 0
     assert "hunter2" not in caplog.text and "hunter2" not in repr(recorder.patches)
