@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_gateway import COMPLETION, PROMPT
 from bench_h2grpc import METHOD, PREFACE, _indexed_literal, frame
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
@@ -40,17 +41,6 @@ from switchyard.headers import EXTPROC_FILTER, SERVED_MODEL_ATTRIBUTE, STATUS_AT
 from switchyard.operator.compiler import compile_config
 from switchyard.operator.policy import parse_policy
 
-PROMPT = "What is the capital of France? Answer in one word."
-COMPLETION = {
-    "id": "chatcmpl-bench",
-    "object": "chat.completion",
-    "created": 0,
-    "model": "bench",
-    "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": "Paris"}, "finish_reason": "stop"}
-    ],
-    "usage": {"prompt_tokens": 20, "completion_tokens": 1, "total_tokens": 21},
-}
 _FIELDS = [
     (b":method", b"POST"),
     (b":scheme", b"http"),
