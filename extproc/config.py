@@ -22,6 +22,7 @@ from switchyard.api.v1 import routing_pb2 as pb
 from switchyard.extproc.claims import JwtTable, jwt_table
 from switchyard.extproc.keys import KeyEntry, key_table
 from switchyard.extproc.limits import StoreSettings, store_settings
+from switchyard.extproc.models_list import ListedModel, listed_models
 from switchyard.extproc.pii import Scanner
 from switchyard.extproc.recording import RecordingRule, Retention
 from switchyard.extproc.semantic import (
@@ -189,6 +190,8 @@ class CompiledConfig:
     """The routing headers a recorded request keeps (never a client key or the id)."""
     shadow: Mapping[str, ShadowRule] = field(default_factory=dict)
     """Policy key → its shadow evaluation (only policies that shadow; ``extproc/shadow.py``)."""
+    models_listing: tuple[ListedModel, ...] = ()
+    """``GET /v1/models``'s entries (answered here when client keys are on)."""
 
     @property
     def served_names(self) -> list[str]:
@@ -445,6 +448,7 @@ def build_config(
         client_keys=key_table(config),
         jwt=jwt_table(config),
         limit_store=store_settings(config),
+        models_listing=listed_models(config),
     )
     recording = _recording(config, {p.key for p in policies})
     if recording is None:

@@ -37,6 +37,7 @@ from switchyard.extproc.feedback import RECORDED_BODY, parse_feedback
 from switchyard.extproc.keys import KeyEntry, authenticate, denial, forbidden
 from switchyard.extproc.limits import Limiter, Reservation
 from switchyard.extproc.metrics import REJECTIONS
+from switchyard.extproc.models_list import MODELS_PATH, models_body
 from switchyard.extproc.recording import Recorder, RecordingRule
 from switchyard.extproc.request import (
     Endpoint,
@@ -284,6 +285,8 @@ class Processor:
             return response, account.done
         if kind == "request_headers":
             stream.headers = _headers(message.request_headers)
+            if stream.headers.get(":path", "").split("?", 1)[0] == MODELS_PATH:
+                return self.models(stream.headers), True
             try:
                 stream.endpoint = _endpoint(stream.headers)
                 if message.request_headers.end_of_stream:
@@ -516,6 +519,27 @@ class Processor:
                 body if rule.prompts else None,
             )
         )
+
+    def models(self, headers: Mapping[str, str]) -> ep.ProcessingResponse:
+        """Answer ``GET /v1/models`` when client keys are on (``extproc/models_list.py``): the
+        aliases and models the caller's key may use, or its 401."""
+        config = self.state.config
+        aliases = models = None
+        try:
+            if headers.get(":method") != "GET":
+                raise GatewayError(405, f"use GET on {MODELS_PATH}", code="method_not_allowed")
+            if config.client_keys is not None:
+                key = _client(config, headers)
+                aliases, models = key.aliases, key.models
+        except GatewayError as error:
+            return immediate(error)
+        response = ep.ProcessingResponse()
+        reply = response.immediate_response
+        reply.status.code = 200
+        reply.body = models_body(config.models_listing, aliases, models).encode()
+        reply.details = "switchyard_models"
+        reply.headers.set_headers.append(_JSON)
+        return response
 
     def feedback(self, headers: Mapping[str, str], body: bytes) -> ep.ProcessingResponse:
         """Answer ``POST /v1/feedback`` (``switchyard.extproc.feedback``)."""

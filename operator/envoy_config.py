@@ -66,6 +66,7 @@ from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 
 from switchyard.api.v1 import routing_pb2 as pb
+from switchyard.extproc.models_list import MODELS_PATH, listed_models, models_body
 from switchyard.headers import (
     BACKEND_HEADER,
     CLIENT_KEY_HEADERS,
@@ -159,21 +160,6 @@ def _with_extproc(route: rc.Route) -> rc.Route:
         packed(rc.FilterConfig(config=packed(enabled)))
     )
     return route
-
-
-def _models_list(config: pb.RoutingConfig) -> str:
-    ids: dict[str, str] = {}
-    for policy in config.policies:
-        for alias in policy.aliases:
-            ids.setdefault(alias, "switchyard-alias")
-        for model in policy.models:
-            ids.setdefault(model.name, f"{policy.namespace}/{policy.name}")
-            ids.setdefault(f"{policy.namespace}/{policy.name}/{model.name}", "switchyard")
-    data = [
-        {"id": name, "object": "model", "created": 0, "owned_by": owner}
-        for name, owner in sorted(ids.items())
-    ]
-    return json.dumps({"object": "list", "data": data})
 
 
 ApiKeys = Callable[[str, str, str], str | None]
@@ -404,6 +390,46 @@ def feedback_routes(config: pb.RoutingConfig) -> list[rc.Route]:
     ]
 
 
+def _models_route(config: pb.RoutingConfig) -> rc.Route:
+    """``GET /v1/models``: Envoy answers it from the config, or, with client keys, the ext_proc
+    does (its headers only), listing what the caller's key may use. The route's own answer is
+    then a 503 that a request meets only if the ext_proc did not answer."""
+    route = rc.Route(
+        name="models",
+        match=rc.RouteMatch(path=MODELS_PATH, headers=[_method("GET")]),
+        direct_response=rc.DirectResponseAction(
+            status=200, body=inline(models_body(listed_models(config)))
+        ),
+        response_headers_to_add=[header("content-type", "application/json")],
+    )
+    if not config.require_client_key:
+        return route
+    route.direct_response.CopyFrom(
+        _error(
+            503,
+            "the gateway could not check this request's API key; retry",
+            "server_error",
+            "keys_unavailable",
+        )
+    )
+    mode = processing_mode_pb2.ProcessingMode
+    headers_only = ext_proc_pb2.ExtProcOverrides(
+        processing_mode=mode(
+            request_header_mode=mode.SEND,
+            response_header_mode=mode.SKIP,
+            request_body_mode=mode.NONE,
+            response_body_mode=mode.NONE,
+            request_trailer_mode=mode.SKIP,
+            response_trailer_mode=mode.SKIP,
+        ),
+        failure_mode_allow=wrappers_pb2.BoolValue(value=False),
+    )
+    route.typed_per_filter_config[EXTPROC_FILTER].CopyFrom(
+        packed(rc.FilterConfig(config=packed(ext_proc_pb2.ExtProcPerRoute(overrides=headers_only))))
+    )
+    return route
+
+
 def build_route_config(
     config: pb.RoutingConfig, settings: GatewaySettings, api_keys: ApiKeys | None = None
 ) -> route_pb2.RouteConfiguration:
@@ -414,12 +440,7 @@ def build_route_config(
         name=":method", string_match=string_pb2.StringMatcher(exact="POST"), invert_match=True
     )
     routes = [
-        rc.Route(
-            name="models",
-            match=rc.RouteMatch(path="/v1/models", headers=[_method("GET")]),
-            direct_response=rc.DirectResponseAction(status=200, body=inline(_models_list(config))),
-            response_headers_to_add=json_header,
-        ),
+        _models_route(config),
         rc.Route(
             name="method_not_allowed",
             match=rc.RouteMatch(safe_regex=inference, headers=[not_post]),

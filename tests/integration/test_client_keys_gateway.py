@@ -100,6 +100,19 @@ def test_outside_the_allowance_is_403(gateway: Gateway) -> None:
     assert free.headers["x-switchyard-model"] == "light"
 
 
+def test_models_list_needs_a_key_and_shows_what_it_may_use(gateway: Gateway) -> None:
+    with httpx.Client() as plain:
+        refused = plain.get(f"{gateway.base_url}/models")
+    assert refused.status_code == 401, refused.text
+    assert refused.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        client(gateway, REVOKED).models.list()
+    everything = {m.id for m in client(gateway, VALID).models.list()}
+    assert {"auto", "light", "standard", "capable"} <= everything
+    limited = [m.id for m in client(gateway, LIMITED).models.list()]
+    assert "capable" in limited and "light" not in limited and "standard" not in limited
+
+
 def test_valid_key_by_bearer_and_x_api_key_never_reaches_the_upstream(gateway: Gateway) -> None:
     reply = client(gateway, VALID).chat.completions.with_raw_response.create(
         model="auto", messages=HI

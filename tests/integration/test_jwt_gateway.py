@@ -223,6 +223,10 @@ def test_a_remote_jwks_is_fetched_by_envoy(remote: Gateway) -> None:
     # A client key still takes the key path.
     keyed = client(remote, KEY).chat.completions.with_raw_response.create(model="auto", messages=HI)
     assert keyed.http_response.status_code == 200
+    # GET /v1/models takes the same paths: a verified token's tenant, or a key.
+    assert "capable" in {m.id for m in research.models.list()}
+    with pytest.raises(openai.AuthenticationError):
+        client(remote, token(STRANGER, team="research")).models.list()
 
 
 def test_no_token_appears_in_the_output_metrics_or_stats(gateway: Gateway) -> None:

@@ -324,3 +324,52 @@ def test_exclusions_name_the_models_a_key_may_not_use() -> None:
         "capable": "",
     }
     assert set(exclusions(target, request, {}).values()) == {""}
+
+
+async def list_models(state: RuntimeState, **headers: str) -> ep.ProcessingResponse:
+    message = ep.ProcessingRequest()
+    sent = message.request_headers
+    sent.end_of_stream = True
+    for name, value in {":method": "GET", ":path": "/v1/models", **headers}.items():
+        sent.headers.headers.add(key=name.replace("_", "-"), raw_value=value.encode())
+    processor = Processor(state)
+    raw, done = await processor.message(processor.open(), message.SerializeToString())
+    assert done  # answered at once, whatever the outcome
+    return ep.ProcessingResponse.FromString(raw)
+
+
+async def test_models_are_listed_per_key_when_keys_are_on() -> None:
+    doc = keys_doc(key("a", ALICE, models=["capable"]), key("e", ERIN), key("b", BOB, revoked=True))
+    state = state_with(doc)
+    for refused in (await list_models(state), await list_models(state, x_api_key=BOB)):
+        status, error = error_of(refused)
+        assert (status, error["code"]) == (401, "invalid_api_key")
+        assert BOB not in error["message"]
+
+    def ids(response: ep.ProcessingResponse) -> list[str]:
+        reply = response.immediate_response
+        assert reply.status.code == 200
+        return [m["id"] for m in orjson.loads(reply.body)["data"]]
+
+    everything = ids(await list_models(state, authorization=f"Bearer {ERIN}"))
+    assert {"auto", "light", "standard", "capable", "default/default/light"} <= set(everything)
+    only = ids(await list_models(state, x_api_key=ALICE))
+    assert only == ["auto", "capable", "default/default/capable"]
+
+
+def test_the_models_route_asks_the_ext_proc_only_when_keys_are_on() -> None:
+    policies = [parse_policy(yaml.safe_load(EXAMPLE.read_text()))]
+    off = compile_config(policies)
+    on = compile_config(policies, client_keys=compile_client_keys([]))
+
+    def models_route(config: Any) -> Any:
+        routes = build_route_config(config, GatewaySettings()).virtual_hosts[0].routes
+        return next(r for r in routes if r.name == "models")
+
+    plain = models_route(off)
+    assert plain.direct_response.status == 200 and not plain.typed_per_filter_config
+    assert b'"id": "auto"' in plain.direct_response.body.inline_string.encode()
+    keyed = models_route(on)
+    assert keyed.direct_response.status == 503  # only if the ext_proc did not answer
+    assert "auto" not in keyed.direct_response.body.inline_string
+    assert EXTPROC_FILTER in keyed.typed_per_filter_config
