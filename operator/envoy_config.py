@@ -390,6 +390,21 @@ def feedback_routes(config: pb.RoutingConfig) -> list[rc.Route]:
     ]
 
 
+def _processing_mode(
+    request_headers: int, request_body: int, response_body: int
+) -> processing_mode_pb2.ProcessingMode:
+    """What the ext_proc is sent; never the response headers or either side's trailers."""
+    mode = processing_mode_pb2.ProcessingMode
+    return mode(
+        request_header_mode=request_headers,
+        response_header_mode=mode.SKIP,
+        request_body_mode=request_body,
+        response_body_mode=response_body,
+        request_trailer_mode=mode.SKIP,
+        response_trailer_mode=mode.SKIP,
+    )
+
+
 def _models_route(config: pb.RoutingConfig) -> rc.Route:
     """``GET /v1/models``: Envoy answers it from the config, or, with client keys, the ext_proc
     does (its headers only), listing what the caller's key may use. The route's own answer is
@@ -414,14 +429,7 @@ def _models_route(config: pb.RoutingConfig) -> rc.Route:
     )
     mode = processing_mode_pb2.ProcessingMode
     headers_only = ext_proc_pb2.ExtProcOverrides(
-        processing_mode=mode(
-            request_header_mode=mode.SEND,
-            response_header_mode=mode.SKIP,
-            request_body_mode=mode.NONE,
-            response_body_mode=mode.NONE,
-            request_trailer_mode=mode.SKIP,
-            response_trailer_mode=mode.SKIP,
-        ),
+        processing_mode=_processing_mode(mode.SEND, mode.NONE, mode.NONE),
         failure_mode_allow=wrappers_pb2.BoolValue(value=False),
     )
     route.typed_per_filter_config[EXTPROC_FILTER].CopyFrom(
@@ -609,16 +617,9 @@ def _ext_proc(
         failure_mode_allow=True,
         status_on_error=http_status_pb2.HttpStatus(code=http_status_pb2.ServiceUnavailable),
         message_timeout=timeout,
-        processing_mode=mode(
-            request_header_mode=mode.SKIP,
-            response_header_mode=mode.SKIP,
-            request_body_mode=mode.BUFFERED,
-            # The response passes chunk by chunk (never buffered): usage and cost are read
-            # from it, and a usage chunk the client did not ask for is removed.
-            response_body_mode=mode.STREAMED,
-            request_trailer_mode=mode.SKIP,
-            response_trailer_mode=mode.SKIP,
-        ),
+        # The response passes chunk by chunk (never buffered): usage and cost are read from
+        # it, and a usage chunk the client did not ask for is removed.
+        processing_mode=_processing_mode(mode.SKIP, mode.BUFFERED, mode.STREAMED),
         metadata_options=ext_proc_pb2.MetadataOptions(
             receiving_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(
                 untyped=[METADATA_NAMESPACE]
