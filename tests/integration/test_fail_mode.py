@@ -15,6 +15,7 @@ from gateway_harness import REPO, policy_for_ports
 from switchyard.local.control import LocalControlPlane
 from switchyard.local.ports import free_port_block
 from switchyard.local.runner import EnvoyAdmin, envoy_binary, port_open, wait_until
+from switchyard.operator.clientkeys import compile_client_keys
 from switchyard.operator.compiler import compile_config
 from switchyard.operator.envoy_config import GatewaySettings
 from switchyard.operator.policy import parse_policy
@@ -22,12 +23,16 @@ from switchyard.operator.policy import parse_policy
 BODY = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
 
 
-def _envoy_without_extproc(directory: Path, fail_open_model: str) -> Iterator[tuple[int, int]]:
-    """Envoy with the gateway's config whose ext_proc port has nothing listening."""
+def _envoy_without_extproc(
+    directory: Path, fail_open_model: str, keys: bool = False
+) -> Iterator[tuple[int, int]]:
+    """Envoy with the gateway's config whose ext_proc port has nothing listening (with client
+    keys on when ``keys``)."""
     demo_port = free_port_block(3)
     ports = {"demo-light": demo_port, "demo-standard": demo_port + 1, "demo-capable": demo_port + 2}
     policy = parse_policy(policy_for_ports(ports))
-    config = compile_config([policy], fail_open_model)
+    client_keys = compile_client_keys([]) if keys else None
+    config = compile_config([policy], fail_open_model, client_keys=client_keys)
     port, admin, dead_extproc = free_port_block(), free_port_block(), free_port_block()
     settings = GatewaySettings(listen_port=port, extproc_endpoints=[("127.0.0.1", dead_extproc)])
     control = LocalControlPlane(settings)
@@ -78,6 +83,20 @@ def fail_closed(tmp_path: Path) -> Iterator[tuple[int, int]]:
 @pytest.fixture
 def fail_open(tmp_path: Path) -> Iterator[tuple[int, int]]:
     yield from _envoy_without_extproc(tmp_path, "light")
+
+
+@pytest.fixture
+def keys_on(tmp_path: Path) -> Iterator[tuple[int, int]]:
+    yield from _envoy_without_extproc(tmp_path, "", keys=True)
+
+
+def test_with_keys_on_the_models_list_needs_the_ext_proc(keys_on: tuple[int, int]) -> None:
+    port, _ = keys_on
+    response = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+    assert response.status_code == 503, response.text
+    assert "auto" not in response.text  # never the list unchecked
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "router_unavailable"), error
 
 
 def test_fails_closed_with_openai_503(fail_closed: tuple[int, int]) -> None:

@@ -13,6 +13,8 @@ import orjson
 import pytest
 import yaml
 from conftest import EXAMPLE
+from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 from test_processor import error_of
@@ -372,4 +374,12 @@ def test_the_models_route_asks_the_ext_proc_only_when_keys_are_on() -> None:
     keyed = models_route(on)
     assert keyed.direct_response.status == 503  # only if the ext_proc did not answer
     assert "auto" not in keyed.direct_response.body.inline_string
-    assert EXTPROC_FILTER in keyed.typed_per_filter_config
+    wrapped = route_components_pb2.FilterConfig()
+    keyed.typed_per_filter_config[EXTPROC_FILTER].Unpack(wrapped)
+    per_route = ext_proc_pb2.ExtProcPerRoute()
+    wrapped.config.Unpack(per_route)
+    overrides = per_route.overrides
+    assert overrides.HasField("failure_mode_allow") and not overrides.failure_mode_allow.value
+    mode = overrides.processing_mode
+    assert (mode.request_header_mode, mode.request_body_mode) == (mode.SEND, mode.NONE)
+    assert mode.response_body_mode == mode.NONE
