@@ -407,8 +407,8 @@ def _processing_mode(
 
 def _models_route(config: pb.RoutingConfig) -> rc.Route:
     """``GET /v1/models``: Envoy answers it from the config, or, with client keys, the ext_proc
-    does (its headers only), listing what the caller's key may use. The route's own answer is
-    then a 503 that a request meets only if the ext_proc did not answer."""
+    does (its headers only), listing what the caller's key may use. The route does not fail
+    open, and its own answer is then a 503, reached only if the ext_proc let a request pass."""
     route = rc.Route(
         name="models",
         match=rc.RouteMatch(path=MODELS_PATH, headers=[_method("GET")]),
