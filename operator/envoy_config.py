@@ -57,6 +57,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     header_mutation_pb2 as early_mutation_pb2,
 )
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as http_pb2
@@ -633,15 +634,23 @@ def _ext_proc(
 
 def _extproc_retry(timeout_ms: int) -> base_pb2.RetryPolicy:
     """An ext_proc stream that a worker refused or reset before answering (killed, restarting)
-    starts over on another worker; the filter buffers what it sent for that. Envoy takes the
-    back-off's ``max_interval`` as the per-try timeout, so that is the message timeout."""
-    return base_pb2.RetryPolicy(
+    starts over on another worker, never one it already tried (a killed worker's connection can
+    still be picked until Envoy sees it closed); the filter buffers what it sent for that. Envoy
+    takes the back-off's ``max_interval`` as the per-try timeout, so that is the message
+    timeout."""
+    policy = base_pb2.RetryPolicy(
         retry_on="connect-failure,refused-stream,reset",
         num_retries=u32(2),
         retry_back_off=backoff_pb2.BackoffStrategy(
             base_interval=millis(EXTPROC_RETRY_BACKOFF_MS), max_interval=millis(timeout_ms)
         ),
+        host_selection_retry_max_attempts=3,
     )
+    policy.retry_host_predicate.add(
+        name="envoy.retry_host_predicates.previous_hosts",
+        typed_config=packed(previous_hosts_pb2.PreviousHostsPredicate()),
+    )
+    return policy
 
 
 def _filter(name: str, config: Message, disabled: bool = False) -> hcm_pb2.HttpFilter:
