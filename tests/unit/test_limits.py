@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +50,6 @@ from switchyard.operator.policy import PolicyError, parse_policy
 
 KEY = "sk-switchyard-limits-0123456789"
 FAR = 4_000_000_000_000  # an expiry far ahead (ms)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    server = LocalRedis(tmp_path_factory.mktemp("redis"), port=free_port_block())
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["redis", "memory"])

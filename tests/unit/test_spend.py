@@ -6,7 +6,6 @@ only when its figures change; Redis down keeps them, logged once without the pas
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,14 +29,6 @@ from switchyard.operator.spend import SpendFollower, TenantSpend, spend_status
 
 COST = 0.0000085
 """One request answered with 10 prompt and 100 completion tokens on light."""
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    running = LocalRedis(tmp_path_factory.mktemp("redis"), port=free_port_block())
-    running.start()
-    yield running
-    running.stop()
 
 
 def verdict_for(url: str, budgets: list[dict[str, Any]]) -> KeysVerdict:
@@ -82,7 +73,10 @@ class Recorder:
         return True
 
 
-async def test_spend_is_read_and_written_only_when_it_changes(server: LocalRedis) -> None:
+async def test_spend_is_read_and_written_only_when_it_changes(
+    redis_server: LocalRedis,
+) -> None:
+    server = redis_server
     budgets = [{"usd": 1, "period": "month"}, {"usd": 0.001, "period": "24h"}]
     verdict = verdict_for(server.url, budgets)
     processor = processor_for(verdict)
